@@ -1,0 +1,30 @@
+"""LoRAPrune as a PEFT method: LoRA fine-tuning that prunes the model it adapts.
+
+Importing this package registers the method with PEFT (``PeftType.LORAPRUNE``), so ``get_peft_model``,
+``PeftModel.from_pretrained``, ``AutoPeftModel*`` and transformers' ``load_adapter`` all know it. Every process
+that loads a LoRAPrune adapter (torchrun workers included) must import it first.
+"""
+
+from .architectures import ArchitectureSpec, GroupMember, GroupSpec, register_architecture, supported_model_types
+from .config import LoRAPruneConfig
+from .layer import LoRAPruneLayer
+from .model import LoRAPruneModel
+from .registration import LORAPRUNE_PEFT_TYPE, register
+from .reporting import SparsityReport
+
+__version__ = "0.1.0"
+
+register(LoRAPruneConfig, LoRAPruneModel)
+
+__all__ = [
+    "LORAPRUNE_PEFT_TYPE",
+    "ArchitectureSpec",
+    "GroupMember",
+    "GroupSpec",
+    "LoRAPruneConfig",
+    "LoRAPruneLayer",
+    "LoRAPruneModel",
+    "SparsityReport",
+    "register_architecture",
+    "supported_model_types",
+]

@@ -1,0 +1,275 @@
+"""What LoRAPrune knows about model families, in one registry with one entry per family.
+
+Structured pruning removes *groups*: an attention head (its rows in the query, key and value projections and its
+columns in the output projection) or an MLP channel (its row in the first MLP linear(s) and its column in the
+second). Which modules of a transformer block form a group, and how a group is laid out along their rows or
+columns, depends on the family; nothing else in the package knows a module name.
+
+A group axis of a module (rows = output features, columns = input features) of length ``L`` is viewed as
+``(outer, n_groups, inner)``: group ``g`` covers every ``[o, g, i]``. Plain projections have ``outer = 1``;
+GPT-2's fused ``c_attn`` is ``(3, n_heads, head_dim)`` (query, key and value stacked).
+
+Adding a family is one ``register_architecture(ArchitectureSpec(...))`` call.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    """One module's share of a group: which module (name relative to the block), which axis, what layout."""
+
+    module: str
+    axis: str  # "rows" | "cols"
+    layout: tuple[int, int, int]  # (outer, n_groups, inner)
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """A kind of prunable unit in one block, e.g. its attention heads.
+
+    ``partitions`` > 1 means the groups come in that many equal consecutive partitions that must each lose the
+    same number of groups (query heads inside KV groups with grouped-query attention).
+    """
+
+    structure: str  # "heads" | "channels"
+    n_groups: int
+    members: tuple[GroupMember, ...]
+    partitions: int = 1
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Everything LoRAPrune needs to know about one model family."""
+
+    name: str
+    model_types: tuple[str, ...]
+    block_pattern: str  # regex whose group 1 is the block index and group 2 the module name inside the block
+    groups: Callable[[object, str], list[GroupSpec]]  # (model config, head_grouping) -> groups of one block
+    prunable_modules: tuple[str, ...]  # default target modules (block-relative names)
+    notes: str = ""
+    _compiled: re.Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_compiled", re.compile(self.block_pattern))
+
+    def locate(self, module_name: str) -> Optional[tuple[int, str]]:
+        """``(block index, module name inside the block)`` for a full module name, or None."""
+        m = self._compiled.search(module_name)
+        if m is None:
+            return None
+        return int(m.group(1)), m.group(2)
+
+
+_REGISTRY: dict[str, ArchitectureSpec] = {}
+
+
+def register_architecture(spec: ArchitectureSpec) -> None:
+    """Add (or replace) a family; its ``model_types`` are the ``config.model_type`` values it serves."""
+    for model_type in spec.model_types:
+        _REGISTRY[model_type] = spec
+
+
+def get_architecture(model_type: Optional[str]) -> Optional[ArchitectureSpec]:
+    return _REGISTRY.get(model_type) if model_type else None
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def require_architecture(model_type: Optional[str]) -> ArchitectureSpec:
+    """The spec of ``model_type``, or a ``ValueError`` naming the supported families."""
+    spec = get_architecture(model_type)
+    if spec is None:
+        raise ValueError(
+            f"Structured pruning does not know the model family {model_type!r}; supported model types are "
+            f"{supported_model_types()}. Use granularity='unstructured' or an 'N:M' pattern (they work on any "
+            "Linear or Conv1D), or add the family with peft_loraprune.register_architecture()."
+        )
+    return spec
+
+
+def _head_dim(config) -> int:
+    head_dim = getattr(config, "head_dim", None)
+    return head_dim if head_dim else config.hidden_size // config.num_attention_heads
+
+
+def _check_divisible(what: str, total: int, parts: int) -> None:
+    if parts <= 0 or total % parts:
+        raise ValueError(f"{what}: {total} is not divisible by {parts}; the model config is inconsistent.")
+
+
+# ---------------------------------------------------------------------------------------------------- Llama family
+def _llama_groups(config, head_grouping: str) -> list[GroupSpec]:
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    _check_divisible("num_attention_heads / num_key_value_heads", n_heads, n_kv)
+    hd = _head_dim(config)
+    rep = n_heads // n_kv
+    if head_grouping == "kv_group":
+        heads = GroupSpec(
+            "heads",
+            n_kv,
+            (
+                GroupMember("self_attn.q_proj", "rows", (1, n_kv, rep * hd)),
+                GroupMember("self_attn.k_proj", "rows", (1, n_kv, hd)),
+                GroupMember("self_attn.v_proj", "rows", (1, n_kv, hd)),
+                GroupMember("self_attn.o_proj", "cols", (1, n_kv, rep * hd)),
+            ),
+        )
+    else:  # query heads inside their KV groups; key and value projections are untouched
+        heads = GroupSpec(
+            "heads",
+            n_heads,
+            (
+                GroupMember("self_attn.q_proj", "rows", (1, n_heads, hd)),
+                GroupMember("self_attn.o_proj", "cols", (1, n_heads, hd)),
+            ),
+            partitions=n_kv,
+        )
+    inter = config.intermediate_size
+    channels = GroupSpec(
+        "channels",
+        inter,
+        (
+            GroupMember("mlp.gate_proj", "rows", (1, inter, 1)),
+            GroupMember("mlp.up_proj", "rows", (1, inter, 1)),
+            GroupMember("mlp.down_proj", "cols", (1, inter, 1)),
+        ),
+    )
+    return [heads, channels]
+
+
+register_architecture(
+    ArchitectureSpec(
+        name="llama",
+        model_types=("llama", "mistral", "qwen2", "qwen3"),
+        block_pattern=r"(?:^|\.)layers\.(\d+)\.(.+)$",
+        groups=_llama_groups,
+        prunable_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        notes="grouped-query attention: whole KV groups ('kv_group') or query heads inside groups ('query_head')",
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------------- BERT family
+def _bert_groups(config, head_grouping: str) -> list[GroupSpec]:
+    n_heads = config.num_attention_heads
+    _check_divisible("hidden_size / num_attention_heads", config.hidden_size, n_heads)
+    hd = config.hidden_size // n_heads
+    inter = config.intermediate_size
+    return [
+        GroupSpec(
+            "heads",
+            n_heads,
+            (
+                GroupMember("attention.self.query", "rows", (1, n_heads, hd)),
+                GroupMember("attention.self.key", "rows", (1, n_heads, hd)),
+                GroupMember("attention.self.value", "rows", (1, n_heads, hd)),
+                GroupMember("attention.output.dense", "cols", (1, n_heads, hd)),
+            ),
+        ),
+        GroupSpec(
+            "channels",
+            inter,
+            (
+                GroupMember("intermediate.dense", "rows", (1, inter, 1)),
+                GroupMember("output.dense", "cols", (1, inter, 1)),
+            ),
+        ),
+    ]
+
+
+register_architecture(
+    ArchitectureSpec(
+        name="bert",
+        model_types=("bert", "roberta"),
+        block_pattern=r"(?:^|\.)layer\.(\d+)\.(.+)$",
+        groups=_bert_groups,
+        prunable_modules=(
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        ),
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------------- ViT
+def _vit_groups(config, head_grouping: str) -> list[GroupSpec]:
+    n_heads = config.num_attention_heads
+    _check_divisible("hidden_size / num_attention_heads", config.hidden_size, n_heads)
+    hd = config.hidden_size // n_heads
+    inter = config.intermediate_size
+    return [
+        GroupSpec(
+            "heads",
+            n_heads,
+            (
+                GroupMember("attention.q_proj", "rows", (1, n_heads, hd)),
+                GroupMember("attention.k_proj", "rows", (1, n_heads, hd)),
+                GroupMember("attention.v_proj", "rows", (1, n_heads, hd)),
+                GroupMember("attention.o_proj", "cols", (1, n_heads, hd)),
+            ),
+        ),
+        GroupSpec(
+            "channels",
+            inter,
+            (GroupMember("mlp.fc1", "rows", (1, inter, 1)), GroupMember("mlp.fc2", "cols", (1, inter, 1))),
+        ),
+    ]
+
+
+register_architecture(
+    ArchitectureSpec(
+        name="vit",
+        model_types=("vit",),
+        block_pattern=r"(?:^|\.)layers\.(\d+)\.(.+)$",
+        groups=_vit_groups,
+        prunable_modules=("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),
+        notes="module names of transformers 5.x",
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------------- GPT-2
+def _gpt2_groups(config, head_grouping: str) -> list[GroupSpec]:
+    n_heads = config.n_head
+    _check_divisible("n_embd / n_head", config.n_embd, n_heads)
+    hd = config.n_embd // n_heads
+    inter = config.n_inner or 4 * config.n_embd
+    return [
+        GroupSpec(
+            "heads",
+            n_heads,
+            (
+                GroupMember("attn.c_attn", "rows", (3, n_heads, hd)),
+                GroupMember("attn.c_proj", "cols", (1, n_heads, hd)),
+            ),
+        ),
+        GroupSpec(
+            "channels",
+            inter,
+            (GroupMember("mlp.c_fc", "rows", (1, inter, 1)), GroupMember("mlp.c_proj", "cols", (1, inter, 1))),
+        ),
+    ]
+
+
+register_architecture(
+    ArchitectureSpec(
+        name="gpt2",
+        model_types=("gpt2",),
+        block_pattern=r"(?:^|\.)h\.(\d+)\.(.+)$",
+        groups=_gpt2_groups,
+        prunable_modules=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+        notes="fused query/key/value projection c_attn (Conv1D)",
+    )
+)

@@ -1,0 +1,260 @@
+"""Configuration of a LoRAPrune adapter.
+
+`LoRAPruneConfig` keeps LoRA's fields where they mean the same thing (rank, alpha, dropout, target modules,
+bias, fan-in/fan-out, layer selection) and adds the pruning fields of the method: how much to prune, at which
+granularity, with which importance criterion, on which schedule.
+
+Every field is checked when the config is built, so a typo fails at `LoRAPruneConfig(...)` and not hours into a
+training run. The error always names the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from .registration import LORAPRUNE_PEFT_TYPE
+
+GRANULARITIES = ("unstructured", "structured", "N:M")
+ADAPTATIONS = ("parallel", "sequential")
+IMPORTANCE_CRITERIA = ("lora", "grad", "magnitude")
+BUDGETS = ("local", "global")
+SCHEDULES = ("cubic", "one_shot")
+STRUCTURES = ("heads", "channels")
+HEAD_GROUPINGS = ("kv_group", "query_head")
+BIAS_OPTIONS = ("none", "all", "lora_only")
+IMPORTANCE_DTYPES = ("bfloat16", "float16", "float32")
+# LoRA initialisations that are plain random/zero inits and keep the base model's outputs unchanged (or not,
+# for False). Data-driven or SVD-based inits (PiSSA, OLoRA, LoftQ, EVA, CorDA, ...) rewrite the base weights
+# or need a data pass: they are not supported.
+SUPPORTED_INIT_LORA_WEIGHTS = (True, False, "gaussian")
+
+
+def parse_n_m(granularity: str) -> tuple[int, int]:
+    """Parse a semi-structured pattern such as ``"2:4"`` into ``(n_kept, m)``.
+
+    ``"N:M"`` means: in every run of M consecutive weights along the input dimension, N are kept. Raises
+    ``ValueError`` naming ``granularity`` for anything else (``0:4``, ``4:4``, ``2:x`` ...).
+    """
+    parts = granularity.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(
+            f"granularity={granularity!r} is not a valid 'N:M' pattern; expected two positive integers such as '2:4'."
+        )
+    n, m = (int(p) for p in parts)
+    if not 0 < n < m:
+        raise ValueError(
+            f"granularity={granularity!r} is impossible: need 0 < N < M (N weights kept out of every M), e.g. '2:4'."
+        )
+    return n, m
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed values are {list(allowed)}.")
+
+
+def _check_fraction(name: str, value, *, upper_inclusive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+    ok = 0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0
+    if not ok:
+        interval = "[0, 1]" if upper_inclusive else "[0, 1)"
+        raise ValueError(f"{name}={value!r} is outside {interval}.")
+
+
+@dataclass
+class LoRAPruneConfig(PeftConfig):
+    """Configuration of a LoRAPrune adapter: LoRA fine-tuning that prunes the model it adapts.
+
+    LoRA fields (same meaning as in `peft.LoraConfig`):
+        r: rank of the adapter factors (> 0).
+        lora_alpha: scaling numerator; the update is scaled by ``lora_alpha / r`` (or ``/ sqrt(r)`` with
+            ``use_rslora``).
+        lora_dropout: dropout on the adapter path's input.
+        target_modules: module names or a regex to adapt. ``None`` picks, for a model family in the
+            architecture registry, every attention and MLP linear (structured pruning needs all modules that
+            lose a head or channel together), otherwise PEFT's LoRA default for the model type.
+        exclude_modules, layers_to_transform, layers_pattern, fan_in_fan_out, bias, modules_to_save,
+        init_lora_weights (True, False or "gaussian"), use_rslora: as in LoRA.
+        use_dora: accepted only as False (DoRA's magnitude vector would re-scale pruned rows).
+
+    Pruning fields:
+        target_sparsity: fraction of prunable units removed by the end of training, in [0, 1). Units are
+            weights ("unstructured", "N:M") or heads and channels ("structured").
+        granularity: "unstructured", "structured" or an "N:M" pattern such as "2:4" (target_sparsity is then
+            ignored: the pattern fixes it at 1 - N/M).
+        adaptation: "parallel" (W = W0 + s·B·A, plain LoRA) or "sequential" (W = (I + s·B·A)·W0).
+        importance: "lora" (estimated from the adapter gradients, the method), "grad" (true gradient of the
+            merged weight; memory-heavy baseline) or "magnitude".
+        importance_beta: moving-average factor λ of the importance, in [0, 1).
+        importance_dtype: storage dtype of per-weight scores (unstructured and N:M only).
+        pruning_interval: optimizer steps between mask rewrites (>= 1).
+        budget: "local" (same fraction in every pruned layer) or "global" (ranked across layers).
+        initial_sparsity, warmup_ratio, cooldown_ratio, schedule: the cubic schedule goes from
+            ``initial_sparsity`` to ``target_sparsity`` between ``warmup_ratio`` and ``1 - cooldown_ratio`` of the
+            optimizer steps; ``schedule="one_shot"`` prunes everything at the warm-up step.
+        prune_structures: for "structured": which units to prune, "heads" and/or "channels".
+        head_grouping: with grouped-query attention: "kv_group" removes a KV head with all its query heads;
+            "query_head" removes query heads, the same number in every KV group.
+        dense_layers: transformer block indices never pruned (None: none), or "reference" for the reference
+            code's choice (the first 10% of blocks and the last one).
+    """
+
+    r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter path"})
+    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to adapt"})
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to skip"})
+    fan_in_fan_out: bool = field(default=False, metadata={"help": "True for GPT-2 style Conv1D weights"})
+    bias: str = field(default="none", metadata={"help": "'none', 'all' or 'lora_only'"})
+    use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha/sqrt(r)"})
+    use_dora: bool = field(default=False, metadata={"help": "Not supported; must stay False"})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra trainable modules"})
+    init_lora_weights: Union[bool, str] = field(default=True, metadata={"help": "True, False or 'gaussian'"})
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices"})
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name"})
+
+    target_sparsity: float = field(default=0.5, metadata={"help": "Fraction removed by the end"})
+    granularity: str = field(default="structured", metadata={"help": "'unstructured', 'structured' or 'N:M'"})
+    adaptation: str = field(default="parallel", metadata={"help": "'parallel' or 'sequential'"})
+    importance: str = field(default="lora", metadata={"help": "'lora', 'grad' or 'magnitude'"})
+    importance_beta: float = field(default=0.9, metadata={"help": "Moving-average factor"})
+    importance_dtype: str = field(default="bfloat16", metadata={"help": "Dtype of per-weight scores"})
+    pruning_interval: int = field(default=10, metadata={"help": "Optimizer steps between mask rewrites"})
+    budget: str = field(default="local", metadata={"help": "'local' or 'global'"})
+    initial_sparsity: float = field(default=0.0, metadata={"help": "Sparsity at the end of warm-up"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of steps before pruning starts"})
+    cooldown_ratio: float = field(default=0.1, metadata={"help": "Fraction of steps after the target is reached"})
+    schedule: str = field(default="cubic", metadata={"help": "'cubic' or 'one_shot'"})
+    prune_structures: list[str] = field(
+        default_factory=lambda: ["heads", "channels"], metadata={"help": "'heads' and/or 'channels'"}
+    )
+    head_grouping: str = field(default="kv_group", metadata={"help": "'kv_group' or 'query_head'"})
+    dense_layers: Optional[Union[list[int], str]] = field(default=None, metadata={"help": "Blocks kept dense"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = LORAPRUNE_PEFT_TYPE
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple, set)):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.prune_structures, str):
+            self.prune_structures = [self.prune_structures]
+        self.prune_structures = list(self.prune_structures)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ``ValueError``/``TypeError`` naming the first invalid field."""
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}.")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not (
+            math.isfinite(self.lora_alpha) and self.lora_alpha > 0
+        ):
+            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}.")
+        _check_fraction("lora_dropout", self.lora_dropout)
+        _check_choice("bias", self.bias, BIAS_OPTIONS)
+        if self.use_dora:
+            raise ValueError(
+                "use_dora=True is not supported by LoRAPrune: DoRA re-normalises each weight row with a trained "
+                "magnitude, which would rescale pruned rows; use use_dora=False."
+            )
+        if not any(self.init_lora_weights is v or self.init_lora_weights == v for v in SUPPORTED_INIT_LORA_WEIGHTS) or (
+            isinstance(self.init_lora_weights, int) and not isinstance(self.init_lora_weights, bool)
+        ):
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported by LoRAPrune; allowed values are "
+                f"{list(SUPPORTED_INIT_LORA_WEIGHTS)} (PiSSA, OLoRA, LoftQ, EVA, CorDA and other LoRA variants that "
+                "rewrite the base weights are not supported)."
+            )
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("layers_pattern is only used together with layers_to_transform; set both or neither.")
+
+        _check_fraction("target_sparsity", self.target_sparsity)
+        if not isinstance(self.granularity, str):
+            raise ValueError(f"granularity must be a string, got {self.granularity!r}.")
+        if ":" in self.granularity:
+            parse_n_m(self.granularity)
+        else:
+            _check_choice("granularity", self.granularity, GRANULARITIES[:2] + ("an 'N:M' pattern such as '2:4'",))
+        _check_choice("adaptation", self.adaptation, ADAPTATIONS)
+        _check_choice("importance", self.importance, IMPORTANCE_CRITERIA)
+        _check_fraction("importance_beta", self.importance_beta)
+        _check_choice("importance_dtype", self.importance_dtype, IMPORTANCE_DTYPES)
+        if isinstance(self.pruning_interval, bool) or not isinstance(self.pruning_interval, int) or (
+            self.pruning_interval < 1
+        ):
+            raise ValueError(f"pruning_interval must be an integer >= 1, got {self.pruning_interval!r}.")
+        _check_choice("budget", self.budget, BUDGETS)
+        _check_fraction("initial_sparsity", self.initial_sparsity)
+        if self.initial_sparsity > self.effective_target_sparsity:
+            raise ValueError(
+                f"initial_sparsity={self.initial_sparsity!r} exceeds the target sparsity "
+                f"{self.effective_target_sparsity!r}; masks only ever lose entries."
+            )
+        _check_fraction("warmup_ratio", self.warmup_ratio)
+        _check_fraction("cooldown_ratio", self.cooldown_ratio)
+        if self.warmup_ratio + self.cooldown_ratio >= 1.0:
+            raise ValueError(
+                f"warmup_ratio + cooldown_ratio must be < 1 (got {self.warmup_ratio} + {self.cooldown_ratio}): "
+                "no steps would be left for pruning."
+            )
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        if not self.prune_structures:
+            raise ValueError(f"prune_structures must name at least one of {list(STRUCTURES)}, got [].")
+        for s in self.prune_structures:
+            _check_choice("prune_structures", s, STRUCTURES)
+        _check_choice("head_grouping", self.head_grouping, HEAD_GROUPINGS)
+        if self.dense_layers is not None and self.dense_layers != "reference":
+            if isinstance(self.dense_layers, int) and not isinstance(self.dense_layers, bool):
+                self.dense_layers = [self.dense_layers]
+            if not isinstance(self.dense_layers, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.dense_layers
+            ):
+                raise ValueError(
+                    f"dense_layers must be None, 'reference' or a list of non-negative block indices, "
+                    f"got {self.dense_layers!r}."
+                )
+            self.dense_layers = sorted(set(self.dense_layers))
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Save ``adapter_config.json``; when a model has just handed over its sparsity report (it does so in
+        ``PeftModel.save_pretrained``, see ``LoRAPruneModel._get_adapter_state_dict``), also write the LoRAPrune
+        section of the model card next to it."""
+        super().save_pretrained(save_directory, **kwargs)
+        report = self.__dict__.pop("_pending_card_report", None)
+        if report is not None:
+            from .model_card import write_model_card
+
+            write_model_card(save_directory, self, report)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def is_element_granularity(self) -> bool:
+        """True for granularities with one mask entry per weight ("unstructured" and "N:M")."""
+        return self.granularity != "structured"
+
+    @property
+    def n_m(self) -> Optional[tuple[int, int]]:
+        """``(N, M)`` for an "N:M" granularity, else None."""
+        return parse_n_m(self.granularity) if ":" in self.granularity else None
+
+    @property
+    def effective_target_sparsity(self) -> float:
+        """The sparsity the run ends at: ``1 - N/M`` for "N:M", else ``target_sparsity``."""
+        nm = self.n_m
+        return 1.0 - nm[0] / nm[1] if nm else float(self.target_sparsity)
+
+    @property
+    def scaling(self) -> float:
+        """The adapter scale s: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA)."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+ImportanceCriterion = Literal["lora", "grad", "magnitude"]
+

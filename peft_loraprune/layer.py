@@ -1,0 +1,392 @@
+"""The LoRAPrune layer: one adapted linear module with its LoRA factors and its pruning mask.
+
+For a frozen weight ``W0`` (``d_out x d_in``), factors ``A`` and ``B`` and scale ``s``, the layer computes
+
+* parallel adaptation:   ``y = ((W0 + s·B·A) ⊙ M)·x + b ⊙ m_rows``
+* sequential adaptation: ``y = (((I + s·B·A)·W0) ⊙ M)·x + ((I + s·B·A)·b) ⊙ m_rows``
+
+The mask ``M`` is stored in the cheapest form its granularity allows:
+
+* ``lora_mask_rows`` (``d_out`` bools) and ``lora_mask_cols`` (``d_in`` bools) always exist. Structured
+  pruning only ever uses these: ``M = rows ⊗ cols``, applied to the input and output of the layer, which costs
+  two elementwise products and nothing weight-sized.
+* ``lora_mask_elements`` exists for "unstructured" and "N:M" adapters: the per-weight mask, bit-packed
+  (``d_out x ceil(d_in / 8)`` uint8). The forward unpacks it once per change (cached) and runs the
+  weight-masked product through :func:`~peft_loraprune.masked_linear.element_masked_linear`.
+
+All three are persistent buffers whose names start with ``lora_`` and contain ``mask``: PEFT saves them in
+``adapter_model.safetensors`` and restores them on load. The pretrained weight is never modified by training or
+pruning (only by an explicit merge), so ``disable_adapter()`` gives the original, dense base model.
+
+The layer also holds the importance state the pruning engine writes, as non-persistent buffers (never saved in
+the adapter; the Trainer callback checkpoints them): ``lora_importance_rows`` (``d_out``) and
+``lora_importance_cols`` (``d_in``), the moving averages of the element scores summed over each row and each
+column, which is all structured pruning needs; and, for element granularities only, ``lora_importance_elements``
+(``d_out x d_in`` in the config's ``importance_dtype``), allocated on the first importance update.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from transformers.pytorch_utils import Conv1D
+
+from .mask_packing import packed_shape, unpack_bits
+from .masked_linear import element_masked_linear
+
+MASK_NAMES = ("lora_mask_rows", "lora_mask_cols", "lora_mask_elements")
+IMPORTANCE_NAMES = ("lora_importance_rows", "lora_importance_cols", "lora_importance_elements")
+
+
+class LoRAPruneLayer(BaseTunerLayer):
+    """State shared by every LoRAPrune layer type: factors, masks and per-adapter settings."""
+
+    adapter_layer_names = ("lora_A", "lora_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "adaptation") + MASK_NAMES
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.adaptation: dict[str, str] = {}
+        self.lora_dropout = nn.ModuleDict({})
+        self.lora_A = nn.ModuleDict({})
+        self.lora_B = nn.ModuleDict({})
+        self.lora_mask_rows = BufferDict({}, persistent=True)
+        self.lora_mask_cols = BufferDict({}, persistent=True)
+        self.lora_mask_elements = BufferDict({}, persistent=True)
+        # Importance moving averages written by the pruning engine (see the module docstring). Not listed in
+        # `other_param_names`: PEFT would cast them to the base layer's dtype.
+        self.lora_importance_rows = BufferDict({}, persistent=False)
+        self.lora_importance_cols = BufferDict({}, persistent=False)
+        self.lora_importance_elements = BufferDict({}, persistent=False)
+        # number of importance updates folded into the averages, per adapter
+        self.importance_updates: dict[str, int] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._merge_stash: dict[str, dict[str, torch.Tensor]] = {}
+        self._mask_cache: dict[tuple[str, str], tuple[tuple[int, int, torch.device], Any]] = {}
+        self.fan_in_fan_out = fan_in_fan_out
+        self.kwargs = kwargs
+
+        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        if in_features is None or out_features is None:
+            raise TypeError(f"Unsupported layer type {type(self.get_base_layer())}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self._register_load_state_dict_pre_hook(self._check_loaded_adapter_tensors, with_module=False)
+
+    # ------------------------------------------------------------------ creation
+    def update_layer(self, adapter_name: str, config, inference_mode: bool = False) -> None:
+        """Create the factors and all-kept masks of ``adapter_name`` from a ``LoRAPruneConfig``."""
+        r = config.r
+        if r <= 0:
+            raise ValueError(f"r must be a positive integer, got {r}")
+        sequential = config.adaptation == "sequential"
+        a_in = self.out_features if sequential else self.in_features
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = config.lora_alpha
+        self.scaling[adapter_name] = config.scaling
+        self.adaptation[adapter_name] = config.adaptation
+        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_A[adapter_name] = nn.Linear(a_in, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        self.reset_lora_parameters(adapter_name, config.init_lora_weights)
+
+        device = self.get_base_weight().device
+        self.lora_mask_rows[adapter_name] = torch.ones(self.out_features, dtype=torch.bool, device=device)
+        self.lora_mask_cols[adapter_name] = torch.ones(self.in_features, dtype=torch.bool, device=device)
+        self.lora_importance_rows[adapter_name] = torch.zeros(self.out_features, device=device)
+        self.lora_importance_cols[adapter_name] = torch.zeros(self.in_features, device=device)
+        self.importance_updates[adapter_name] = 0
+        if config.is_element_granularity:
+            shape = packed_shape((self.out_features, self.in_features))
+            self.lora_mask_elements[adapter_name] = torch.full(shape, 255, dtype=torch.uint8, device=device)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
+        """LoRA's initialisation: A Kaiming-uniform (or Gaussian 1/r), B zero; ``False`` leaves B random too."""
+        if init_lora_weights is False:
+            return
+        a = self.lora_A[adapter_name].weight
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(a, std=1 / self.r[adapter_name])
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[adapter_name].weight)
+
+    # ------------------------------------------------------------------ weights in canonical (d_out, d_in) form
+    def base_weight_2d(self) -> torch.Tensor:
+        """The pretrained weight as ``(d_out, d_in)``; a transposed view for GPT-2 style ``Conv1D``."""
+        w = self.get_base_layer().weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def has_element_mask(self, adapter_name: str) -> bool:
+        return adapter_name in self.lora_mask_elements
+
+    def element_mask(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """The unpacked ``(d_out, d_in)`` bool element mask, or None for a structured adapter.
+
+        Cached until the packed buffer changes (a pruning step or a ``load_state_dict`` bumps its version).
+        """
+        if not self.has_element_mask(adapter_name):
+            return None
+        return self._cached(adapter_name, "elements", lambda t: unpack_bits(t, self.in_features))
+
+    def _mask_is_full(self, adapter_name: str, which: str) -> bool:
+        return self._cached(adapter_name, which, lambda t: bool(t.all()))
+
+    def _cached(self, adapter_name: str, which: str, compute):
+        tensor = getattr(self, f"lora_mask_{which}")[adapter_name]
+        key = (tensor.data_ptr(), tensor._version, tensor.device)
+        hit = self._mask_cache.get((adapter_name, which))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = compute(tensor)
+        self._mask_cache[(adapter_name, which)] = (key, value)
+        return value
+
+    def full_mask(self, adapter_name: str) -> torch.Tensor:
+        """The whole ``(d_out, d_in)`` bool mask ``rows ⊗ cols ∧ elements`` (weight-sized: merge and export only)."""
+        rows = self.lora_mask_rows[adapter_name]
+        cols = self.lora_mask_cols[adapter_name]
+        mask = rows[:, None] & cols[None, :]
+        elements = self.element_mask(adapter_name)
+        return mask & elements if elements is not None else mask
+
+    def set_masks(
+        self,
+        adapter_name: str,
+        rows: Optional[torch.Tensor] = None,
+        cols: Optional[torch.Tensor] = None,
+        elements_packed: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Overwrite masks in place (keeps the buffers, so optimizers and hooks holding them stay valid)."""
+        for name, value in (("rows", rows), ("cols", cols), ("elements", elements_packed)):
+            if value is None:
+                continue
+            buf = getattr(self, f"lora_mask_{name}")
+            if adapter_name not in buf:
+                raise ValueError(f"adapter {adapter_name!r} has no {name} mask in this layer")
+            if buf[adapter_name].shape != value.shape or buf[adapter_name].dtype != value.dtype:
+                raise ValueError(
+                    f"{name} mask of shape {tuple(value.shape)} / {value.dtype} does not fit this layer, which "
+                    f"expects {tuple(buf[adapter_name].shape)} / {buf[adapter_name].dtype}"
+                )
+            buf[adapter_name].copy_(value)
+
+    def delta_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, R)`` with ``merged weight = W0 + s·B·R``: ``R = A`` (parallel) or ``A·W0`` (sequential)."""
+        a = self.lora_A[adapter_name].weight
+        b = self.lora_B[adapter_name].weight
+        if self.adaptation[adapter_name] == "sequential":
+            return b, a @ self.base_weight_2d().to(a.dtype)
+        return b, a
+
+    def merged_weight_rows(self, adapter_name: str, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """Rows ``start:stop`` of the unmasked merged weight ``W0 + s·B·R`` in float32 (a chunk, for scoring)."""
+        b, r = self.delta_factors(adapter_name)
+        w0 = self.base_weight_2d()[start:stop].float()
+        return w0.addmm_(b[start:stop].float(), r.float(), alpha=self.scaling[adapter_name])
+
+    def merged_bias(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """The merged bias (``b`` or ``(I + s·B·A)·b``), unmasked, float32; None if the layer has no bias."""
+        bias = self.get_base_layer().bias
+        if bias is None:
+            return None
+        bias = bias.float()
+        if self.adaptation[adapter_name] == "sequential":
+            a = self.lora_A[adapter_name].weight.float()
+            b = self.lora_B[adapter_name].weight.float()
+            bias = bias + self.scaling[adapter_name] * (b @ (a @ bias))
+        return bias
+
+    # ------------------------------------------------------------------ load-time checks
+    def _check_loaded_adapter_tensors(self, state_dict, prefix, *args) -> None:
+        """Reject adapter tensors of the wrong shape or dtype with a message naming the key and the layer."""
+        expected = {}
+        for adapter in self.lora_A:
+            expected[f"lora_A.{adapter}.weight"] = (tuple(self.lora_A[adapter].weight.shape), None)
+            expected[f"lora_B.{adapter}.weight"] = (tuple(self.lora_B[adapter].weight.shape), None)
+        for name in MASK_NAMES:
+            for adapter, buf in getattr(self, name).items():
+                expected[f"{name}.{adapter}"] = (tuple(buf.shape), buf.dtype)
+        for key, (shape, dtype) in expected.items():
+            value = state_dict.get(prefix + key)
+            if value is None:
+                continue
+            if tuple(value.shape) != shape:
+                raise ValueError(
+                    f"Adapter tensor '{prefix + key}' has shape {tuple(value.shape)} but this model expects {shape} "
+                    f"(base layer {type(self.get_base_layer()).__name__} with in_features={self.in_features}, "
+                    f"out_features={self.out_features}). The adapter was saved for a base model of different "
+                    "dimensions, or the file is corrupt."
+                )
+            if dtype is not None and value.dtype != dtype:
+                raise ValueError(
+                    f"Adapter mask '{prefix + key}' has dtype {value.dtype} but masks of this kind are {dtype}; "
+                    "the adapter file was not written by peft_loraprune or is corrupt."
+                )
+            if dtype is None and not value.dtype.is_floating_point:
+                raise ValueError(f"Adapter tensor '{prefix + key}' must be floating point, got {value.dtype}.")
+
+    # ------------------------------------------------------------------ adapters
+    def _active_adapter_here(self) -> Optional[str]:
+        present = [a for a in self.active_adapters if a in self.lora_A]
+        if len(present) > 1:
+            raise ValueError(
+                f"LoRAPrune layers support one active adapter at a time (each adapter has its own pruning mask); "
+                f"got active adapters {present}. Call set_adapter() with a single adapter name."
+            )
+        return present[0] if present else None
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for name in IMPORTANCE_NAMES:
+            if adapter_name in getattr(self, name):
+                del getattr(self, name)[adapter_name]
+        self.importance_updates.pop(adapter_name, None)
+        self._merge_stash.pop(adapter_name, None)
+        for key in [k for k in self._mask_cache if k[0] == adapter_name]:
+            del self._mask_cache[key]
+
+
+class Linear(nn.Module, LoRAPruneLayer):
+    """LoRAPrune on an ``nn.Linear`` or a transformers ``Conv1D`` (``fan_in_fan_out=True``)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
+        super().__init__()
+        fan_in_fan_out = isinstance(base_layer, Conv1D)
+        LoRAPruneLayer.__init__(self, base_layer, fan_in_fan_out=fan_in_fan_out, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        adapter = self._active_adapter_here()
+        if adapter is None:
+            return self.base_layer(x, *args, **kwargs)
+
+        cols_pruned = not self._mask_is_full(adapter, "cols")
+        if cols_pruned:
+            x = x * self.lora_mask_cols[adapter].to(x.dtype)
+        if self.has_element_mask(adapter):
+            y = self._forward_element_masked(x, adapter)
+        else:
+            y = self._forward_dense(x, adapter, *args, **kwargs)
+        if not self._mask_is_full(adapter, "rows"):
+            y = y * self.lora_mask_rows[adapter].to(y.dtype)
+        return y
+
+    def _forward_dense(self, x: torch.Tensor, adapter: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base layer plus the low-rank path; row/column masks are applied by the caller."""
+        h = self.base_layer(x, *args, **kwargs)
+        lora_A = self.lora_A[adapter]
+        lora_B = self.lora_B[adapter]
+        lora_in = h if self.adaptation[adapter] == "sequential" else x
+        lora_in = self._cast_input_dtype(lora_in, lora_A.weight.dtype)
+        z = lora_B(lora_A(self.lora_dropout[adapter](lora_in))) * self.scaling[adapter]
+        return h + z.to(h.dtype)
+
+    def _forward_element_masked(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        weight = self.base_weight_2d()
+        lora_B, lora_R = self.delta_factors(adapter)
+        bias = self.get_base_layer().bias
+        if bias is not None and self.adaptation[adapter] == "sequential":
+            a = self.lora_A[adapter].weight
+            bias = bias + self.scaling[adapter] * (lora_B @ (a @ bias.to(a.dtype))).to(bias.dtype)
+        dropout = self.lora_dropout[adapter]
+        x_lora = dropout(x) if (self.training and isinstance(dropout, nn.Dropout)) else x
+        return element_masked_linear(
+            x, x_lora, weight, bias, lora_B, lora_R, self.scaling[adapter], self.element_mask(adapter)
+        )
+
+    # ------------------------------------------------------------------ merge
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Write the masked merged weight into the base layer; pruned weights become exactly zero.
+
+        What merging overwrites is stashed so that ``unmerge`` restores the base weights exactly: the pruned
+        entries for parallel adaptation (the kept ones are restored by subtracting ``s·B·A``), the whole
+        weight for sequential adaptation (whose masked product cannot be inverted).
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        if len(adapter_names) > 1 or self.merged_adapters:
+            raise ValueError(
+                f"Only one LoRAPrune adapter can be merged into a layer at a time (masks differ per adapter); "
+                f"asked to merge {adapter_names} with {self.merged_adapters} already merged."
+            )
+        adapter = adapter_names[0]
+        if adapter not in self.lora_A:
+            return
+        base = self.get_base_layer()
+        weight_2d = self.base_weight_2d()
+        with torch.no_grad():
+            mask = self.full_mask(adapter)
+            merged = self.merged_weight_rows(adapter).mul_(mask)
+            rows = self.lora_mask_rows[adapter]
+            merged_bias = self.merged_bias(adapter)
+            if merged_bias is not None:
+                merged_bias = merged_bias * rows
+            if safe_merge and not (
+                torch.isfinite(merged).all() and (merged_bias is None or torch.isfinite(merged_bias).all())
+            ):
+                raise ValueError(f"NaNs or infs in the merged weights of adapter {adapter!r}; merge aborted.")
+            stash: dict[str, torch.Tensor] = {}
+            if self.adaptation[adapter] == "sequential":
+                stash["weight"] = weight_2d.detach().clone()
+            else:
+                stash["pruned_values"] = weight_2d[~mask].clone()
+            if base.bias is not None:
+                stash["bias"] = base.bias.detach().clone()
+            self._merge_stash[adapter] = stash
+            weight_2d.copy_(merged.to(weight_2d.dtype))
+            if merged_bias is not None:
+                base.bias.copy_(merged_bias.to(base.bias.dtype))
+        self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        weight_2d = self.base_weight_2d()
+        with torch.no_grad():
+            while self.merged_adapters:
+                adapter = self.merged_adapters.pop()
+                stash = self._merge_stash.pop(adapter)
+                if "weight" in stash:
+                    weight_2d.copy_(stash["weight"])
+                else:
+                    mask = self.full_mask(adapter)
+                    b, r = self.delta_factors(adapter)
+                    restored = weight_2d.float().addmm_(b.float(), r.float(), alpha=-self.scaling[adapter])
+                    restored[~mask] = stash["pruned_values"].float()
+                    weight_2d.copy_(restored.to(weight_2d.dtype))
+                if "bias" in stash:
+                    base.bias.copy_(stash["bias"])
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``merged - W0`` under the mask, in the base layer's weight layout (as PEFT's LoRA returns it)."""
+        w0 = self.base_weight_2d().float()
+        delta = self.merged_weight_rows(adapter_name).mul_(self.full_mask(adapter_name)).sub_(w0)
+        delta = delta.to(self.get_base_layer().weight.dtype)
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def __repr__(self) -> str:
+        return "loraprune." + super().__repr__()

@@ -1,0 +1,150 @@
+"""The LoRAPrune tuner: walks the model, wraps the target modules, and exposes what the pruning engine,
+the reports, the model card and export need.
+
+``get_peft_model(model, LoRAPruneConfig(...))`` builds a ``PeftModel`` whose ``base_model`` is a
+:class:`LoRAPruneModel`. PEFT forwards unknown attributes of the ``PeftModel`` to it, so
+``peft_model.print_sparsity()`` and ``peft_model.sparsity_report()`` work on the ``PeftModel`` directly.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from transformers.pytorch_utils import Conv1D
+
+from .architectures import get_architecture
+from .config import LoRAPruneConfig
+from .layer import Linear, LoRAPruneLayer
+from .registration import PREFIX
+
+
+def _candidate_module_names(model: torch.nn.Module) -> list[str]:
+    """Distinct short names of the Linear/Conv1D modules of a model: what ``target_modules`` can name."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and not isinstance(module, BaseTunerLayer):
+            parts = name.split(".")
+            names.add(parts[-1])
+            if len(parts) > 1 and not parts[-2].isdigit():
+                names.add(".".join(parts[-2:]))
+    return sorted(names)
+
+
+class LoRAPruneModel(BaseTuner):
+    """Tuner of a LoRAPrune adapter (see :class:`~peft_loraprune.LoRAPruneConfig`).
+
+    Only one LoRAPrune adapter can be active at a time: each adapter carries its own pruning mask, and two masks
+    cannot both apply to one forward pass. Several adapters can be held (``add_adapter``, ``load_adapter``),
+    switched (``set_adapter``) and deleted (``delete_adapter``).
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = LoRAPruneLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    # ------------------------------------------------------------------ injection
+    def _prepare_adapter_config(self, peft_config: LoRAPruneConfig, model_config: dict) -> LoRAPruneConfig:
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            spec = get_architecture(model_type)
+            if spec is not None:
+                peft_config.target_modules = set(spec.prunable_modules)
+            elif model_type in self.target_module_mapping:
+                peft_config.target_modules = set(self.target_module_mapping[model_type])
+            else:
+                raise ValueError(
+                    f"target_modules is None and the model type {model_type!r} has no default; set "
+                    f"target_modules to some of this model's linear modules: {_candidate_module_names(self.model)}"
+                )
+        return peft_config
+
+    def _pre_injection_hook(self, model: torch.nn.Module, config: LoRAPruneConfig, adapter_name: str) -> None:
+        config = self._prepare_adapter_config(config, self.get_model_config(model))
+        matched = [name for name, _ in model.named_modules() if check_target_module_exists(config, name)]
+        if not matched:
+            raise ValueError(
+                f"target_modules={sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules!r} "
+                f"matches no module of this {type(model).__name__}. Candidate module names: "
+                f"{_candidate_module_names(model)}"
+            )
+
+    def _check_new_adapter_config(self, config: LoRAPruneConfig) -> None:
+        super()._check_new_adapter_config(config)
+        if not isinstance(config, LoRAPruneConfig):
+            raise TypeError(f"A LoRAPrune model only takes LoRAPruneConfig adapters, got {type(config).__name__}.")
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if isinstance(target, LoRAPruneLayer):
+            target.update_layer(adapter_name, config)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, (torch.nn.Linear, Conv1D)):
+            raise TypeError(
+                f"LoRAPrune adapts torch.nn.Linear and transformers Conv1D modules; '{current_key}' is a "
+                f"{type(base).__name__}. Remove it from target_modules."
+            )
+        new_module = Linear(target, adapter_name, config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    # ------------------------------------------------------------------ adapters
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        if not isinstance(adapter_name, str):
+            names = list(adapter_name)
+            if len(names) != 1:
+                raise ValueError(
+                    f"LoRAPrune activates one adapter at a time (each has its own pruning mask); got {names}."
+                )
+            adapter_name = names[0]
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} not found; available: {sorted(self.peft_config)}.")
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+
+    # ------------------------------------------------------------------ access for the engine, reports, export
+    def prune_layers(self, adapter_name: Optional[str] = None) -> Iterator[tuple[str, LoRAPruneLayer]]:
+        """``(module name relative to the wrapped model, layer)`` for every layer holding ``adapter_name``."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoRAPruneLayer) and adapter_name in module.lora_A:
+                yield name, module
+
+    def block_index(self, module_name: str) -> Optional[int]:
+        """Index of the transformer block a module belongs to (from the registry, else the last number)."""
+        spec = get_architecture(self.get_model_config(self.model).get("model_type"))
+        if spec is not None:
+            located = spec.locate(module_name)
+            if located is not None:
+                return located[0]
+        numbers = re.findall(r"\.(\d+)\.", f".{module_name}.")
+        return int(numbers[-1]) if numbers else None
+
+    def sparsity_report(self, adapter_name: Optional[str] = None):
+        """Sparsity overall and per layer (see :mod:`peft_loraprune.reporting`)."""
+        from .reporting import build_sparsity_report
+
+        adapter_name = adapter_name or self.active_adapters[0]
+        return build_sparsity_report(self, adapter_name)
+
+    def print_sparsity(self, adapter_name: Optional[str] = None) -> None:
+        """Print a one-line summary in the spirit of ``print_trainable_parameters()``."""
+        print(self.sparsity_report(adapter_name).summary())
+
+    # ------------------------------------------------------------------ saving
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """PEFT's selection of the adapter's tensors, plus the sparsity report for the model card.
+
+        ``PeftModel.save_pretrained`` calls this just before ``config.save_pretrained(output_dir)``; the report is
+        handed to the config (as a transient attribute, not a config field) so that the config can write the
+        LoRAPrune section of the model card next to the files it describes.
+        """
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        tuner = getattr(model, "base_model", None)
+        if isinstance(tuner, LoRAPruneModel) and isinstance(config, LoRAPruneConfig):
+            config._pending_card_report = tuner.sparsity_report(adapter_name)
+        return to_return

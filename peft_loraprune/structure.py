@@ -1,0 +1,98 @@
+"""Binding of the architecture registry to the layers of one adapted model.
+
+:func:`find_structured_groups` answers, for one adapter: which groups (heads, channels) does each transformer
+block have, and which LoRAPrune layers and axes make up each of them. The pruning engine, the sparsity report and
+export all read the model's structure through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .architectures import GroupMember, GroupSpec, require_architecture
+from .group_ops import expand_groups, groups_kept
+from .layer import LoRAPruneLayer
+
+
+@dataclass
+class BlockGroups:
+    """The groups of one kind (e.g. heads) in one transformer block, bound to the layers that hold them."""
+
+    block: int
+    spec: GroupSpec
+    members: list[tuple[GroupMember, str, LoRAPruneLayer]]  # (member, full module name, layer)
+
+    def kept(self, adapter_name: str) -> torch.Tensor:
+        """Per-group bool: kept in the first member (every member holds the same group mask)."""
+        member, _, layer = self.members[0]
+        return groups_kept(_axis_mask(layer, adapter_name, member.axis), member.layout)
+
+    def apply(self, adapter_name: str, group_mask: torch.Tensor) -> None:
+        """Write a per-group keep mask into every member's row or column mask (AND with what is there)."""
+        for member, _, layer in self.members:
+            current = _axis_mask(layer, adapter_name, member.axis)
+            new = current & expand_groups(group_mask.to(current.device), member.layout)
+            layer.set_masks(adapter_name, **{member.axis: new})
+
+
+def _axis_mask(layer: LoRAPruneLayer, adapter_name: str, axis: str) -> torch.Tensor:
+    return (layer.lora_mask_rows if axis == "rows" else layer.lora_mask_cols)[adapter_name]
+
+
+def resolve_dense_layers(config, block_indices: list[int]) -> set[int]:
+    """Blocks never pruned: the config's list, or for ``"reference"`` the first 10% of blocks and the last."""
+    if config.dense_layers is None or not block_indices:
+        return set()
+    if config.dense_layers == "reference":
+        n_blocks = max(block_indices) + 1
+        return set(range(int(0.1 * n_blocks))) | {n_blocks - 1}
+    return set(config.dense_layers)
+
+
+def find_structured_groups(tuner, adapter_name: str) -> list[BlockGroups]:
+    """All prunable groups of ``adapter_name``, blocks in order, skipping ``dense_layers`` and unselected kinds.
+
+    Raises ``ValueError`` when the family is unknown, or when a module that must lose a group together with the
+    others is not adapted (structured pruning needs every member of a group).
+    """
+    config = tuner.peft_config[adapter_name]
+    model_config = tuner.get_model_config(tuner.model)
+    spec = require_architecture(model_config.get("model_type"))
+    hf_config = getattr(tuner.model, "config", None)
+
+    by_block: dict[int, dict[str, tuple[str, LoRAPruneLayer]]] = {}
+    for name, layer in tuner.prune_layers(adapter_name):
+        located = spec.locate(name)
+        if located is not None:
+            by_block.setdefault(located[0], {})[located[1]] = (name, layer)
+    if not by_block:
+        raise ValueError(
+            f"No adapted module of this {spec.name} model lies in a transformer block; structured pruning needs "
+            f"the block modules {list(spec.prunable_modules)} in target_modules."
+        )
+    dense = resolve_dense_layers(config, sorted(by_block))
+    result = []
+    for block in sorted(by_block):
+        if block in dense:
+            continue
+        for group_spec in spec.groups(hf_config, config.head_grouping):
+            if group_spec.structure not in config.prune_structures:
+                continue
+            members = []
+            missing = []
+            for member in group_spec.members:
+                found = by_block[block].get(member.module)
+                if found is None:
+                    missing.append(member.module)
+                else:
+                    members.append((member, found[0], found[1]))
+            if missing:
+                raise ValueError(
+                    f"Structured pruning of {group_spec.structure} in block {block} needs the modules "
+                    f"{[m.module for m in group_spec.members]} adapted, but {missing} are not in target_modules. "
+                    "Add them, or restrict prune_structures."
+                )
+            result.append(BlockGroups(block, group_spec, members))
+    return result
