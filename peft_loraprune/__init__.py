@@ -7,6 +7,7 @@ that loads a LoRAPrune adapter (torchrun workers included) must import it first.
 
 from .architectures import ArchitectureSpec, GroupMember, GroupSpec, register_architecture, supported_model_types
 from .config import LoRAPruneConfig
+from .hub import push_to_hub
 from .layer import LoRAPruneLayer
 from .model import LoRAPruneModel
 from .registration import LORAPRUNE_PEFT_TYPE, register
@@ -25,6 +26,7 @@ __all__ = [
     "LoRAPruneLayer",
     "LoRAPruneModel",
     "SparsityReport",
+    "push_to_hub",
     "register_architecture",
     "supported_model_types",
 ]
