@@ -194,8 +194,9 @@ class LoRAPruneLayer(BaseTunerLayer):
     def merged_weight_rows(self, adapter_name: str, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
         """Rows ``start:stop`` of the unmasked merged weight ``W0 + s·B·R`` in float32 (a chunk, for scoring)."""
         b, r = self.delta_factors(adapter_name)
-        w0 = self.base_weight_2d()[start:stop].float()
-        return w0.addmm_(b[start:stop].float(), r.float(), alpha=self.scaling[adapter_name])
+        w0 = self.base_weight_2d()[start:stop]
+        # out of place: for a float32 base, .float() is the weight itself and must not be written to
+        return torch.addmm(w0.float(), b[start:stop].float(), r.float(), alpha=self.scaling[adapter_name])
 
     def merged_bias(self, adapter_name: str) -> Optional[torch.Tensor]:
         """The merged bias (``b`` or ``(I + s·B·A)·b``), unmasked, float32; None if the layer has no bias."""
@@ -375,7 +376,7 @@ class Linear(nn.Module, LoRAPruneLayer):
                 else:
                     mask = self.full_mask(adapter)
                     b, r = self.delta_factors(adapter)
-                    restored = weight_2d.float().addmm_(b.float(), r.float(), alpha=-self.scaling[adapter])
+                    restored = torch.addmm(weight_2d.float(), b.float(), r.float(), alpha=-self.scaling[adapter])
                     restored[~mask] = stash["pruned_values"].float()
                     weight_2d.copy_(restored.to(weight_2d.dtype))
                 if "bias" in stash:

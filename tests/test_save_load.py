@@ -48,6 +48,17 @@ def test_save_and_reload_gives_identical_outputs(family, granularity, tmp_path):
 
     reloaded = PeftModel.from_pretrained(make_model(family), tmp_path)
     torch.testing.assert_close(model_output(reloaded, inputs), expected, rtol=0, atol=0)
+    assert_same_adapter_state(model, reloaded)
+
+
+def assert_same_adapter_state(a, b):
+    sa = {k: v for k, v in a.state_dict().items() if "lora_" in k}
+    sb = {k: v for k, v in b.state_dict().items() if "lora_" in k}
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert any(not v.all() for k, v in sa.items() if "lora_mask_rows" in k) or "unstructured" in str(
+        a.peft_config["default"].granularity) or ":" in a.peft_config["default"].granularity
 
 
 def test_fresh_process_reload(tmp_path):
