@@ -6,6 +6,7 @@ that loads a LoRAPrune adapter (torchrun workers included) must import it first.
 """
 
 from .architectures import ArchitectureSpec, GroupMember, GroupSpec, register_architecture, supported_model_types
+from .callback import LoRAPruneCallback
 from .config import LoRAPruneConfig
 from .hub import push_to_hub
 from .layer import LoRAPruneLayer
@@ -22,6 +23,7 @@ __all__ = [
     "ArchitectureSpec",
     "GroupMember",
     "GroupSpec",
+    "LoRAPruneCallback",
     "LoRAPruneConfig",
     "LoRAPruneLayer",
     "LoRAPruneModel",

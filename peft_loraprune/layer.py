@@ -41,7 +41,12 @@ from .mask_packing import packed_shape, unpack_bits
 from .masked_linear import element_masked_linear
 
 MASK_NAMES = ("lora_mask_rows", "lora_mask_cols", "lora_mask_elements")
-IMPORTANCE_NAMES = ("lora_importance_rows", "lora_importance_cols", "lora_importance_elements")
+IMPORTANCE_NAMES = (
+    "lora_importance_rows",
+    "lora_importance_cols",
+    "lora_importance_elements",
+    "lora_weight_grad",
+)
 
 
 class LoRAPruneLayer(BaseTunerLayer):
@@ -69,6 +74,8 @@ class LoRAPruneLayer(BaseTunerLayer):
         self.lora_importance_elements = BufferDict({}, persistent=False)
         # number of importance updates folded into the averages, per adapter
         self.importance_updates: dict[str, int] = {}
+        # "grad" criterion only: the true gradient of the merged weight, accumulated during backward
+        self.lora_weight_grad = BufferDict({}, persistent=False)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._merge_stash: dict[str, dict[str, torch.Tensor]] = {}
@@ -291,7 +298,20 @@ class Linear(nn.Module, LoRAPruneLayer):
             y = self._forward_dense(x, adapter, *args, **kwargs)
         if not self._mask_is_full(adapter, "rows"):
             y = y * self.lora_mask_rows[adapter].to(y.dtype)
+        if adapter in self.lora_weight_grad and y.requires_grad:
+            self._capture_weight_grad(adapter, x, y)
         return y
+
+    def _capture_weight_grad(self, adapter: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Accumulate ``G = Σ grad_yᵀ·x``, the gradient of the merged weight ("grad" criterion only)."""
+        accumulator = self.lora_weight_grad[adapter]
+        x = x.detach()
+
+        def hook(grad_y: torch.Tensor) -> None:
+            g = grad_y.reshape(-1, grad_y.shape[-1]).to(accumulator.dtype)
+            accumulator.addmm_(g.t(), x.reshape(-1, x.shape[-1]).to(accumulator.dtype))
+
+        y.register_hook(hook)
 
     def _forward_dense(self, x: torch.Tensor, adapter: str, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base layer plus the low-rank path; row/column masks are applied by the caller."""

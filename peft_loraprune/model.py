@@ -92,6 +92,18 @@ class LoRAPruneModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _post_injection_hook(self, model: torch.nn.Module, config: LoRAPruneConfig, adapter_name: str) -> None:
+        # Structured pruning must know the family and see every member of every group: fail now, not at the
+        # first pruning step hours into a run.
+        if not config.is_element_granularity:
+            from .structure import find_structured_groups
+
+            find_structured_groups(self, adapter_name)
+        if config.importance == "grad" and not config.inference_mode:
+            # the true-gradient baseline captures gradients during backward: its buffers must exist before the
+            # first forward pass of training
+            self.pruning_engine(adapter_name)
+
     # ------------------------------------------------------------------ adapters
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         if not isinstance(adapter_name, str):
@@ -122,6 +134,28 @@ class LoRAPruneModel(BaseTuner):
                 return located[0]
         numbers = re.findall(r"\.(\d+)\.", f".{module_name}.")
         return int(numbers[-1]) if numbers else None
+
+    def pruning_engine(self, adapter_name: Optional[str] = None):
+        """The :class:`~peft_loraprune.engine.PruningEngine` of an adapter (created once, then reused)."""
+        from .engine import PruningEngine
+
+        adapter_name = adapter_name or self.active_adapters[0]
+        engines = self.__dict__.setdefault("_pruning_engines", {})
+        if adapter_name not in engines:
+            engines[adapter_name] = PruningEngine(self, adapter_name)
+        return engines[adapter_name]
+
+    def update_importance(self, adapter_name: Optional[str] = None) -> bool:
+        """Fold the current gradients into the importance averages (call before ``optimizer.zero_grad()``)."""
+        return self.pruning_engine(adapter_name).update_importance()
+
+    def pruning_step(self, step: int, total_steps: int, adapter_name: Optional[str] = None) -> Optional[float]:
+        """Rewrite masks if the schedule says so at ``step`` completed optimizer steps; returns the sparsity."""
+        return self.pruning_engine(adapter_name).pruning_step(step, total_steps)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.__dict__.get("_pruning_engines", {}).pop(adapter_name, None)
+        super().delete_adapter(adapter_name)
 
     def sparsity_report(self, adapter_name: Optional[str] = None):
         """Sparsity overall and per layer (see :mod:`peft_loraprune.reporting`)."""

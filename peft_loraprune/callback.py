@@ -1,0 +1,128 @@
+"""``LoRAPruneCallback``: runs the pruning engine inside ``transformers.Trainer``. Orchestration only.
+
+* ``on_train_begin``: finds the LoRAPrune adapter, builds the schedule from the Trainer's total optimizer steps
+  (``max_steps``, or the epochs converted by the Trainer), warns when the run is too short for it, and on a
+  resumed run restores the importance averages saved with the checkpoint.
+* ``on_pre_optimizer_step``: importance from the step's complete gradients (all micro-batches accumulated,
+  clipped, unscaled), before the optimizer changes the weights.
+* ``on_step_end``: rewrites the masks when the schedule says so.
+* ``on_log``: adds sparsity and remaining weights to the Trainer's logs.
+* ``on_save``: writes ``loraprune_state.safetensors`` (importance averages) into the checkpoint folder; masks and
+  adapter weights are already in the checkpoint's adapter files, and the schedule position is the global step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Optional
+
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .model import LoRAPruneModel
+from .schedule import PruningSchedule
+
+logger = logging.getLogger(__name__)
+STATE_FILE = "loraprune_state.safetensors"
+
+
+def find_tuner(model) -> LoRAPruneModel:
+    """The ``LoRAPruneModel`` inside a ``PeftModel`` (or a wrapper of one), else a clear ``TypeError``."""
+    seen = model
+    for _ in range(4):  # PeftModel -> base_model; DDP/accelerate wrappers -> module
+        if isinstance(seen, LoRAPruneModel):
+            return seen
+        seen = getattr(seen, "base_model", None) or getattr(seen, "module", None)
+        if seen is None:
+            break
+    raise TypeError(
+        "LoRAPruneCallback needs a PeftModel holding a LoRAPrune adapter (get_peft_model(model, LoRAPruneConfig(...)) "
+        f"); got {type(model).__name__}."
+    )
+
+
+class LoRAPruneCallback(TrainerCallback):
+    """Prune while the Trainer fine-tunes: ``Trainer(..., callbacks=[LoRAPruneCallback()])``.
+
+    Args:
+        adapter_name: the adapter to prune; defaults to the active one.
+    """
+
+    def __init__(self, adapter_name: Optional[str] = None) -> None:
+        if adapter_name is not None and not isinstance(adapter_name, str):
+            raise TypeError(f"adapter_name must be a string or None, got {adapter_name!r}.")
+        self.adapter_name = adapter_name
+        self.engine = None
+        self.schedule: Optional[PruningSchedule] = None
+        self._metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        tuner = find_tuner(model)
+        adapter = self.adapter_name or tuner.active_adapters[0]
+        if adapter not in tuner.peft_config:
+            raise ValueError(f"adapter_name={adapter!r} is not an adapter of this model: {sorted(tuner.peft_config)}.")
+        self.engine = tuner.pruning_engine(adapter)
+        if not state.max_steps or state.max_steps < 1:
+            raise ValueError("LoRAPruneCallback needs the Trainer's total number of optimizer steps (max_steps).")
+        self.schedule = PruningSchedule.from_config(self.engine.config, state.max_steps)
+        steps = self.schedule.pruning_steps()
+        if not self.engine.config.schedule == "one_shot" and len(steps) < 2:
+            warnings.warn(
+                f"LoRAPrune: the run has {state.max_steps} optimizer steps, so the schedule rewrites masks only at "
+                f"step(s) {steps} (warm-up to step {self.schedule.start}, target at step {self.schedule.end}, every "
+                f"{self.engine.config.pruning_interval} steps): pruning is effectively one-shot. Train longer or "
+                "lower pruning_interval."
+            )
+        if state.global_step > 0:
+            self._restore(args, state)
+        self._metrics = self._report_metrics()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.engine.update_importance()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        target = self.schedule.target_at(state.global_step)
+        if target is not None:
+            self.engine.prune_to(target)
+            self._metrics = self._report_metrics()
+            logger.info("LoRAPrune step %d: %s", state.global_step, self._metrics)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or self.engine is None or "loss" not in logs and "train_loss" not in logs:
+            return
+        logs.update(self._metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(self._metrics)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.engine is None or not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder):
+            tmp = os.path.join(folder, STATE_FILE + ".tmp")
+            save_file(self.engine.state_dict(), tmp)
+            os.replace(tmp, os.path.join(folder, STATE_FILE))
+
+    # ------------------------------------------------------------------ helpers
+    def _restore(self, args, state) -> None:
+        path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", STATE_FILE)
+        if os.path.isfile(path):
+            self.engine.load_state_dict(load_file(path))
+            logger.info("LoRAPrune: importance state restored from %s", path)
+        else:
+            warnings.warn(
+                f"LoRAPrune: resuming at step {state.global_step} but {path} does not exist; the masks come from the "
+                "checkpoint, but the importance averages restart from zero, so later masks may differ from an "
+                "uninterrupted run."
+            )
+
+    def _report_metrics(self) -> dict[str, float]:
+        report = self.engine.tuner.sparsity_report(self.engine.adapter)
+        metrics = {"sparsity": round(report.sparsity, 6), "weights_kept": report.weights_kept}
+        for unit, value in report.sparsity_by_unit().items():
+            metrics[f"sparsity_{unit}"] = round(value, 6)
+        return metrics

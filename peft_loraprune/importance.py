@@ -1,0 +1,81 @@
+"""Importance maths, pure functions of tensors (no module state).
+
+For one layer with frozen ``W0``, factors ``B`` (d_out x r) and ``R`` (r x d_in; ``R = A`` for parallel
+adaptation, ``A·W0`` for sequential) and scale ``s``, the merged weight is ``W = W0 + s·B·R``.
+
+* "lora": the gradient of the merged weight estimated from the adapter gradients alone (the paper's Eq. for
+  parallel adaptation, and its ``·W0`` form for sequential adaptation)::
+
+      G_hat = dB·A + B·dA − dB·dA = dB·(A − dA) + B·dA            (parallel)
+      G_hat = (dB·(A − dA) + B·dA)·W0                              (sequential)
+
+  Both are ``dB·P + B·Q`` with small ``P, Q`` (r x d_in): :func:`lora_gradient_factors` builds them once per
+  layer, and any block of rows of ``G_hat`` costs one ``(rows x r) @ (r x d_in)`` product.
+* "grad": the true gradient ``G`` of the merged weight (captured during backward; memory-heavy baseline).
+* "magnitude": ``|W|``.
+
+Element importance is ``|W ⊙ G|`` (first-order Taylor estimate of the loss change when a weight is zeroed).
+Everything is computed by row chunks so no weight-sized temporary beyond one chunk exists.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional
+
+import torch
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M elements (16 MB in float32) per temporary
+
+
+def lora_gradient_factors(
+    lora_A: torch.Tensor, grad_A: torch.Tensor, base_weight: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, Q)`` with ``G_hat = dB·P + B·Q``; pass ``base_weight`` (d_out x d_in) for sequential adaptation."""
+    a = lora_A.float()
+    da = grad_A.float()
+    p, q = a - da, da
+    if base_weight is not None:
+        w0 = base_weight.float()
+        p, q = p @ w0, q @ w0
+    return p, q
+
+
+def row_chunks(n_rows: int, n_cols: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Iterator[slice]:
+    """Consecutive row slices whose blocks hold at most ``chunk_elements`` entries (at least one row)."""
+    step = max(1, chunk_elements // max(1, n_cols))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(n_rows, start + step))
+
+
+def element_scores(
+    merged_rows: Callable[[slice], torch.Tensor],
+    gradient_rows: Optional[Callable[[slice], torch.Tensor]],
+    shape: tuple[int, int],
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield ``(rows, |W ⊙ G|)`` chunk by chunk (``|W|`` when ``gradient_rows`` is None).
+
+    ``merged_rows(rows)`` and ``gradient_rows(rows)`` return float32 blocks of the merged weight and of its
+    (estimated or true) gradient.
+    """
+    for rows in row_chunks(shape[0], shape[1], chunk_elements):
+        w = merged_rows(rows)
+        if gradient_rows is None:
+            yield rows, w.abs_()
+        else:
+            yield rows, w.mul_(gradient_rows(rows)).abs_()
+
+
+def moving_average_(average: torch.Tensor, new: torch.Tensor, beta: float) -> torch.Tensor:
+    """In place ``average = beta·average + (1 − beta)·new`` (the reference code's λ-average, from zero)."""
+    return average.mul_(beta).add_(new.to(average.dtype), alpha=1.0 - beta)
+
+
+def all_finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def normalized(vector: torch.Tensor) -> torch.Tensor:
+    """``vector / ||vector||₂`` (unchanged when the norm is zero), as the reference code does per module."""
+    norm = vector.norm()
+    return vector / norm if norm > 0 else vector

@@ -1,0 +1,76 @@
+"""The pruning schedule: which optimizer steps rewrite masks, and to what sparsity. Pure functions.
+
+The reference code's cubic schedule: sparsity goes from ``initial`` to ``target`` between the warm-up step
+``round(warmup_ratio · total)`` and the cool-down step ``round((1 − cooldown_ratio) · total)``::
+
+    s(t) = target + (initial − target) · (1 − (t − start) / (end − start))³
+
+Masks are rewritten every ``interval`` steps from ``start`` and always at ``end``, so the last rewrite lands on
+the target exactly (the reference code never applies its final step). ``one_shot`` prunes everything at
+``start``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class PruningSchedule:
+    total_steps: int
+    target: float
+    initial: float = 0.0
+    warmup_ratio: float = 0.1
+    cooldown_ratio: float = 0.1
+    interval: int = 10
+    one_shot: bool = False
+
+    def __post_init__(self):
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+
+    @classmethod
+    def from_config(cls, config, total_steps: int) -> "PruningSchedule":
+        return cls(
+            total_steps=total_steps,
+            target=config.effective_target_sparsity,
+            initial=config.initial_sparsity,
+            warmup_ratio=config.warmup_ratio,
+            cooldown_ratio=config.cooldown_ratio,
+            interval=config.pruning_interval,
+            one_shot=config.schedule == "one_shot",
+        )
+
+    @property
+    def start(self) -> int:
+        """First optimizer step (1-based count of completed steps) that rewrites masks."""
+        return max(1, round(self.warmup_ratio * self.total_steps))
+
+    @property
+    def end(self) -> int:
+        """The step whose rewrite reaches the target."""
+        if self.one_shot:
+            return self.start
+        return max(self.start, min(self.total_steps, round((1.0 - self.cooldown_ratio) * self.total_steps)))
+
+    def sparsity_at(self, step: int) -> float:
+        """Scheduled sparsity after ``step`` completed optimizer steps (0 before the first rewrite)."""
+        if step < self.start:
+            return 0.0
+        if step >= self.end:
+            return self.target
+        progress = (step - self.start) / (self.end - self.start)
+        return self.target + (self.initial - self.target) * (1.0 - progress) ** 3
+
+    def is_pruning_step(self, step: int) -> bool:
+        if step < self.start or step > self.end:
+            return False
+        return step == self.end or (step - self.start) % self.interval == 0
+
+    def pruning_steps(self) -> list[int]:
+        return [t for t in range(self.start, self.end + 1) if self.is_pruning_step(t)]
+
+    def target_at(self, step: int) -> Optional[float]:
+        """The sparsity to prune to at ``step``, or None when this step rewrites no mask."""
+        return self.sparsity_at(step) if self.is_pruning_step(step) else None

@@ -1,0 +1,74 @@
+"""Mask selection, pure functions: which units to keep given their scores and what is already pruned.
+
+Every function only chooses among units that are still kept, so masks only ever lose entries. Ties are broken
+by position (stable sort), so identical inputs give identical masks on every process.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def prune_count(n_units: int, sparsity: float, keep_at_least_one: bool = True) -> int:
+    """How many of ``n_units`` a sparsity removes: ``round(sparsity · n)``, leaving at least one when asked."""
+    n = round(sparsity * n_units)
+    return min(n, n_units - 1) if keep_at_least_one and n_units > 0 else min(n, n_units)
+
+
+def _order(scores: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Indices of the last dimension, best first, pruned units last."""
+    s = scores.float().masked_fill(~kept, float("-inf"))
+    return torch.sort(s, dim=-1, descending=True, stable=True).indices
+
+
+def keep_top(scores: torch.Tensor, kept: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Keep the ``n_keep`` best of the currently kept entries of a 1-D score vector."""
+    if n_keep >= int(kept.sum()):
+        return kept.clone()
+    new = torch.zeros_like(kept)
+    new[_order(scores, kept)[: max(0, n_keep)]] = True
+    return new & kept
+
+
+def keep_top_per_row(scores: torch.Tensor, kept: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """:func:`keep_top` on every row of 2-D inputs (partitions, N:M blocks)."""
+    idx = _order(scores, kept)[..., : max(0, n_keep)]
+    new = torch.zeros_like(kept)
+    new.scatter_(-1, idx, True)
+    return new & kept
+
+
+def n_m_mask(scores: torch.Tensor, kept: torch.Tensor, n_keep: int, m: int) -> torch.Tensor:
+    """In every run of ``m`` consecutive entries of each row, keep the ``n_keep`` best still-kept ones.
+
+    A trailing run shorter than ``m`` (when the row length is not a multiple of ``m``) keeps at most ``n_keep``.
+    """
+    rows, cols = scores.shape
+    pad = (-cols) % m
+    if pad:
+        scores = torch.nn.functional.pad(scores.float(), (0, pad), value=float("-inf"))
+        kept = torch.nn.functional.pad(kept, (0, pad), value=False)
+    new = keep_top_per_row(scores.reshape(rows, -1, m), kept.reshape(rows, -1, m), n_keep)
+    return new.reshape(rows, -1)[:, :cols]
+
+
+def keep_top_global(
+    scores: list[torch.Tensor], kept: list[torch.Tensor], n_keep: int, min_keep_each: int = 1
+) -> list[torch.Tensor]:
+    """Keep the ``n_keep`` best entries across several 1-D score vectors, at least ``min_keep_each`` in each.
+
+    The ``min_keep_each`` best kept entries of every vector are reserved first; the rest of the budget goes to
+    the best remaining entries overall.
+    """
+    reserved = [keep_top(s, k, min(min_keep_each, int(k.sum()))) for s, k in zip(scores, kept)]
+    n_reserved = sum(int(r.sum()) for r in reserved)
+    remaining = max(0, n_keep - n_reserved)
+    flat_scores = torch.cat([s.float().flatten().cpu() for s in scores])
+    flat_avail = torch.cat([(k & ~r).flatten().cpu() for k, r in zip(kept, reserved)])
+    chosen = keep_top(flat_scores, flat_avail, remaining)
+    out, offset = [], 0
+    for r in reserved:
+        n = r.numel()
+        out.append(r | chosen[offset : offset + n].reshape(r.shape).to(r.device))
+        offset += n
+    return out
