@@ -5,18 +5,33 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
-from peft_loraprune import LoRAPruneConfig
+from peft_loraprune import ArchitectureSpec, GroupMember, GroupSpec, LoRAPruneConfig, register_architecture
 from peft_loraprune.mask_packing import pack_bits, unpack_bits
+
+# A one-module "family" so that structured adapters can be built on the toy network below (structured pruning
+# refuses models whose family it does not know); adding a family is one registry entry.
+register_architecture(
+    ArchitectureSpec(
+        name="toy",
+        model_types=("toy_proj",),
+        block_pattern=r"(?:^|\.)blocks\.(\d+)\.(.+)$",
+        groups=lambda config, grouping: [GroupSpec("channels", 10, (GroupMember("proj", "rows", (1, 10, 1)),))],
+        prunable_modules=("proj",),
+    )
+)
 
 
 class Net(torch.nn.Module):
     def __init__(self, kind: str, bias: bool = True):
         super().__init__()
         torch.manual_seed(0)
-        self.proj = torch.nn.Linear(12, 10, bias=bias) if kind == "linear" else Conv1D(10, 12)
+        self.config = type("Config", (), {"model_type": "toy_proj", "to_dict": lambda self: {"model_type": "toy_proj"}})()
+        block = torch.nn.Module()
+        block.proj = torch.nn.Linear(12, 10, bias=bias) if kind == "linear" else Conv1D(10, 12)
+        self.blocks = torch.nn.ModuleList([block])
 
     def forward(self, x):
-        return self.proj(x)
+        return self.blocks[0].proj(x)
 
 
 def wrap(kind, **kw):
@@ -71,7 +86,7 @@ def test_all_kept_parallel_equals_peft_lora(kind):
 @pytest.mark.parametrize("adaptation", ["parallel", "sequential"])
 def test_structured_masks_match_reference(kind, adaptation):
     model = wrap(kind, adaptation=adaptation)
-    layer = model.base_model.model.proj
+    layer = model.base_model.model.blocks[0].proj
     rows = torch.ones(10, dtype=torch.bool)
     rows[[1, 4, 5]] = False
     cols = torch.ones(12, dtype=torch.bool)
@@ -88,7 +103,7 @@ def test_structured_masks_match_reference(kind, adaptation):
 def test_element_masks_forward_and_gradients_match_autograd(kind, adaptation):
     model = wrap(kind, adaptation=adaptation, granularity="unstructured")
     model.train()
-    layer = model.base_model.model.proj
+    layer = model.base_model.model.blocks[0].proj
     g = torch.Generator().manual_seed(5)
     keep = torch.rand(10, 12, generator=g) > 0.4
     layer.set_masks("default", elements_packed=pack_bits(keep))
@@ -122,7 +137,7 @@ def test_element_mask_with_dropout_keeps_pruned_weights_out():
                           granularity="unstructured")
     model = get_peft_model(Net("linear"), cfg)
     model.train()
-    layer = model.base_model.model.proj
+    layer = model.base_model.model.blocks[0].proj
     keep = torch.zeros(10, 12, dtype=torch.bool)
     keep[:, :3] = True
     layer.set_masks("default", elements_packed=pack_bits(keep))
@@ -134,14 +149,14 @@ def test_element_mask_with_dropout_keeps_pruned_weights_out():
 def test_pretrained_weights_never_require_grad():
     model = wrap("linear", granularity="2:4")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"base_model.model.proj.lora_A.default.weight", "base_model.model.proj.lora_B.default.weight"}
+    assert trainable == {"base_model.model.blocks.0.proj.lora_A.default.weight", "base_model.model.blocks.0.proj.lora_B.default.weight"}
 
 
 def test_masks_exist_from_creation_all_kept():
     model = wrap("linear", granularity="unstructured")
     keys = [k for k in model.state_dict() if "mask" in k]
     assert sorted(k.split(".")[-2] for k in keys) == ["lora_mask_cols", "lora_mask_elements", "lora_mask_rows"]
-    layer = model.base_model.model.proj
+    layer = model.base_model.model.blocks[0].proj
     assert layer.full_mask("default").all()
 
 
