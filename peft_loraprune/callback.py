@@ -5,7 +5,8 @@
   resumed run restores the importance averages saved with the checkpoint.
 * ``on_pre_optimizer_step``: importance from the step's complete gradients (all micro-batches accumulated,
   clipped, unscaled), before the optimizer changes the weights.
-* ``on_step_end``: rewrites the masks when the schedule says so.
+* ``on_step_end``: rewrites the masks when the schedule says so (a rewrite due on a step whose gradients were
+  not finite waits for the next finite step; ``on_train_end`` applies one still waiting).
 * ``on_log``: adds sparsity and remaining weights to the Trainer's logs.
 * ``on_save``: writes ``loraprune_state.safetensors`` (importance averages) into the checkpoint folder; masks and
   adapter weights are already in the checkpoint's adapter files, and the schedule position is the global step.
@@ -85,11 +86,13 @@ class LoRAPruneCallback(TrainerCallback):
         self.engine.update_importance()
 
     def on_step_end(self, args, state, control, **kwargs):
-        target = self.schedule.target_at(state.global_step)
-        if target is not None:
-            self.engine.prune_to(target)
+        if self.engine.pruning_step(state.global_step, state.max_steps) is not None:
             self._metrics = self._report_metrics()
             logger.info("LoRAPrune step %d: %s", state.global_step, self._metrics)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.engine is not None and self.engine.finish(state.max_steps) is not None:
+            self._metrics = self._report_metrics()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or self.engine is None or "loss" not in logs and "train_loss" not in logs:

@@ -71,6 +71,8 @@ class PruningEngine:
         self.element_layers = [(n, l) for n, l in self.layers if tuner.block_index(n) not in dense]
         self.n_updates = 0
         self.n_skipped = 0
+        self.last_update_ok = True  # False after a skipped (non-finite) update: masks wait for a finite step
+        self.pending_rewrite = False
         self.last_sparsity = 0.0
         self._warned_nonfinite = False
         self._score_dtype = _DTYPES[self.config.importance_dtype]
@@ -134,6 +136,7 @@ class PruningEngine:
                 )
                 self._warned_nonfinite = True
             self._reset_true_gradients()
+            self.last_update_ok = False
             return False
         beta = self.config.importance_beta
         for _, layer in self.layers:
@@ -164,6 +167,7 @@ class PruningEngine:
             layer.importance_updates[self.adapter] = layer.importance_updates.get(self.adapter, 0) + 1
         self._reset_true_gradients()
         self.n_updates += 1
+        self.last_update_ok = True
         return True
 
     def _reset_true_gradients(self) -> None:
@@ -237,10 +241,30 @@ class PruningEngine:
                 g.apply(self.adapter, mask)
 
     def pruning_step(self, step: int, total_steps: int) -> Optional[float]:
-        """Prune if the schedule rewrites masks at ``step`` (completed optimizer steps); returns the sparsity."""
-        target = PruningSchedule.from_config(self.config, total_steps).target_at(step)
-        if target is not None:
-            self.prune_to(target)
+        """Prune if the schedule rewrites masks at ``step`` (completed optimizer steps); returns the sparsity.
+
+        A rewrite due on a step whose importance update was skipped (NaN/inf) waits for the next finite step,
+        and then prunes to the sparsity scheduled for that step.
+        """
+        schedule = PruningSchedule.from_config(self.config, total_steps)
+        due = schedule.is_pruning_step(step) or self.pending_rewrite
+        if not due:
+            return None
+        if not self.last_update_ok:
+            self.pending_rewrite = True
+            return None
+        self.pending_rewrite = False
+        target = schedule.sparsity_at(step)
+        self.prune_to(target)
+        return target
+
+    def finish(self, total_steps: int) -> Optional[float]:
+        """At the end of training: apply a rewrite still waiting for a finite step, so the run ends on target."""
+        if not self.pending_rewrite:
+            return None
+        self.pending_rewrite = False
+        target = PruningSchedule.from_config(self.config, total_steps).sparsity_at(total_steps)
+        self.prune_to(target)
         return target
 
     # ------------------------------------------------------------------ checkpointing
@@ -250,6 +274,8 @@ class PruningEngine:
             "n_updates": torch.tensor(self.n_updates),
             "n_skipped": torch.tensor(self.n_skipped),
             "last_sparsity": torch.tensor(self.last_sparsity, dtype=torch.float64),
+            "pending_rewrite": torch.tensor(int(self.pending_rewrite)),
+            "last_update_ok": torch.tensor(int(self.last_update_ok)),
         }
         for name, layer in self.layers:
             for key in ("lora_importance_rows", "lora_importance_cols", "lora_importance_elements"):
@@ -262,6 +288,8 @@ class PruningEngine:
         self.n_updates = int(state["n_updates"])
         self.n_skipped = int(state["n_skipped"])
         self.last_sparsity = float(state["last_sparsity"])
+        self.pending_rewrite = bool(int(state["pending_rewrite"]))
+        self.last_update_ok = bool(int(state["last_update_ok"]))
         for name, layer in self.layers:
             for key in ("lora_importance_rows", "lora_importance_cols", "lora_importance_elements"):
                 value = state.get(f"{name}.{key}")
