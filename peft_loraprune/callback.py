@@ -71,7 +71,8 @@ class LoRAPruneCallback(TrainerCallback):
             raise ValueError("LoRAPruneCallback needs the Trainer's total number of optimizer steps (max_steps).")
         self.schedule = PruningSchedule.from_config(self.engine.config, state.max_steps)
         steps = self.schedule.pruning_steps()
-        if not self.engine.config.schedule == "one_shot" and len(steps) < 2:
+        too_short = self.schedule.end - self.schedule.start < self.engine.config.pruning_interval
+        if self.engine.config.schedule != "one_shot" and too_short:
             warnings.warn(
                 f"LoRAPrune: the run has {state.max_steps} optimizer steps, so the schedule rewrites masks only at "
                 f"step(s) {steps} (warm-up to step {self.schedule.start}, target at step {self.schedule.end}, every "

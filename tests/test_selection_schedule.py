@@ -1,0 +1,87 @@
+"""Pure maths: mask selection and the schedule, against hand-derived values."""
+
+import pytest
+import torch
+
+from peft_loraprune.group_ops import expand_groups, groups_kept, sum_over_groups
+from peft_loraprune.schedule import PruningSchedule
+from peft_loraprune.selection import keep_top, keep_top_global, n_m_mask, prune_count
+
+
+def test_keep_top_only_chooses_among_kept():
+    scores = torch.tensor([5.0, 1.0, 4.0, 3.0, 2.0])
+    kept = torch.tensor([False, True, True, True, True])
+    assert keep_top(scores, kept, 2).tolist() == [False, False, True, True, False]
+    # asking for more than is kept never regrows
+    assert keep_top(scores, kept, 5).tolist() == kept.tolist()
+
+
+def test_keep_top_ties_break_by_position():
+    scores = torch.zeros(6)
+    kept = torch.ones(6, dtype=torch.bool)
+    assert keep_top(scores, kept, 2).tolist() == [True, True, False, False, False, False]
+
+
+def test_n_m_mask_pattern_on_every_row():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(7, 13, generator=g)
+    kept = torch.ones(7, 13, dtype=torch.bool)
+    mask = n_m_mask(scores, kept, 2, 4)
+    full = mask[:, :12].reshape(7, 3, 4)
+    assert torch.all(full.sum(-1) == 2)
+    assert torch.all(mask[:, 12:].sum(-1) <= 2)
+    # the kept two are the two largest of each run
+    top2 = scores[:, :12].reshape(7, 3, 4).topk(2, dim=-1).indices
+    assert torch.all(full.gather(-1, top2))
+    # from 3:4 to 2:4 only removes
+    m3 = n_m_mask(scores, kept, 3, 4)
+    m2 = n_m_mask(scores, m3, 2, 4)
+    assert torch.all(m2 <= m3) and torch.all(m2[:, :12].reshape(7, 3, 4).sum(-1) == 2)
+
+
+def test_global_selection_keeps_at_least_one_each_and_the_exact_budget():
+    a = torch.tensor([0.1, 0.2, 0.3])
+    b = torch.tensor([5.0, 6.0, 7.0, 8.0])
+    out = keep_top_global([a, b], [torch.ones(3, dtype=torch.bool), torch.ones(4, dtype=torch.bool)], 3)
+    assert out[0].tolist() == [False, False, True]  # reserved best of a
+    assert out[1].tolist() == [False, False, True, True]
+    assert sum(int(o.sum()) for o in out) == 3
+
+
+def test_prune_count_rounds_and_keeps_one():
+    assert prune_count(10, 0.5) == 5 and prune_count(3, 0.5) == 2 and prune_count(2, 0.99) == 1
+    assert prune_count(2, 0.99, keep_at_least_one=False) == 2
+
+
+def test_group_ops_with_fused_layout():
+    # GPT-2 c_attn rows: (3, heads=2, head_dim=2); group 1 is rows 2,3 / 6,7 / 10,11
+    v = torch.arange(12.0)
+    assert sum_over_groups(v, (3, 2, 2)).tolist() == [0 + 1 + 4 + 5 + 8 + 9, 2 + 3 + 6 + 7 + 10 + 11]
+    mask = expand_groups(torch.tensor([True, False]), (3, 2, 2))
+    assert mask.nonzero().flatten().tolist() == [0, 1, 4, 5, 8, 9]
+    assert groups_kept(mask, (3, 2, 2)).tolist() == [True, False]
+    with pytest.raises(ValueError, match="does not fit"):
+        sum_over_groups(torch.ones(10), (3, 2, 2))
+
+
+def test_cubic_schedule_values():
+    s = PruningSchedule(total_steps=100, target=0.5, initial=0.0, warmup_ratio=0.1, cooldown_ratio=0.1, interval=10)
+    assert (s.start, s.end) == (10, 90)
+    assert s.sparsity_at(9) == 0.0
+    assert s.sparsity_at(10) == 0.0
+    assert s.sparsity_at(50) == pytest.approx(0.5 - 0.5 * 0.5**3)
+    assert s.sparsity_at(90) == 0.5 and s.sparsity_at(100) == 0.5
+    assert s.pruning_steps() == [10, 20, 30, 40, 50, 60, 70, 80, 90]
+    uneven = PruningSchedule(total_steps=100, target=0.5, interval=7)
+    assert uneven.pruning_steps()[-1] == 90  # the last rewrite lands on the target even off the interval grid
+    values = [uneven.sparsity_at(t) for t in range(101)]
+    assert values == sorted(values)  # monotone
+
+
+def test_one_shot_and_tiny_runs():
+    s = PruningSchedule(total_steps=50, target=0.3, warmup_ratio=0.2, one_shot=True)
+    assert s.pruning_steps() == [10] and s.sparsity_at(10) == 0.3
+    tiny = PruningSchedule(total_steps=1, target=0.4)
+    assert tiny.pruning_steps() == [1] and tiny.sparsity_at(1) == 0.4
+    with pytest.raises(ValueError, match="total_steps"):
+        PruningSchedule(total_steps=0, target=0.5)

@@ -1,0 +1,171 @@
+"""The Trainer with LoRAPruneCallback: targets reached exactly, monotone masks, N:M, accumulation, resume."""
+
+import math
+
+import datasets
+import pytest
+import torch
+import transformers
+from conftest import TASK, make_model
+from peft import get_peft_model
+
+from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig
+from peft_loraprune.selection import prune_count
+from peft_loraprune.structure import find_structured_groups
+
+
+def make_dataset(family, n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if family == "vit":
+        return datasets.Dataset.from_dict({
+            "pixel_values": torch.randn(n, 1, 8, 8, generator=g).tolist(),
+            "labels": torch.randint(0, 3, (n,), generator=g).tolist(),
+        })
+    ids = torch.randint(1, 64, (n, 8), generator=g)
+    if family == "bert":
+        return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": torch.randint(0, 2, (n,), generator=g).tolist()})
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+
+class MaskSpy(transformers.TrainerCallback):
+    def __init__(self):
+        self.history = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.history.append({k: v.clone() for k, v in model.state_dict().items() if "lora_mask" in k})
+
+
+def run(model, family, tmp_path, steps=10, batch=4, accum=1, callbacks=(), seed=0, **kwargs):
+    args = transformers.TrainingArguments(
+        str(tmp_path), max_steps=steps, per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
+        learning_rate=5e-3, report_to=[], save_strategy=kwargs.pop("save_strategy", "no"), use_cpu=True,
+        logging_steps=5, seed=seed, disable_tqdm=True, **kwargs,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=make_dataset(family),
+                                   callbacks=[LoRAPruneCallback(), *callbacks])
+    return trainer
+
+
+def peft(family, **cfg):
+    cfg.setdefault("pruning_interval", 2)
+    cfg.setdefault("lora_dropout", 0.0)
+    return get_peft_model(make_model(family), LoRAPruneConfig(task_type=TASK[family], **cfg))
+
+
+CASES = [(g, b) for g in ("structured", "unstructured", "2:4") for b in ("local", "global") if not (g == "2:4" and b == "global")]
+
+
+@pytest.mark.parametrize("granularity, budget", CASES)
+def test_trainer_reaches_target_exactly(family, granularity, budget, tmp_path):
+    target = 0.5
+    model = peft(family, granularity=granularity, budget=budget, target_sparsity=target)
+    spy = MaskSpy()
+    trainer = run(model, family, tmp_path, callbacks=[spy])
+    trainer.train()
+    tuner = model.base_model
+
+    if granularity == "structured":
+        groups = find_structured_groups(tuner, "default")
+        for structure in ("heads", "channels"):
+            of_kind = [g for g in groups if g.spec.structure == structure]
+            kept = [int(g.kept("default").sum()) for g in of_kind]
+            if budget == "local":
+                assert kept == [g.spec.n_groups - prune_count(g.spec.n_groups, target) for g in of_kind]
+            else:
+                total = sum(g.spec.n_groups for g in of_kind)
+                assert sum(kept) == total - round(target * total) and min(kept) >= 1
+            # every member of a group agrees (q, k, v rows and o columns lose the same heads)
+            for g in of_kind:
+                ref = g.kept("default")
+                for member, _, layer in g.members:
+                    axis = layer.lora_mask_rows if member.axis == "rows" else layer.lora_mask_cols
+                    from peft_loraprune.group_ops import groups_kept
+                    assert torch.equal(groups_kept(axis["default"], member.layout), ref)
+    else:
+        kept = [int(layer.element_mask("default").sum()) for _, layer in tuner.prune_layers()]
+        sizes = [layer.out_features * layer.in_features for _, layer in tuner.prune_layers()]
+        if granularity == "2:4":
+            for _, layer in tuner.prune_layers():
+                runs = layer.element_mask("default").reshape(layer.out_features, -1, 4)
+                assert torch.all(runs.sum(-1) == 2), "2:4 pattern on every row"
+        elif budget == "local":
+            assert kept == [n - round(target * n) for n in sizes]
+        else:
+            assert sum(kept) == sum(sizes) - round(target * sum(sizes))
+    report = tuner.sparsity_report()
+    assert report.sparsity == pytest.approx(target, abs=0.02)
+    assert trainer.state.log_history[-2]["sparsity"] == pytest.approx(report.sparsity, abs=1e-6)
+
+    # masks only ever lose entries
+    for before, after in zip(spy.history, spy.history[1:]):
+        for key in before:
+            if before[key].dtype == torch.bool:
+                assert torch.all(after[key] <= before[key]), key
+            else:
+                assert torch.equal(after[key] & before[key], after[key]), key
+    # no pretrained weight ever holds a gradient with the "lora" criterion
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_gradient_accumulation_gives_the_same_importance(tmp_path):
+    states = []
+    for batch, accum in ((8, 1), (2, 4)):
+        model = peft("llama", target_sparsity=0.5)
+        run(model, "llama", tmp_path / f"b{batch}", steps=4, batch=batch, accum=accum).train()
+        states.append({n: (l.lora_importance_rows["default"].clone(), l.lora_mask_rows["default"].clone())
+                       for n, l in model.base_model.prune_layers()})
+    for name in states[0]:
+        torch.testing.assert_close(states[0][name][0], states[1][name][0], rtol=1e-3, atol=1e-9)
+        assert torch.equal(states[0][name][1], states[1][name][1])
+
+
+class StopAt(transformers.TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    def final_state(model):
+        return {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k} | {
+            f"{n}.importance": l.lora_importance_rows["default"].clone() for n, l in model.base_model.prune_layers()
+        }
+
+    straight = peft("llama", target_sparsity=0.5)
+    run(straight, "llama", tmp_path / "a", steps=12, save_strategy="steps", save_steps=6).train()
+
+    first = peft("llama", target_sparsity=0.5)
+    run(first, "llama", tmp_path / "b", steps=12, save_strategy="steps", save_steps=6, callbacks=[StopAt(6)]).train()
+    assert (tmp_path / "b" / "checkpoint-6" / "loraprune_state.safetensors").is_file()
+    resumed = peft("llama", target_sparsity=0.5)
+    run(resumed, "llama", tmp_path / "b", steps=12, save_strategy="steps", save_steps=6).train(
+        resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-6")
+    )
+    a, b = final_state(straight), final_state(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_callback_refuses_other_models_and_warns_on_short_runs(tmp_path):
+    plain = make_model("llama")
+    with pytest.raises(TypeError, match="LoRAPrune adapter"):
+        run(plain, "llama", tmp_path, steps=2).train()
+    with pytest.warns(UserWarning, match="effectively one-shot"):
+        run(peft("llama", pruning_interval=10), "llama", tmp_path, steps=3).train()
+    with pytest.raises(TypeError, match="adapter_name"):
+        LoRAPruneCallback(adapter_name=3)
+
+
+def test_one_shot_prunes_everything_at_one_step(tmp_path):
+    model = peft("llama", schedule="one_shot", target_sparsity=0.5, warmup_ratio=0.5, cooldown_ratio=0.0)
+    spy = MaskSpy()
+    run(model, "llama", tmp_path, steps=6, callbacks=[spy]).train()
+    h = spy.history  # h[i]: masks after optimizer step i + 1
+    assert all(v.all() for step in h[:2] for v in step.values())  # steps 1-2: warm-up, all kept
+    assert any(not v.all() for v in h[2].values())  # step 3 = 0.5 * 6 prunes everything at once
+    assert all(torch.equal(h[2][k], later[k]) for later in h[3:] for k in later)  # nothing changes afterwards
+    assert model.base_model.sparsity_report().sparsity == pytest.approx(0.5)
