@@ -9,6 +9,7 @@ the reports, the model card and export need.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -86,6 +87,11 @@ class LoRAPruneModel(BaseTuner):
             raise TypeError(
                 f"LoRAPrune adapts torch.nn.Linear and transformers Conv1D modules; '{current_key}' is a "
                 f"{type(base).__name__}. Remove it from target_modules."
+            )
+        if config.fan_in_fan_out != isinstance(base, Conv1D):
+            warnings.warn(
+                f"fan_in_fan_out={config.fan_in_fan_out} but '{current_key}' is a {type(base).__name__}; LoRAPrune "
+                f"reads the weight layout from the module type ({'(in, out)' if isinstance(base, Conv1D) else '(out, in)'})."
             )
         new_module = Linear(target, adapter_name, config)
         if adapter_name not in self.active_adapters:

@@ -169,3 +169,56 @@ def test_one_shot_prunes_everything_at_one_step(tmp_path):
     assert any(not v.all() for v in h[2].values())  # step 3 = 0.5 * 6 prunes everything at once
     assert all(torch.equal(h[2][k], later[k]) for later in h[3:] for k in later)  # nothing changes afterwards
     assert model.base_model.sparsity_report().sparsity == pytest.approx(0.5)
+
+
+def test_query_head_grouping_prunes_the_same_count_in_every_kv_group(tmp_path):
+    model = peft("llama", head_grouping="query_head", target_sparsity=0.5, prune_structures=["heads"])
+    run(model, "llama", tmp_path).train()
+    for name, layer in model.base_model.prune_layers():
+        rows = layer.lora_mask_rows["default"]
+        if name.endswith("q_proj"):
+            per_head = rows.reshape(4, 8).all(dim=1)  # 4 query heads of head_dim 8
+            assert per_head.reshape(2, 2).sum(dim=1).tolist() == [1, 1]  # 2 KV groups, one query head left in each
+        if name.endswith(("k_proj", "v_proj")):
+            assert rows.all()  # KV heads untouched
+
+
+def test_reference_dense_layers_and_epoch_based_total(tmp_path):
+    model = peft("bert", dense_layers="reference", target_sparsity=0.5)
+    args_steps = run(model, "bert", tmp_path, steps=-1, num_train_epochs=2)
+    args_steps.train()
+    assert args_steps.state.max_steps == 2 * math.ceil(48 / 4)
+    report = model.base_model.sparsity_report()
+    # 2 blocks: the first 10% is int(0.2) = 0 blocks, the last block (1) stays dense
+    assert {layer.block for layer in report.layers} == {0}
+    masks = {k: v for k, v in model.state_dict().items() if "lora_mask" in k}
+    assert all(v.all() for k, v in masks.items() if ".layer.1." in k)
+    assert not all(v.all() for k, v in masks.items() if ".layer.0." in k)
+
+
+@pytest.mark.parametrize("importance", ["grad", "magnitude"])
+def test_other_criteria_train_to_target(importance, tmp_path):
+    model = peft("gpt2", importance=importance, granularity="unstructured", target_sparsity=0.3)
+    run(model, "gpt2", tmp_path).train()
+    assert model.base_model.sparsity_report().sparsity == pytest.approx(0.3, abs=1e-3)
+
+
+def test_documented_manual_loop_matches_the_callback(tmp_path):
+    """The README's own-loop recipe gives the same masks as the Trainer callback on the same batches."""
+    model = peft("llama", target_sparsity=0.5)
+    data = make_dataset("llama", n=40)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    engine = model.base_model.pruning_engine()
+    total = 10
+    model.train()
+    for step in range(1, total + 1):
+        batch = data[(step - 1) * 4 : step * 4]
+        ids = torch.tensor(batch["input_ids"])
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        engine.update_importance()
+        optimizer.step()
+        optimizer.zero_grad()
+        engine.pruning_step(step, total)
+    report = model.base_model.sparsity_report()
+    assert report.sparsity_by_unit() == {"channels": 0.5, "heads": 0.5}
