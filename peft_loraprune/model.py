@@ -88,11 +88,10 @@ class LoRAPruneModel(BaseTuner):
                 f"LoRAPrune adapts torch.nn.Linear and transformers Conv1D modules; '{current_key}' is a "
                 f"{type(base).__name__}. Remove it from target_modules."
             )
-        if config.fan_in_fan_out != isinstance(base, Conv1D):
-            warnings.warn(
-                f"fan_in_fan_out={config.fan_in_fan_out} but '{current_key}' is a {type(base).__name__}; LoRAPrune "
-                f"reads the weight layout from the module type ({'(in, out)' if isinstance(base, Conv1D) else '(out, in)'})."
-            )
+        if isinstance(base, Conv1D) and not config.fan_in_fan_out:
+            # as PEFT's LoRA does: the module type decides the weight layout; say so once and record it
+            warnings.warn(f"'{current_key}' is a Conv1D (weight stored (in, out)); setting fan_in_fan_out=True.")
+            config.fan_in_fan_out = True
         new_module = Linear(target, adapter_name, config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
