@@ -5,9 +5,10 @@ Importing this package registers the method with PEFT (``PeftType.LORAPRUNE``), 
 that loads a LoRAPrune adapter (torchrun workers included) must import it first.
 """
 
-from .architectures import ArchitectureSpec, GroupMember, GroupSpec, register_architecture, supported_model_types
+from .architectures import ArchitectureSpec, ExportSpec, GroupMember, GroupSpec, register_architecture, supported_model_types
 from .callback import LoRAPruneCallback
 from .config import LoRAPruneConfig
+from .export import ExportReport, export_pruned_model
 from .hub import push_to_hub
 from .layer import LoRAPruneLayer
 from .model import LoRAPruneModel
@@ -21,13 +22,16 @@ register(LoRAPruneConfig, LoRAPruneModel)
 __all__ = [
     "LORAPRUNE_PEFT_TYPE",
     "ArchitectureSpec",
+    "ExportSpec",
     "GroupMember",
     "GroupSpec",
+    "ExportReport",
     "LoRAPruneCallback",
     "LoRAPruneConfig",
     "LoRAPruneLayer",
     "LoRAPruneModel",
     "SparsityReport",
+    "export_pruned_model",
     "push_to_hub",
     "register_architecture",
     "supported_model_types",

@@ -43,6 +43,23 @@ class GroupSpec:
 
 
 @dataclass(frozen=True)
+class ExportSpec:
+    """How a family's config expresses pruned widths, for physical removal (``merge_and_prune``).
+
+    ``removable``: the structures whose removal the config can express (every block must keep the same number).
+    ``config_updates(config, kept, head_grouping)``: new config attributes, where ``kept`` maps a structure to the
+    number of groups each block keeps (per partition for query-head grouping).
+    ``refresh_block(block, config)``: optional; updates attributes a block derived from the config at
+    construction (e.g. Llama attention's ``num_key_value_groups``) so the in-memory model matches a reload.
+    """
+
+    removable: tuple[str, ...]
+    config_updates: Callable[[object, dict, str], dict]
+    refresh_block: Optional[Callable[[object, object], None]] = None
+    notes: str = ""
+
+
+@dataclass(frozen=True)
 class ArchitectureSpec:
     """Everything LoRAPrune needs to know about one model family."""
 
@@ -51,6 +68,7 @@ class ArchitectureSpec:
     block_pattern: str  # regex whose group 1 is the block index and group 2 the module name inside the block
     groups: Callable[[object, str], list[GroupSpec]]  # (model config, head_grouping) -> groups of one block
     prunable_modules: tuple[str, ...]  # default target modules (block-relative names)
+    export: Optional[ExportSpec] = None
     notes: str = ""
     _compiled: re.Pattern = field(init=False, repr=False, compare=False)
 
@@ -145,6 +163,26 @@ def _llama_groups(config, head_grouping: str) -> list[GroupSpec]:
     return [heads, channels]
 
 
+def _llama_config_updates(config, kept: dict, head_grouping: str) -> dict:
+    updates = {}
+    if "heads" in kept:
+        n_heads = config.num_attention_heads
+        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+        updates["head_dim"] = _head_dim(config)
+        if head_grouping == "kv_group":
+            updates["num_key_value_heads"] = kept["heads"]
+            updates["num_attention_heads"] = kept["heads"] * (n_heads // n_kv)
+        else:
+            updates["num_attention_heads"] = kept["heads"] * n_kv
+    if "channels" in kept:
+        updates["intermediate_size"] = kept["channels"]
+    return updates
+
+
+def _llama_refresh_block(block, config) -> None:
+    block.self_attn.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+
+
 register_architecture(
     ArchitectureSpec(
         name="llama",
@@ -152,6 +190,7 @@ register_architecture(
         block_pattern=r"(?:^|\.)layers\.(\d+)\.(.+)$",
         groups=_llama_groups,
         prunable_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        export=ExportSpec(("heads", "channels"), _llama_config_updates, _llama_refresh_block),
         notes="grouped-query attention: whole KV groups ('kv_group') or query heads inside groups ('query_head')",
     )
 )
@@ -199,6 +238,11 @@ register_architecture(
             "intermediate.dense",
             "output.dense",
         ),
+        export=ExportSpec(
+            ("channels",),
+            lambda config, kept, grouping: {"intermediate_size": kept["channels"]} if "channels" in kept else {},
+            notes="BERT derives the head size from hidden_size / num_attention_heads: pruned heads stay zeroed",
+        ),
     )
 )
 
@@ -228,6 +272,20 @@ def _vit_groups(config, head_grouping: str) -> list[GroupSpec]:
     ]
 
 
+def _vit_config_updates(config, kept: dict, head_grouping: str) -> dict:
+    updates = {}
+    if "heads" in kept:  # transformers 5 ViT reads an explicit head_dim from its config
+        updates["head_dim"] = _head_dim(config)
+        updates["num_attention_heads"] = kept["heads"]
+    if "channels" in kept:
+        updates["intermediate_size"] = kept["channels"]
+    return updates
+
+
+def _vit_refresh_block(block, config) -> None:
+    block.attention.num_attention_heads = config.num_attention_heads
+
+
 register_architecture(
     ArchitectureSpec(
         name="vit",
@@ -235,6 +293,7 @@ register_architecture(
         block_pattern=r"(?:^|\.)layers\.(\d+)\.(.+)$",
         groups=_vit_groups,
         prunable_modules=("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),
+        export=ExportSpec(("heads", "channels"), _vit_config_updates, _vit_refresh_block),
         notes="module names of transformers 5.x",
     )
 )
@@ -270,6 +329,11 @@ register_architecture(
         block_pattern=r"(?:^|\.)h\.(\d+)\.(.+)$",
         groups=_gpt2_groups,
         prunable_modules=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+        export=ExportSpec(
+            ("channels",),
+            lambda config, kept, grouping: {"n_inner": kept["channels"]} if "channels" in kept else {},
+            notes="GPT-2 derives the head size from n_embd / n_head: pruned heads stay zeroed",
+        ),
         notes="fused query/key/value projection c_attn (Conv1D)",
     )
 )

@@ -162,6 +162,19 @@ class LoRAPruneModel(BaseTuner):
         self.__dict__.get("_pruning_engines", {}).pop(adapter_name, None)
         super().delete_adapter(adapter_name)
 
+    def merge_and_prune(self, adapter_name: Optional[str] = None, example_inputs: Optional[dict] = None,
+                        measure_latency: bool = True, progressbar: bool = True):
+        """Merge the adapter and physically remove the pruned heads and channels; returns a plain transformers
+        model that ``from_pretrained`` reloads. Prints the export report (see :mod:`peft_loraprune.export`);
+        ``peft_loraprune.export_pruned_model`` returns it. Consumes the model, like ``merge_and_unload``."""
+        from .export import export_pruned_model
+
+        report = export_pruned_model(
+            self, adapter_name, example_inputs=example_inputs, measure_latency=measure_latency, progressbar=progressbar
+        )
+        print(report)
+        return report.model
+
     def sparsity_report(self, adapter_name: Optional[str] = None):
         """Sparsity overall and per layer (see :mod:`peft_loraprune.reporting`)."""
         from .reporting import build_sparsity_report

@@ -17,12 +17,18 @@ from .layer import LoRAPruneLayer
 
 
 @dataclass
-class BlockGroups:
+class BlockGroups:  # noqa: D101 (documented below)
     """The groups of one kind (e.g. heads) in one transformer block, bound to the layers that hold them."""
 
     block: int
     spec: GroupSpec
     members: list[tuple[GroupMember, str, LoRAPruneLayer]]  # (member, full module name, layer)
+
+    @property
+    def block_prefix(self) -> str:
+        """Module name of the block itself (the member's full name without its block-relative part)."""
+        member, full_name, _ = self.members[0]
+        return full_name[: -len(member.module) - 1]
 
     def kept(self, adapter_name: str) -> torch.Tensor:
         """Per-group bool: kept in the first member (every member holds the same group mask)."""
@@ -51,8 +57,9 @@ def resolve_dense_layers(config, block_indices: list[int]) -> set[int]:
     return set(config.dense_layers)
 
 
-def find_structured_groups(tuner, adapter_name: str) -> list[BlockGroups]:
-    """All prunable groups of ``adapter_name``, blocks in order, skipping ``dense_layers`` and unselected kinds.
+def find_structured_groups(tuner, adapter_name: str, include_all: bool = False) -> list[BlockGroups]:
+    """All prunable groups of ``adapter_name``, blocks in order, skipping ``dense_layers`` and unselected kinds
+    (``include_all=True`` keeps them: export needs every block's width).
 
     Raises ``ValueError`` when the family is unknown, or when a module that must lose a group together with the
     others is not adapted (structured pruning needs every member of a group).
@@ -72,13 +79,13 @@ def find_structured_groups(tuner, adapter_name: str) -> list[BlockGroups]:
             f"No adapted module of this {spec.name} model lies in a transformer block; structured pruning needs "
             f"the block modules {list(spec.prunable_modules)} in target_modules."
         )
-    dense = resolve_dense_layers(config, sorted(by_block))
+    dense = set() if include_all else resolve_dense_layers(config, sorted(by_block))
     result = []
     for block in sorted(by_block):
         if block in dense:
             continue
         for group_spec in spec.groups(hf_config, config.head_grouping):
-            if group_spec.structure not in config.prune_structures:
+            if group_spec.structure not in config.prune_structures and not include_all:
                 continue
             members = []
             missing = []
@@ -88,6 +95,8 @@ def find_structured_groups(tuner, adapter_name: str) -> list[BlockGroups]:
                     missing.append(member.module)
                 else:
                     members.append((member, found[0], found[1]))
+            if missing and include_all:
+                continue  # a structure that could not have been pruned: nothing to export for it
             if missing:
                 raise ValueError(
                     f"Structured pruning of {group_spec.structure} in block {block} needs the modules "

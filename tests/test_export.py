@@ -1,0 +1,101 @@
+"""Export: physically smaller models that plain from_pretrained reloads with the same outputs."""
+
+import pytest
+import torch
+import transformers
+from conftest import AUTO, TASK, make_inputs, make_model, model_output
+from helpers import randomize_adapter, random_prune
+from peft import get_peft_model
+
+from peft_loraprune import LoRAPruneConfig, export_pruned_model
+
+
+def pruned(family, **cfg):
+    cfg.setdefault("lora_dropout", 0.0)
+    model = get_peft_model(make_model(family), LoRAPruneConfig(task_type=TASK[family], **cfg))
+    randomize_adapter(model)
+    random_prune(model, 0.5)
+    return model.eval()
+
+
+def param_count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("budget", ["local", "global"])
+def test_export_reloads_with_plain_from_pretrained(family, budget, tmp_path):
+    model = pruned(family, budget=budget)
+    if budget == "global":  # make the blocks uneven, as a global budget does
+        from peft_loraprune.structure import find_structured_groups
+
+        for g in find_structured_groups(model.base_model, "default"):
+            if g.block == 1 and g.spec.structure == "channels":
+                keep = g.kept("default").clone()
+                keep[keep.nonzero().flatten()[:5]] = False
+                g.apply("default", keep)
+    inputs = make_inputs(family)
+    expected = model_output(model, inputs)
+    report = export_pruned_model(model, measure_latency=False, progressbar=False)
+    exported = report.model
+    assert type(exported) is type(make_model(family))  # a plain transformers model of the base class
+    torch.testing.assert_close(model_output(exported, inputs), expected, rtol=0, atol=1e-4)
+    exported.save_pretrained(tmp_path)
+    reloaded = AUTO[family].from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(model_output(reloaded, inputs), expected, rtol=0, atol=1e-4)
+    # the parameter count is what the updated config predicts, and smaller than the dense model
+    assert param_count(reloaded) == param_count(AUTO[family].from_config(reloaded.config)) == report.params_after
+    assert report.params_after < report.params_before == param_count(make_model(family))
+    if budget == "global":
+        assert report.params_per_layer_widths < report.params_after and report.notes
+
+
+def test_llama_parameter_count_by_hand():
+    model = pruned("llama")  # 2 blocks; hidden 32, 4 heads of 8 in 2 KV groups, 48 channels; half of each pruned
+    report = export_pruned_model(model, measure_latency=False, progressbar=False)
+    hidden, hd, rep = 32, 8, 2
+    per_kv_group = hidden * rep * hd * 2 + hidden * hd * 2  # q rows + o cols + k rows + v rows
+    per_channel = 3 * hidden  # gate row, up row, down column
+    removed = 2 * (1 * per_kv_group + 24 * per_channel)
+    assert report.params_before - report.params_after == removed
+    cfg = report.model.config
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size) == (2, 1, 8, 24)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_generation_with_cache_on_exported_causal_lm(family, tmp_path):
+    model = pruned(family)
+    ids = make_inputs(family)["input_ids"][:1]
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, use_cache=False)
+    exported = export_pruned_model(model, measure_latency=False, progressbar=False).model
+    exported.save_pretrained(tmp_path)
+    reloaded = AUTO[family].from_pretrained(tmp_path).eval()
+    for cache in (True, False):
+        out = reloaded.generate(input_ids=ids, max_new_tokens=5, do_sample=False, use_cache=cache)
+        assert torch.equal(out, expected)
+    static = reloaded.generate(input_ids=ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, expected)
+
+
+@pytest.mark.parametrize("granularity", ["unstructured", "2:4"])
+def test_element_export_keeps_exact_zeros_and_pattern(granularity):
+    model = pruned("llama", granularity=granularity)
+    masks = {n: l.full_mask("default").clone() for n, l in model.base_model.prune_layers()}
+    inputs = make_inputs("llama")
+    expected = model_output(model, inputs)
+    report = export_pruned_model(model, measure_latency=False, progressbar=False)
+    modules = dict(report.model.named_modules())
+    for name, mask in masks.items():
+        assert torch.all(modules[name].weight[~mask] == 0)
+    assert report.params_after == report.params_before and report.notes
+    torch.testing.assert_close(model_output(report.model, inputs), expected, rtol=0, atol=1e-4)
+
+
+def test_export_report_measures_latency_and_prints(capsys):
+    model = pruned("llama")
+    exported = model.merge_and_prune(progressbar=False)
+    out = capsys.readouterr().out
+    assert "parameters:" in out and "CPU latency" in out and "removed per block" in out
+    assert isinstance(exported, transformers.LlamaForCausalLM)
+    with pytest.raises(TypeError, match="LoRAPrune"):
+        export_pruned_model(make_model("llama"))
