@@ -39,10 +39,12 @@ demo: examples-setup
 		--save_strategy no --use_cpu --logging_steps 50
 
 demo-lm: examples-setup
-	$(OFFLINE) $(BIN)/python examples/causal_lm.py --output_dir $(OUT)/causal_lm --use_cpu --report_to none
+	$(OFFLINE) $(BIN)/python examples/causal_lm.py --output_dir $(OUT)/causal_lm --use_cpu --report_to none \
+		--max_steps 100 --per_device_train_batch_size 8 --learning_rate 5e-4 --logging_steps 20 --save_strategy no
 
 demo-vision: examples-setup
 	$(OFFLINE) $(BIN)/python examples/image_classification.py --output_dir $(OUT)/image_classification \
+		--num_train_epochs 5 --per_device_train_batch_size 32 --learning_rate 2e-3 --save_strategy no \
 		--use_cpu --report_to none
 
 clean:

