@@ -99,3 +99,23 @@ def test_export_report_measures_latency_and_prints(capsys):
     assert isinstance(exported, transformers.LlamaForCausalLM)
     with pytest.raises(TypeError, match="LoRAPrune"):
         export_pruned_model(make_model("llama"))
+
+
+def test_query_head_export_keeps_kv_heads(tmp_path):
+    model = get_peft_model(make_model("llama"), LoRAPruneConfig(task_type="CAUSAL_LM", head_grouping="query_head",
+                                                                 lora_dropout=0.0))
+    randomize_adapter(model)
+    from peft_loraprune.structure import find_structured_groups
+
+    for g in find_structured_groups(model.base_model, "default"):
+        if g.spec.structure == "heads":  # one query head of the two in each KV group, as the selection does
+            g.apply("default", torch.tensor([True, False, False, True]) if g.block else torch.tensor([False, True, True, False]))
+    model.eval()
+    inputs = make_inputs("llama")
+    expected = model_output(model, inputs)
+    exported = export_pruned_model(model, measure_latency=False, progressbar=False).model
+    cfg = exported.config
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (2, 2)
+    exported.save_pretrained(tmp_path)
+    reloaded = AUTO["llama"].from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(model_output(reloaded, inputs), expected, rtol=0, atol=1e-4)
