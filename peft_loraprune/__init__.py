@@ -5,7 +5,15 @@ Importing this package registers the method with PEFT (``PeftType.LORAPRUNE``), 
 that loads a LoRAPrune adapter (torchrun workers included) must import it first.
 """
 
-from .architectures import ArchitectureSpec, ExportSpec, GroupMember, GroupSpec, register_architecture, supported_model_types
+from .architectures import (
+    ArchitectureSpec,
+    ExportSpec,
+    GroupMember,
+    GroupSpec,
+    multi_head_groups,
+    register_architecture,
+    supported_model_types,
+)
 from .callback import LoRAPruneCallback
 from .config import LoRAPruneConfig
 from .export import ExportReport, export_pruned_model
@@ -30,6 +38,7 @@ __all__ = [
     "LoRAPruneConfig",
     "LoRAPruneLayer",
     "LoRAPruneModel",
+    "multi_head_groups",
     "SparsityReport",
     "export_pruned_model",
     "push_to_hub",

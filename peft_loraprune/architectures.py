@@ -113,13 +113,36 @@ def require_architecture(model_type: Optional[str]) -> ArchitectureSpec:
 
 
 def _head_dim(config) -> int:
+    """An explicit ``head_dim`` from the config, else ``hidden_size / num_attention_heads``."""
     head_dim = getattr(config, "head_dim", None)
-    return head_dim if head_dim else config.hidden_size // config.num_attention_heads
+    if head_dim:
+        return head_dim
+    _check_divisible("hidden_size / num_attention_heads", config.hidden_size, config.num_attention_heads)
+    return config.hidden_size // config.num_attention_heads
 
 
 def _check_divisible(what: str, total: int, parts: int) -> None:
     if parts <= 0 or total % parts:
         raise ValueError(f"{what}: {total} is not divisible by {parts}; the model config is inconsistent.")
+
+
+def multi_head_groups(q: str, k: str, v: str, o: str, mlp_in: str, mlp_out: str):
+    """The groups function of a block with plain multi-head attention (one key/value head per query head) and a
+    two-linear MLP, given the block-relative module names (BERT, RoBERTa, ViT and the like)."""
+
+    def groups(config, head_grouping: str) -> list[GroupSpec]:
+        n_heads, hd, inter = config.num_attention_heads, _head_dim(config), config.intermediate_size
+        heads = tuple(GroupMember(name, "rows", (1, n_heads, hd)) for name in (q, k, v))
+        return [
+            GroupSpec("heads", n_heads, heads + (GroupMember(o, "cols", (1, n_heads, hd)),)),
+            GroupSpec(
+                "channels",
+                inter,
+                (GroupMember(mlp_in, "rows", (1, inter, 1)), GroupMember(mlp_out, "cols", (1, inter, 1))),
+            ),
+        ]
+
+    return groups
 
 
 # ---------------------------------------------------------------------------------------------------- Llama family
@@ -197,39 +220,19 @@ register_architecture(
 
 
 # ---------------------------------------------------------------------------------------------------- BERT family
-def _bert_groups(config, head_grouping: str) -> list[GroupSpec]:
-    n_heads = config.num_attention_heads
-    _check_divisible("hidden_size / num_attention_heads", config.hidden_size, n_heads)
-    hd = config.hidden_size // n_heads
-    inter = config.intermediate_size
-    return [
-        GroupSpec(
-            "heads",
-            n_heads,
-            (
-                GroupMember("attention.self.query", "rows", (1, n_heads, hd)),
-                GroupMember("attention.self.key", "rows", (1, n_heads, hd)),
-                GroupMember("attention.self.value", "rows", (1, n_heads, hd)),
-                GroupMember("attention.output.dense", "cols", (1, n_heads, hd)),
-            ),
-        ),
-        GroupSpec(
-            "channels",
-            inter,
-            (
-                GroupMember("intermediate.dense", "rows", (1, inter, 1)),
-                GroupMember("output.dense", "cols", (1, inter, 1)),
-            ),
-        ),
-    ]
-
-
 register_architecture(
     ArchitectureSpec(
         name="bert",
         model_types=("bert", "roberta"),
         block_pattern=r"(?:^|\.)layer\.(\d+)\.(.+)$",
-        groups=_bert_groups,
+        groups=multi_head_groups(
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        ),
         prunable_modules=(
             "attention.self.query",
             "attention.self.key",
@@ -248,30 +251,6 @@ register_architecture(
 
 
 # ---------------------------------------------------------------------------------------------------- ViT
-def _vit_groups(config, head_grouping: str) -> list[GroupSpec]:
-    n_heads = config.num_attention_heads
-    _check_divisible("hidden_size / num_attention_heads", config.hidden_size, n_heads)
-    hd = config.hidden_size // n_heads
-    inter = config.intermediate_size
-    return [
-        GroupSpec(
-            "heads",
-            n_heads,
-            (
-                GroupMember("attention.q_proj", "rows", (1, n_heads, hd)),
-                GroupMember("attention.k_proj", "rows", (1, n_heads, hd)),
-                GroupMember("attention.v_proj", "rows", (1, n_heads, hd)),
-                GroupMember("attention.o_proj", "cols", (1, n_heads, hd)),
-            ),
-        ),
-        GroupSpec(
-            "channels",
-            inter,
-            (GroupMember("mlp.fc1", "rows", (1, inter, 1)), GroupMember("mlp.fc2", "cols", (1, inter, 1))),
-        ),
-    ]
-
-
 def _vit_config_updates(config, kept: dict, head_grouping: str) -> dict:
     updates = {}
     if "heads" in kept:  # transformers 5 ViT reads an explicit head_dim from its config
@@ -291,7 +270,9 @@ register_architecture(
         name="vit",
         model_types=("vit",),
         block_pattern=r"(?:^|\.)layers\.(\d+)\.(.+)$",
-        groups=_vit_groups,
+        groups=multi_head_groups(
+            "attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2"
+        ),
         prunable_modules=("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),
         export=ExportSpec(("heads", "channels"), _vit_config_updates, _vit_refresh_block),
         notes="module names of transformers 5.x",
@@ -302,7 +283,7 @@ register_architecture(
 # ---------------------------------------------------------------------------------------------------- GPT-2
 def _gpt2_groups(config, head_grouping: str) -> list[GroupSpec]:
     n_heads = config.n_head
-    _check_divisible("n_embd / n_head", config.n_embd, n_heads)
+    _check_divisible("n_embd / n_head", config.n_embd, n_heads)  # GPT-2 has no explicit head_dim
     hd = config.n_embd // n_heads
     inter = config.n_inner or 4 * config.n_embd
     return [
