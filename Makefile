@@ -40,7 +40,8 @@ demo: examples-setup
 
 demo-lm: examples-setup
 	$(OFFLINE) $(BIN)/python examples/causal_lm.py --output_dir $(OUT)/causal_lm --use_cpu --report_to none \
-		--max_steps 100 --per_device_train_batch_size 8 --learning_rate 5e-4 --logging_steps 20 --save_strategy no
+		--max_steps 200 --per_device_train_batch_size 4 --block_size 64 --learning_rate 5e-4 --logging_steps 20 \
+		--save_strategy no
 
 demo-vision: examples-setup
 	$(OFFLINE) $(BIN)/python examples/image_classification.py --output_dir $(OUT)/image_classification \

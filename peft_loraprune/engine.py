@@ -194,7 +194,7 @@ class PruningEngine:
         if self.structured:
             self._prune_groups(sparsity)
         elif self.config.n_m is not None:
-            n_keep_nm = self.config.n_m[1] - round(sparsity * self.config.n_m[1])
+            n_keep_nm = self.config.n_m[1] - prune_count(self.config.n_m[1], sparsity, keep_at_least_one=False)
             for _, layer in self.element_layers:
                 kept = layer.element_mask(self.adapter)
                 new = n_m_mask(self._element_scores(layer), kept, n_keep_nm, self.config.n_m[1])

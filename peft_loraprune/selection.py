@@ -6,12 +6,15 @@ by position (stable sort), so identical inputs give identical masks on every pro
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def prune_count(n_units: int, sparsity: float, keep_at_least_one: bool = True) -> int:
-    """How many of ``n_units`` a sparsity removes: ``round(sparsity · n)``, leaving at least one when asked."""
-    n = round(sparsity * n_units)
+    """How many of ``n_units`` a sparsity removes: the nearest integer to ``sparsity · n``, halves rounded down
+    (50% of 3 heads removes 1, not 2), leaving at least one unit when asked."""
+    n = max(0, math.ceil(sparsity * n_units - 0.5))
     return min(n, n_units - 1) if keep_at_least_one and n_units > 0 else min(n, n_units)
 
 

@@ -49,7 +49,8 @@ def test_global_selection_keeps_at_least_one_each_and_the_exact_budget():
 
 
 def test_prune_count_rounds_and_keeps_one():
-    assert prune_count(10, 0.5) == 5 and prune_count(3, 0.5) == 2 and prune_count(2, 0.99) == 1
+    assert prune_count(10, 0.5) == 5 and prune_count(2, 0.99) == 1
+    assert prune_count(3, 0.5) == 1 and prune_count(3, 0.6) == 2 and prune_count(5, 0.5) == 2  # halves round down
     assert prune_count(2, 0.99, keep_at_least_one=False) == 2
 
 
