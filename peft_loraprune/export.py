@@ -151,7 +151,7 @@ def _shrunk(module: torch.nn.Module, axis: str, index: torch.Tensor) -> torch.nn
     return new
 
 
-def _equalised_keep_masks(groups, adapter_name) -> tuple[dict[str, list[torch.Tensor]], dict[str, int], int]:
+def _equalised_keep_masks(groups, adapter_name) -> tuple[dict[str, list[torch.Tensor]], dict[str, int]]:
     """Per structure: a keep mask per block, widened so every block keeps the same number (per partition)."""
     masks: dict[str, list[torch.Tensor]] = {}
     widths: dict[str, int] = {}
@@ -170,7 +170,7 @@ def _equalised_keep_masks(groups, adapter_name) -> tuple[dict[str, list[torch.Te
             widened.append(k.flatten())
         masks[structure] = widened
         widths[structure] = width
-    return masks, widths, 0
+    return masks, widths
 
 
 def export_pruned_model(
@@ -207,7 +207,7 @@ def export_pruned_model(
         export = spec.export
         groups = find_structured_groups(tuner, adapter_name, include_all=True)
         removable = [g for g in groups if export is not None and g.spec.structure in export.removable]
-        masks, widths, _ = _equalised_keep_masks(removable, adapter_name)
+        masks, widths = _equalised_keep_masks(removable, adapter_name)
         for structure in sorted({g.spec.structure for g in groups}):
             of_kind = [g for g in groups if g.spec.structure == structure]
             pruned_counts = [g.spec.n_groups - int(g.kept(adapter_name).sum()) for g in of_kind]
@@ -228,8 +228,7 @@ def export_pruned_model(
             elif any(pruned_counts):
                 kept_zeroed[structure] = max(pruned_counts)
         if masks:
-            per_structure = {s: w for s, w in widths.items()}
-            updates = export.config_updates(tuner.model.config, per_structure, config.head_grouping)
+            updates = export.config_updates(tuner.model.config, widths, config.head_grouping)
         if kept_zeroed:
             notes.append(
                 f"{spec.name}: {', '.join(kept_zeroed)} cannot be removed through the config and stay zeroed; "

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import AUTO, TASK, make_inputs, make_model, model_output
+from conftest import TASK, make_inputs, make_model, model_output
 from helpers import randomize_adapter, random_prune
 from peft import get_peft_model
 
