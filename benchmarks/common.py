@@ -1,0 +1,75 @@
+"""Shared pieces of the benchmarks: machine and version info, result files, model builders."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+
+def machine_info() -> dict:
+    def v(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    info = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    info.update({name: v(name) for name in ("torch", "transformers", "peft", "peft_loraprune", "accelerate")})
+    return info
+
+
+def write_result(name: str, payload: dict, out_dir: str | None = None) -> Path:
+    """Write ``payload`` plus the machine description to ``<out_dir>/<name>.json``."""
+    directory = Path(out_dir) if out_dir else RESULTS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine_info(), **payload}, indent=2, default=str))
+    return path
+
+
+def peak_rss_mib() -> float:
+    """High-water mark of this process's resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_model(name: str, seed: int = 0):
+    """'smollm2' (real, offline), 'llama-0.5b' (random Llama of about 0.5B parameters), 'llama-1b', 'tiny'."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if name == "smollm2":
+        import local_assets
+
+        return transformers.AutoModelForCausalLM.from_pretrained(local_assets.smollm2_fp32_dir())
+    sizes = {
+        "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, vocab_size=256),
+        "llama-0.5b": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           num_key_value_heads=4, head_dim=64, vocab_size=32000),
+        "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                         num_key_value_heads=4, head_dim=64, vocab_size=32000),
+    }
+    if name not in sizes:
+        raise ValueError(f"model must be one of smollm2, {', '.join(sizes)}; got {name!r}")
+    config = transformers.LlamaConfig(max_position_embeddings=2048, **sizes[name])
+    return transformers.AutoModelForCausalLM.from_config(config)

