@@ -14,6 +14,12 @@ The mask ``M`` is stored in the cheapest form its granularity allows:
   (``d_out x ceil(d_in / 8)`` uint8). The forward unpacks it once per change (cached) and runs the
   weight-masked product through :func:`~peft_loraprune.masked_linear.element_masked_linear`.
 
+When the registry says that a layer's output rows are coupled to input columns of a consumer layer (a head's
+rows in q/k/v and its columns in o; a channel's rows in gate/up and its column in down), the forward pass skips
+the row mask: the consumer's column mask already removes those rows' contribution, so the model's outputs and
+every gradient are exactly the same, and one activation-sized product (and the tensor autograd keeps for it) per
+layer is saved. Merging and export still apply the full mask, so merged weights are exactly zero there.
+
 All three are persistent buffers whose names start with ``lora_`` and contain ``mask``: PEFT saves them in
 ``adapter_model.safetensors`` and restores them on load. The pretrained weight is never modified by training or
 pruning (only by an explicit merge), so ``disable_adapter()`` gives the original, dense base model.
@@ -74,6 +80,9 @@ class LoRAPruneLayer(BaseTunerLayer):
         self.lora_importance_elements = BufferDict({}, persistent=False)
         # number of importance updates folded into the averages, per adapter
         self.importance_updates: dict[str, int] = {}
+        # adapters whose row mask is redundant in the forward pass because every pruned row only feeds input
+        # columns that a consumer layer masks (set from the architecture registry, see structure.py)
+        self.rows_masked_downstream: set[str] = set()
         # "grad" criterion only: the true gradient of the merged weight, accumulated during backward
         self.lora_weight_grad = BufferDict({}, persistent=False)
         self._disable_adapters = False
@@ -262,6 +271,7 @@ class LoRAPruneLayer(BaseTunerLayer):
             if adapter_name in getattr(self, name):
                 del getattr(self, name)[adapter_name]
         self.importance_updates.pop(adapter_name, None)
+        self.rows_masked_downstream.discard(adapter_name)
         self._merge_stash.pop(adapter_name, None)
         for key in [k for k in self._mask_cache if k[0] == adapter_name]:
             del self._mask_cache[key]
@@ -296,7 +306,7 @@ class Linear(nn.Module, LoRAPruneLayer):
             y = self._forward_element_masked(x, adapter)
         else:
             y = self._forward_dense(x, adapter, *args, **kwargs)
-        if not self._mask_is_full(adapter, "rows"):
+        if adapter not in self.rows_masked_downstream and not self._mask_is_full(adapter, "rows"):
             y = y * self.lora_mask_rows[adapter].to(y.dtype)
         if adapter in self.lora_weight_grad and y.requires_grad:
             self._capture_weight_grad(adapter, x, y)

@@ -101,9 +101,10 @@ class LoRAPruneModel(BaseTuner):
         # Structured pruning must know the family and see every member of every group: fail now, not at the
         # first pruning step hours into a run.
         if not config.is_element_granularity:
-            from .structure import find_structured_groups
+            from .structure import find_structured_groups, mark_rows_masked_downstream
 
-            find_structured_groups(self, adapter_name)
+            mark_rows_masked_downstream(find_structured_groups(self, adapter_name, include_all=True), adapter_name)
+            find_structured_groups(self, adapter_name)  # validates the pruned structures
         if config.importance == "grad" and not config.inference_mode:
             # the true-gradient baseline captures gradients during backward: its buffers must exist before the
             # first forward pass of training

@@ -47,6 +47,17 @@ def _axis_mask(layer: LoRAPruneLayer, adapter_name: str, axis: str) -> torch.Ten
     return (layer.lora_mask_rows if axis == "rows" else layer.lora_mask_cols)[adapter_name]
 
 
+def mark_rows_masked_downstream(groups: list[BlockGroups], adapter_name: str) -> None:
+    """Tell row members of groups that also have a column member that their row mask need not be applied in
+    the forward pass (the column mask of the consumer removes those rows' contribution exactly)."""
+    for groups_of_block in groups:
+        if not any(member.axis == "cols" for member, _, _ in groups_of_block.members):
+            continue
+        for member, _, layer in groups_of_block.members:
+            if member.axis == "rows":
+                layer.rows_masked_downstream.add(adapter_name)
+
+
 def resolve_dense_layers(config, block_indices: list[int]) -> set[int]:
     """Blocks never pruned: the config's list, or for ``"reference"`` the first 10% of blocks and the last."""
     if config.dense_layers is None or not block_indices:
