@@ -106,8 +106,10 @@ class PruningEngine:
             return "missing"
         sequential = layer.adaptation[self.adapter] == "sequential"
         p, q = lora_gradient_factors(a.detach(), da, layer.base_weight_2d().detach() if sequential else None)
-        b, db = b.detach().float(), db.float()
-        return lambda rows: torch.addmm(db[rows] @ p, b[rows], q)
+        # G_hat = dB·P + B·Q as one rank-2r product: [dB | B] @ [P; Q] (one weight-sized write, not two)
+        left = torch.cat([db.float(), b.detach().float()], dim=1)
+        right = torch.cat([p, q], dim=0)
+        return lambda rows: left[rows] @ right
 
     def _inputs_finite(self) -> bool:
         for _, layer in self.layers:
