@@ -25,8 +25,7 @@ from common import write_result
 
 import peft_loraprune  # noqa: F401
 from peft_loraprune import LoRAPruneConfig
-from peft_loraprune.group_ops import sum_over_groups
-from peft_loraprune.importance import element_scores, lora_gradient_factors, moving_average_, normalized
+from peft_loraprune.importance import moving_average_
 from peft_loraprune.structure import find_structured_groups
 
 
@@ -41,35 +40,12 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
-def layer_scores(layer, adapter: str, criterion: str):
-    """(element scores, row sums, column sums) of one layer for "lora" or "grad"."""
-    if criterion == "grad":
-        g = layer.lora_weight_grad[adapter]
-        rows_fn = lambda r: g[r]  # noqa: E731
-    else:
-        a = layer.lora_A[adapter].weight
-        b = layer.lora_B[adapter].weight
-        sequential = layer.adaptation[adapter] == "sequential"
-        p, q = lora_gradient_factors(a.detach(), a.grad, layer.base_weight_2d().detach() if sequential else None)
-        bb, db = b.detach().float(), b.grad.float()
-        rows_fn = lambda r: torch.addmm(db[r] @ p, bb[r], q)  # noqa: E731
-    shape = (layer.out_features, layer.in_features)
-    full = torch.empty(shape)
-    for rows, block in element_scores(lambda r: layer.merged_weight_rows(adapter, r.start, r.stop), rows_fn, shape):
+def layer_scores(engine, layer, criterion: str):
+    """(element scores, row sums, column sums) of one layer for "lora" or "grad", from the engine's own code."""
+    full = torch.empty(layer.out_features, layer.in_features)
+    for rows, block in engine.element_score_chunks(layer, criterion):
         full[rows] = block
     return full, full.sum(1), full.sum(0)
-
-
-def group_vector(groups, sums: dict) -> torch.Tensor:
-    """All groups' scores (reference rule: per-module normalised group sums, added over members), concatenated."""
-    out = []
-    for g in groups:
-        total = 0
-        for member, name, _ in g.members:
-            rows, cols = sums[name]
-            total = total + normalized(sum_over_groups(rows if member.axis == "rows" else cols, member.layout))
-        out.append(total)
-    return torch.cat(out)
 
 
 def main():
@@ -92,6 +68,7 @@ def main():
     base = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     model = get_peft_model(base, LoRAPruneConfig(task_type="SEQ_CLS", importance="grad", lora_dropout=0.0))
     tuner = model.base_model
+    engine = tuner.pruning_engine()  # importance="grad": captures the true gradient during backward
     layers = dict(tuner.prune_layers())
     groups = find_structured_groups(tuner, "default")
     kinds = sorted({g.spec.structure for g in groups})
@@ -110,8 +87,8 @@ def main():
             sums = {"lora": {}, "grad": {}}
             element_rho = []
             for name, layer in layers.items():
-                lora_full, *lora_sums = layer_scores(layer, "default", "lora")
-                grad_full, *grad_sums = layer_scores(layer, "default", "grad")
+                lora_full, *lora_sums = layer_scores(engine, layer, "lora")
+                grad_full, *grad_sums = layer_scores(engine, layer, "grad")
                 sums["lora"][name], sums["grad"][name] = lora_sums, grad_sums
                 idx = samples[name]
                 element_rho.append(spearman(lora_full.flatten()[idx], grad_full.flatten()[idx]))
@@ -120,7 +97,7 @@ def main():
                    "element_rho_min": min(element_rho)}
             for kind in kinds:
                 of_kind = [x for x in groups if x.spec.structure == kind]
-                now = {c: group_vector(of_kind, sums[c]) for c in ("lora", "grad")}
+                now = {c: torch.cat([engine.group_scores(x, sums[c]) for x in of_kind]) for c in ("lora", "grad")}
                 row[f"{kind}_rho"] = spearman(now["lora"], now["grad"])
                 for c in ("lora", "grad"):
                     key = (c, kind)

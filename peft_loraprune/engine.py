@@ -91,9 +91,10 @@ class PruningEngine:
                 del layer.lora_weight_grad[self.adapter]
 
     # ------------------------------------------------------------------ importance
-    def _gradient_rows(self, layer: LoRAPruneLayer):
-        """A function ``rows -> gradient block`` for the criterion, or None for "magnitude"."""
-        criterion = self.config.importance
+    def gradient_rows(self, layer: LoRAPruneLayer, criterion: Optional[str] = None):
+        """A function ``rows -> gradient block`` (float32) for a criterion (default: the config's), None for
+        "magnitude", or ``"missing"`` when the layer got no adapter gradient this step."""
+        criterion = criterion or self.config.importance
         if criterion == "magnitude":
             return None
         if criterion == "grad":
@@ -110,6 +111,14 @@ class PruningEngine:
         left = torch.cat([db.float(), b.detach().float()], dim=1)
         right = torch.cat([p, q], dim=0)
         return lambda rows: left[rows] @ right
+
+    def element_score_chunks(self, layer: LoRAPruneLayer, criterion: Optional[str] = None):
+        """``(rows, |W ⊙ G|)`` chunks of one layer for a criterion (see :func:`importance.element_scores`)."""
+        gradient_rows = self.gradient_rows(layer, criterion)
+        if gradient_rows == "missing":
+            return None
+        shape = (layer.out_features, layer.in_features)
+        return element_scores(lambda r: layer.merged_weight_rows(self.adapter, r.start, r.stop), gradient_rows, shape)
 
     def _inputs_finite(self) -> bool:
         for _, layer in self.layers:
@@ -142,8 +151,8 @@ class PruningEngine:
             return False
         beta = self.config.importance_beta
         for _, layer in self.layers:
-            gradient_rows = self._gradient_rows(layer)
-            if gradient_rows == "missing":  # module not used in this step's graph
+            chunks = self.element_score_chunks(layer)
+            if chunks is None:  # module not used in this step's graph
                 continue
             shape = (layer.out_features, layer.in_features)
             row_sums = torch.zeros(shape[0], device=layer.base_weight_2d().device)
@@ -155,9 +164,7 @@ class PruningEngine:
                         shape, dtype=self._score_dtype, device=row_sums.device
                     )
                 elements = layer.lora_importance_elements[self.adapter]
-            for rows, block in element_scores(
-                lambda r: layer.merged_weight_rows(self.adapter, r.start, r.stop), gradient_rows, shape
-            ):
+            for rows, block in chunks:
                 if elements is not None:
                     moving_average_(elements[rows], block, beta)
                 else:
@@ -178,13 +185,20 @@ class PruningEngine:
                 layer.lora_weight_grad[self.adapter].zero_()
 
     # ------------------------------------------------------------------ masks
-    def group_scores(self, groups) -> torch.Tensor:
-        """Score of every group of one ``BlockGroups``: per member, group sums of the averaged row or column
-        scores divided by their L2 norm; then summed over the members (the reference code's rule)."""
+    def group_scores(self, groups, axis_scores: Optional[dict] = None) -> torch.Tensor:
+        """Score of every group of one ``BlockGroups``: per member, group sums of its row or column scores
+        divided by their L2 norm; then summed over the members (the reference code's rule).
+
+        ``axis_scores`` maps a member's module name to its ``(row scores, column scores)``; by default the
+        layers' averaged importance."""
         total = None
-        for member, _, layer in groups.members:
-            axis = layer.lora_importance_rows if member.axis == "rows" else layer.lora_importance_cols
-            v = normalized(sum_over_groups(axis[self.adapter].float(), member.layout))
+        for member, name, layer in groups.members:
+            if axis_scores is not None:
+                vector = axis_scores[name][0 if member.axis == "rows" else 1]
+            else:
+                axis = layer.lora_importance_rows if member.axis == "rows" else layer.lora_importance_cols
+                vector = axis[self.adapter]
+            v = normalized(sum_over_groups(vector.float(), member.layout))
             total = v if total is None else total + v.to(total.device)
         return total
 
