@@ -220,27 +220,23 @@ register_architecture(
 
 
 # ---------------------------------------------------------------------------------------------------- BERT family
+# query, key, value, attention output, MLP in, MLP out (block-relative names)
+_BERT_MODULES = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
+
 register_architecture(
     ArchitectureSpec(
         name="bert",
         model_types=("bert", "roberta"),
         block_pattern=r"(?:^|\.)layer\.(\d+)\.(.+)$",
-        groups=multi_head_groups(
-            "attention.self.query",
-            "attention.self.key",
-            "attention.self.value",
-            "attention.output.dense",
-            "intermediate.dense",
-            "output.dense",
-        ),
-        prunable_modules=(
-            "attention.self.query",
-            "attention.self.key",
-            "attention.self.value",
-            "attention.output.dense",
-            "intermediate.dense",
-            "output.dense",
-        ),
+        groups=multi_head_groups(*_BERT_MODULES),
+        prunable_modules=_BERT_MODULES,
         export=ExportSpec(
             ("channels",),
             lambda config, kept, grouping: {"intermediate_size": kept["channels"]} if "channels" in kept else {},
