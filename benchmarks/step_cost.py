@@ -148,7 +148,7 @@ def main():
             r["training_rss_mib"] = r["peak_rss_mib"] - r["rss_after_loading_mib"]
         if grad:
             r["rss_vs_grad"] = r["peak_rss_mib"] / grad["peak_rss_mib"]
-    path = write_result(f"step_cost_{args.model}", {"settings": vars(args), "rows": rows}, args.out)
+    path = write_result(f"step_cost_{args.model}_b{args.batch}x{args.seq}", {"settings": vars(args), "rows": rows}, args.out)
     print(f"written {path}")
 
 
