@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Optional, Union
 
 from peft.config import PeftConfig
 
@@ -255,6 +255,4 @@ class LoRAPruneConfig(PeftConfig):
         """The adapter scale s: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA)."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
-
-ImportanceCriterion = Literal["lora", "grad", "magnitude"]
 

@@ -48,8 +48,3 @@ def register(config_cls, model_cls) -> None:
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[LORAPRUNE_PEFT_TYPE] = model_cls
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[LORAPRUNE_PEFT_TYPE] = PREFIX
 
-
-def is_registered() -> bool:
-    from peft import mapping
-
-    return LORAPRUNE_PEFT_TYPE in mapping.PEFT_TYPE_TO_TUNER_MAPPING

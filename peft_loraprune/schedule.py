@@ -13,7 +13,6 @@ the target exactly (the reference code never applies its final step). ``one_shot
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,3 @@ class PruningSchedule:
     def pruning_steps(self) -> list[int]:
         return [t for t in range(self.start, self.end + 1) if self.is_pruning_step(t)]
 
-    def target_at(self, step: int) -> Optional[float]:
-        """The sparsity to prune to at ``step``, or None when this step rewrites no mask."""
-        return self.sparsity_at(step) if self.is_pruning_step(step) else None
