@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, write_result
+from common import RESULTS_DIR, ROOT, write_result
 
 VARIANTS = [
     ("structured", "lora", "cubic"),
@@ -54,6 +54,19 @@ def run_example(out_dir: Path, seed: int, args, granularity: str, importance: st
     return json.loads((out_dir / "results.json").read_text())
 
 
+RESULT_NAME = "quality_minilm_rotten_tomatoes"
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean, sample standard deviation and count of the test accuracy per variant, in first-seen order."""
+    summary = {}
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        acc = [r["test_accuracy"] for r in rows if r["variant"] == variant]
+        summary[variant] = {"mean": statistics.mean(acc), "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                            "n": len(acc)}
+    return summary
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0")
@@ -64,10 +77,16 @@ def main():
     parser.add_argument("--max_steps", type=int, default=None, help="smoke runs only")
     parser.add_argument("--variants", default="all", help="'all' or comma-separated indices into the variant list")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of other seeds already in the result file (run seeds in several sittings)")
     args = parser.parse_args()
     variants = VARIANTS if args.variants == "all" else [VARIANTS[int(i)] for i in args.variants.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    previous = Path(args.out or RESULTS_DIR) / f"{RESULT_NAME}.json"
+    if args.append and previous.exists():
+        rows = [r for r in json.loads(previous.read_text())["rows"] if r["seed"] not in seeds]
+    for seed in seeds:
         for i, (granularity, importance, schedule) in enumerate(variants):
             with tempfile.TemporaryDirectory() as d:
                 res = run_example(Path(d), seed, args, granularity, importance, schedule, dense=(i == 0))
@@ -81,13 +100,10 @@ def main():
                 "sparsity": res["loraprune"]["sparsity"],
             })
             print(rows[-1])
-    summary = {}
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        acc = [r["test_accuracy"] for r in rows if r["variant"] == variant]
-        summary[variant] = {"mean": statistics.mean(acc), "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                            "n": len(acc)}
-    path = write_result("quality_minilm_rotten_tomatoes", {"settings": vars(args), "summary": summary, "rows": rows},
-                        args.out)
+            # Written after every run, so a stopped sitting keeps what it measured.
+            summary = summarise(rows)
+            settings = {**vars(args), "seeds": ",".join(str(s) for s in sorted({r["seed"] for r in rows}))}
+            path = write_result(RESULT_NAME, {"settings": settings, "summary": summary, "rows": rows}, args.out)
     for variant, s in summary.items():
         print(f"{variant:36s} {s['mean']:.4f} ± {s['std']:.4f} (n={s['n']})")
     print(f"written {path}")

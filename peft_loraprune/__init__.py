@@ -18,6 +18,7 @@ from .callback import LoRAPruneCallback
 from .config import LoRAPruneConfig
 from .export import ExportReport, export_pruned_model
 from .hub import push_to_hub
+from .integrity import verify_saved_adapter
 from .layer import LoRAPruneLayer
 from .model import LoRAPruneModel
 from .registration import LORAPRUNE_PEFT_TYPE, register
@@ -44,4 +45,5 @@ __all__ = [
     "push_to_hub",
     "register_architecture",
     "supported_model_types",
+    "verify_saved_adapter",
 ]

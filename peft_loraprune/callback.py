@@ -4,7 +4,8 @@
   (``max_steps``, or the epochs converted by the Trainer), warns when the run is too short for it, and on a
   resumed run restores the importance averages saved with the checkpoint.
 * ``on_pre_optimizer_step``: importance from the step's complete gradients (all micro-batches accumulated,
-  clipped, unscaled), before the optimizer changes the weights.
+  clipped, unscaled), before the optimizer changes the weights. A step with NaN or infinite gradients is skipped
+  (with one warning) and, by default, its gradients are zeroed so the optimizer cannot corrupt the adapter.
 * ``on_step_end``: rewrites the masks when the schedule says so (a rewrite due on a step whose gradients were
   not finite waits for the next finite step; ``on_train_end`` applies one still waiting).
 * ``on_log``: adds sparsity and remaining weights to the Trainer's logs.
@@ -50,12 +51,18 @@ class LoRAPruneCallback(TrainerCallback):
 
     Args:
         adapter_name: the adapter to prune; defaults to the active one.
+        zero_nonfinite_gradients: on a step whose gradients are NaN or infinite (on any rank), set the trainable
+            parameters' gradients to zero before the optimizer step, so that the step cannot write NaN into the
+            adapter (Adam's moments still decay once). The importance update of that step is skipped either way.
     """
 
-    def __init__(self, adapter_name: Optional[str] = None) -> None:
+    def __init__(self, adapter_name: Optional[str] = None, zero_nonfinite_gradients: bool = True) -> None:
         if adapter_name is not None and not isinstance(adapter_name, str):
             raise TypeError(f"adapter_name must be a string or None, got {adapter_name!r}.")
+        if not isinstance(zero_nonfinite_gradients, bool):
+            raise TypeError(f"zero_nonfinite_gradients must be True or False, got {zero_nonfinite_gradients!r}.")
         self.adapter_name = adapter_name
+        self.zero_nonfinite_gradients = zero_nonfinite_gradients
         self.engine = None
         self.schedule: Optional[PruningSchedule] = None
         self._metrics: dict[str, float] = {}
@@ -84,7 +91,10 @@ class LoRAPruneCallback(TrainerCallback):
         self._metrics = self._report_metrics()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.engine.update_importance()
+        if not self.engine.update_importance() and self.zero_nonfinite_gradients:
+            for p in self.engine.tuner.parameters():
+                if p.grad is not None:
+                    p.grad.zero_()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.engine.pruning_step(state.global_step, state.max_steps) is not None:

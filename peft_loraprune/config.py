@@ -10,11 +10,16 @@ training run. The error always names the field and what is allowed.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft.config import PeftConfig
+from peft.utils import CONFIG_NAME
 
 from .registration import LORAPRUNE_PEFT_TYPE
 
@@ -102,6 +107,9 @@ class LoRAPruneConfig(PeftConfig):
             "query_head" removes query heads, the same number in every KV group.
         dense_layers: transformer block indices never pruned (None: none), or "reference" for the reference
             code's choice (the first 10% of blocks and the last one).
+        save_digest: written by ``save_pretrained`` (SHA-256 over the ``adapter_model.safetensors`` saved with
+            this config and the config's other fields) and checked by ``from_pretrained``; not meant to be set by
+            hand (see :mod:`peft_loraprune.integrity`).
     """
 
     r: int = field(default=8, metadata={"help": "LoRA rank"})
@@ -135,6 +143,9 @@ class LoRAPruneConfig(PeftConfig):
     )
     head_grouping: str = field(default="kv_group", metadata={"help": "'kv_group' or 'query_head'"})
     dense_layers: Optional[Union[list[int], str]] = field(default=None, metadata={"help": "Blocks kept dense"})
+    save_digest: Optional[str] = field(
+        default=None, metadata={"help": "SHA-256 of the weights file and this config (written on save)"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -221,17 +232,62 @@ class LoRAPruneConfig(PeftConfig):
                     f"got {self.dense_layers!r}."
                 )
             self.dense_layers = sorted(set(self.dense_layers))
+        if self.save_digest is not None and (
+            not isinstance(self.save_digest, str) or not re.fullmatch(r"[0-9a-f]{64}", self.save_digest)
+        ):
+            raise ValueError(
+                f"save_digest must be None or a SHA-256 hex digest (64 lowercase hex digits), got "
+                f"{self.save_digest!r}; it is written by save_pretrained, not set by hand."
+            )
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """Save ``adapter_config.json``; when a model has just handed over its sparsity report (it does so in
-        ``PeftModel.save_pretrained``, see ``LoRAPruneModel._get_adapter_state_dict``), also write the LoRAPrune
-        section of the model card next to it."""
-        super().save_pretrained(save_directory, **kwargs)
+        """Save ``adapter_config.json`` atomically (temporary file, then rename).
+
+        When a model has just handed over its sparsity report (it does so in ``PeftModel.save_pretrained``, see
+        ``LoRAPruneModel._get_adapter_state_dict``), the weights file PEFT has just written is next to it: record
+        ``save_digest`` over that file and this config, and write the LoRAPrune section of the model card. A config
+        saved on its own carries no digest.
+        """
+        from .integrity import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, file_digest, save_digest
+
         report = self.__dict__.pop("_pending_card_report", None)
+        weights_hash = None
+        if report is not None:
+            weights = os.path.join(save_directory, WEIGHTS_NAME)
+            pickled = os.path.join(save_directory, PICKLE_WEIGHTS_NAME)
+            if os.path.isfile(pickled) and (
+                not os.path.isfile(weights) or os.path.getmtime(pickled) > os.path.getmtime(weights)
+            ):
+                raise ValueError(
+                    "LoRAPrune adapters are saved as safetensors only (save_pretrained(..., "
+                    f"safe_serialization=False) wrote {pickled}; pickle files can run code when loaded). "
+                    "Save again without safe_serialization=False."
+                )
+            weights_hash = file_digest(weights) if os.path.isfile(weights) else None
+        os.makedirs(save_directory, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=save_directory, prefix=".config-") as tmp:
+            self.save_digest = None
+            super().save_pretrained(tmp, **kwargs)
+            if weights_hash is not None:
+                with open(os.path.join(tmp, CONFIG_NAME)) as f:
+                    self.save_digest = save_digest(weights_hash, json.load(f))
+                super().save_pretrained(tmp, **kwargs)
+            os.replace(os.path.join(tmp, CONFIG_NAME), os.path.join(save_directory, CONFIG_NAME))
         if report is not None:
             from .model_card import write_model_card
 
             write_model_card(save_directory, self, report)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load the config; for a local folder, also check that it and the weights file next to it are the ones
+        saved together (see :func:`peft_loraprune.integrity.verify_saved_adapter`)."""
+        from .integrity import verify_saved_adapter
+
+        folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        if os.path.isdir(folder):
+            verify_saved_adapter(folder)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     # ------------------------------------------------------------------ derived values
     @property

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from .distributed import all_ranks_agree, all_reduce_mean_
 from .importance import all_finite, element_scores, lora_gradient_factors, moving_average_, normalized
 from .group_ops import sum_over_groups
 from .layer import LoRAPruneLayer
@@ -135,10 +136,13 @@ class PruningEngine:
     def update_importance(self) -> bool:
         """Fold this step's scores into the moving averages. Returns False when the step was skipped.
 
-        Call after the backward pass(es) of an optimizer step and before ``optimizer.zero_grad()``. A NaN or
-        infinite gradient or weight skips the whole update (masks stay as they are) with one warning.
+        Call after the backward pass(es) of an optimizer step and before ``optimizer.zero_grad()``, on every rank
+        of a distributed run (see :mod:`~peft_loraprune.distributed`). A NaN or infinite gradient or weight on any
+        rank skips the whole update (masks stay as they are) with one warning.
         """
-        if not self._inputs_finite():
+        if self.config.importance == "grad":  # accumulated from this rank's activations: average over ranks
+            all_reduce_mean_(layer.lora_weight_grad[self.adapter] for _, layer in self.layers)
+        if not all_ranks_agree(self._inputs_finite(), self.layers[0][1].get_base_weight().device):
             self.n_skipped += 1
             if not self._warned_nonfinite:
                 warnings.warn(

@@ -118,6 +118,7 @@ def test_wrong_base_shape_fails_clearly(tmp_path):
 
 @pytest.mark.parametrize("corruption", ["dtype", "shape"])
 def test_bad_mask_in_file_fails_clearly(tmp_path, corruption):
+    """A file written by another tool (no LoRAPrune digests) with a mask of the wrong kind."""
     model = pruned_peft_model("llama", "unstructured")
     model.save_pretrained(tmp_path)
     path = tmp_path / "adapter_model.safetensors"
@@ -125,6 +126,9 @@ def test_bad_mask_in_file_fails_clearly(tmp_path, corruption):
     key = next(k for k in tensors if "lora_mask_rows" in k)
     tensors[key] = tensors[key].float() if corruption == "dtype" else tensors[key][:-1]
     save_file(tensors, path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["save_digest"] = None
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=("dtype" if corruption == "dtype" else "shape")):
         PeftModel.from_pretrained(make_model("llama"), tmp_path)
 

@@ -1,0 +1,45 @@
+"""What the pruning engine needs from ``torch.distributed`` so that every rank computes the same masks.
+
+Under DDP (and FSDP, DeepSpeed) every rank runs the engine on its own copy of the adapter. The "lora" criterion
+reads the adapter gradients after the framework has averaged them over ranks, and the mask selection is
+deterministic, so every rank already arrives at the same masks. Two things are rank-local and are made global
+here: the "grad" criterion's full-weight gradients, which the layers accumulate from each rank's own activations
+(averaged over ranks like DDP averages ``p.grad``), and the decision to skip a step whose gradients are not
+finite (all ranks skip if any rank would). With a single process both are no-ops.
+
+Every rank must call the engine's ``update_importance`` (the Trainer callback does); a rank that skips the call
+would leave the others waiting in the collective.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    """Number of processes of the default group, 1 without ``torch.distributed``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def all_reduce_mean_(tensors: Iterable[torch.Tensor]) -> None:
+    """Average tensors over all ranks, in place (what DDP does to gradients)."""
+    n = world_size()
+    if n == 1:
+        return
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(n)
+
+
+def all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """True only if ``flag`` is True on every rank."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
