@@ -209,6 +209,8 @@ class PruningEngine:
     @torch.no_grad()
     def prune_to(self, sparsity: float) -> None:
         """Rewrite the masks so that ``sparsity`` of the prunable units are removed (never regrowing any)."""
+        if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool):
+            raise TypeError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
         if self.structured:

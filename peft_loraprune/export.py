@@ -191,9 +191,7 @@ def export_pruned_model(
     tuner = peft_model if isinstance(peft_model, LoRAPruneModel) else getattr(peft_model, "base_model", None)
     if not isinstance(tuner, LoRAPruneModel):
         raise TypeError(f"export needs a PeftModel holding a LoRAPrune adapter, got {type(peft_model).__name__}.")
-    adapter_name = adapter_name or tuner.active_adapters[0]
-    if adapter_name not in tuner.peft_config:
-        raise ValueError(f"adapter_name={adapter_name!r} is not an adapter of this model: {sorted(tuner.peft_config)}")
+    adapter_name = tuner.resolve_adapter(adapter_name)
     config = tuner.peft_config[adapter_name]
     if tuner.active_adapters != [adapter_name]:
         tuner.set_adapter(adapter_name)

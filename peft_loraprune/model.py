@@ -88,6 +88,17 @@ class LoRAPruneModel(BaseTuner):
                 f"LoRAPrune adapts torch.nn.Linear and transformers Conv1D modules; '{current_key}' is a "
                 f"{type(base).__name__}. Remove it from target_modules."
             )
+        weight = getattr(base, "weight", None)
+        quantized = type(base).__module__.split(".")[0] in ("bitsandbytes", "torchao", "optimum", "hqq", "awq") or (
+            weight is not None and (not weight.dtype.is_floating_point or hasattr(weight, "quant_state"))
+        )
+        if quantized:
+            raise TypeError(
+                f"'{current_key}' is a quantized layer ({type(base).__module__}.{type(base).__name__}, weight "
+                f"{getattr(weight, 'dtype', None)}). LoRAPrune needs the dense pretrained weight (importance is "
+                "|W ⊙ G| and pruning merges into W), so quantized bases (bitsandbytes 8-bit/4-bit and the like) are not "
+                "supported: load the base model in bfloat16, float16 or float32."
+            )
         if isinstance(base, Conv1D) and not config.fan_in_fan_out:
             # as PEFT's LoRA does: the module type decides the weight layout; say so once and record it
             warnings.warn(f"'{current_key}' is a Conv1D (weight stored (in, out)); setting fan_in_fan_out=True.")
@@ -124,9 +135,19 @@ class LoRAPruneModel(BaseTuner):
         super().set_adapter(adapter_name, inference_mode=inference_mode)
 
     # ------------------------------------------------------------------ access for the engine, reports, export
+    def resolve_adapter(self, adapter_name: Optional[str] = None) -> str:
+        """``adapter_name`` checked against this model's adapters; None means the active one."""
+        if adapter_name is None:
+            return self.active_adapters[0]
+        if not isinstance(adapter_name, str):
+            raise TypeError(f"adapter_name must be a string or None, got {adapter_name!r}.")
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter_name={adapter_name!r} is not an adapter of this model: {sorted(self.peft_config)}.")
+        return adapter_name
+
     def prune_layers(self, adapter_name: Optional[str] = None) -> Iterator[tuple[str, LoRAPruneLayer]]:
         """``(module name relative to the wrapped model, layer)`` for every layer holding ``adapter_name``."""
-        adapter_name = adapter_name or self.active_adapters[0]
+        adapter_name = self.resolve_adapter(adapter_name)
         for name, module in self.model.named_modules():
             if isinstance(module, LoRAPruneLayer) and adapter_name in module.lora_A:
                 yield name, module
@@ -145,7 +166,7 @@ class LoRAPruneModel(BaseTuner):
         """The :class:`~peft_loraprune.engine.PruningEngine` of an adapter (created once, then reused)."""
         from .engine import PruningEngine
 
-        adapter_name = adapter_name or self.active_adapters[0]
+        adapter_name = self.resolve_adapter(adapter_name)
         engines = self.__dict__.setdefault("_pruning_engines", {})
         if adapter_name not in engines:
             engines[adapter_name] = PruningEngine(self, adapter_name)
@@ -180,7 +201,7 @@ class LoRAPruneModel(BaseTuner):
         """Sparsity overall and per layer (see :mod:`peft_loraprune.reporting`)."""
         from .reporting import build_sparsity_report
 
-        adapter_name = adapter_name or self.active_adapters[0]
+        adapter_name = self.resolve_adapter(adapter_name)
         return build_sparsity_report(self, adapter_name)
 
     def print_sparsity(self, adapter_name: Optional[str] = None) -> None:
