@@ -7,6 +7,11 @@ here: the "grad" criterion's full-weight gradients, which the layers accumulate 
 (averaged over ranks like DDP averages ``p.grad``), and the decision to skip a step whose gradients are not
 finite (all ranks skip if any rank would). With a single process both are no-ops.
 
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``) parameters and their gradients are ``DTensor`` shards
+between forward passes. The importance of a layer needs its whole weight, factors and factor gradients, so the
+engine gathers them one layer at a time (:func:`full_tensor`, an all-gather: transient memory of one layer's
+weight) and every rank computes the same scores; masks are buffers, which FSDP does not shard.
+
 Every rank must call the engine's ``update_importance`` (the Trainer callback does); a rank that skips the call
 would leave the others waiting in the collective.
 """
@@ -43,3 +48,17 @@ def all_ranks_agree(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: all-gathered from its shards for an FSDP2 ``DTensor``, else ``t`` itself."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a ``DTensor`` (no communication), else ``t`` itself."""
+    return t.to_local() if _is_dtensor(t) else t

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .distributed import all_ranks_agree, all_reduce_mean_
+from .distributed import all_ranks_agree, all_reduce_mean_, full_tensor, local_tensor
 from .importance import all_finite, element_scores, lora_gradient_factors, moving_average_, normalized
 from .group_ops import sum_over_groups
 from .layer import LoRAPruneLayer
@@ -59,6 +59,12 @@ class PruningEngine:
         self.layers: list[tuple[str, LoRAPruneLayer]] = list(tuner.prune_layers(adapter_name))
         if not self.layers:
             raise ValueError(f"Adapter {adapter_name!r} adapts no module; nothing to prune.")
+        if any(hasattr(layer.get_base_layer().weight, "ds_tensor") for _, layer in self.layers):
+            raise RuntimeError(
+                "DeepSpeed ZeRO stage 3 partitions the pretrained weights, and LoRAPrune's importance needs each "
+                "adapted layer's whole weight (|W ⊙ G|). Use ZeRO stage 1 or 2 (gradients are read with "
+                "deepspeed.utils.safe_get_full_grad), or FSDP2, which the engine gathers layer by layer."
+            )
         self.structured = not self.config.is_element_granularity
         self.groups = find_structured_groups(tuner, adapter_name) if self.structured else []
         if self.structured and self.config.budget == "global" and any(g.spec.partitions > 1 for g in self.groups):
@@ -106,10 +112,12 @@ class PruningEngine:
         da, db = _gradient(a), _gradient(b)
         if da is None or db is None:
             return "missing"
+        # whole tensors: FSDP2 keeps shards (see distributed.py); a no-op otherwise
+        a, b, da, db = (full_tensor(t.detach()) for t in (a, b, da, db))
         sequential = layer.adaptation[self.adapter] == "sequential"
-        p, q = lora_gradient_factors(a.detach(), da, layer.base_weight_2d().detach() if sequential else None)
+        p, q = lora_gradient_factors(a, da, full_tensor(layer.base_weight_2d().detach()) if sequential else None)
         # G_hat = dB·P + B·Q as one rank-2r product: [dB | B] @ [P; Q] (one weight-sized write, not two)
-        left = torch.cat([db.float(), b.detach().float()], dim=1)
+        left = torch.cat([db.float(), b.float()], dim=1)
         right = torch.cat([p, q], dim=0)
         return lambda rows: left[rows] @ right
 
@@ -119,7 +127,10 @@ class PruningEngine:
         if gradient_rows == "missing":
             return None
         shape = (layer.out_features, layer.in_features)
-        return element_scores(lambda r: layer.merged_weight_rows(self.adapter, r.start, r.stop), gradient_rows, shape)
+        factors = layer.scoring_factors(self.adapter)
+        return element_scores(
+            lambda r: layer.merged_weight_rows(self.adapter, r.start, r.stop, factors), gradient_rows, shape
+        )
 
     def _inputs_finite(self) -> bool:
         for _, layer in self.layers:
@@ -128,7 +139,7 @@ class PruningEngine:
                 tensors += [g for g in (_gradient(t) for t in tensors) if g is not None]
             elif self.config.importance == "grad":
                 tensors.append(layer.lora_weight_grad[self.adapter])
-            if not all_finite(*tensors):
+            if not all_finite(*(local_tensor(t) for t in tensors)):
                 return False
         return True
 

@@ -43,6 +43,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
+from .distributed import full_tensor
 from .mask_packing import packed_shape, unpack_bits
 from .masked_linear import element_masked_linear
 
@@ -207,10 +208,27 @@ class LoRAPruneLayer(BaseTunerLayer):
             return b, a @ self.base_weight_2d().to(a.dtype)
         return b, a
 
-    def merged_weight_rows(self, adapter_name: str, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
-        """Rows ``start:stop`` of the unmasked merged weight ``W0 + s·B·R`` in float32 (a chunk, for scoring)."""
-        b, r = self.delta_factors(adapter_name)
-        w0 = self.base_weight_2d()[start:stop]
+    def scoring_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(W0, B, R)`` whole, for scoring: gathered once per layer when FSDP2 shards them (see
+        :mod:`~peft_loraprune.distributed`), the parameters themselves otherwise."""
+        a = full_tensor(self.lora_A[adapter_name].weight.detach())
+        b = full_tensor(self.lora_B[adapter_name].weight.detach())
+        w0 = full_tensor(self.base_weight_2d().detach())
+        if self.adaptation[adapter_name] == "sequential":
+            return w0, b, a @ w0.to(a.dtype)
+        return w0, b, a
+
+    def merged_weight_rows(self, adapter_name: str, start: int = 0, stop: Optional[int] = None,
+                           factors: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """Rows ``start:stop`` of the unmasked merged weight ``W0 + s·B·R`` in float32 (a chunk, for scoring).
+
+        ``factors``: ``(W0, B, R)`` from :meth:`scoring_factors`, to gather sharded weights once per layer."""
+        if factors is None:
+            b, r = self.delta_factors(adapter_name)
+            w0 = self.base_weight_2d()
+        else:
+            w0, b, r = factors
+        w0 = w0[start:stop]
         # out of place: for a float32 base, .float() is the weight itself and must not be written to
         return torch.addmm(w0.float(), b[start:stop].float(), r.float(), alpha=self.scaling[adapter_name])
 

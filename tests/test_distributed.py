@@ -1,5 +1,6 @@
-"""DDP with two CPU processes (gloo, loopback): masks identical on every rank at every step, and equal to one
-process training on the same global batch. Launched with torchrun, as users do."""
+"""DDP (through the Trainer) and FSDP2 (sharded parameters, manual loop) with two CPU processes on gloo over
+loopback: masks identical on every rank at every step, and equal to one process training on the same global
+batch. Launched with torchrun, as users do."""
 
 import json
 import os
@@ -22,12 +23,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path, *args: str, processes: int = 1) -> None:
+def launch(out: Path, *args: str, processes: int = 1, worker: Path = WORKER) -> None:
     if processes == 1:
-        cmd = [sys.executable, str(WORKER)]
+        cmd = [sys.executable, str(worker)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--nnodes=1",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER)]
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(worker)]
     done = subprocess.run(cmd + ["--out", str(out), *args], env=ENV, capture_output=True, text=True, timeout=200)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -56,3 +57,76 @@ def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path, granul
                 assert torch.equal(state[key], value), key
             else:
                 torch.testing.assert_close(state[key].float(), value.float(), rtol=1e-4, atol=1e-5, msg=key)
+
+
+FSDP_WORKER = Path(__file__).parent / "workers" / "fsdp_worker.py"
+
+
+@pytest.mark.parametrize("granularity, importance", [("structured", "lora"), ("unstructured", "grad")])
+def test_fsdp2_sharded_parameters_give_the_masks_of_one_process(tmp_path, granularity, importance):
+    """FSDP2 on CPU: parameters and gradients are DTensor shards; the engine gathers one layer at a time.
+    (The Trainer cannot run FSDP on CPU: transformers/accelerate need an accelerator for it.)"""
+    common = ["--granularity", granularity, "--importance", importance]
+    launch(tmp_path / "one", "--single", *common, worker=FSDP_WORKER)
+    launch(tmp_path / "fsdp", *common, processes=2, worker=FSDP_WORKER)
+    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    ranks = [json.loads((tmp_path / "fsdp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert not one["sharded"] and all(r["sharded"] for r in ranks)
+    assert len({s["masks"] for s in one["steps"]}) >= 4
+    for s1, s0, s2 in zip(one["steps"], ranks[0]["steps"], ranks[1]["steps"]):
+        assert s0["masks"] == s2["masks"] == s1["masks"], f"masks differ after step {s0['step']}"
+
+
+def test_deepspeed_gradient_accessor_is_used_when_p_grad_is_empty(monkeypatch):
+    """Under DeepSpeed ZeRO-1/2, gradients live in the optimizer's partitions and ``p.grad`` is None; the engine
+    asks ``deepspeed.utils.safe_get_full_grad``. DeepSpeed does not install on this CPU-only machine, so the
+    accessor is a stand-in returning the real gradients: importance must equal the ``p.grad`` path's."""
+    import types
+
+    from conftest import make_inputs, make_model
+    from peft import get_peft_model
+
+    from peft_loraprune import LoRAPruneConfig
+
+    def trained_engine():
+        torch.manual_seed(0)
+        model = get_peft_model(make_model("llama"), LoRAPruneConfig(task_type="CAUSAL_LM", lora_dropout=0.0))
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.05)
+        inputs = make_inputs("llama", batch=4)
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        return model, model.base_model.pruning_engine()
+
+    model, engine = trained_engine()
+    assert engine.update_importance()
+    expected = {n: l.lora_importance_rows["default"].clone() for n, l in engine.layers}
+
+    model, engine = trained_engine()
+    stash, asked = {}, []
+    for p in model.parameters():
+        if p.grad is not None:
+            stash[id(p)] = p.grad
+            p.grad = None
+    fake = types.ModuleType("deepspeed")
+    fake.utils = types.ModuleType("deepspeed.utils")
+    fake.utils.safe_get_full_grad = lambda p: asked.append(id(p)) or stash.get(id(p))
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    monkeypatch.setitem(sys.modules, "deepspeed.utils", fake.utils)
+    assert engine.update_importance()
+    assert len(set(asked)) == 2 * len(engine.layers)  # A and B of every layer
+    for name, layer in engine.layers:
+        torch.testing.assert_close(layer.lora_importance_rows["default"], expected[name], rtol=0, atol=0)
+
+
+def test_deepspeed_zero3_partitioned_weights_are_refused_clearly():
+    from conftest import make_model
+    from peft import get_peft_model
+
+    from peft_loraprune import LoRAPruneConfig
+
+    model = get_peft_model(make_model("llama"), LoRAPruneConfig(task_type="CAUSAL_LM"))
+    for _, layer in model.base_model.prune_layers():
+        layer.get_base_layer().weight.ds_tensor = torch.empty(0)  # what ZeRO-3 attaches to a partitioned parameter
+    with pytest.raises(RuntimeError, match="ZeRO stage 3"):
+        model.base_model.pruning_engine()

@@ -48,7 +48,8 @@ class Recorder(transformers.TrainerCallback):
         self.steps: list[dict] = []
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.steps.append({"step": state.global_step, "masks": mask_digest(model)})
+        sharded = any(type(p).__name__ == "DTensor" or "Flat" in type(p).__name__ for p in model.parameters())
+        self.steps.append({"step": state.global_step, "masks": mask_digest(model), "sharded": sharded})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs and self.steps:
@@ -77,6 +78,7 @@ def main():
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--granularity", default="structured")
     parser.add_argument("--importance", default="lora")
+    parser.add_argument("--fsdp", type=int, default=0, help="FSDP version (1 or 2) through the Trainer; 0: none")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,6 +100,9 @@ def main():
         report_to=[], use_cpu=True, logging_steps=1, seed=0, disable_tqdm=True,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None, ddp_find_unused_parameters=False,
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
+        **({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": args.fsdp, "use_orig_params": True,
+                                                   "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+           if args.fsdp else {}),
     )
     trainer = transformers.Trainer(model=model, args=training_args, train_dataset=data, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
