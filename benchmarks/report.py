@@ -45,6 +45,79 @@ def step_cost_section(lines):
         lines.append("")
 
 
+def step_cost_plot(lines):
+    """Claim 1 at a glance: time and peak memory of every configuration relative to plain LoRA, per setting."""
+    results = _load("step_cost_*.json")
+    if not results:
+        return
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
+    for ax, (name, data) in zip(axes[0], results.items()):
+        rows = [r for r in data["rows"] if r["config"] != "lora"]
+        labels = [r["config"].replace("loraprune_", "").replace("_structured", "") for r in rows]
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], [r["time_vs_lora"] for r in rows], width=0.4, label="step time")
+        ax.bar([i + 0.2 for i in x], [r["rss_vs_lora"] for r in rows], width=0.4, label="peak RSS")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.axhline(1.1, color="red", lw=0.8, ls="--", label="1.10x target")
+        ax.set_xticks(list(x), labels, rotation=20, fontsize=8)
+        s = data["settings"]
+        ax.set_title(f"{s['model']}, {s['batch']}x{s['seq']} tokens", fontsize=9)
+        ax.set_ylabel("vs plain LoRA")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(HERE / "step_cost.png", dpi=110)
+    plt.close(fig)
+    lines += ["![step cost](step_cost.png)", ""]
+
+
+def export_plot(lines):
+    """Claim 4 at a glance: latency of the exported models relative to dense, per batch size."""
+    for name, data in _load("export_speed_*.json").items():
+        batches = data["settings"]["batches"].split(",")
+        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        rows = data["rows"]
+        x = range(len(rows))
+        width = 0.8 / (len(batches) + 1)
+        for j, b in enumerate(batches):
+            ax.bar([i + j * width for i in x], [r[f"latency_vs_dense_batch{b}"] for r in rows], width=width,
+                   label=f"latency, batch {b}")
+        ax.bar([i + len(batches) * width for i in x], [r["params_vs_dense"] for r in rows], width=width,
+               label="parameters", color="gray")
+        ax.axhline(0.6, color="red", lw=0.8, ls="--", label="0.6x target at 50%")
+        ax.set_xticks([i + width for i in x], [f"{r['sparsity']:.0%}" for r in rows])
+        ax.set_xlabel("structured sparsity")
+        ax.set_ylabel("vs dense")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(HERE / f"{name}.png", dpi=110)
+        plt.close(fig)
+        lines += [f"![export speed]({name}.png)", ""]
+
+
+def quality_plot(lines):
+    """Claim 2 at a glance: accuracy per variant, mean and spread over seeds."""
+    for name, data in _load("quality_*.json").items():
+        summary = data["summary"]
+        fig, ax = plt.subplots(figsize=(7, 3.4))
+        names = list(summary)
+        means = [summary[v]["mean"] for v in names]
+        stds = [summary[v]["std"] for v in names]
+        colors = ["gray" if v == "dense LoRA" else ("C0" if v.startswith("structured") else "C1") for v in names]
+        ax.bar(range(len(names)), means, yerr=stds, color=colors, capsize=3)
+        for i, v in enumerate(names):
+            seeds = [r["test_accuracy"] for r in data["rows"] if r["variant"] == v]
+            ax.plot([i] * len(seeds), seeds, "k.", ms=3)
+        ax.set_xticks(range(len(names)), [v.replace(" cubic", "").replace("structured", "str.") for v in names],
+                      rotation=30, ha="right", fontsize=7)
+        ax.set_ylim(min(means) - 0.05, max(means) + 0.03)
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"MiniLM, Rotten Tomatoes, 50% sparsity, seeds {data['settings']['seeds']}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(HERE / f"{name}.png", dpi=110)
+        plt.close(fig)
+        lines += [f"![accuracy]({name}.png)", ""]
+
+
 def export_section(lines):
     for name, data in _load("export_speed_*.json").items():
         s = data["settings"]
@@ -107,7 +180,8 @@ def main():
              "  query heads per KV group 50% removes one head in three, and the tied embedding/LM head is not pruned.",
              "",
              "Unstructured and 2:4 steps cost 1.7x-3x plain LoRA: exact gradients through an element mask need one full-size product per layer.", ""]
-    for section in (step_cost_section, quality_section, fidelity_section, export_section):
+    for section in (step_cost_section, step_cost_plot, quality_section, quality_plot, fidelity_section,
+                    export_section, export_plot):
         section(lines)
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print((HERE / "RESULTS.md").read_text())

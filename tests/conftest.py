@@ -70,3 +70,11 @@ def model_output(model, inputs) -> torch.Tensor:
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+def pytest_report_header(config):
+    """The versions under test, first thing in the output (the version matrix runs the suite on several)."""
+    from importlib.metadata import version
+
+    names = ("torch", "peft", "transformers", "accelerate", "safetensors")
+    return "peft_loraprune under " + ", ".join(f"{n} {version(n)}" for n in names)
