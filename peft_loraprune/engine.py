@@ -133,15 +133,16 @@ class PruningEngine:
         )
 
     def _inputs_finite(self) -> bool:
+        # no early exit: every rank reads every gradient in the same order (DeepSpeed's accessor is a collective)
+        finite = True
         for _, layer in self.layers:
             tensors = [layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight]
             if self.config.importance == "lora":
                 tensors += [g for g in (_gradient(t) for t in tensors) if g is not None]
             elif self.config.importance == "grad":
                 tensors.append(layer.lora_weight_grad[self.adapter])
-            if not all_finite(*(local_tensor(t) for t in tensors)):
-                return False
-        return True
+            finite = all_finite(*(local_tensor(t) for t in tensors)) and finite
+        return finite
 
     @torch.no_grad()
     def update_importance(self) -> bool:
