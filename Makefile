@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # extra requirements pinned into the environment (the version matrix below sets them)
 PINS ?=
 # the lowest versions setup.cfg declares; `make test-lowest` tests them, `make test-latest` the newest allowed
-LOWEST_PINS ?= peft==0.21.0 transformers==5.0.0
+LOWEST_PINS ?= peft==0.21.0 transformers==5.9.0
 OUT ?= outputs
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 

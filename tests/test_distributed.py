@@ -33,10 +33,13 @@ def launch(out: Path, *args: str, processes: int = 1, worker: Path = WORKER) -> 
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("granularity, importance", [("structured", "lora"), ("unstructured", "grad")])
-def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path, granularity, importance):
-    launch(tmp_path / "one", "--batch", "8", "--granularity", granularity, "--importance", importance)
-    launch(tmp_path / "ddp", "--batch", "4", "--granularity", granularity, "--importance", importance, processes=2)
+@pytest.mark.parametrize("granularity, importance, accum", [("structured", "lora", 1), ("unstructured", "grad", 2)])
+def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path, granularity, importance, accum):
+    """Masks are recorded at the end of each step, before DDP's next forward broadcasts rank 0's buffers (which
+    would hide a difference). The "grad" case runs with gradient accumulation (2 micro-batches per rank)."""
+    common = ["--granularity", granularity, "--importance", importance]
+    launch(tmp_path / "one", "--batch", "8", *common)
+    launch(tmp_path / "ddp", "--batch", str(4 // accum), "--accum", str(accum), *common, processes=2)
 
     one = json.loads((tmp_path / "one" / "rank0.json").read_text())["steps"]
     ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -56,7 +59,7 @@ def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path, granul
             if "mask" in key:
                 assert torch.equal(state[key], value), key
             else:
-                torch.testing.assert_close(state[key].float(), value.float(), rtol=1e-4, atol=1e-5, msg=key)
+                torch.testing.assert_close(state[key].float(), value.float(), rtol=1e-3, atol=1e-4, msg=key)
 
 
 FSDP_WORKER = Path(__file__).parent / "workers" / "fsdp_worker.py"

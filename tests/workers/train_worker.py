@@ -72,7 +72,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--batch", type=int, default=8, help="per process")
+    parser.add_argument("--batch", type=int, default=8, help="per process and micro-batch")
+    parser.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
     parser.add_argument("--save_steps", type=int, default=0)
     parser.add_argument("--kill_after_step", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
@@ -97,6 +98,7 @@ def main():
         callbacks.append(KillAfterStep(args.kill_after_step))
     training_args = transformers.TrainingArguments(
         str(out / "run"), max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=5e-3,
+        gradient_accumulation_steps=args.accum,
         report_to=[], use_cpu=True, logging_steps=1, seed=0, disable_tqdm=True,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None, ddp_find_unused_parameters=False,
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
@@ -112,6 +114,8 @@ def main():
     for name, layer in model.base_model.prune_layers():
         final[f"{name}.importance_rows"] = layer.lora_importance_rows["default"].clone()
         final[f"{name}.importance_cols"] = layer.lora_importance_cols["default"].clone()
+        if "default" in layer.lora_importance_elements:
+            final[f"{name}.importance_elements"] = layer.lora_importance_elements["default"].float().clone()
     save_file(final, str(out / f"rank{rank}.safetensors"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     (out / f"rank{rank}.json").write_text(json.dumps({"world_size": world, "steps": recorder.steps}))
