@@ -72,9 +72,12 @@ def family(request):
     return request.param
 
 
-def pytest_report_header(config):
-    """The versions under test, first thing in the output (the version matrix runs the suite on several)."""
+def pytest_sessionstart(session):
+    """The versions under test, first thing in the output even with -q (the version matrix runs the suite on
+    several)."""
     from importlib.metadata import version
 
     names = ("torch", "peft", "transformers", "accelerate", "safetensors")
-    return "peft_loraprune under " + ", ".join(f"{n} {version(n)}" for n in names)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("peft_loraprune under " + ", ".join(f"{n} {version(n)}" for n in names))
