@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -45,6 +46,24 @@ def write_result(name: str, payload: dict, out_dir: str | None = None) -> Path:
     path = directory / f"{name}.json"
     path.write_text(json.dumps({"machine": machine_info(), **payload}, indent=2, default=str))
     return path
+
+
+def summarise(rows: list[dict], metric: str) -> dict:
+    """Mean, sample standard deviation and count of ``metric`` per ``variant``, in first-seen order."""
+    summary = {}
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        values = [r[metric] for r in rows if r["variant"] == variant]
+        summary[variant] = {"mean": statistics.mean(values),
+                            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+    return summary
+
+
+def previous_rows(name: str, out_dir: str | None, seeds: list[int]) -> list[dict]:
+    """Rows of other seeds in an existing result file (benchmarks that run seeds in several sittings)."""
+    path = (Path(out_dir) if out_dir else RESULTS_DIR) / f"{name}.json"
+    if not path.exists():
+        return []
+    return [r for r in json.loads(path.read_text())["rows"] if r["seed"] not in seeds]
 
 
 def peak_rss_mib() -> float:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from common import RESULTS_DIR, ROOT, write_result
+from common import ROOT, previous_rows, summarise, write_result
 
 VARIANTS = [
     ("structured", "lora", "cubic"),
@@ -57,16 +56,6 @@ def run_example(out_dir: Path, seed: int, args, granularity: str, importance: st
 RESULT_NAME = "quality_minilm_rotten_tomatoes"
 
 
-def summarise(rows: list[dict]) -> dict:
-    """Mean, sample standard deviation and count of the test accuracy per variant, in first-seen order."""
-    summary = {}
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        acc = [r["test_accuracy"] for r in rows if r["variant"] == variant]
-        summary[variant] = {"mean": statistics.mean(acc), "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                            "n": len(acc)}
-    return summary
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0")
@@ -83,9 +72,8 @@ def main():
     variants = VARIANTS if args.variants == "all" else [VARIANTS[int(i)] for i in args.variants.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
-    previous = Path(args.out or RESULTS_DIR) / f"{RESULT_NAME}.json"
-    if args.append and previous.exists():
-        rows = [r for r in json.loads(previous.read_text())["rows"] if r["seed"] not in seeds]
+    if args.append:
+        rows = previous_rows(RESULT_NAME, args.out, seeds)
     for seed in seeds:
         for i, (granularity, importance, schedule) in enumerate(variants):
             with tempfile.TemporaryDirectory() as d:
@@ -101,7 +89,7 @@ def main():
             })
             print(rows[-1])
             # Written after every run, so a stopped sitting keeps what it measured.
-            summary = summarise(rows)
+            summary = summarise(rows, "test_accuracy")
             settings = {**vars(args), "seeds": ",".join(str(s) for s in sorted({r["seed"] for r in rows}))}
             path = write_result(RESULT_NAME, {"settings": settings, "summary": summary, "rows": rows}, args.out)
     for variant, s in summary.items():

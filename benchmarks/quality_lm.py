@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from common import RESULTS_DIR, ROOT, write_result
+from common import ROOT, previous_rows, summarise, write_result
 
 RESULT_NAME = "quality_smollm2_wikipedia"
 CRITERIA = [("lora", "0,0.2,0.5"), ("grad", "0.2,0.5"), ("magnitude", "0.2,0.5")]
@@ -42,15 +41,6 @@ def run_example(out_dir: Path, seed: int, args, importance: str, sparsities: str
     return json.loads((out_dir / "results.json").read_text())
 
 
-def summarise(rows: list[dict]) -> dict:
-    summary = {}
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        ppl = [r["perplexity"] for r in rows if r["variant"] == variant]
-        summary[variant] = {"mean": statistics.mean(ppl), "std": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
-                            "n": len(ppl)}
-    return summary
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0")
@@ -66,9 +56,8 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     wanted = args.criteria.split(",")
     rows = []
-    previous = Path(args.out or RESULTS_DIR) / f"{RESULT_NAME}.json"
-    if args.append and previous.exists():
-        rows = [r for r in json.loads(previous.read_text())["rows"] if r["seed"] not in seeds]
+    if args.append:
+        rows = previous_rows(RESULT_NAME, args.out, seeds)
     for seed in seeds:
         for importance, sparsities in CRITERIA:
             if importance not in wanted:
@@ -88,8 +77,9 @@ def main():
                 print(rows[-1], flush=True)
             settings = {**vars(args), "seeds": ",".join(str(x) for x in sorted({r["seed"] for r in rows})),
                         "train_tokens": args.max_steps * args.batch * args.block_size}
-            path = write_result(RESULT_NAME, {"settings": settings, "summary": summarise(rows), "rows": rows}, args.out)
-    for variant, s in summarise(rows).items():
+            payload = {"settings": settings, "summary": summarise(rows, "perplexity"), "rows": rows}
+            path = write_result(RESULT_NAME, payload, args.out)
+    for variant, s in summarise(rows, "perplexity").items():
         print(f"{variant:20s} {s['mean']:8.2f} ± {s['std']:.2f} (n={s['n']})")
     print(f"written {path}")
 
