@@ -1,6 +1,6 @@
 """Claim 2, language modelling: held-out perplexity of SmolLM2-135M pruned to 20% and 50% structured sparsity
 with the "lora", "grad" and "magnitude" criteria, beside the dense base and a dense LoRA fine-tune of the same
-budget (``target_sparsity=0``: the same run with masks that never change).
+budget (``--dense_lora``: ``target_sparsity=0``, the same run with masks that never change).
 
 Runs ``examples/causal_lm.py`` once per criterion and seed (each in its own process; it trains one model per
 sparsity) on the Wikipedia lead sections that ship offline, and writes ``quality_smollm2_wikipedia.json``
@@ -22,7 +22,7 @@ from pathlib import Path
 from common import ROOT, previous_rows, summarise, write_result
 
 RESULT_NAME = "quality_smollm2_wikipedia"
-CRITERIA = [("lora", "0,0.2,0.5"), ("grad", "0.2,0.5"), ("magnitude", "0.2,0.5")]
+CRITERIA = ("lora", "grad", "magnitude")
 
 
 def run_example(out_dir: Path, seed: int, args, importance: str, sparsities: str) -> dict:
@@ -50,6 +50,9 @@ def main():
     parser.add_argument("--max_eval_blocks", type=int, default=64)
     parser.add_argument("--pruning_interval", type=int, default=None)
     parser.add_argument("--criteria", default="lora,grad,magnitude")
+    parser.add_argument("--sparsities", default="0.2,0.5")
+    parser.add_argument("--dense_lora", action="store_true",
+                        help="also fine-tune a dense LoRA of the same budget (target_sparsity=0) in the 'lora' run")
     parser.add_argument("--out", default=None)
     parser.add_argument("--append", action="store_true", help="keep rows of other seeds already in the result file")
     args = parser.parse_args()
@@ -59,9 +62,10 @@ def main():
     if args.append:
         rows = previous_rows(RESULT_NAME, args.out, seeds)
     for seed in seeds:
-        for importance, sparsities in CRITERIA:
+        for importance in CRITERIA:
             if importance not in wanted:
                 continue
+            sparsities = ("0," if args.dense_lora and importance == "lora" else "") + args.sparsities
             with tempfile.TemporaryDirectory() as d:
                 res = run_example(Path(d), seed, args, importance, sparsities)
             if not any(r["seed"] == seed and r["variant"] == "dense base" for r in rows):
