@@ -96,7 +96,7 @@ def export_plot(lines):
 
 def quality_plot(lines):
     """Claim 2 at a glance: accuracy per variant, mean and spread over seeds."""
-    for name, data in _load("quality_*.json").items():
+    for name, data in _load("quality_minilm_*.json").items():
         summary = data["summary"]
         fig, ax = plt.subplots(figsize=(7, 3.4))
         names = list(summary)
@@ -157,6 +157,18 @@ def fidelity_section(lines):
 def quality_section(lines):
     for name, data in _load("quality_*.json").items():
         s = data["settings"]
+        if "smollm2" in name:
+            lines += [f"### Perplexity: SmolLM2-135M on Wikipedia leads, structured pruning, seeds {s['seeds']}", "",
+                      f"Machine: {_machine(data)}. {s['max_steps']} optimizer steps of {s['batch']} x {s['block_size']} "
+                      f"tokens ({s['train_tokens']:,d} training tokens), held-out perplexity on {s['max_eval_blocks']} "
+                      "blocks; heads and MLP channels pruned together (query heads inside KV groups).", "",
+                      "| variant | perplexity (mean ± std, n) | exported + reloaded |", "|---|---:|---:|"]
+            for variant, v in data["summary"].items():
+                exported = [r.get("perplexity_exported") for r in data["rows"] if r["variant"] == variant]
+                cell = f"{exported[0]:.2f}" if exported and exported[0] is not None else "-"
+                lines.append(f"| {variant} | {v['mean']:.2f} ± {v['std']:.2f} ({v['n']}) | {cell} |")
+            lines.append("")
+            continue
         lines += [f"### Accuracy: MiniLM on Rotten Tomatoes, {s['sparsity']:.0%} sparsity, seeds {s['seeds']}", "",
                   f"Machine: {_machine(data)}. {s['max_train_samples']} training sentences, {s['epochs']} epoch(s).",
                   "", "| variant | test accuracy (mean ± std, n) |", "|---|---:|"]
@@ -179,7 +191,14 @@ def main():
              "- exported latency at 50% at most 0.6x dense: not met on SmolLM2 (0.70x at batch 1, 0.67x at batch 8): with 3",
              "  query heads per KV group 50% removes one head in three, and the tied embedding/LM head is not pruned.",
              "",
-             "Unstructured and 2:4 steps cost 1.7x-3x plain LoRA: exact gradients through an element mask need one full-size product per layer.", ""]
+             "Unstructured and 2:4 steps cost 1.7x-3x plain LoRA: exact gradients through an element mask need one full-size product per layer.",
+             "",
+             "Quality (claim 2), MiniLM on Rotten Tomatoes, 3 seeds: structured 50%, \"lora\" 0.770 ± 0.008 is within one",
+             "standard deviation of the true gradient (0.775 ± 0.012) and ahead of \"magnitude\" (0.753); iterative beats one-shot",
+             "(0.760) on the mean, in 2 of 3 seeds. Unstructured 50%: the true gradient leads (0.794 vs 0.783 for \"lora\"),",
+             "magnitude 0.771, one-shot 0.776. Dense LoRA 0.798. SmolLM2 perplexities come from a very small CPU training",
+             "budget (see the table's settings): they rank the criteria, they do not show what a real run reaches.",
+             ""]
     for section in (step_cost_section, step_cost_plot, quality_section, quality_plot, fidelity_section,
                     export_section, export_plot):
         section(lines)
