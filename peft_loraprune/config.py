@@ -22,6 +22,7 @@ from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME
 
 from .registration import LORAPRUNE_PEFT_TYPE
+from .validation import check_choice, check_fraction, check_int
 
 GRANULARITIES = ("unstructured", "structured", "N:M")
 ADAPTATIONS = ("parallel", "sequential")
@@ -55,20 +56,6 @@ def parse_n_m(granularity: str) -> tuple[int, int]:
             f"granularity={granularity!r} is impossible: need 0 < N < M (N weights kept out of every M), e.g. '2:4'."
         )
     return n, m
-
-
-def _check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; allowed values are {list(allowed)}.")
-
-
-def _check_fraction(name: str, value, *, upper_inclusive: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}.")
-    ok = 0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0
-    if not ok:
-        interval = "[0, 1]" if upper_inclusive else "[0, 1)"
-        raise ValueError(f"{name}={value!r} is outside {interval}.")
 
 
 @dataclass
@@ -168,8 +155,8 @@ class LoRAPruneConfig(PeftConfig):
             math.isfinite(self.lora_alpha) and self.lora_alpha > 0
         ):
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}.")
-        _check_fraction("lora_dropout", self.lora_dropout)
-        _check_choice("bias", self.bias, BIAS_OPTIONS)
+        check_fraction("lora_dropout", self.lora_dropout)
+        check_choice("bias", self.bias, BIAS_OPTIONS)
         if self.use_dora:
             raise ValueError(
                 "use_dora=True is not supported by LoRAPrune: DoRA re-normalises each weight row with a trained "
@@ -186,41 +173,38 @@ class LoRAPruneConfig(PeftConfig):
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("layers_pattern is only used together with layers_to_transform; set both or neither.")
 
-        _check_fraction("target_sparsity", self.target_sparsity)
+        check_fraction("target_sparsity", self.target_sparsity)
         if not isinstance(self.granularity, str):
             raise ValueError(f"granularity must be a string, got {self.granularity!r}.")
         if ":" in self.granularity:
             parse_n_m(self.granularity)
         else:
-            _check_choice("granularity", self.granularity, GRANULARITIES[:2] + ("an 'N:M' pattern such as '2:4'",))
-        _check_choice("adaptation", self.adaptation, ADAPTATIONS)
-        _check_choice("importance", self.importance, IMPORTANCE_CRITERIA)
-        _check_fraction("importance_beta", self.importance_beta)
-        _check_choice("importance_dtype", self.importance_dtype, IMPORTANCE_DTYPES)
-        if isinstance(self.pruning_interval, bool) or not isinstance(self.pruning_interval, int) or (
-            self.pruning_interval < 1
-        ):
-            raise ValueError(f"pruning_interval must be an integer >= 1, got {self.pruning_interval!r}.")
-        _check_choice("budget", self.budget, BUDGETS)
-        _check_fraction("initial_sparsity", self.initial_sparsity)
+            check_choice("granularity", self.granularity, GRANULARITIES[:2] + ("an 'N:M' pattern such as '2:4'",))
+        check_choice("adaptation", self.adaptation, ADAPTATIONS)
+        check_choice("importance", self.importance, IMPORTANCE_CRITERIA)
+        check_fraction("importance_beta", self.importance_beta)
+        check_choice("importance_dtype", self.importance_dtype, IMPORTANCE_DTYPES)
+        check_int("pruning_interval", self.pruning_interval, 1)
+        check_choice("budget", self.budget, BUDGETS)
+        check_fraction("initial_sparsity", self.initial_sparsity)
         if self.initial_sparsity > self.effective_target_sparsity:
             raise ValueError(
                 f"initial_sparsity={self.initial_sparsity!r} exceeds the target sparsity "
                 f"{self.effective_target_sparsity!r}; masks only ever lose entries."
             )
-        _check_fraction("warmup_ratio", self.warmup_ratio)
-        _check_fraction("cooldown_ratio", self.cooldown_ratio)
+        check_fraction("warmup_ratio", self.warmup_ratio)
+        check_fraction("cooldown_ratio", self.cooldown_ratio)
         if self.warmup_ratio + self.cooldown_ratio >= 1.0:
             raise ValueError(
                 f"warmup_ratio + cooldown_ratio must be < 1 (got {self.warmup_ratio} + {self.cooldown_ratio}): "
                 "no steps would be left for pruning."
             )
-        _check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("schedule", self.schedule, SCHEDULES)
         if not self.prune_structures:
             raise ValueError(f"prune_structures must name at least one of {list(STRUCTURES)}, got [].")
         for s in self.prune_structures:
-            _check_choice("prune_structures", s, STRUCTURES)
-        _check_choice("head_grouping", self.head_grouping, HEAD_GROUPINGS)
+            check_choice("prune_structures", s, STRUCTURES)
+        check_choice("head_grouping", self.head_grouping, HEAD_GROUPINGS)
         if self.dense_layers is not None and self.dense_layers != "reference":
             if isinstance(self.dense_layers, int) and not isinstance(self.dense_layers, bool):
                 self.dense_layers = [self.dense_layers]

@@ -28,7 +28,7 @@ import torch
 from .distributed import all_ranks_agree, all_reduce_mean_, full_tensor, local_tensor
 from .importance import all_finite, element_scores, lora_gradient_factors, moving_average_, normalized
 from .group_ops import sum_over_groups
-from .layer import LoRAPruneLayer
+from .layer import LoRAPruneLayer, ScoringFactors
 from .mask_packing import pack_bits
 from .schedule import PruningSchedule
 from .selection import keep_top, keep_top_global, keep_top_per_row, n_m_mask, prune_count
@@ -98,36 +98,38 @@ class PruningEngine:
                 del layer.lora_weight_grad[self.adapter]
 
     # ------------------------------------------------------------------ importance
-    def gradient_rows(self, layer: LoRAPruneLayer, criterion: Optional[str] = None):
+    def gradient_rows(self, layer: LoRAPruneLayer, criterion: Optional[str] = None,
+                      factors: Optional[ScoringFactors] = None):
         """A function ``rows -> gradient block`` (float32) for a criterion (default: the config's), None for
-        "magnitude", or ``"missing"`` when the layer got no adapter gradient this step."""
+        "magnitude", or ``"missing"`` when the layer got no adapter gradient this step. ``factors``: the layer's
+        :meth:`~peft_loraprune.layer.LoRAPruneLayer.scoring_factors`, when the caller already has them."""
         criterion = criterion or self.config.importance
         if criterion == "magnitude":
             return None
         if criterion == "grad":
             g = layer.lora_weight_grad[self.adapter]
             return lambda rows: g[rows]
-        a = layer.lora_A[self.adapter].weight
-        b = layer.lora_B[self.adapter].weight
-        da, db = _gradient(a), _gradient(b)
+        da = _gradient(layer.lora_A[self.adapter].weight)
+        db = _gradient(layer.lora_B[self.adapter].weight)
         if da is None or db is None:
             return "missing"
+        f = factors if factors is not None else layer.scoring_factors(self.adapter)
         # whole tensors: FSDP2 keeps shards (see distributed.py); a no-op otherwise
-        a, b, da, db = (full_tensor(t.detach()) for t in (a, b, da, db))
+        da, db = full_tensor(da.detach()), full_tensor(db.detach())
         sequential = layer.adaptation[self.adapter] == "sequential"
-        p, q = lora_gradient_factors(a, da, full_tensor(layer.base_weight_2d().detach()) if sequential else None)
+        p, q = lora_gradient_factors(f.a, da, f.w0 if sequential else None)
         # G_hat = dB·P + B·Q as one rank-2r product: [dB | B] @ [P; Q] (one weight-sized write, not two)
-        left = torch.cat([db.float(), b.float()], dim=1)
+        left = torch.cat([db.float(), f.b.float()], dim=1)
         right = torch.cat([p, q], dim=0)
         return lambda rows: left[rows] @ right
 
     def element_score_chunks(self, layer: LoRAPruneLayer, criterion: Optional[str] = None):
         """``(rows, |W ⊙ G|)`` chunks of one layer for a criterion (see :func:`importance.element_scores`)."""
-        gradient_rows = self.gradient_rows(layer, criterion)
+        factors = layer.scoring_factors(self.adapter)  # gathered once, read by both sides of the product
+        gradient_rows = self.gradient_rows(layer, criterion, factors)
         if gradient_rows == "missing":
             return None
         shape = (layer.out_features, layer.in_features)
-        factors = layer.scoring_factors(self.adapter)
         return element_scores(
             lambda r: layer.merged_weight_rows(self.adapter, r.start, r.stop, factors), gradient_rows, shape
         )

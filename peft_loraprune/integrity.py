@@ -22,9 +22,9 @@ import hashlib
 import json
 import os
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+from peft.utils import CONFIG_NAME
+from peft.utils import SAFETENSORS_WEIGHTS_NAME as WEIGHTS_NAME
+from peft.utils import WEIGHTS_NAME as PICKLE_WEIGHTS_NAME
 
 
 def file_digest(path: str) -> str:

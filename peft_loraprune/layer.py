@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -60,6 +60,16 @@ IMPORTANCE_NAMES = (
     "lora_importance_elements",
     "lora_weight_grad",
 )
+
+
+class ScoringFactors(NamedTuple):
+    """A layer's pretrained weight ``w0`` (``d_out x d_in``), factors ``a``, ``b`` and ``r`` (``A``, or ``A·W0``
+    for sequential adaptation), whole, as importance scoring reads them."""
+
+    w0: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    r: torch.Tensor
 
 
 class LoRAPruneLayer(BaseTunerLayer):
@@ -214,26 +224,21 @@ class LoRAPruneLayer(BaseTunerLayer):
             return b, a @ self.base_weight_2d().to(a.dtype)
         return b, a
 
-    def scoring_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(W0, B, R)`` whole, for scoring: gathered once per layer when FSDP2 shards them (see
-        :mod:`~peft_loraprune.distributed`), the parameters themselves otherwise."""
+    def scoring_factors(self, adapter_name: str) -> ScoringFactors:
+        """``W0, A, B`` and ``R`` whole and detached, for scoring: gathered once per layer when FSDP2 shards them
+        (see :mod:`~peft_loraprune.distributed`), the parameters themselves otherwise."""
         a = full_tensor(self.lora_A[adapter_name].weight.detach())
         b = full_tensor(self.lora_B[adapter_name].weight.detach())
         w0 = full_tensor(self.base_weight_2d().detach())
-        if self.adaptation[adapter_name] == "sequential":
-            return w0, b, a @ w0.to(a.dtype)
-        return w0, b, a
+        r = a @ w0.to(a.dtype) if self.adaptation[adapter_name] == "sequential" else a
+        return ScoringFactors(w0, a, b, r)
 
     def merged_weight_rows(self, adapter_name: str, start: int = 0, stop: Optional[int] = None,
-                           factors: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                           factors: Optional[ScoringFactors] = None) -> torch.Tensor:
         """Rows ``start:stop`` of the unmasked merged weight ``W0 + s·B·R`` in float32 (a chunk, for scoring).
 
-        ``factors``: ``(W0, B, R)`` from :meth:`scoring_factors`, to gather sharded weights once per layer."""
-        if factors is None:
-            b, r = self.delta_factors(adapter_name)
-            w0 = self.base_weight_2d()
-        else:
-            w0, b, r = factors
+        ``factors``: from :meth:`scoring_factors`, so that a caller reading many chunks gathers them once."""
+        w0, _, b, r = factors if factors is not None else self.scoring_factors(adapter_name)
         w0 = w0[start:stop]
         # out of place: for a float32 base, .float() is the weight itself and must not be written to
         return torch.addmm(w0.float(), b[start:stop].float(), r.float(), alpha=self.scaling[adapter_name])

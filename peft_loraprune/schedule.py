@@ -14,19 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-
-
-def _check_fraction(name: str, value, high: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number in [0, {high}), got {value!r}")
-    if not 0.0 <= value < high:
-        raise ValueError(f"{name} must be in [0, {high}), got {value!r}")
+from .validation import check_fraction, check_int
 
 
 @dataclass(frozen=True)
@@ -40,10 +28,10 @@ class PruningSchedule:
     one_shot: bool = False
 
     def __post_init__(self):
-        _check_int("total_steps", self.total_steps, 1)
-        _check_int("interval", self.interval, 1)
-        for name, high in (("target", 1.0), ("initial", 1.0), ("warmup_ratio", 1.0), ("cooldown_ratio", 1.0)):
-            _check_fraction(name, getattr(self, name), high)
+        check_int("total_steps", self.total_steps, 1)
+        check_int("interval", self.interval, 1)
+        for name in ("target", "initial", "warmup_ratio", "cooldown_ratio"):
+            check_fraction(name, getattr(self, name))
         if not isinstance(self.one_shot, bool):
             raise TypeError(f"one_shot must be True or False, got {self.one_shot!r}")
 
@@ -73,7 +61,7 @@ class PruningSchedule:
 
     def sparsity_at(self, step: int) -> float:
         """Scheduled sparsity after ``step`` completed optimizer steps (0 before the first rewrite)."""
-        _check_int("step", step, 0)
+        check_int("step", step, 0)
         if step < self.start:
             return 0.0
         if step >= self.end:
@@ -82,7 +70,7 @@ class PruningSchedule:
         return self.target + (self.initial - self.target) * (1.0 - progress) ** 3
 
     def is_pruning_step(self, step: int) -> bool:
-        _check_int("step", step, 0)
+        check_int("step", step, 0)
         if step < self.start or step > self.end:
             return False
         return step == self.end or (step - self.start) % self.interval == 0
