@@ -7,7 +7,8 @@ rank correlation
 
 * at element level: per layer on a fixed random sample of weights, averaged over layers;
 * at group level: the structured group scores (heads, channels) of both criteria across all blocks, for the
-  instantaneous scores and for their moving averages (λ = 0.9), which are what pruning ranks.
+  instantaneous scores and for their moving averages (λ = 0.9), which are what pruning ranks; the same for the
+  "activation" criterion (first-order Taylor of removing a group, at its consumer's input) against "grad".
 
     python benchmarks/fidelity.py --steps 60            # MiniLM on Rotten Tomatoes (offline)
 """
@@ -25,8 +26,8 @@ from common import write_result
 
 import peft_loraprune  # noqa: F401
 from peft_loraprune import LoRAPruneConfig
+from peft_loraprune.criteria import make_criterion
 from peft_loraprune.importance import moving_average_
-from peft_loraprune.structure import find_structured_groups
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,12 +41,12 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
-def layer_scores(engine, layer, criterion: str):
-    """(element scores, row sums, column sums) of one layer for "lora" or "grad", from the engine's own code."""
+def layer_scores(criterion, name, layer):
+    """Element scores of one layer for an element-wise criterion object, from the package's own code."""
     full = torch.empty(layer.out_features, layer.in_features)
-    for rows, block in engine.element_score_chunks(layer, criterion):
+    for rows, block in criterion.element_chunks(name, layer):
         full[rows] = block
-    return full, full.sum(1), full.sum(0)
+    return full
 
 
 def main():
@@ -69,13 +70,17 @@ def main():
     model = get_peft_model(base, LoRAPruneConfig(task_type="SEQ_CLS", importance="grad", lora_dropout=0.0))
     tuner = model.base_model
     engine = tuner.pruning_engine()  # importance="grad": captures the true gradient during backward
+    criteria = {"grad": engine.criterion, "lora": make_criterion("lora", "default"),
+                "activation": make_criterion("activation", "default")}
+    consumers = [(n, l) for m, n, l in engine.scored_members if m.axis == "cols"]
+    criteria["activation"].attach(engine.scored_layers, consumers)
     layers = dict(tuner.prune_layers())
-    groups = find_structured_groups(tuner, "default")
+    groups = engine.groups
     kinds = sorted({g.spec.structure for g in groups})
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     g = torch.Generator().manual_seed(args.seed)
     samples = {n: torch.randperm(l.out_features * l.in_features, generator=g)[: args.sample] for n, l in layers.items()}
-    averages = {c: None for c in ("lora", "grad")}
+    averages = {}
     rows = []
     model.train()
     for step in range(args.steps):
@@ -84,27 +89,29 @@ def main():
         loss = model(**enc, labels=torch.tensor(batch["label"])).loss
         loss.backward()
         with torch.no_grad():
-            sums = {"lora": {}, "grad": {}}
             element_rho = []
             for name, layer in layers.items():
-                lora_full, *lora_sums = layer_scores(engine, layer, "lora")
-                grad_full, *grad_sums = layer_scores(engine, layer, "grad")
-                sums["lora"][name], sums["grad"][name] = lora_sums, grad_sums
                 idx = samples[name]
-                element_rho.append(spearman(lora_full.flatten()[idx], grad_full.flatten()[idx]))
-                layer.lora_weight_grad["default"].zero_()
+                lora_full = layer_scores(criteria["lora"], name, layer).flatten()[idx]
+                grad_full = layer_scores(criteria["grad"], name, layer).flatten()[idx]
+                element_rho.append(spearman(lora_full, grad_full))
+            member_scores = {c: engine.step_member_scores(criteria[c]) for c in criteria}
             row = {"step": step + 1, "loss": loss.item(), "element_rho_mean": statistics.mean(element_rho),
                    "element_rho_min": min(element_rho)}
             for kind in kinds:
                 of_kind = [x for x in groups if x.spec.structure == kind]
-                now = {c: torch.cat([engine.group_scores(x, sums[c]) for x in of_kind]) for c in ("lora", "grad")}
-                row[f"{kind}_rho"] = spearman(now["lora"], now["grad"])
-                for c in ("lora", "grad"):
+                now = {c: torch.cat([engine.group_scores(x, member_scores[c]) for x in of_kind]) for c in criteria}
+                for c in criteria:
                     key = (c, kind)
                     if averages.get(key) is None:
                         averages[key] = torch.zeros_like(now[c])
                     moving_average_(averages[key], now[c], 0.9)
-                row[f"{kind}_rho_averaged"] = spearman(averages[("lora", kind)], averages[("grad", kind)])
+                for c in ("lora", "activation"):
+                    prefix = kind if c == "lora" else f"{kind}_{c}"
+                    row[f"{prefix}_rho"] = spearman(now[c], now["grad"])
+                    row[f"{prefix}_rho_averaged"] = spearman(averages[(c, kind)], averages[("grad", kind)])
+            for c in criteria.values():
+                c.reset()
         optimizer.step()
         optimizer.zero_grad()
         rows.append(row)

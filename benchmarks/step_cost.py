@@ -26,7 +26,8 @@ from common import load_model, peak_rss_mib, write_result
 
 CONFIGS = {
     "lora": None,  # plain PEFT LoRA, the baseline
-    "loraprune_structured": dict(granularity="structured", importance="lora"),
+    "loraprune_structured": dict(granularity="structured", importance="activation"),  # the default criterion
+    "loraprune_structured_lora": dict(granularity="structured", importance="lora"),  # the paper's estimator
     "loraprune_unstructured": dict(granularity="unstructured", importance="lora"),
     "loraprune_2of4": dict(granularity="2:4", importance="lora"),
     "grad_structured": dict(granularity="structured", importance="grad"),

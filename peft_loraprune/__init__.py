@@ -23,10 +23,12 @@ from .layer import LoRAPruneLayer
 from .model import LoRAPruneModel
 from .registration import LORAPRUNE_PEFT_TYPE, register
 from .reporting import SparsityReport
+from .saving import install as _install_saving
 
 __version__ = "0.1.0"
 
 register(LoRAPruneConfig, LoRAPruneModel)
+_install_saving()
 
 __all__ = [
     "LORAPRUNE_PEFT_TYPE",

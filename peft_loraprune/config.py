@@ -10,7 +10,6 @@ training run. The error always names the field and what is allowed.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -26,7 +25,8 @@ from .validation import check_choice, check_fraction, check_int
 
 GRANULARITIES = ("unstructured", "structured", "N:M")
 ADAPTATIONS = ("parallel", "sequential")
-IMPORTANCE_CRITERIA = ("lora", "grad", "magnitude")
+IMPORTANCE_CRITERIA = ("lora", "grad", "magnitude", "activation")
+GROUPWISE_CRITERIA = ("activation",)  # score whole heads and channels: structured granularity only
 BUDGETS = ("local", "global")
 SCHEDULES = ("cubic", "one_shot")
 STRUCTURES = ("heads", "channels")
@@ -182,6 +182,12 @@ class LoRAPruneConfig(PeftConfig):
             check_choice("granularity", self.granularity, GRANULARITIES[:2] + ("an 'N:M' pattern such as '2:4'",))
         check_choice("adaptation", self.adaptation, ADAPTATIONS)
         check_choice("importance", self.importance, IMPORTANCE_CRITERIA)
+        if self.importance in GROUPWISE_CRITERIA and self.is_element_granularity:
+            raise ValueError(
+                f"importance={self.importance!r} scores whole heads and channels, so it needs "
+                f"granularity='structured' (got {self.granularity!r}); for per-weight granularities use one of "
+                f"{[c for c in IMPORTANCE_CRITERIA if c not in GROUPWISE_CRITERIA]}."
+            )
         check_fraction("importance_beta", self.importance_beta)
         check_choice("importance_dtype", self.importance_dtype, IMPORTANCE_DTYPES)
         check_int("pruning_interval", self.pruning_interval, 1)
@@ -225,42 +231,14 @@ class LoRAPruneConfig(PeftConfig):
             )
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """Save ``adapter_config.json`` atomically (temporary file, then rename).
-
-        When a model has just handed over its sparsity report (it does so in ``PeftModel.save_pretrained``, see
-        ``LoRAPruneModel._get_adapter_state_dict``), the weights file PEFT has just written is next to it: record
-        ``save_digest`` over that file and this config, and write the LoRAPrune section of the model card. A config
-        saved on its own carries no digest.
-        """
-        from .integrity import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, file_digest, save_digest
-
-        report = self.__dict__.pop("_pending_card_report", None)
-        weights_hash = None
-        if report is not None:
-            weights = os.path.join(save_directory, WEIGHTS_NAME)
-            pickled = os.path.join(save_directory, PICKLE_WEIGHTS_NAME)
-            if os.path.isfile(pickled) and (
-                not os.path.isfile(weights) or os.path.getmtime(pickled) > os.path.getmtime(weights)
-            ):
-                raise ValueError(
-                    "LoRAPrune adapters are saved as safetensors only (save_pretrained(..., "
-                    f"safe_serialization=False) wrote {pickled}; pickle files can run code when loaded). "
-                    "Save again without safe_serialization=False."
-                )
-            weights_hash = file_digest(weights) if os.path.isfile(weights) else None
+        """Save ``adapter_config.json`` atomically (a temporary file, then a rename), so a killed save never leaves
+        half a config. The save digest and the model card are the saver's business (:mod:`~peft_loraprune.saving`);
+        a config saved on its own carries no digest."""
         os.makedirs(save_directory, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=save_directory, prefix=".config-") as tmp:
             self.save_digest = None
             super().save_pretrained(tmp, **kwargs)
-            if weights_hash is not None:
-                with open(os.path.join(tmp, CONFIG_NAME)) as f:
-                    self.save_digest = save_digest(weights_hash, json.load(f))
-                super().save_pretrained(tmp, **kwargs)
             os.replace(os.path.join(tmp, CONFIG_NAME), os.path.join(save_directory, CONFIG_NAME))
-        if report is not None:
-            from .model_card import write_model_card
-
-            write_model_card(save_directory, self, report)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

@@ -8,14 +8,20 @@ training loop needs, in this order at every optimizer step::
     optimizer.step(); optimizer.zero_grad()
     engine.pruning_step(step, total_steps)   # rewrites masks when the schedule says so
 
-:class:`~peft_loraprune.LoRAPruneCallback` calls exactly these from the Trainer. The maths lives in
+:class:`~peft_loraprune.LoRAPruneCallback` calls exactly these from the Trainer. How a step's gradients become
+scores is the criterion's business (:mod:`~peft_loraprune.criteria`); the maths lives in
 :mod:`~peft_loraprune.importance` and :mod:`~peft_loraprune.selection`; which modules couple, in
-:mod:`~peft_loraprune.structure`; this module only walks the layers and keeps the state.
+:mod:`~peft_loraprune.structure`. This module walks the groups and layers and owns all importance state.
 
-State kept between steps (in the layers' non-persistent buffers): per-row and per-column sums of the averaged
-element scores for structured pruning (``d_out + d_in`` floats per layer), and one score per weight for
-unstructured and N:M (in ``importance_dtype``). :meth:`state_dict` / :meth:`load_state_dict` carry it through
-checkpoints.
+State (all of it here, none in the layers; float32 whatever the model's dtype, following the model's device):
+
+* structured pruning: per group member (a module's rows or columns), the moving average of its per-group scores
+  (``n_groups`` floats). By default each step's member vector is divided by its L2 norm before it is averaged,
+  as the reference code does, so that a step's overall gradient scale (gradient clipping, loss scaling, the
+  spike after a mask rewrite) does not decide how much it counts; a group's score is the sum over its members.
+* unstructured and N:M: one moving-average score per weight, in ``importance_dtype``, averaged raw.
+
+:meth:`state_dict` / :meth:`load_state_dict` carry it through checkpoints.
 """
 
 from __future__ import annotations
@@ -25,32 +31,28 @@ from typing import Optional
 
 import torch
 
-from .distributed import all_ranks_agree, all_reduce_mean_, full_tensor, local_tensor
-from .importance import all_finite, element_scores, lora_gradient_factors, moving_average_, normalized
-from .group_ops import sum_over_groups
-from .layer import LoRAPruneLayer, ScoringFactors
+from .criteria import make_criterion
+from .distributed import all_ranks_agree, local_tensor
+from .importance import all_finite, moving_average_, normalized
+from .layer import LoRAPruneLayer
 from .mask_packing import pack_bits
 from .schedule import PruningSchedule
 from .selection import keep_top, keep_top_global, keep_top_per_row, n_m_mask, prune_count
-from .structure import find_structured_groups, resolve_dense_layers
+from .structure import BlockGroups, find_structured_groups, resolve_dense_layers
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def _gradient(param: torch.Tensor) -> Optional[torch.Tensor]:
-    """The full gradient of a parameter: ``p.grad``, or DeepSpeed's accessor when ZeRO keeps it elsewhere."""
-    if param.grad is not None:
-        return param.grad
-    try:  # pragma: no cover - only under DeepSpeed ZeRO
-        from deepspeed.utils import safe_get_full_grad
-
-        return safe_get_full_grad(param)
-    except Exception:
-        return None
+def _member_key(name: str, axis: str) -> str:
+    return f"{name}.{axis}"
 
 
 class PruningEngine:
     """Importance averaging and mask rewriting for one LoRAPrune adapter of a model."""
+
+    #: divide each step's per-member group scores by their L2 norm before averaging (the reference code's
+    #: order); False averages raw sums and normalises when ranking
+    normalize_each_step: bool = True
 
     def __init__(self, tuner, adapter_name: str) -> None:
         self.tuner = tuner
@@ -76,6 +78,10 @@ class PruningEngine:
         dense = resolve_dense_layers(self.config, blocks)
         # the layers whose element masks are pruned (unstructured / N:M); structured pruning goes through groups
         self.element_layers = [(n, l) for n, l in self.layers if tuner.block_index(n) not in dense]
+        self.criterion = None
+        self.use_criterion(self.config.importance)
+        self.member_averages: dict[str, torch.Tensor] = {}  # structured: float32, n_groups per scored member
+        self.element_averages: dict[str, torch.Tensor] = {}  # element granularities: importance_dtype, per weight
         self.n_updates = 0
         self.n_skipped = 0
         self.last_update_ok = True  # False after a skipped (non-finite) update: masks wait for a finite step
@@ -83,68 +89,59 @@ class PruningEngine:
         self.last_sparsity = 0.0
         self._warned_nonfinite = False
         self._score_dtype = _DTYPES[self.config.importance_dtype]
-        self.set_true_gradient_capture(self.config.importance == "grad")
 
-    # ------------------------------------------------------------------ "grad" criterion
-    def set_true_gradient_capture(self, enabled: bool) -> None:
-        """Allocate (or free) the full-size gradient buffers the "grad" criterion needs."""
-        for _, layer in self.layers:
-            if enabled and self.adapter not in layer.lora_weight_grad:
-                device = layer.get_base_weight().device
-                layer.lora_weight_grad[self.adapter] = torch.zeros(
-                    layer.out_features, layer.in_features, device=device
-                )
-            elif not enabled and self.adapter in layer.lora_weight_grad:
-                del layer.lora_weight_grad[self.adapter]
+    def use_criterion(self, criterion) -> None:
+        """Score with ``criterion``: a name (see :mod:`~peft_loraprune.criteria`; the config's ``importance`` at
+        creation) or a :class:`~peft_loraprune.criteria.Criterion` object. Installs its taps on the layers it
+        reads; averages already folded are kept."""
+        if isinstance(criterion, str):
+            criterion = make_criterion(criterion, self.adapter)
+        if not self.structured and not criterion.elementwise:
+            raise ValueError(
+                f"importance={criterion.name!r} scores whole heads and channels; granularity={self.config.granularity!r} "
+                "needs a per-weight criterion: 'lora', 'grad' or 'magnitude'."
+            )
+        if self.criterion is not None:
+            self.criterion.detach()
+        self.criterion = criterion
+        # what the criterion reads: structured, the group members it scores; else every element-pruned layer
+        self.scored_members = [
+            (member, name, layer) for g in self.groups for member, name, layer in g.members
+            if criterion.scores_axis(member.axis)
+        ]
+        if self.structured:
+            self.scored_layers = list({name: layer for _, name, layer in self.scored_members}.items())
+        else:
+            self.scored_layers = list(self.element_layers)
+        consumers = list({name: layer for m, name, layer in self.scored_members if m.axis == "cols"}.items())
+        criterion.attach(self.scored_layers, consumers)
+
+    def close(self) -> None:
+        """Remove the criterion's taps from the layers (the adapter is being deleted)."""
+        self.criterion.detach()
 
     # ------------------------------------------------------------------ importance
-    def gradient_rows(self, layer: LoRAPruneLayer, criterion: Optional[str] = None,
-                      factors: Optional[ScoringFactors] = None):
-        """A function ``rows -> gradient block`` (float32) for a criterion (default: the config's), None for
-        "magnitude", or ``"missing"`` when the layer got no adapter gradient this step. ``factors``: the layer's
-        :meth:`~peft_loraprune.layer.LoRAPruneLayer.scoring_factors`, when the caller already has them."""
-        criterion = criterion or self.config.importance
-        if criterion == "magnitude":
-            return None
-        if criterion == "grad":
-            g = layer.lora_weight_grad[self.adapter]
-            return lambda rows: g[rows]
-        da = _gradient(layer.lora_A[self.adapter].weight)
-        db = _gradient(layer.lora_B[self.adapter].weight)
-        if da is None or db is None:
-            return "missing"
-        f = factors if factors is not None else layer.scoring_factors(self.adapter)
-        # whole tensors: FSDP2 keeps shards (see distributed.py); a no-op otherwise
-        da, db = full_tensor(da.detach()), full_tensor(db.detach())
-        sequential = layer.adaptation[self.adapter] == "sequential"
-        p, q = lora_gradient_factors(f.a, da, f.w0 if sequential else None)
-        # G_hat = dB·P + B·Q as one rank-2r product: [dB | B] @ [P; Q] (one weight-sized write, not two)
-        left = torch.cat([db.float(), f.b.float()], dim=1)
-        right = torch.cat([p, q], dim=0)
-        return lambda rows: left[rows] @ right
-
-    def element_score_chunks(self, layer: LoRAPruneLayer, criterion: Optional[str] = None):
-        """``(rows, |W ⊙ G|)`` chunks of one layer for a criterion (see :func:`importance.element_scores`)."""
-        factors = layer.scoring_factors(self.adapter)  # gathered once, read by both sides of the product
-        gradient_rows = self.gradient_rows(layer, criterion, factors)
-        if gradient_rows == "missing":
-            return None
-        shape = (layer.out_features, layer.in_features)
-        return element_scores(
-            lambda r: layer.merged_weight_rows(self.adapter, r.start, r.stop, factors), gradient_rows, shape
-        )
-
     def _inputs_finite(self) -> bool:
         # no early exit: every rank reads every gradient in the same order (DeepSpeed's accessor is a collective)
         finite = True
-        for _, layer in self.layers:
-            tensors = [layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight]
-            if self.config.importance == "lora":
-                tensors += [g for g in (_gradient(t) for t in tensors) if g is not None]
-            elif self.config.importance == "grad":
-                tensors.append(layer.lora_weight_grad[self.adapter])
+        for name, layer in self.scored_layers:
+            tensors = self.criterion.finite_inputs(name, layer)
             finite = all_finite(*(local_tensor(t) for t in tensors)) and finite
         return finite
+
+    def step_member_scores(self, criterion=None) -> dict[str, torch.Tensor]:
+        """This step's per-member group scores (normalised when :attr:`normalize_each_step`), keyed like
+        :attr:`member_averages`; members whose layer got no gradient this step are absent. ``criterion``: another
+        criterion object to read instead of the engine's (the fidelity benchmark compares two)."""
+        criterion = criterion or self.criterion
+        out = {}
+        for member, name, layer in self.scored_members:
+            if not criterion.scores_axis(member.axis):
+                continue
+            raw = criterion.member_scores(name, layer, member.axis, member.layout)
+            if raw is not None:
+                out[_member_key(name, member.axis)] = normalized(raw) if self.normalize_each_step else raw
+        return out
 
     @torch.no_grad()
     def update_importance(self) -> bool:
@@ -154,8 +151,7 @@ class PruningEngine:
         of a distributed run (see :mod:`~peft_loraprune.distributed`). A NaN or infinite gradient or weight on any
         rank skips the whole update (masks stay as they are) with one warning.
         """
-        if self.config.importance == "grad":  # accumulated from this rank's activations: average over ranks
-            all_reduce_mean_(layer.lora_weight_grad[self.adapter] for _, layer in self.layers)
+        self.criterion.synchronize()
         if not all_ranks_agree(self._inputs_finite(), self.layers[0][1].get_base_weight().device):
             self.n_skipped += 1
             if not self._warned_nonfinite:
@@ -164,60 +160,52 @@ class PruningEngine:
                     "skipped and masks are left unchanged (warned once)."
                 )
                 self._warned_nonfinite = True
-            self._reset_true_gradients()
+            self.criterion.reset()
             self.last_update_ok = False
             return False
         beta = self.config.importance_beta
-        for _, layer in self.layers:
-            chunks = self.element_score_chunks(layer)
-            if chunks is None:  # module not used in this step's graph
-                continue
-            shape = (layer.out_features, layer.in_features)
-            row_sums = torch.zeros(shape[0], device=layer.base_weight_2d().device)
-            col_sums = torch.zeros(shape[1], device=row_sums.device)
-            elements = None
-            if not self.structured:
-                if self.adapter not in layer.lora_importance_elements:
-                    layer.lora_importance_elements[self.adapter] = torch.zeros(
-                        shape, dtype=self._score_dtype, device=row_sums.device
-                    )
-                elements = layer.lora_importance_elements[self.adapter]
-            for rows, block in chunks:
-                if elements is not None:
-                    moving_average_(elements[rows], block, beta)
-                else:
-                    row_sums[rows] = block.sum(dim=1)
-                    col_sums += block.sum(dim=0)
-            if elements is None:
-                moving_average_(layer.lora_importance_rows[self.adapter], row_sums, beta)
-                moving_average_(layer.lora_importance_cols[self.adapter], col_sums, beta)
-            layer.importance_updates[self.adapter] = layer.importance_updates.get(self.adapter, 0) + 1
-        self._reset_true_gradients()
+        if self.structured:
+            for key, step in self.step_member_scores().items():
+                moving_average_(self._average(self.member_averages, key, step.shape, step.device), step, beta)
+        else:
+            for name, layer in self.element_layers:
+                chunks = self.criterion.element_chunks(name, layer)
+                if chunks is None:  # module not used in this step's graph
+                    continue
+                device = layer.base_weight_2d().device
+                shape = (layer.out_features, layer.in_features)
+                average = self._average(self.element_averages, name, shape, device, self._score_dtype)
+                for rows, block in chunks:
+                    moving_average_(average[rows], block, beta)
+        self.criterion.reset()
         self.n_updates += 1
         self.last_update_ok = True
         return True
 
-    def _reset_true_gradients(self) -> None:
-        for _, layer in self.layers:
-            if self.adapter in layer.lora_weight_grad:
-                layer.lora_weight_grad[self.adapter].zero_()
+    @staticmethod
+    def _average(store, key, shape, device, dtype=torch.float32) -> torch.Tensor:
+        """The moving average ``store[key]``: created at zero, moved along when the model changed device."""
+        average = store.get(key)
+        if average is None:
+            average = store[key] = torch.zeros(shape, dtype=dtype, device=device)
+        elif average.device != device:
+            average = store[key] = average.to(device)
+        return average
 
     # ------------------------------------------------------------------ masks
-    def group_scores(self, groups, axis_scores: Optional[dict] = None) -> torch.Tensor:
-        """Score of every group of one ``BlockGroups``: per member, group sums of its row or column scores
-        divided by their L2 norm; then summed over the members (the reference code's rule).
+    def group_scores(self, groups: BlockGroups, member_scores: Optional[dict] = None) -> torch.Tensor:
+        """Score of every group of one ``BlockGroups``: the sum over its scored members of their averaged
+        per-group scores (each normalised to unit L2 norm first when steps were averaged raw).
 
-        ``axis_scores`` maps a member's module name to its ``(row scores, column scores)``; by default the
-        layers' averaged importance."""
-        total = None
-        for member, name, layer in groups.members:
-            if axis_scores is not None:
-                vector = axis_scores[name][0 if member.axis == "rows" else 1]
-            else:
-                axis = layer.lora_importance_rows if member.axis == "rows" else layer.lora_importance_cols
-                vector = axis[self.adapter]
-            v = normalized(sum_over_groups(vector.float(), member.layout))
-            total = v if total is None else total + v.to(total.device)
+        ``member_scores``: vectors keyed like :attr:`member_averages` to use instead of the averages."""
+        source = self.member_averages if member_scores is None else member_scores
+        total = torch.zeros(groups.spec.n_groups, device=groups.members[0][2].get_base_weight().device)
+        for member, name, _ in groups.members:
+            vector = source.get(_member_key(name, member.axis))
+            if vector is None:
+                continue
+            vector = vector.float().to(total.device)
+            total += vector if self.normalize_each_step else normalized(vector)
         return total
 
     @torch.no_grad()
@@ -231,29 +219,31 @@ class PruningEngine:
             self._prune_groups(sparsity)
         elif self.config.n_m is not None:
             n_keep_nm = self.config.n_m[1] - prune_count(self.config.n_m[1], sparsity, keep_at_least_one=False)
-            for _, layer in self.element_layers:
+            for name, layer in self.element_layers:
                 kept = layer.element_mask(self.adapter)
-                new = n_m_mask(self._element_scores(layer), kept, n_keep_nm, self.config.n_m[1])
+                new = n_m_mask(self._element_scores(name, layer), kept, n_keep_nm, self.config.n_m[1])
                 layer.set_masks(self.adapter, elements_packed=pack_bits(new))
         elif self.config.budget == "local":
-            for _, layer in self.element_layers:
+            for name, layer in self.element_layers:
                 kept = layer.element_mask(self.adapter)
                 n = kept.numel()
-                new = keep_top(self._element_scores(layer).flatten(), kept.flatten(), n - prune_count(n, sparsity))
+                new = keep_top(self._element_scores(name, layer).flatten(), kept.flatten(), n - prune_count(n, sparsity))
                 layer.set_masks(self.adapter, elements_packed=pack_bits(new.reshape(kept.shape)))
         else:
             kept = [layer.element_mask(self.adapter).flatten() for _, layer in self.element_layers]
-            scores = [normalized(self._element_scores(layer).flatten()) for _, layer in self.element_layers]
+            scores = [normalized(self._element_scores(n, layer).flatten()) for n, layer in self.element_layers]
             total = sum(k.numel() for k in kept)
             new = keep_top_global(scores, kept, total - prune_count(total, sparsity))
             for (_, layer), mask in zip(self.element_layers, new):
                 layer.set_masks(self.adapter, elements_packed=pack_bits(mask.reshape(layer.out_features, -1)))
         self.last_sparsity = sparsity
 
-    def _element_scores(self, layer: LoRAPruneLayer) -> torch.Tensor:
-        if self.adapter not in layer.lora_importance_elements:  # no update yet: every weight ties
-            return torch.zeros(layer.out_features, layer.in_features, device=layer.get_base_weight().device)
-        return layer.lora_importance_elements[self.adapter].float()
+    def _element_scores(self, name: str, layer: LoRAPruneLayer) -> torch.Tensor:
+        average = self.element_averages.get(name)
+        device = layer.get_base_weight().device
+        if average is None:  # no update yet: every weight ties
+            return torch.zeros(layer.out_features, layer.in_features, device=device)
+        return average.to(device).float()
 
     def _prune_groups(self, sparsity: float) -> None:
         for structure in sorted({g.spec.structure for g in self.groups}):
@@ -305,7 +295,7 @@ class PruningEngine:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Importance averages and counters, keyed by module name (for a checkpoint file)."""
+        """Counters and importance averages (``member.<module>.<axis>``, ``element.<module>``), for a checkpoint."""
         state = {
             "n_updates": torch.tensor(self.n_updates),
             "n_skipped": torch.tensor(self.n_skipped),
@@ -313,29 +303,37 @@ class PruningEngine:
             "pending_rewrite": torch.tensor(int(self.pending_rewrite)),
             "last_update_ok": torch.tensor(int(self.last_update_ok)),
         }
-        for name, layer in self.layers:
-            for key in ("lora_importance_rows", "lora_importance_cols", "lora_importance_elements"):
-                buf = getattr(layer, key)
-                if self.adapter in buf:
-                    state[f"{name}.{key}"] = buf[self.adapter].detach().cpu().contiguous()
+        for prefix, store in (("member", self.member_averages), ("element", self.element_averages)):
+            for key, value in store.items():
+                state[f"{prefix}.{key}"] = value.detach().cpu().contiguous()
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned; a ``ValueError`` names any tensor that does not fit."""
+        expected = {}
+        for member, name, layer in self.scored_members:
+            expected[f"member.{_member_key(name, member.axis)}"] = (member.layout[1],)
+        for name, layer in self.element_layers:
+            expected[f"element.{name}"] = (layer.out_features, layer.in_features)
+        tensors = {k: v for k, v in state.items() if k.startswith(("member.", "element."))}
+        for key, value in tensors.items():
+            if key not in expected or tuple(value.shape) != expected[key]:
+                raise ValueError(
+                    f"Importance state '{key}' (shape {tuple(value.shape)}) does not fit this adapter "
+                    f"(expected {expected.get(key, 'no such entry')}): the checkpoint belongs to another model, "
+                    "another importance criterion or another version of peft_loraprune."
+                )
         self.n_updates = int(state["n_updates"])
         self.n_skipped = int(state["n_skipped"])
         self.last_sparsity = float(state["last_sparsity"])
         self.pending_rewrite = bool(int(state["pending_rewrite"]))
         self.last_update_ok = bool(int(state["last_update_ok"]))
-        for name, layer in self.layers:
-            for key in ("lora_importance_rows", "lora_importance_cols", "lora_importance_elements"):
-                value = state.get(f"{name}.{key}")
-                if value is None:
-                    continue
-                buf = getattr(layer, key)
-                device = layer.get_base_weight().device
-                if self.adapter in buf and buf[self.adapter].shape != value.shape:
-                    raise ValueError(
-                        f"Importance state '{name}.{key}' has shape {tuple(value.shape)}, the model expects "
-                        f"{tuple(buf[self.adapter].shape)}: the checkpoint belongs to another model."
-                    )
-                buf[self.adapter] = value.to(device)
+        devices = {name: layer.get_base_weight().device for name, layer in self.layers}
+        self.member_averages.clear()
+        self.element_averages.clear()
+        for key, value in tensors.items():
+            kind, rest = key.split(".", 1)
+            if kind == "member":
+                self.member_averages[rest] = value.float().to(devices[rest.rsplit(".", 1)[0]])
+            else:
+                self.element_averages[rest] = value.to(self._score_dtype).to(devices[rest])

@@ -24,24 +24,17 @@ All three are persistent buffers whose names start with ``lora_`` and contain ``
 ``adapter_model.safetensors`` and restores them on load. The pretrained weight is never modified by training or
 pruning (only by an explicit merge), so ``disable_adapter()`` gives the original, dense base model.
 
-The layer also holds the importance state the pruning engine writes, as non-persistent buffers (never saved in
-the adapter; the Trainer callback checkpoints them): ``lora_importance_rows`` (``d_out``) and
-``lora_importance_cols`` (``d_in``), the moving averages of the element scores summed over each row and each
-column, which is all structured pruning needs; and, for element granularities only, ``lora_importance_elements``
-(``d_out x d_in`` in the config's ``importance_dtype``), allocated on the first importance update.
-
-The two weight-sized states (``lora_importance_elements`` and the "grad" baseline's ``lora_weight_grad``) are
-plain per-adapter dicts of tensors, not registered buffers: DDP broadcasts every registered buffer from rank 0
-before the first forward of each optimizer step by default (measured on torch 2.13: 86 of 86 buffers of a tiny
-Llama), which for these would be a weight-sized transfer per step of state that every rank already holds.
-``_apply`` moves and casts them with the module (``.to()``, ``.cuda()``).
+The layer holds no importance state: the pruning engine owns it (see :mod:`~peft_loraprune.engine`). A criterion
+that must observe the forward and backward pass (the true gradient, activation Taylor scores) installs a *tap*
+with :meth:`LoRAPruneLayer.add_tap`: a function called with the layer's input and output at every forward pass
+of the adapter, which may register gradient hooks on them.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -54,12 +47,6 @@ from .mask_packing import packed_shape, unpack_bits
 from .masked_linear import element_masked_linear
 
 MASK_NAMES = ("lora_mask_rows", "lora_mask_cols", "lora_mask_elements")
-IMPORTANCE_NAMES = (
-    "lora_importance_rows",
-    "lora_importance_cols",
-    "lora_importance_elements",
-    "lora_weight_grad",
-)
 
 
 class ScoringFactors(NamedTuple):
@@ -90,18 +77,11 @@ class LoRAPruneLayer(BaseTunerLayer):
         self.lora_mask_rows = BufferDict({}, persistent=True)
         self.lora_mask_cols = BufferDict({}, persistent=True)
         self.lora_mask_elements = BufferDict({}, persistent=True)
-        # Importance moving averages written by the pruning engine (see the module docstring). Not listed in
-        # `other_param_names`: PEFT would cast them to the base layer's dtype.
-        self.lora_importance_rows = BufferDict({}, persistent=False)
-        self.lora_importance_cols = BufferDict({}, persistent=False)
-        self.lora_importance_elements: dict[str, torch.Tensor] = {}  # not a buffer: see the module docstring
-        # number of importance updates folded into the averages, per adapter
-        self.importance_updates: dict[str, int] = {}
+        # functions called with (input, output) at every forward pass of an adapter (see add_tap)
+        self._taps: dict[str, list[Callable[[torch.Tensor, torch.Tensor], None]]] = {}
         # adapters whose row mask is redundant in the forward pass because every pruned row only feeds input
         # columns that a consumer layer masks (set from the architecture registry, see structure.py)
         self.rows_masked_downstream: set[str] = set()
-        # "grad" criterion only: the true gradient of the merged weight, accumulated during backward
-        self.lora_weight_grad: dict[str, torch.Tensor] = {}  # not a buffer: see the module docstring
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._merge_stash: dict[str, dict[str, torch.Tensor]] = {}
@@ -136,9 +116,6 @@ class LoRAPruneLayer(BaseTunerLayer):
         device = self.get_base_weight().device
         self.lora_mask_rows[adapter_name] = torch.ones(self.out_features, dtype=torch.bool, device=device)
         self.lora_mask_cols[adapter_name] = torch.ones(self.in_features, dtype=torch.bool, device=device)
-        self.lora_importance_rows[adapter_name] = torch.zeros(self.out_features, device=device)
-        self.lora_importance_cols[adapter_name] = torch.zeros(self.in_features, device=device)
-        self.importance_updates[adapter_name] = 0
         if config.is_element_granularity:
             shape = packed_shape((self.out_features, self.in_features))
             self.lora_mask_elements[adapter_name] = torch.full(shape, 255, dtype=torch.uint8, device=device)
@@ -161,6 +138,17 @@ class LoRAPruneLayer(BaseTunerLayer):
         """The pretrained weight as ``(d_out, d_in)``; a transposed view for GPT-2 style ``Conv1D``."""
         w = self.get_base_layer().weight
         return w.t() if self.fan_in_fan_out else w
+
+    def add_tap(self, adapter_name: str, tap: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        """Call ``tap(x, y)`` at every forward pass of ``adapter_name`` run with gradients enabled: ``x`` the input
+        as the layer uses it (column mask applied), ``y`` the output. Importance criteria use it to register
+        gradient hooks; a tap must not modify the tensors."""
+        self._taps.setdefault(adapter_name, []).append(tap)
+
+    def remove_tap(self, adapter_name: str, tap) -> None:
+        taps = self._taps.get(adapter_name, [])
+        if tap in taps:
+            taps.remove(tap)
 
     def has_element_mask(self, adapter_name: str) -> bool:
         return adapter_name in self.lora_mask_elements
@@ -296,10 +284,7 @@ class LoRAPruneLayer(BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        for name in IMPORTANCE_NAMES:
-            if adapter_name in getattr(self, name):
-                del getattr(self, name)[adapter_name]
-        self.importance_updates.pop(adapter_name, None)
+        self._taps.pop(adapter_name, None)
         self.rows_masked_downstream.discard(adapter_name)
         self._merge_stash.pop(adapter_name, None)
         for key in [k for k in self._mask_cache if k[0] == adapter_name]:
@@ -317,14 +302,6 @@ class Linear(nn.Module, LoRAPruneLayer):
         self.update_layer(adapter_name, config)
 
     # ------------------------------------------------------------------ forward
-    def _apply(self, fn, *args, **kwargs):
-        """Move/cast the weight-sized engine state (plain dicts, see the module docstring) with the module."""
-        out = super()._apply(fn, *args, **kwargs)
-        for store in (self.lora_importance_elements, self.lora_weight_grad):
-            for adapter, tensor in store.items():
-                store[adapter] = fn(tensor)
-        return out
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
@@ -345,20 +322,10 @@ class Linear(nn.Module, LoRAPruneLayer):
             y = self._forward_dense(x, adapter, *args, **kwargs)
         if adapter not in self.rows_masked_downstream and not self._mask_is_full(adapter, "rows"):
             y = y * self.lora_mask_rows[adapter].to(y.dtype)
-        if adapter in self.lora_weight_grad and y.requires_grad:
-            self._capture_weight_grad(adapter, x, y)
+        if torch.is_grad_enabled():
+            for tap in self._taps.get(adapter, ()):
+                tap(x, y)
         return y
-
-    def _capture_weight_grad(self, adapter: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Accumulate ``G = Σ grad_yᵀ·x``, the gradient of the merged weight ("grad" criterion only)."""
-        accumulator = self.lora_weight_grad[adapter]
-        x = x.detach()
-
-        def hook(grad_y: torch.Tensor) -> None:
-            g = grad_y.reshape(-1, grad_y.shape[-1]).to(accumulator.dtype)
-            accumulator.addmm_(g.t(), x.reshape(-1, x.shape[-1]).to(accumulator.dtype))
-
-        y.register_hook(hook)
 
     def _forward_dense(self, x: torch.Tensor, adapter: str, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base layer plus the low-rank path; row/column masks are applied by the caller."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
@@ -55,7 +56,9 @@ class LoRAPruneModel(BaseTuner):
             if spec is not None:
                 peft_config.target_modules = set(spec.prunable_modules)
             elif model_type in self.target_module_mapping:
-                peft_config.target_modules = set(self.target_module_mapping[model_type])
+                default = self.target_module_mapping[model_type]
+                # PEFT's mapping holds lists of names or a regex string (e.g. gemma4's); a string stays a regex
+                peft_config.target_modules = default if isinstance(default, str) else set(default)
             else:
                 raise ValueError(
                     f"target_modules is None and the model type {model_type!r} has no default; set "
@@ -116,9 +119,9 @@ class LoRAPruneModel(BaseTuner):
 
             mark_rows_masked_downstream(find_structured_groups(self, adapter_name, include_all=True), adapter_name)
             find_structured_groups(self, adapter_name)  # validates the pruned structures
-        if config.importance == "grad" and not config.inference_mode:
-            # the true-gradient baseline captures gradients during backward: its buffers must exist before the
-            # first forward pass of training
+        if not config.inference_mode:
+            # criteria that observe the backward pass (true gradient, activation Taylor) install their taps when
+            # the engine is created: it must exist before the first forward pass of training
             self.pruning_engine(adapter_name)
 
     # ------------------------------------------------------------------ adapters
@@ -133,6 +136,18 @@ class LoRAPruneModel(BaseTuner):
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} not found; available: {sorted(self.peft_config)}.")
         super().set_adapter(adapter_name, inference_mode=inference_mode)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """PEFT's entry point for per-call forward arguments: refuse mixed-adapter batches clearly (PEFT would
+        otherwise drop ``adapter_names`` for a tuner without it and run every sample on the active adapter)."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "LoRAPrune does not support mixed-adapter batches (adapter_names=...): each adapter carries its own "
+                "pruning mask, applied to whole weight rows and columns. Run one adapter per batch with "
+                "set_adapter(name)."
+            )
+        yield
 
     # ------------------------------------------------------------------ access for the engine, reports, export
     def resolve_adapter(self, adapter_name: Optional[str] = None) -> str:
@@ -181,7 +196,9 @@ class LoRAPruneModel(BaseTuner):
         return self.pruning_engine(adapter_name).pruning_step(step, total_steps)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self.__dict__.get("_pruning_engines", {}).pop(adapter_name, None)
+        engine = self.__dict__.get("_pruning_engines", {}).pop(adapter_name, None)
+        if engine is not None:
+            engine.close()
         super().delete_adapter(adapter_name)
 
     def merge_and_prune(self, adapter_name: Optional[str] = None, example_inputs: Optional[dict] = None,
@@ -207,18 +224,3 @@ class LoRAPruneModel(BaseTuner):
     def print_sparsity(self, adapter_name: Optional[str] = None) -> None:
         """Print a one-line summary in the spirit of ``print_trainable_parameters()``."""
         print(self.sparsity_report(adapter_name).summary())
-
-    # ------------------------------------------------------------------ saving
-    @classmethod
-    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """PEFT's selection of the adapter's tensors, plus the sparsity report for the model card.
-
-        ``PeftModel.save_pretrained`` calls this just before ``config.save_pretrained(output_dir)``; the report is
-        handed to the config (as a transient attribute, not a config field) so that the config can write the
-        LoRAPrune section of the model card next to the files it describes.
-        """
-        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        tuner = getattr(model, "base_model", None)
-        if isinstance(tuner, LoRAPruneModel) and isinstance(config, LoRAPruneConfig):
-            config._pending_card_report = tuner.sparsity_report(adapter_name)
-        return to_return

@@ -30,7 +30,8 @@ def load(tmp_path, name):
 def test_step_cost_smoke(tmp_path):
     run("step_cost.py", tmp_path, "--model", "tiny", "--batch", "1", "--seq", "16", "--warmup", "1", "--steps", "2")
     rows = load(tmp_path, "step_cost_tiny_b1x16")["rows"]
-    assert [r["config"] for r in rows] == ["lora", "loraprune_structured", "loraprune_unstructured", "loraprune_2of4",
+    assert [r["config"] for r in rows] == ["lora", "loraprune_structured", "loraprune_structured_lora",
+                                           "loraprune_unstructured", "loraprune_2of4",
                                            "grad_structured"]
     assert all(r["median_step_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
     assert rows[0]["time_vs_lora"] == 1.0

@@ -33,7 +33,8 @@ def launch(out: Path, *args: str, processes: int = 1, worker: Path = WORKER) -> 
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("granularity, importance, accum", [("structured", "lora", 1), ("unstructured", "grad", 2)])
+@pytest.mark.parametrize("granularity, importance, accum",
+                         [("structured", "lora", 1), ("unstructured", "grad", 2), ("structured", "activation", 2)])
 def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path, granularity, importance, accum):
     """Masks are recorded at the end of each step, before DDP's next forward broadcasts rank 0's buffers (which
     would hide a difference). The "grad" case runs with gradient accumulation (2 micro-batches per rank)."""
@@ -103,7 +104,8 @@ def test_deepspeed_gradient_accessor_is_used_when_p_grad_is_empty(monkeypatch):
 
     model, engine = trained_engine()
     assert engine.update_importance()
-    expected = {n: l.lora_importance_rows["default"].clone() for n, l in engine.layers}
+    expected = {k: v.clone() for k, v in engine.member_averages.items()}
+    assert expected
 
     model, engine = trained_engine()
     stash, asked = {}, []
@@ -117,9 +119,10 @@ def test_deepspeed_gradient_accessor_is_used_when_p_grad_is_empty(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", fake)
     monkeypatch.setitem(sys.modules, "deepspeed.utils", fake.utils)
     assert engine.update_importance()
-    assert len(set(asked)) == 2 * len(engine.layers)  # A and B of every layer
-    for name, layer in engine.layers:
-        torch.testing.assert_close(layer.lora_importance_rows["default"], expected[name], rtol=0, atol=0)
+    assert len(set(asked)) == 2 * len(engine.scored_layers)  # A and B of every scored layer
+    assert engine.member_averages.keys() == expected.keys()
+    for key, value in engine.member_averages.items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
 
 
 def test_deepspeed_zero3_partitioned_weights_are_refused_clearly():

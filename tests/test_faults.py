@@ -190,9 +190,12 @@ model.save_pretrained({str(tmp_path)!r})
 
 def test_pickle_is_neither_written_nor_read(tmp_path):
     model = get_peft_model(make_model("llama"), LoRAPruneConfig(task_type=TASK["llama"]))
+    (tmp_path / "notes.txt").write_text("kept")
     with pytest.raises(ValueError, match="safetensors only"):
         model.save_pretrained(tmp_path, safe_serialization=False)
-    assert not (tmp_path / "adapter_config.json").exists()  # the folder never became a loadable adapter
-    LoRAPruneConfig(task_type=TASK["llama"]).save_pretrained(tmp_path)  # a config with a pickle beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # refused before anything was written
+    # a pickle written by other means beside a config is not read either
+    torch.save({k: v for k, v in model.state_dict().items() if "lora_" in k}, tmp_path / "adapter_model.bin")
+    LoRAPruneConfig(task_type=TASK["llama"]).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="safetensors only"):
         PeftModel.from_pretrained(make_model("llama"), tmp_path)

@@ -1,4 +1,9 @@
-"""Each criterion against an independent computation, the moving average, and non-finite steps."""
+"""Each criterion against an independent computation, the moving average, and non-finite steps.
+
+The tiny Llama of ``conftest`` (4 query heads in 2 KV groups of head_dim 8, 48 MLP channels, default
+``head_grouping="kv_group"``) has these group members per block, written out by hand here: q rows, k rows, v rows
+and o columns per KV group; gate and up rows and down columns per channel.
+"""
 
 import warnings
 
@@ -10,10 +15,17 @@ from peft import get_peft_model
 
 from peft_loraprune import LoRAPruneConfig
 
+BETA = 0.75
+# module suffix -> (axis, number of groups along it) for the tiny Llama with kv_group heads
+MEMBERS = {
+    "q_proj": ("rows", 2), "k_proj": ("rows", 2), "v_proj": ("rows", 2), "o_proj": ("cols", 2),
+    "gate_proj": ("rows", 48), "up_proj": ("rows", 48), "down_proj": ("cols", 48),
+}
 
-def one_layer_setup(adaptation, importance, granularity, family="llama"):
+
+def one_layer_setup(adaptation, importance, granularity, family="llama", dropout=0.0):
     config = LoRAPruneConfig(task_type="CAUSAL_LM", adaptation=adaptation, importance=importance,
-                             granularity=granularity, lora_dropout=0.0, importance_beta=0.75,
+                             granularity=granularity, lora_dropout=dropout, importance_beta=BETA,
                              importance_dtype="float32")
     model = get_peft_model(make_model(family), config)
     randomize_adapter(model, seed=4)
@@ -28,24 +40,68 @@ def backward(model, seed=1):
     out.loss.backward()
 
 
-def expected_element_scores(layer, criterion, true_grad=None):
-    """|W ⊙ G| from raw tensors: hand formula for "lora", autograd's G for "grad", |W| for "magnitude"."""
+def merged_weight(layer):
     w0 = layer.base_weight_2d().detach().float()
     a = layer.lora_A["default"].weight.detach()
     b = layer.lora_B["default"].weight.detach()
     s = layer.scaling["default"]
-    sequential = layer.adaptation["default"] == "sequential"
-    w = (torch.eye(w0.shape[0]) + s * b @ a) @ w0 if sequential else w0 + s * b @ a
+    if layer.adaptation["default"] == "sequential":
+        return (torch.eye(w0.shape[0]) + s * b @ a) @ w0
+    return w0 + s * b @ a
+
+
+def expected_element_scores(layer, criterion, true_grad=None):
+    """|W ⊙ G| from raw tensors: hand formula for "lora", autograd's G for "grad", |W| for "magnitude"."""
+    w = merged_weight(layer)
     if criterion == "magnitude":
         return w.abs()
     if criterion == "grad":
         return (w * true_grad).abs()
+    a = layer.lora_A["default"].weight.detach()
+    b = layer.lora_B["default"].weight.detach()
     da = layer.lora_A["default"].weight.grad
     db = layer.lora_B["default"].weight.grad
     g_hat = db @ a + b @ da - db @ da
-    if sequential:
-        g_hat = g_hat @ w0
+    if layer.adaptation["default"] == "sequential":
+        g_hat = g_hat @ layer.base_weight_2d().detach().float()
     return (w * g_hat).abs()
+
+
+def member_of(name):
+    return MEMBERS[name.rsplit(".", 1)[-1]]
+
+
+def group_sums(scores, name):
+    """Per-group sums of a (d_out, d_in) score matrix along the member's axis (groups are contiguous here)."""
+    axis, n_groups = member_of(name)
+    vector = scores.sum(1) if axis == "rows" else scores.sum(0)
+    return vector.reshape(n_groups, -1).sum(1)
+
+
+def unit(v):
+    return v / v.norm()
+
+
+def true_merged_gradients(model, layers, seeds=(1,)):
+    """Autograd's gradient of every merged weight: each layer runs as F.linear on an explicit leaf."""
+    merged_leaves, originals = {}, {}
+    for name, layer in layers.items():
+        with torch.no_grad():
+            w = layer.merged_weight_rows("default").mul_(layer.full_mask("default")).clone()
+        merged_leaves[name] = w.requires_grad_(True)
+        originals[name] = layer.forward
+
+        def forward(x, *args, _w=w, _layer=layer, **kwargs):
+            return torch.nn.functional.linear(x, _w, _layer.merged_bias("default"))
+
+        layer.forward = forward
+    for seed in seeds:
+        backward(model, seed=seed)
+    grads = {n: w.grad.clone() for n, w in merged_leaves.items()}
+    for name, layer in layers.items():
+        layer.forward = originals[name]
+    model.zero_grad()
+    return grads
 
 
 @pytest.mark.parametrize("adaptation", ["parallel", "sequential"])
@@ -56,52 +112,101 @@ def test_first_update_matches_hand_formula(adaptation, importance, granularity):
     backward(model)
     expected = {n: expected_element_scores(l, importance) for n, l in engine.layers}
     assert engine.update_importance()
-    beta = 0.75
-    for name, layer in engine.layers:
-        e = expected[name] * (1 - beta)
-        if granularity == "structured":
-            torch.testing.assert_close(layer.lora_importance_rows["default"], e.sum(1), rtol=1e-4, atol=1e-9)
-            torch.testing.assert_close(layer.lora_importance_cols["default"], e.sum(0), rtol=1e-4, atol=1e-9)
-            assert "default" not in layer.lora_importance_elements  # no weight-sized state for structured
-        else:
-            torch.testing.assert_close(layer.lora_importance_elements["default"], e, rtol=1e-4, atol=1e-9)
+    if granularity == "unstructured":
+        assert not engine.member_averages
+        for name, _ in engine.layers:
+            torch.testing.assert_close(engine.element_averages[name], (1 - BETA) * expected[name],
+                                       rtol=1e-4, atol=1e-9)
+        return
+    assert not engine.element_averages  # no weight-sized state for structured pruning
+    assert len(engine.member_averages) == len(engine.layers)  # kv_group: every module is a member
+    for name, _ in engine.layers:
+        axis, _ = member_of(name)
+        # the reference rule: per member, group sums divided by their L2 norm, then averaged
+        torch.testing.assert_close(engine.member_averages[f"{name}.{axis}"],
+                                   (1 - BETA) * unit(group_sums(expected[name], name)), rtol=1e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("adaptation", ["parallel", "sequential"])
 def test_grad_criterion_uses_the_true_gradient_of_the_merged_weight(adaptation):
     model, engine = one_layer_setup(adaptation, "grad", "unstructured")
-    # independent: make every base weight a leaf of an explicit merged weight and let autograd differentiate
-    inputs = make_inputs("llama", seed=1)
     layers = dict(engine.layers)
-    merged_leaves = {}
-    originals = {}
-    for name, layer in layers.items():
-        with torch.no_grad():
-            w = layer.merged_weight_rows("default").clone()
-        merged_leaves[name] = w.requires_grad_(True)
-        originals[name] = layer.forward
-
-        def forward(x, *args, _w=w, _layer=layer, **kwargs):
-            bias = _layer.merged_bias("default")
-            return torch.nn.functional.linear(x, _w, bias)
-
-        layer.forward = forward
-    out = model(**inputs, labels=inputs["input_ids"])
-    out.loss.backward()
-    true_grads = {n: w.grad.clone() for n, w in merged_leaves.items()}
-    for name, layer in layers.items():
-        layer.forward = originals[name]
-    model.zero_grad()
-
+    true_grads = true_merged_gradients(model, layers)
     backward(model)
-    for name, layer in layers.items():
-        torch.testing.assert_close(layer.lora_weight_grad["default"], true_grads[name], rtol=1e-4, atol=1e-7)
+    for name in layers:
+        torch.testing.assert_close(engine.criterion.gradients[name], true_grads[name], rtol=1e-4, atol=1e-7)
     expected = {n: expected_element_scores(l, "grad", true_grads[n]) for n, l in layers.items()}
     engine.update_importance()
+    for name in layers:
+        torch.testing.assert_close(engine.element_averages[name], (1 - BETA) * expected[name], rtol=1e-4, atol=1e-9)
+        assert not engine.criterion.gradients[name].any()  # reset for the next step
+
+
+def test_grad_criterion_weighs_a_clipped_step_like_the_optimizer_sees_it():
+    """The captured gradient is raw; the Trainer clips the adapter gradients before the update. The "grad"
+    scores of a clipped step are scaled by the clipping coefficient, as "lora" scores are."""
+    model, engine = one_layer_setup("parallel", "grad", "unstructured")
+    layers = dict(engine.layers)
+    true_grads = true_merged_gradients(model, layers)
+    backward(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    total_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=1e-3)
+    coefficient = 1e-3 / (float(total_norm) + 1e-6)
+    assert coefficient < 0.1  # the step was really clipped
+    expected = {n: expected_element_scores(l, "grad", true_grads[n] * coefficient) for n, l in layers.items()}
+    engine.update_importance()
+    for name in layers:
+        torch.testing.assert_close(engine.element_averages[name], (1 - BETA) * expected[name], rtol=1e-3, atol=1e-12)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_criterion_is_the_taylor_term_of_removing_each_group(dropout):
+    """Scaling a group's input columns by a gate γ (1 here) and differentiating gives, by autograd alone, the
+    first-order change of the loss when the group is removed: ∂L/∂γ_c. Two micro-batches add up before the abs."""
+    model, engine = one_layer_setup("parallel", "activation", "structured", dropout=dropout)
+    layers = dict(engine.layers)
+    consumers = {n: l for n, l in layers.items() if member_of(n)[0] == "cols"}
+    assert sorted(n for n, _ in engine.scored_layers) == sorted(consumers)  # nothing else is read
+    gates = {n: torch.ones(l.in_features, requires_grad=True) for n, l in consumers.items()}
+    handles = [l.register_forward_pre_hook(lambda m, args, _g=gates[n]: (args[0] * _g,) + args[1:])
+               for n, l in consumers.items()]
+    torch.manual_seed(0)
+    backward(model, seed=1)
+    backward(model, seed=2)
+    for h in handles:
+        h.remove()
+    engine.criterion.reset()
+    model.zero_grad()
+    torch.manual_seed(0)  # the same dropout masks
+    backward(model, seed=1)
+    backward(model, seed=2)
+    assert engine.update_importance()
+    assert set(engine.member_averages) == {f"{n}.cols" for n in consumers}
+    for name in consumers:
+        taylor = gates[name].grad.reshape(member_of(name)[1], -1).sum(1).abs()
+        torch.testing.assert_close(engine.member_averages[f"{name}.cols"], (1 - BETA) * unit(taylor),
+                                   rtol=1e-4, atol=1e-7)
+
+
+def test_activation_criterion_equals_the_weight_gradient_form():
+    """Without dropout the same Taylor term is Σ_{j, c ∈ C} W_jc·G_jc with G the merged weight's gradient."""
+    model, engine = one_layer_setup("parallel", "activation", "structured")
+    layers = dict(engine.layers)
+    true_grads = true_merged_gradients(model, layers)
+    backward(model)
+    assert engine.update_importance()
     for name, layer in layers.items():
-        torch.testing.assert_close(layer.lora_importance_elements["default"], 0.25 * expected[name],
-                                   rtol=1e-4, atol=1e-9)
-        assert not layer.lora_weight_grad["default"].any()  # reset for the next step
+        if member_of(name)[0] == "cols":
+            taylor = group_sums(merged_weight(layer) * true_grads[name], name).abs()
+            torch.testing.assert_close(engine.member_averages[f"{name}.cols"], (1 - BETA) * unit(taylor),
+                                       rtol=1e-4, atol=1e-7)
+
+
+def test_activation_criterion_refused_for_per_weight_granularities():
+    with pytest.raises(ValueError, match="importance='activation'.*granularity='structured'"):
+        LoRAPruneConfig(importance="activation", granularity="unstructured")
+    with pytest.raises(ValueError, match="importance='activation'.*granularity='structured'"):
+        LoRAPruneConfig(importance="activation", granularity="2:4")
 
 
 def test_lora_criterion_never_gives_pretrained_weights_a_gradient():
@@ -113,8 +218,9 @@ def test_lora_criterion_never_gives_pretrained_weights_a_gradient():
             assert p.grad is None and not p.requires_grad, name
 
 
-def test_moving_average_over_two_steps():
-    model, engine = one_layer_setup("parallel", "lora", "unstructured")
+@pytest.mark.parametrize("granularity", ["structured", "unstructured"])
+def test_moving_average_over_two_steps(granularity):
+    model, engine = one_layer_setup("parallel", "lora", granularity)
     backward(model, seed=1)
     first = {n: expected_element_scores(l, "lora") for n, l in engine.layers}
     engine.update_importance()
@@ -122,16 +228,54 @@ def test_moving_average_over_two_steps():
     backward(model, seed=2)
     second = {n: expected_element_scores(l, "lora") for n, l in engine.layers}
     engine.update_importance()
-    for name, layer in engine.layers:
-        expected = 0.75 * 0.25 * first[name] + 0.25 * second[name]
-        torch.testing.assert_close(layer.lora_importance_elements["default"], expected, rtol=1e-4, atol=1e-9)
+    for name, _ in engine.layers:
+        if granularity == "unstructured":
+            expected = BETA * (1 - BETA) * first[name] + (1 - BETA) * second[name]
+            torch.testing.assert_close(engine.element_averages[name], expected, rtol=1e-4, atol=1e-9)
+        else:
+            f, s = (unit(group_sums(x[name], name)) for x in (first, second))
+            expected = BETA * (1 - BETA) * f + (1 - BETA) * s
+            torch.testing.assert_close(engine.member_averages[f"{name}.{member_of(name)[0]}"], expected,
+                                       rtol=1e-4, atol=1e-9)
+
+
+def test_raw_averaging_normalises_when_ranking():
+    """``normalize_each_step=False`` (the study's alternative order) averages raw sums; ranking normalises."""
+    model, engine = one_layer_setup("parallel", "lora", "structured")
+    engine.normalize_each_step = False
+    backward(model)
+    expected = {n: expected_element_scores(l, "lora") for n, l in engine.layers}
+    engine.update_importance()
+    for name, _ in engine.layers:
+        raw = (1 - BETA) * group_sums(expected[name], name)
+        torch.testing.assert_close(engine.member_averages[f"{name}.{member_of(name)[0]}"], raw, rtol=1e-4, atol=1e-9)
+    heads = next(g for g in engine.groups if g.spec.structure == "heads")
+    by_hand = sum(unit(group_sums(expected[n], n)) for _, n, _ in heads.members)
+    torch.testing.assert_close(engine.group_scores(heads), by_hand, rtol=1e-4, atol=1e-7)
+
+
+def test_importance_state_stays_float32_when_the_model_is_cast():
+    """The engine owns the averages: ``model.to(bfloat16)`` casts the model, not them, and a bfloat16 run's
+    averages stay float32 and close to a float32 run's."""
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, engine = one_layer_setup("parallel", "lora", "structured")
+        model.to(dtype)
+        for seed in (1, 2):
+            backward(model, seed=seed)
+            assert engine.update_importance()
+            model.zero_grad()
+        assert all(v.dtype == torch.float32 for v in engine.member_averages.values())
+        results[dtype] = engine.member_averages
+    for key, value in results[torch.float32].items():
+        torch.testing.assert_close(results[torch.bfloat16][key], value, rtol=0.1, atol=0.02)
 
 
 def test_non_finite_gradient_skips_update_once_warned_and_leaves_masks():
     model, engine = one_layer_setup("parallel", "lora", "structured")
     backward(model)
     engine.update_importance()
-    before = {n: l.lora_importance_rows["default"].clone() for n, l in engine.layers}
+    before = {k: v.clone() for k, v in engine.member_averages.items()}
     masks = {k: v.clone() for k, v in model.state_dict().items() if "mask" in k}
     model.zero_grad()
     backward(model, seed=3)
@@ -139,8 +283,9 @@ def test_non_finite_gradient_skips_update_once_warned_and_leaves_masks():
     first_layer.lora_B["default"].weight.grad[0, 0] = float("nan")
     with pytest.warns(UserWarning, match="NaN or infinite"):
         assert engine.update_importance() is False
-    for name, layer in engine.layers:
-        assert torch.equal(layer.lora_importance_rows["default"], before[name])
+    assert engine.member_averages.keys() == before.keys()
+    for key, value in engine.member_averages.items():
+        assert torch.equal(value, before[key])
     # a rewrite due now waits for a finite step
     total = 10  # the schedule's last rewrite is at step 9 = round(0.9 * 10)
     assert engine.pruning_step(9, total) is None and engine.pending_rewrite
@@ -154,3 +299,18 @@ def test_non_finite_gradient_skips_update_once_warned_and_leaves_masks():
     assert engine.update_importance()
     assert engine.pruning_step(10, total) == 0.5
     assert model.base_model.sparsity_report().sparsity == pytest.approx(0.5)
+
+
+def test_importance_state_round_trips_and_refuses_a_foreign_checkpoint():
+    model, engine = one_layer_setup("parallel", "lora", "structured")
+    backward(model)
+    engine.update_importance()
+    state = engine.state_dict()
+    _, fresh = one_layer_setup("parallel", "lora", "structured")
+    fresh.load_state_dict(state)
+    assert fresh.member_averages.keys() == engine.member_averages.keys()
+    for key, value in engine.member_averages.items():
+        assert torch.equal(fresh.member_averages[key], value)
+    _, other = one_layer_setup("parallel", "lora", "unstructured")
+    with pytest.raises(ValueError, match="does not fit this adapter"):
+        other.load_state_dict(state)

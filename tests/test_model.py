@@ -64,3 +64,27 @@ def test_sparsity_report_counts_masks(capsys):
     assert report.sparsity == pytest.approx(26 / 52)
     model.print_sparsity()
     assert "sparsity: 50.00%" in capsys.readouterr().out
+
+
+def test_a_regex_default_from_peft_mapping_targets_modules_not_characters(monkeypatch):
+    """PEFT's default-target mapping may hold a regex string (it ships one for gemma4); it must be used as a
+    regex, not split into single characters."""
+    import peft_loraprune.model as tuner_module
+
+    monkeypatch.setattr(tuner_module, "get_architecture", lambda model_type: None)  # the PEFT mapping decides
+    mapping = {**tuner_module.LoRAPruneModel.target_module_mapping, "gpt2": r".*\.h\.1\.attn\.c_attn"}
+    monkeypatch.setattr(tuner_module.LoRAPruneModel, "target_module_mapping", mapping)
+    peft_model = get_peft_model(make_model("gpt2"), LoRAPruneConfig(granularity="unstructured"))
+    assert [n for n, _ in peft_model.base_model.prune_layers()] == ["transformer.h.1.attn.c_attn"]
+
+
+def test_mixed_adapter_batches_are_refused_not_silently_ignored():
+    from conftest import make_inputs
+
+    model = get_peft_model(make_model("llama"), LoRAPruneConfig(task_type="CAUSAL_LM"))
+    inputs = make_inputs("llama")
+    with pytest.raises(ValueError, match="mixed-adapter batches"):
+        model(**inputs, adapter_names=["default", "default"])
+    with pytest.raises(ValueError, match="mixed-adapter batches"):
+        model.generate(input_ids=inputs["input_ids"], max_new_tokens=2, adapter_names=["default", "default"])
+    model(**inputs)  # without the argument nothing changes

@@ -112,11 +112,15 @@ def test_gradient_accumulation_gives_the_same_importance(tmp_path):
     for batch, accum in ((8, 1), (2, 4)):
         model = peft("llama", target_sparsity=0.5)
         run(model, "llama", tmp_path / f"b{batch}", steps=4, batch=batch, accum=accum).train()
-        states.append({n: (l.lora_importance_rows["default"].clone(), l.lora_mask_rows["default"].clone())
-                       for n, l in model.base_model.prune_layers()})
-    for name in states[0]:
-        torch.testing.assert_close(states[0][name][0], states[1][name][0], rtol=1e-3, atol=1e-9)
-        assert torch.equal(states[0][name][1], states[1][name][1])
+        importance = model.base_model.pruning_engine().member_averages
+        assert importance
+        states.append(({k: v.clone() for k, v in importance.items()},
+                       {n: l.lora_mask_rows["default"].clone() for n, l in model.base_model.prune_layers()}))
+    assert states[0][0].keys() == states[1][0].keys()
+    for key in states[0][0]:
+        torch.testing.assert_close(states[0][0][key], states[1][0][key], rtol=1e-3, atol=1e-9)
+    for name in states[0][1]:
+        assert torch.equal(states[0][1][name], states[1][1][name])
 
 
 class StopAt(transformers.TrainerCallback):
@@ -131,7 +135,7 @@ class StopAt(transformers.TrainerCallback):
 def test_resume_equals_uninterrupted_run(tmp_path):
     def final_state(model):
         return {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k} | {
-            f"{n}.importance": l.lora_importance_rows["default"].clone() for n, l in model.base_model.prune_layers()
+            f"importance.{k}": v.clone() for k, v in model.base_model.pruning_engine().state_dict().items()
         }
 
     straight = peft("llama", target_sparsity=0.5)

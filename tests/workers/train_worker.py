@@ -111,11 +111,9 @@ def main():
 
     rank = int(os.environ.get("RANK", "0"))
     final = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if "lora_" in k}
-    for name, layer in model.base_model.prune_layers():
-        final[f"{name}.importance_rows"] = layer.lora_importance_rows["default"].clone()
-        final[f"{name}.importance_cols"] = layer.lora_importance_cols["default"].clone()
-        if "default" in layer.lora_importance_elements:
-            final[f"{name}.importance_elements"] = layer.lora_importance_elements["default"].float().clone()
+    for key, value in model.base_model.pruning_engine().state_dict().items():
+        if key.startswith(("member.", "element.")):
+            final[f"importance.{key}"] = value.float().clone()
     save_file(final, str(out / f"rank{rank}.safetensors"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     (out / f"rank{rank}.json").write_text(json.dumps({"world_size": world, "steps": recorder.steps}))

@@ -1,0 +1,365 @@
+"""LoRAPrune beside the structured pruners people use, in the same runs: equal parameters removed, equal tokens.
+
+Tasks (``--task``):
+
+* ``smollm2``: SmolLM2-135M (Llama, 9 query heads in 3 KV groups) on the Wikipedia leads that ship offline;
+  held-out perplexity of the pruned model, and zero-shot accuracy through lm-evaluation-harness on local tasks
+  (``examples/local_tasks.py``: Rotten Tomatoes sentiment, Wikipedia next-sentence choice).
+* ``minilm``: all-MiniLM-L6-v2 (BERT) fine-tuned on Rotten Tomatoes sentences; test accuracy.
+
+Methods (``--methods``), all pruning the same units (heads as query heads inside KV groups, MLP channels) to the
+same fraction in every block, all trained with the same LoRA (rank, alpha, dropout, learning rate, steps, batch):
+
+* ``loraprune-<criterion>``: LoRAPrune while fine-tuning (cubic schedule), criterion ``activation`` (the
+  package default), ``lora`` (the paper's estimator), ``grad`` (true gradient), ``magnitude``;
+  ``loraprune-<criterion>-oneshot``: all pruning at the warm-up step.
+* ``llm-pruner``: LLM-Pruner's recipe: one-shot structured pruning of the pretrained model with first-order
+  Taylor group importance (``|W ⊙ G|`` summed over the group's weights in every coupled module, true gradients
+  from calibration batches), then LoRA recovery with the masks fixed. Channel scores come from Torch-Pruning
+  (``tp.DependencyGraph`` groups of gate/up/down, ``tp.importance.GroupTaylorImportance``), the dependency engine
+  LLM-Pruner is built on. Torch-Pruning 1.6.1 does not finish building the attention groups of these models
+  (``get_pruning_group`` on q_proj or o_proj ran past 100 s on a two-block model), so head scores use the same
+  rule, computed here from the same gradients.
+* ``wanda-sp``: structured Wanda (An et al., FLAP's baseline): a consumer input column ``j`` (o_proj for a head,
+  down_proj for a channel) scores ``‖X_j‖₂ · Σ_i |W_ij|`` with ``X`` its input on calibration batches; a head
+  sums its columns. One-shot, then LoRA recovery.
+* ``dense-lora``: LoRA without pruning (the ceiling).
+
+One process per cell (method, sparsity, seed), so peak memory is the cell's own; results are appended to
+``benchmarks/results/peers_<task>.json`` after every cell, and cells already there are skipped.
+
+    python benchmarks/peers.py --task smollm2 --steps 1000 --sparsities 0.5,0.2 --seeds 0,1
+    python benchmarks/peers.py --task minilm --sparsities 0.5 --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from common import RESULTS_DIR, peak_rss_mib, summarise, write_result
+
+import peft_loraprune  # noqa: F401
+from peft import get_peft_model
+from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig
+from peft_loraprune.group_ops import sum_over_groups
+
+PEERS = ("llm-pruner", "wanda-sp")
+
+
+# ---------------------------------------------------------------------------------------------------- tasks
+class SmolLM2Wikipedia:
+    """Causal LM on Wikipedia leads; metric: held-out perplexity (lower is better)."""
+
+    name = "smollm2"
+    metric = "perplexity"
+    task_type = "CAUSAL_LM"
+    head_grouping = "query_head"
+
+    def __init__(self, args):
+        import local_assets
+        from causal_lm import blocks_of, load_text
+
+        self.args = args
+        self.path = str(local_assets.smollm2_fp32_dir())
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)
+        text = load_text("wikipedia_leads", 0)  # one fixed split for every seed
+        self.train = blocks_of(text["train"], self.tokenizer, args.block_size, None)
+        self.test = blocks_of(text["test"], self.tokenizer, args.block_size, args.max_eval_blocks)
+
+    def model(self):
+        return transformers.AutoModelForCausalLM.from_pretrained(self.path)
+
+    def training_args(self, out_dir, seed):
+        return dict(max_steps=self.args.steps, per_device_train_batch_size=self.args.batch,
+                    learning_rate=self.args.lr or 5e-4, seed=seed)
+
+    def train_tokens(self):
+        return self.args.steps * self.args.batch * self.args.block_size
+
+    def calibration(self, n_batches, seed):
+        """Batches from the training data (not the test split), as one-shot pruners draw them."""
+        g = torch.Generator().manual_seed(1000 + seed)
+        order = torch.randperm(len(self.train), generator=g)[: n_batches * self.args.batch].tolist()
+        ids = torch.tensor(self.train.select(order)["input_ids"])
+        return [{"input_ids": b, "labels": b} for b in ids.split(self.args.batch)], ids.numel()
+
+    def trainer(self, model, targs, callbacks):
+        return transformers.Trainer(model=model, args=targs, train_dataset=self.train, callbacks=callbacks)
+
+    def evaluate(self, model, trainer):
+        from causal_lm import perplexity
+
+        return {"perplexity": perplexity(model, self.test)}
+
+    def zero_shot(self, model, limit):
+        import lm_eval
+        import local_tasks
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+
+        folder = local_tasks.write_tasks(Path(self.args.work_dir) / "local_tasks", limit=limit,
+                                         tasks=("rt_sentiment", "wiki_continuation"))
+        res = lm_eval.simple_evaluate(
+            model=HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=32),
+            tasks=["rt_sentiment", "wiki_continuation"], task_manager=TaskManager(include_path=str(folder)),
+            log_samples=False,
+        )["results"]
+        return {"rt_sentiment_acc": res["rt_sentiment"]["acc,none"],
+                "wiki_continuation_acc_norm": res["wiki_continuation"]["acc_norm,none"]}
+
+
+class MiniLMRottenTomatoes:
+    """Sentence classification; metric: test accuracy (higher is better)."""
+
+    name = "minilm"
+    metric = "accuracy"
+    task_type = "SEQ_CLS"
+    head_grouping = "kv_group"
+
+    def __init__(self, args):
+        import local_assets
+
+        self.args = args
+        self.path = local_assets.resolve_model("minilm")
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)
+        raw = local_assets.rotten_tomatoes(0)
+        raw["train"] = raw["train"].select(range(args.max_train_samples))
+        self.data = raw.map(lambda b: self.tokenizer(b["text"], truncation=True, max_length=64), batched=True,
+                            remove_columns=["text"])
+
+    def model(self):
+        return transformers.AutoModelForSequenceClassification.from_pretrained(self.path, num_labels=2)
+
+    def training_args(self, out_dir, seed):
+        return dict(num_train_epochs=1.0, per_device_train_batch_size=32, learning_rate=self.args.lr or 1e-3, seed=seed)
+
+    def train_tokens(self):
+        return int(sum(len(x) for x in self.data["train"]["input_ids"]))
+
+    def calibration(self, n_batches, seed):
+        collate = transformers.DataCollatorWithPadding(self.tokenizer)
+        rows = self.data["train"].shuffle(seed=1000 + seed).select(range(n_batches * 32))
+        batches = [collate([rows[i] for i in range(s, s + 32)]) for s in range(0, len(rows), 32)]
+        for b in batches:
+            b["labels"] = b.pop("label") if "label" in b else b["labels"]
+        return batches, int(sum(int(b["attention_mask"].sum()) for b in batches))
+
+    def trainer(self, model, targs, callbacks):
+        return transformers.Trainer(model=model, args=targs, train_dataset=self.data["train"],
+                                    data_collator=transformers.DataCollatorWithPadding(self.tokenizer),
+                                    callbacks=callbacks)
+
+    def evaluate(self, model, trainer):
+        import numpy as np
+
+        pred = trainer.predict(self.data["test"])
+        return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
+
+    def zero_shot(self, model, limit):
+        return {}
+
+
+TASKS = {t.name: t for t in (SmolLM2Wikipedia, MiniLMRottenTomatoes)}
+
+
+# ---------------------------------------------------------------------------------------------------- peers' scores
+def plain_groups(model, head_grouping: str):
+    """``(GroupSpec, [(member, module name)])`` of every block of a plain (not yet adapted) model, from the
+    package's architecture registry: the units and layouts LoRAPrune prunes, so every method removes the same."""
+    from peft_loraprune.architectures import require_architecture
+
+    spec = require_architecture(model.config.model_type)
+    by_block = {}
+    for name, _ in model.named_modules():
+        located = spec.locate(name)
+        if located is not None:
+            by_block.setdefault(located[0], {})[located[1]] = name
+    return [(g, [(m, modules[m.module]) for m in g.members])
+            for _, modules in sorted(by_block.items()) for g in spec.groups(model.config, head_grouping)]
+
+
+def wanda_sp_scores(base, groups, batches) -> dict:
+    """``‖X_j‖₂ · Σ_i |W_ij|`` per consumer input column, summed over each group's columns."""
+    modules = dict(base.named_modules())
+    consumers = [(m, name) for _, members in groups for m, name in members if m.axis == "cols"]
+    squares, hooks = {}, []
+    for _, name in consumers:
+        def hook(module, args, _name=name):
+            x = args[0].detach().float()
+            squares[_name] = squares.get(_name, 0) + x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+        hooks.append(modules[name].register_forward_pre_hook(hook))
+    base.eval()
+    with torch.no_grad():
+        for batch in batches:
+            base(**{k: v for k, v in batch.items() if k != "labels"})
+    for h in hooks:
+        h.remove()
+    scores = {}
+    for member, name in consumers:
+        w = modules[name].weight.detach().float().abs().sum(0)
+        scores[f"{name}.cols"] = sum_over_groups(squares[name].sqrt() * w, member.layout)
+    return scores
+
+
+def llm_pruner_scores(base, groups, batches, model_inputs) -> tuple[dict, dict]:
+    """First-order Taylor group importance from true gradients on calibration batches (LLM-Pruner's
+    element-wise rule: ``|W ⊙ G|`` summed over the group's weights in each coupled module, then over modules).
+    Channels through Torch-Pruning's dependency graph and ``GroupTaylorImportance``; heads by the same rule."""
+    import torch_pruning as tp
+
+    base.train()
+    base.requires_grad_(True)
+    base.zero_grad()
+    for batch in batches:
+        base(**batch).loss.backward()
+    modules = dict(base.named_modules())
+    scores, check = {}, {}
+    graph = tp.DependencyGraph().build_dependency(base, example_inputs=model_inputs,
+                                                  forward_fn=lambda m, x: m(**x).logits)
+    importance = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)
+    for g, members in groups:
+        per_member = []
+        for member, name in members:
+            w = modules[name].weight
+            e = (w.detach() * w.grad).abs().float()
+            axis_sum = e.sum(1) if member.axis == "rows" else e.sum(0)
+            per_member.append(sum_over_groups(axis_sum, member.layout))
+        own = torch.stack(per_member).sum(0)
+        key = f"{members[0][1]}.{members[0][0].axis}"
+        if g.structure == "channels":
+            root = modules[members[0][1]]  # gate_proj / intermediate.dense
+            group = graph.get_pruning_group(root, tp.prune_linear_out_channels, idxs=list(range(g.n_groups)))
+            scores[key] = importance(group).float()
+            check[key] = float(torch.corrcoef(torch.stack([scores[key], own]))[0, 1])
+        else:
+            scores[key] = own
+    base.zero_grad(set_to_none=True)
+    base.requires_grad_(False)
+    return scores, check
+
+
+# ---------------------------------------------------------------------------------------------------- one cell
+def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
+    transformers.set_seed(seed)
+    start = time.time()
+    base = task.model()
+    criterion, schedule = "magnitude", "cubic"  # peers: masks set once; the criterion is never used
+    if method.startswith("loraprune-"):
+        parts = method.split("-")
+        criterion = parts[1]
+        schedule = "one_shot" if parts[-1] == "oneshot" else "cubic"
+    config = LoRAPruneConfig(
+        task_type=task.task_type, r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05,
+        target_sparsity=0.0 if method == "dense-lora" else sparsity, importance=criterion, schedule=schedule,
+        head_grouping=task.head_grouping, pruning_interval=args.pruning_interval,
+    )
+    row = {"task": task.name, "method": method, "sparsity": sparsity, "seed": seed,
+           "train_tokens": task.train_tokens(), "calibration_tokens": 0}
+    callbacks = []
+    if method in PEERS:
+        batches, row["calibration_tokens"] = task.calibration(args.calibration_batches, seed)
+        groups = plain_groups(base, task.head_grouping)
+        if method == "wanda-sp":
+            scores = wanda_sp_scores(base, groups, batches)
+        else:
+            inputs = {k: v[:1] for k, v in batches[0].items() if k != "labels"}
+            scores, check = llm_pruner_scores(base, groups, batches, inputs)
+            row["torch_pruning_vs_own_channel_corr"] = min(check.values()) if check else None
+        model = get_peft_model(base, config)
+        engine = model.base_model.pruning_engine()
+        engine.member_averages.clear()
+        engine.member_averages.update(scores)
+        engine.prune_to(sparsity)
+        row["calibration_seconds"] = time.time() - start
+    else:
+        model = get_peft_model(base, config)
+        if method != "dense-lora":
+            callbacks = [LoRAPruneCallback()]
+    targs = transformers.TrainingArguments(
+        output_dir=str(Path(args.work_dir) / "run"), report_to="none", save_strategy="no", use_cpu=True,
+        disable_tqdm=True, logging_steps=50, bf16=args.bf16, **task.training_args(args.work_dir, seed),
+    )
+    trainer = task.trainer(model, targs, callbacks)
+    trainer.train()
+    row["seconds"] = time.time() - start
+    row["peak_rss_mib"] = peak_rss_mib()
+    report = model.base_model.sparsity_report()
+    row["sparsity_by_unit"] = report.sparsity_by_unit()
+    row["weights_kept_in_adapted_modules"] = report.weights_kept
+    row.update(task.evaluate(model, trainer))
+    if args.zero_shot:
+        merged = model.merge_and_unload()
+        row.update(task.zero_shot(merged, args.zero_shot_limit))
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=sorted(TASKS), default="smollm2")
+    parser.add_argument("--methods", default="loraprune-activation,llm-pruner,wanda-sp,loraprune-lora,loraprune-grad")
+    parser.add_argument("--sparsities", default="0.5,0.2")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--steps", type=int, default=1000, help="smollm2: optimizer steps of batch x block_size")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--block_size", type=int, default=64)
+    parser.add_argument("--max_eval_blocks", type=int, default=64)
+    parser.add_argument("--max_train_samples", type=int, default=4000, help="minilm: training sentences")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--pruning_interval", type=int, default=5)
+    parser.add_argument("--calibration_batches", type=int, default=8)
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training (every method)")
+    parser.add_argument("--zero_shot", action="store_true", help="smollm2: lm-eval local tasks on each model")
+    parser.add_argument("--zero_shot_limit", type=int, default=None)
+    parser.add_argument("--work_dir", default="/tmp/peers")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # method,sparsity,seed: one cell, then exit
+    args = parser.parse_args()
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+
+    if args.cell:
+        method, sparsity, seed = args.cell.split(",")
+        row = run_cell(TASKS[args.task](args), method, float(sparsity), int(seed), args)
+        print("ROW " + json.dumps(row), flush=True)
+        return
+
+    name = f"peers_{args.task}"
+    path = (Path(args.out) if args.out else RESULTS_DIR) / f"{name}.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for sparsity in [float(s) for s in args.sparsities.split(",")]:
+            for method in args.methods.split(","):
+                s = 0.0 if method == "dense-lora" else sparsity
+                if any(r["method"] == method and r["sparsity"] == s and r["seed"] == seed for r in rows):
+                    continue
+                cmd = [sys.executable, __file__, *sys.argv[1:], "--cell", f"{method},{s},{seed}"]
+                out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent,
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+                found = [line[4:] for line in out.stdout.splitlines() if line.startswith("ROW ")]
+                if out.returncode != 0 or not found:
+                    print(out.stdout[-2000:], out.stderr[-6000:], file=sys.stderr)
+                    raise SystemExit(f"cell {method} {s} seed {seed} failed")
+                rows.append(json.loads(found[-1]))
+                print(rows[-1], flush=True)
+                for r in rows:
+                    r["variant"] = f"{r['method']} {r['sparsity']:.0%}"
+                settings = {k: v for k, v in vars(args).items() if k not in ("cell", "out", "work_dir")}
+                write_result(name, {"settings": settings,
+                                    "summary": summarise(rows, TASKS[args.task].metric), "rows": rows}, args.out)
+    for variant, s in summarise(rows, TASKS[args.task].metric).items():
+        print(f"{variant:32s} {s['mean']:9.4f} ± {s['std']:.4f} (n={s['n']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""Importance criteria: how the gradients of one optimizer step become scores.
+
+Each criterion is a small object with one interface (the engine never branches on a criterion's name):
+
+* :meth:`Criterion.attach` installs what it must observe during the forward/backward pass (a *tap* on a layer,
+  see :meth:`~peft_loraprune.layer.LoRAPruneLayer.add_tap`); :meth:`Criterion.detach` removes it;
+* :meth:`Criterion.synchronize` averages rank-local accumulators over ranks (distributed training);
+* :meth:`Criterion.finite_inputs` lists the tensors whose finiteness decides whether a step is scored;
+* :meth:`Criterion.element_chunks` yields ``(rows, |W ⊙ G|)`` chunks of one layer (element-wise criteria only);
+* :meth:`Criterion.member_scores` gives one member's raw per-group scores for this step (structured pruning);
+* :meth:`Criterion.reset` clears per-step accumulators after the step.
+
+The criteria (``LoRAPruneConfig.importance``):
+
+``"lora"``  -- :class:`LoRAGradientEstimate`, the paper's estimator. The gradient of the merged weight is
+    estimated from the adapter gradients alone, ``G_hat = dB·A + B·dA − dB·dA`` (``·W0`` for sequential
+    adaptation), and a weight scores ``|W ⊙ G_hat|``. A group sums its weights' scores in each member module.
+    Since ``dB = s·G·Aᵀ`` and ``dA = s·Bᵀ·G``, ``G_hat`` is the true gradient projected on A's row space and B's
+    column space (rank ≤ 2r): good for the rows of producing modules, near noise for the columns of consuming
+    modules while ``B ≈ 0`` (see the design notes, section 6).
+``"grad"``  -- :class:`TrueGradient`: ``|W ⊙ G|`` with the true gradient ``G`` of the merged weight, accumulated
+    during backward (one weight-sized float32 buffer per scored layer): the memory-heavy baseline.
+``"magnitude"`` -- :class:`Magnitude`: ``|W|``.
+``"activation"`` -- :class:`ActivationTaylor` (structured only): the first-order Taylor estimate of the loss
+    change when a whole group is removed, taken where the group enters its consuming module. Zeroing input
+    column ``c`` of a consumer (o_proj for a head, down_proj for a channel) removes the group exactly, and
+    ``Σ_j W_jc·G_jc = Σ_tokens x_c·(∂L/∂x)_c``: the input activation times its gradient, which the backward pass
+    computes anyway. A group scores ``|Σ_{c ∈ group} Σ_tokens x_c·(∂L/∂x)_c|`` per step (Molchanov et al.,
+    "Pruning Convolutional Neural Networks for Resource Efficient Inference", ICLR 2017). No weight gradient, no
+    weight-sized state: ``d_in`` floats per consumer module.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+from .distributed import all_reduce_mean_, full_tensor
+from .group_ops import sum_over_groups
+from .importance import element_scores, lora_gradient_factors
+
+
+def parameter_gradient(param: torch.Tensor) -> Optional[torch.Tensor]:
+    """The full gradient of a parameter: ``p.grad``, or DeepSpeed's accessor when ZeRO keeps it elsewhere."""
+    if param.grad is not None:
+        return param.grad
+    try:  # pragma: no cover - only under DeepSpeed ZeRO
+        from deepspeed.utils import safe_get_full_grad
+
+        return safe_get_full_grad(param)
+    except Exception:
+        return None
+
+
+class Criterion:
+    """Interface of an importance criterion (see the module docstring). Subclasses set ``name``."""
+
+    name: str = ""
+    #: True when the criterion scores single weights (it then serves "unstructured" and "N:M" too)
+    elementwise: bool = True
+
+    def __init__(self, adapter: str) -> None:
+        self.adapter = adapter
+        self._axis_sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per-step cache of member_scores
+
+    def scores_axis(self, axis: str) -> bool:
+        """Whether the criterion scores a group member on ``axis`` ("rows" of a producer, "cols" of a consumer)."""
+        return True
+
+    def attach(self, layers: list[tuple[str, object]], consumers: list[tuple[str, object]]) -> None:
+        """Install taps on the scored ``layers`` (``consumers``: those scored on their input columns)."""
+
+    def detach(self) -> None:
+        """Remove every tap and accumulator installed by :meth:`attach`."""
+
+    def synchronize(self) -> None:
+        """Average rank-local accumulators over ranks (a no-op in one process)."""
+
+    def finite_inputs(self, name: str, layer) -> list[torch.Tensor]:
+        """Tensors of ``layer`` read this step whose finiteness decides whether the step is scored."""
+        return [layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight]
+
+    def element_chunks(self, name: str, layer) -> Optional[Iterator[tuple[slice, torch.Tensor]]]:
+        """``(rows, |W ⊙ G|)`` float32 chunks of one layer for this step; None when the layer was not used."""
+        raise NotImplementedError(f"the {self.name!r} criterion does not score single weights")
+
+    def member_scores(self, name: str, layer, axis: str, layout) -> Optional[torch.Tensor]:
+        """Raw scores of the groups laid out along ``axis`` of ``layer`` for this step, or None (layer unused).
+
+        Element-wise criteria sum ``|W ⊙ G|`` over each group's rows (or columns), computed once per layer and
+        step."""
+        sums = self._axis_sums.get(name)
+        if sums is None:
+            chunks = self.element_chunks(name, layer)
+            if chunks is None:
+                return None
+            rows = torch.zeros(layer.out_features, device=layer.base_weight_2d().device)
+            cols = torch.zeros(layer.in_features, device=rows.device)
+            for r, block in chunks:
+                rows[r] = block.sum(dim=1)
+                cols += block.sum(dim=0)
+            sums = self._axis_sums[name] = (rows, cols)
+        return sum_over_groups(sums[0] if axis == "rows" else sums[1], layout)
+
+    def reset(self) -> None:
+        """Forget this step's accumulators (called after every update, scored or skipped)."""
+        self._axis_sums.clear()
+
+
+def _merged_rows(layer, adapter, factors):
+    return lambda r: layer.merged_weight_rows(adapter, r.start, r.stop, factors)
+
+
+class Magnitude(Criterion):
+    """``|W|`` of the merged weight."""
+
+    name = "magnitude"
+
+    def element_chunks(self, name, layer):
+        factors = layer.scoring_factors(self.adapter)
+        return element_scores(_merged_rows(layer, self.adapter, factors), None, (layer.out_features, layer.in_features))
+
+
+class LoRAGradientEstimate(Criterion):
+    """``|W ⊙ G_hat|`` with ``G_hat`` estimated from the adapter gradients (the paper's criterion)."""
+
+    name = "lora"
+
+    def finite_inputs(self, name, layer):
+        tensors = super().finite_inputs(name, layer)
+        return tensors + [g for g in (parameter_gradient(t) for t in tensors) if g is not None]
+
+    def element_chunks(self, name, layer):
+        da = parameter_gradient(layer.lora_A[self.adapter].weight)
+        db = parameter_gradient(layer.lora_B[self.adapter].weight)
+        if da is None or db is None:
+            return None
+        factors = layer.scoring_factors(self.adapter)  # gathered once, read by both sides of the product
+        # whole tensors: FSDP2 keeps shards (see distributed.py); a no-op otherwise
+        da, db = full_tensor(da.detach()), full_tensor(db.detach())
+        sequential = layer.adaptation[self.adapter] == "sequential"
+        p, q = lora_gradient_factors(factors.a, da, factors.w0 if sequential else None)
+        # G_hat = dB·P + B·Q as one rank-2r product: [dB | B] @ [P; Q] (one weight-sized write, not two)
+        left = torch.cat([db.float(), factors.b.float()], dim=1)
+        right = torch.cat([p, q], dim=0)
+        return element_scores(
+            _merged_rows(layer, self.adapter, factors), lambda r: left[r] @ right, (layer.out_features, layer.in_features)
+        )
+
+
+class TrueGradient(Criterion):
+    """``|W ⊙ G|`` with the true gradient ``G = Σ grad_yᵀ·x`` of the merged weight, captured during backward.
+
+    The captured gradient is raw (before the Trainer clips and unscales gradients), while the adapter gradients
+    the optimizer sees are clipped and unscaled. So that both criteria weigh steps alike, ``G`` is rescaled by
+    ``‖dB‖ / ‖s·G·Rᵀ‖`` (the exact gradient of B is ``s·G·Rᵀ``): the factor the Trainer applied to this step.
+    """
+
+    name = "grad"
+
+    def __init__(self, adapter: str) -> None:
+        super().__init__(adapter)
+        self.gradients: dict[str, torch.Tensor] = {}
+        self._taps: list[tuple[object, object]] = []
+        self._scale: Optional[float] = None
+
+    def attach(self, layers, consumers):
+        for name, layer in layers:
+            buffer = torch.zeros(layer.out_features, layer.in_features, device=layer.base_weight_2d().device)
+            self.gradients[name] = buffer
+            tap = _gradient_tap(buffer)
+            layer.add_tap(self.adapter, tap)
+            self._taps.append((layer, tap))
+
+    def detach(self):
+        for layer, tap in self._taps:
+            layer.remove_tap(self.adapter, tap)
+        self._taps.clear()
+        self.gradients.clear()
+
+    def synchronize(self):
+        # accumulated from this rank's activations: average over ranks, as DDP averages p.grad
+        all_reduce_mean_(self.gradients.values())
+
+    def finite_inputs(self, name, layer):
+        return super().finite_inputs(name, layer) + [self.gradients[name]]
+
+    def element_chunks(self, name, layer):
+        g = self.gradients[name]
+        factors = layer.scoring_factors(self.adapter)
+        scale = self._clip_scale(layer, factors, g)
+        return element_scores(
+            _merged_rows(layer, self.adapter, factors), lambda r: g[r] * scale, (layer.out_features, layer.in_features)
+        )
+
+    def _clip_scale(self, layer, factors, g) -> float:
+        """``‖dB‖ / ‖s·G·Rᵀ‖``, measured once per step on the first layer where both are non-zero."""
+        if self._scale is None:
+            db = parameter_gradient(layer.lora_B[self.adapter].weight)
+            if db is None:
+                return 1.0
+            expected = (g @ factors.r.float().t()).mul_(layer.scaling[self.adapter]).norm()
+            seen = full_tensor(db.detach()).float().norm()
+            if not (expected > 0 and seen > 0):
+                return 1.0
+            self._scale = float(seen / expected)
+        return self._scale
+
+    def reset(self):
+        super().reset()
+        self._scale = None
+        for g in self.gradients.values():
+            g.zero_()
+
+
+def _gradient_tap(buffer: torch.Tensor):
+    def tap(x: torch.Tensor, y: torch.Tensor) -> None:
+        if not y.requires_grad:
+            return
+        x = x.detach()
+
+        def hook(grad_y: torch.Tensor) -> None:
+            g = grad_y.reshape(-1, grad_y.shape[-1]).to(buffer.dtype)
+            buffer.addmm_(g.t(), x.reshape(-1, x.shape[-1]).to(buffer.dtype))
+
+        y.register_hook(hook)
+
+    return tap
+
+
+class ActivationTaylor(Criterion):
+    """``|Σ_{c ∈ group} Σ_tokens x_c·(∂L/∂x)_c|`` at the group's consuming module (structured pruning only).
+
+    A tap on each consuming module keeps a reference to its input ``x`` (autograd keeps it anyway for LoRA's
+    ``A`` gradient when ``lora_dropout`` is 0; otherwise it costs one activation of that module per micro-batch
+    until its backward) and adds ``Σ_tokens x·∂L/∂x`` to a ``d_in`` float32 accumulator when the gradient of
+    ``x`` arrives. Micro-batches of one optimizer step add up (the signed sum is the first-order term of the
+    whole step's loss); the absolute value is taken per group, at the update.
+    """
+
+    name = "activation"
+    elementwise = False
+
+    def __init__(self, adapter: str) -> None:
+        super().__init__(adapter)
+        self.column_sums: dict[str, torch.Tensor] = {}
+        self.touched: set[str] = set()
+        self._taps: list[tuple[object, object]] = []
+
+    def scores_axis(self, axis):
+        return axis == "cols"
+
+    def attach(self, layers, consumers):
+        for name, layer in consumers:
+            self.column_sums[name] = torch.zeros(layer.in_features, device=layer.base_weight_2d().device)
+            tap = self._tap(name)
+            layer.add_tap(self.adapter, tap)
+            self._taps.append((layer, tap))
+
+    def _tap(self, name: str):
+        buffer = self.column_sums[name]
+        touched = self.touched
+
+        def tap(x: torch.Tensor, y: torch.Tensor) -> None:
+            if not x.requires_grad:
+                return
+            saved = x.detach()
+
+            def hook(grad_x: torch.Tensor) -> None:
+                product = saved.reshape(-1, saved.shape[-1]).float() * grad_x.reshape(-1, grad_x.shape[-1]).float()
+                buffer.add_(product.sum(dim=0))
+                touched.add(name)
+
+            x.register_hook(hook)
+
+        return tap
+
+    def detach(self):
+        for layer, tap in self._taps:
+            layer.remove_tap(self.adapter, tap)
+        self._taps.clear()
+        self.column_sums.clear()
+
+    def synchronize(self):
+        all_reduce_mean_(self.column_sums.values())
+
+    def finite_inputs(self, name, layer):
+        extra = [self.column_sums[name]] if name in self.column_sums else []
+        return super().finite_inputs(name, layer) + extra
+
+    def member_scores(self, name, layer, axis, layout):
+        if axis != "cols" or name not in self.touched:
+            return None
+        return sum_over_groups(self.column_sums[name], layout).abs()
+
+    def reset(self):
+        super().reset()
+        self.touched.clear()
+        for s in self.column_sums.values():
+            s.zero_()
+
+
+class PerAxis(Criterion):
+    """Producer rows scored by one criterion and consumer columns by another (e.g. ``"lora+activation"``)."""
+
+    def __init__(self, adapter: str, rows: Criterion, cols: Criterion) -> None:
+        super().__init__(adapter)
+        self.rows, self.cols = rows, cols
+        self.name = f"{rows.name}+{cols.name}"
+        self.elementwise = False
+
+    def attach(self, layers, consumers):
+        consumer_names = {n for n, _ in consumers}
+        self.rows.attach([(n, l) for n, l in layers if n not in consumer_names], [])
+        self.cols.attach(consumers, consumers)
+
+    def detach(self):
+        self.rows.detach()
+        self.cols.detach()
+
+    def synchronize(self):
+        self.rows.synchronize()
+        self.cols.synchronize()
+
+    def finite_inputs(self, name, layer):
+        return self.rows.finite_inputs(name, layer) + self.cols.finite_inputs(name, layer)
+
+    def member_scores(self, name, layer, axis, layout):
+        return (self.rows if axis == "rows" else self.cols).member_scores(name, layer, axis, layout)
+
+    def reset(self):
+        self.rows.reset()
+        self.cols.reset()
+
+
+_ELEMENTWISE = {c.name: c for c in (LoRAGradientEstimate, TrueGradient, Magnitude)}
+_GROUPWISE = {ActivationTaylor.name: ActivationTaylor}
+
+
+def make_criterion(name: str, adapter: str) -> Criterion:
+    """The criterion object for a ``LoRAPruneConfig.importance`` value (``"a+b"``: rows by a, columns by b)."""
+    if "+" in name:
+        rows, cols = name.split("+", 1)
+        return PerAxis(adapter, make_criterion(rows, adapter), make_criterion(cols, adapter))
+    cls = _ELEMENTWISE.get(name) or _GROUPWISE.get(name)
+    if cls is None:
+        raise ValueError(f"importance={name!r} is not a criterion; allowed: {sorted(_ELEMENTWISE) + sorted(_GROUPWISE)}")
+    return cls(adapter)
