@@ -54,7 +54,7 @@ class PruningArguments:
     sparsities: str = field(default="0.2,0.5", metadata={"help": "comma-separated target sparsities"})
     prune_structures: str = field(default="heads,channels")
     head_grouping: str = field(default="query_head")
-    importance: str = field(default="lora")
+    importance: Optional[str] = field(default=None, metadata={"help": "None: the package default for the granularity"})
     lora_r: int = field(default=8)
     lora_alpha: int = field(default=16)
     pruning_interval: int = field(default=5)

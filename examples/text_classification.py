@@ -68,7 +68,7 @@ class DataArguments:
 class PruningArguments:
     target_sparsity: float = field(default=0.5)
     granularity: str = field(default="structured")
-    importance: str = field(default="lora")
+    importance: Optional[str] = field(default=None, metadata={"help": "None: the package default for the granularity"})
     budget: str = field(default="local")
     prune_structures: str = field(default="heads,channels", metadata={"help": "comma-separated"})
     lora_r: int = field(default=8)

@@ -80,8 +80,13 @@ class LoRAPruneConfig(PeftConfig):
         granularity: "unstructured", "structured" or an "N:M" pattern such as "2:4" (target_sparsity is then
             ignored: the pattern fixes it at 1 - N/M).
         adaptation: "parallel" (W = W0 + s·B·A, plain LoRA) or "sequential" (W = (I + s·B·A)·W0).
-        importance: "lora" (estimated from the adapter gradients, the method), "grad" (true gradient of the
-            merged weight; memory-heavy baseline) or "magnitude".
+        importance: how heads, channels or weights are scored (see :mod:`peft_loraprune.criteria`):
+            "activation" (structured only; the default there): the first-order Taylor estimate of removing a whole
+            head or channel, from its consumer's input activation and that activation's gradient, which the
+            backward pass computes anyway (no weight gradient, ``d_in`` floats of state per consumer module);
+            "lora" (the paper's estimator from the adapter gradients; the default for "unstructured" and "N:M");
+            "grad" (true gradient of the merged weight; memory-heavy baseline); "magnitude". ``None`` picks the
+            default for the granularity.
         importance_beta: moving-average factor λ of the importance, in [0, 1).
         importance_dtype: storage dtype of per-weight scores (unstructured and N:M only).
         pruning_interval: optimizer steps between mask rewrites (>= 1).
@@ -116,7 +121,10 @@ class LoRAPruneConfig(PeftConfig):
     target_sparsity: float = field(default=0.5, metadata={"help": "Fraction removed by the end"})
     granularity: str = field(default="structured", metadata={"help": "'unstructured', 'structured' or 'N:M'"})
     adaptation: str = field(default="parallel", metadata={"help": "'parallel' or 'sequential'"})
-    importance: str = field(default="lora", metadata={"help": "'lora', 'grad' or 'magnitude'"})
+    importance: Optional[str] = field(
+        default=None,
+        metadata={"help": "'activation', 'lora', 'grad' or 'magnitude'; None: 'activation' for structured, else 'lora'"},
+    )
     importance_beta: float = field(default=0.9, metadata={"help": "Moving-average factor"})
     importance_dtype: str = field(default="bfloat16", metadata={"help": "Dtype of per-weight scores"})
     pruning_interval: int = field(default=10, metadata={"help": "Optimizer steps between mask rewrites"})
@@ -144,6 +152,10 @@ class LoRAPruneConfig(PeftConfig):
         if isinstance(self.prune_structures, str):
             self.prune_structures = [self.prune_structures]
         self.prune_structures = list(self.prune_structures)
+        if self.importance is None:
+            # the default decided by benchmarks/criteria.py (see README, "Benchmarks")
+            granularity = self.granularity if isinstance(self.granularity, str) else ""
+            self.importance = "activation" if granularity == "structured" else "lora"
         self.validate()
 
     # ------------------------------------------------------------------ validation

@@ -13,8 +13,19 @@ def test_defaults_follow_the_reference_code():
     assert (c.r, c.lora_alpha, c.lora_dropout) == (8, 16, 0.05)
     assert (c.target_sparsity, c.pruning_interval, c.importance_beta) == (0.5, 10, 0.9)
     assert (c.warmup_ratio, c.cooldown_ratio) == (0.1, 0.1)
-    assert c.granularity == "structured" and c.importance == "lora" and c.budget == "local"
+    assert c.granularity == "structured" and c.budget == "local"
     assert c.scaling == 2.0
+
+
+def test_default_criterion_follows_the_granularity_and_is_saved_resolved(tmp_path):
+    """The structured default is the activation Taylor criterion (benchmarks/criteria.py decided it); per-weight
+    granularities default to the paper's estimator. The saved config holds the resolved name."""
+    assert LoRAPruneConfig().importance == "activation"
+    assert LoRAPruneConfig(granularity="unstructured").importance == "lora"
+    assert LoRAPruneConfig(granularity="2:4").importance == "lora"
+    assert LoRAPruneConfig(importance="lora").importance == "lora"
+    LoRAPruneConfig().save_pretrained(tmp_path)
+    assert LoRAPruneConfig.from_pretrained(tmp_path).importance == "activation"
     assert LoRAPruneConfig(r=16, lora_alpha=8, use_rslora=True).scaling == pytest.approx(2.0)
 
 
