@@ -20,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .architectures import get_architecture
 from .config import LoRAPruneConfig
+from .evaluation import eval_results
 from .layer import Linear, LoRAPruneLayer
 from .registration import PREFIX
 
@@ -224,3 +225,18 @@ class LoRAPruneModel(BaseTuner):
     def print_sparsity(self, adapter_name: Optional[str] = None) -> None:
         """Print a one-line summary in the spirit of ``print_trainable_parameters()``."""
         print(self.sparsity_report(adapter_name).summary())
+
+    # ------------------------------------------------------------------ evaluation results for the model card
+    def record_eval_results(self, results: dict, adapter_name: Optional[str] = None) -> None:
+        """Keep lm-eval results (the ``results`` of ``lm_eval.simple_evaluate``, task -> metric -> value) for an
+        adapter: ``save_pretrained`` and ``push_to_hub`` then write them into the model card's model-index."""
+        if not isinstance(results, dict):
+            raise TypeError(f"results must be lm-eval's results dict (task -> metrics), got {type(results).__name__}")
+        adapter_name = self.resolve_adapter(adapter_name)
+        self.__dict__.setdefault("_eval_results", {}).setdefault(adapter_name, {}).update(results)
+
+    def recorded_eval_results(self, adapter_name: Optional[str] = None):
+        """``huggingface_hub.EvalResult`` entries of what :meth:`record_eval_results` kept (empty if nothing)."""
+        adapter_name = self.resolve_adapter(adapter_name)
+        return eval_results(self.__dict__.get("_eval_results", {}).get(adapter_name, {}))
+

@@ -1,0 +1,169 @@
+"""``peft-loraprune``: the command line, from a saved adapter to a smaller model, its scores and its card.
+
+    peft-loraprune report ADAPTER                       # sparsity overall and per layer
+    peft-loraprune export ADAPTER --out DIR [--dtype bfloat16]   # a plain transformers model, pruned units removed
+    peft-loraprune eval MODEL_OR_ADAPTER --tasks T1,T2 [--include_path DIR] [--card]   # lm-eval zero-shot
+    peft-loraprune lm-eval --model hf --model_args pretrained=BASE,peft=ADAPTER --tasks ...   # lm-eval's own CLI
+
+The base model of an adapter is read from its ``adapter_config.json`` (``--base`` overrides it). Errors a user can
+fix (a missing path, a base the adapter does not fit, an unknown task) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Optional
+
+from .evaluation import (
+    DTYPES,
+    evaluate,
+    eval_results,
+    format_results,
+    is_adapter_folder,
+    load_adapter_model,
+    load_for_evaluation,
+    save_results_json,
+)
+from .export import export_pruned_model
+from .model_card import write_eval_results, write_export_card
+
+
+class UsageError(Exception):
+    """An error the user can fix: printed as one line, exit status 2."""
+
+
+def _adapter(path: str, base: Optional[str]):
+    if not os.path.exists(path):
+        raise UsageError(f"{path} does not exist")
+    try:
+        return load_adapter_model(path, base)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from err
+
+
+def cmd_report(args) -> None:
+    model = _adapter(args.adapter, args.base)
+    report = model.base_model.sparsity_report()
+    print(report.summary())
+    if not args.summary_only:
+        print(report.markdown_table())
+
+
+def cmd_export(args) -> None:
+    model = _adapter(args.adapter, args.base)
+    config = model.peft_config[model.active_adapter]
+    sparsity = model.base_model.sparsity_report()
+    report = export_pruned_model(model, measure_latency=args.latency, progressbar=False)
+    exported = report.model
+    if args.dtype:
+        exported = exported.to(DTYPES[args.dtype])
+        exported.config.dtype = args.dtype
+    os.makedirs(args.out, exist_ok=True)
+    exported.save_pretrained(args.out)
+    tokenizer_source = args.base or config.base_model_name_or_path
+    try:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(args.out)
+    except (OSError, ValueError):
+        logging.getLogger(__name__).info("no tokenizer found at %s; the export has none", tokenizer_source)
+    write_export_card(args.out, config, sparsity, report, source_adapter=args.adapter)
+    print(report)
+    print(f"written {args.out}")
+
+
+def cmd_eval(args) -> None:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UsageError("--tasks needs at least one task name")
+    if args.include_path and not os.path.isdir(args.include_path):
+        raise UsageError(f"--include_path {args.include_path} is not a folder")
+    try:
+        model, tokenizer = load_for_evaluation(args.model, args.base, args.dtype)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from err
+    try:
+        results = evaluate(model, tokenizer, tasks, include_path=args.include_path, limit=args.limit,
+                           batch_size=args.batch_size, num_fewshot=args.num_fewshot)
+    except (ValueError, ImportError) as err:
+        raise UsageError(str(err)) from err
+    print(format_results(results))
+    if args.output:
+        save_results_json(results, args.output)
+        print(f"written {args.output}")
+    if args.card:
+        name = os.path.basename(os.path.abspath(args.model))
+        path = write_eval_results(args.model, eval_results(results), model_name=name)
+        print(f"results added to {path}")
+
+
+def cmd_lm_eval(rest: list[str]) -> None:
+    """lm-eval's own command line, in a process where the LoRAPrune method is registered with PEFT."""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError as err:
+        raise UsageError("lm-eval is not installed: pip install 'peft_loraprune[eval]'") from err
+    sys.argv = ["lm_eval", *rest]
+    cli_evaluate()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peft-loraprune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("report", help="sparsity of a saved adapter, overall and per layer")
+    p.add_argument("adapter", help="folder of a saved LoRAPrune adapter")
+    p.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--summary_only", action="store_true", help="one line, no per-layer table")
+    p.set_defaults(run=cmd_report)
+
+    p = sub.add_parser("export", help="merge and physically prune a saved adapter into a plain transformers model")
+    p.add_argument("adapter")
+    p.add_argument("--out", required=True, help="folder for the exported model")
+    p.add_argument("--base", default=None)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of the saved weights (default: the base's)")
+    p.add_argument("--latency", action="store_true", help="also time a forward pass before and after (CPU)")
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("eval", help="zero-shot evaluation with lm-evaluation-harness")
+    p.add_argument("model", help="an exported model folder or a saved adapter folder (merged for evaluation)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--include_path", default=None, help="folder of extra task YAML files (local tasks)")
+    p.add_argument("--limit", type=int, default=None, help="documents per task (for quick checks)")
+    p.add_argument("--num_fewshot", type=int, default=None)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--base", default=None)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--output", default=None, help="write lm-eval's results as JSON here")
+    p.add_argument("--card", action="store_true", help="add the results to the folder's README.md (model-index)")
+    p.set_defaults(run=cmd_eval)
+
+    sub.add_parser("lm-eval", help="lm-eval's own command line, with LoRAPrune adapters loadable (peft=...)",
+                   add_help=False)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:
+        try:
+            cmd_lm_eval(argv[1:])
+        except UsageError as err:
+            print(f"peft-loraprune: error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except UsageError as err:
+        print(f"peft-loraprune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
