@@ -25,7 +25,7 @@ def _machine(data) -> str:
     m = data["machine"]
     return (f"{m['platform']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads)"
             f"{', ' + m['cuda'] if m.get('cuda') else ''}; torch {m['torch']}, transformers {m['transformers']}, "
-            f"peft {m['peft']}; {m['date']}")
+            f"peft {m['peft']}, peft_loraprune {m.get('peft_loraprune')}; {m['date']}")
 
 
 def step_cost_section(lines):
@@ -180,32 +180,155 @@ def quality_section(lines):
         lines.append("")
 
 
+def _mean(rows, key):
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def criteria_section(lines):
+    """The study that decided the default criterion (benchmarks/criteria.py)."""
+    for name, data in _load("criteria_*.json").items():
+        s = data["settings"]
+        summary = data["summary"]
+        sparsities = sorted({v.split("%")[0] for v in summary if "%" in v}, key=float, reverse=True)
+        variants = list(dict.fromkeys(v.split(" ", 1)[1] for v in summary if "%" in v))
+        dense = summary.get("dense base", {}).get("mean")
+        lines += [f"### Which structured criterion: SmolLM2-135M, seeds {s['seeds']}", "",
+                  f"Machine: {_machine(data)}. {s['steps']} optimizer steps of {s['batch']} x {s['block_size']} tokens "
+                  f"({s['train_tokens']:,d} training tokens), rank {s['r']}, learning rate {s['lr']}, masks rewritten "
+                  f"every {s['pruning_interval']} steps (cubic schedule), {s['head_grouping']} heads; held-out "
+                  f"perplexity on {s['max_eval_blocks']} blocks" + (f" (dense base {dense:.2f})." if dense else "."), "",
+                  "| criterion | " + " | ".join(f"{p}% sparsity" for p in sparsities) + " |",
+                  "|---|" + "---:|" * len(sparsities)]
+        for v in variants:
+            cells = []
+            for p in sparsities:
+                entry = summary.get(f"{p}% {v}")
+                if entry is None:
+                    cells.append("-")
+                    continue
+                best = min(summary[f"{p}% {w}"]["mean"] for w in variants if f"{p}% {w}" in summary)
+                text = f"{entry['mean']:.1f}" + (f" ± {entry['std']:.1f}" if entry["n"] > 1 else "")
+                cells.append(f"**{text}**" if entry["mean"] == best else text)
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
+        lines += ["", "Variants: `lora` the paper's estimator on every member (q/k/v/gate/up rows, o/down columns), "
+                  "normalised per step as the reference code does; `lora@raw` the same averaged raw and normalised when "
+                  "ranking (the rule of peft_loraprune 0.1); `lora-rows` the paper's estimator on producing rows only; "
+                  "`grad` the true gradient; `activation` the first-order Taylor term of removing each group at its "
+                  "consumer's input; `lora+activation` rows by the estimator, consumer columns by the activation term.",
+                  ""]
+
+
+PEER_ORDER = ("dense-lora", "loraprune-activation", "loraprune-lora", "loraprune-grad", "loraprune-magnitude",
+              "loraprune-activation-oneshot", "llm-pruner", "wanda-sp")
+
+
+def peers_section(lines):
+    """Side by side with the pruners people use (benchmarks/peers.py)."""
+    for name, data in _load("peers_*.json").items():
+        s = data["settings"]
+        rows = data["rows"]
+        task = s["task"]
+        metric = "perplexity" if task == "smollm2" else "accuracy"
+        better = min if metric == "perplexity" else max
+        extra = [k for k in ("rt_sentiment_acc", "wiki_continuation_acc_norm") if any(k in r for r in rows)]
+        methods = sorted({r["method"] for r in rows}, key=lambda m: PEER_ORDER.index(m) if m in PEER_ORDER else 99)
+        sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}, reverse=True)
+        tokens = rows[0]["train_tokens"]
+        title = ("SmolLM2-135M on Wikipedia leads, held-out perplexity" if task == "smollm2"
+                 else "MiniLM (BERT) on Rotten Tomatoes, test accuracy")
+        lines += [f"### Against other pruners: {title}", "",
+                  f"Machine: {_machine(data)}. Seeds {sorted({r['seed'] for r in rows})}; {tokens:,d} training tokens "
+                  f"for every method (LoRA rank {s['r']}{', bfloat16 autocast' if s.get('bf16') else ''}); peers "
+                  f"also read {s['calibration_batches']} calibration batches "
+                  f"({max(r['calibration_tokens'] for r in rows):,d} tokens) of the training data before pruning. "
+                  "Every method removes the same units in every block (query heads inside KV groups, MLP channels). "
+                  "Wall time covers calibration and training; peak RSS is each run's own process.", ""]
+        header = f"| method | sparsity | {metric} (mean ± std, n) | " + "".join(f"{k} | " for k in extra) + \
+            "wall time (s) | peak RSS (MiB) |"
+        lines += [header, "|---|---:|---:|" + "---:|" * len(extra) + "---:|---:|"]
+        for sparsity in [0.0] + sparsities:
+            at = {m: [r for r in rows if r["method"] == m and r["sparsity"] == sparsity] for m in methods}
+            at = {m: v for m, v in at.items() if v}
+            if not at:
+                continue
+            best = better(_mean(v, metric) for v in at.values())
+            for m, v in at.items():
+                values = [r[metric] for r in v]
+                mean = _mean(v, metric)
+                std = (sum((x - mean) ** 2 for x in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+                fmt = "{:.2f}" if metric == "perplexity" else "{:.4f}"
+                cell = fmt.format(mean) + (" ± " + fmt.format(std) if len(values) > 1 else "") + f" ({len(values)})"
+                if sparsity > 0 and mean == best:
+                    cell = f"**{cell}**"
+                ex = "".join(f"{_mean(v, k):.4f} | " if _mean(v, k) is not None else "- | " for k in extra)
+                lines.append(f"| {m} | {sparsity:.0%} | {cell} | {ex}{_mean(v, 'seconds'):.0f} | "
+                             f"{_mean(v, 'peak_rss_mib'):.0f} |")
+        lines.append("")
+        verdicts = peers_verdicts(rows, metric, sparsities)
+        if verdicts:
+            lines += ["Read from the rows above:", "", *[f"- {v}" for v in verdicts], ""]
+        peers_plot(name, rows, metric, methods, sparsities, lines)
+
+
+def peers_verdicts(rows, metric, sparsities):
+    """Sentences computed from the results: where the default wins or loses, and the paper's estimator vs grad."""
+    out = []
+    lower = metric == "perplexity"
+    for sparsity in sparsities:
+        means = {m: _mean([r for r in rows if r["method"] == m and r["sparsity"] == sparsity], metric)
+                 for m in {r["method"] for r in rows}}
+        means = {m: v for m, v in means.items() if v is not None}
+        default = means.get("loraprune-activation")
+        peers = {m: v for m, v in means.items() if m in ("llm-pruner", "wanda-sp")}
+        if default is not None and peers:
+            beaten = [m for m, v in peers.items() if (v < default if lower else v > default)]
+            out.append(f"{sparsity:.0%}: the default (`activation`) {metric} {default:.4g}; "
+                       + ("ahead of every peer (" if not beaten else f"behind {', '.join(beaten)} (")
+                       + ", ".join(f"{m} {v:.4g}" for m, v in peers.items()) + ").")
+        if "loraprune-lora" in means and "loraprune-grad" in means:
+            ratio = means["loraprune-lora"] / means["loraprune-grad"]
+            out.append(f"{sparsity:.0%}: the paper's estimator (`lora`) / true gradient (`grad`) {metric}: {ratio:.3f}.")
+    return out
+
+
+def peers_plot(name, rows, metric, methods, sparsities, lines):
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    width = 0.8 / max(1, len(methods))
+    for j, m in enumerate(methods):
+        xs, ys = [], []
+        for i, sp in enumerate(sparsities):
+            v = _mean([r for r in rows if r["method"] == m and r["sparsity"] == sp], metric)
+            if v is not None:
+                xs.append(i + j * width)
+                ys.append(v)
+        ax.bar(xs, ys, width=width, label=m)
+    dense = _mean([r for r in rows if r["method"] == "dense-lora"], metric)
+    if dense is not None:
+        ax.axhline(dense, color="black", lw=0.8, ls="--", label="dense LoRA")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sparsities))], [f"{s:.0%}" for s in sparsities])
+    ax.set_xlabel("structured sparsity")
+    ax.set_ylabel(metric)
+    if metric == "perplexity":
+        ax.set_yscale("log")
+    else:
+        low = min(r[metric] for r in rows)
+        ax.set_ylim(max(0.0, low - 0.05), 1.0 if dense is None else max(dense, max(r[metric] for r in rows)) + 0.02)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(HERE / f"{name}.png", dpi=110)
+    plt.close(fig)
+    lines += [f"![{name}]({name}.png)", ""]
+
+
 def main():
-    lines = ["# Benchmark results", "", "Generated by `python benchmarks/report.py` from `benchmarks/results/*.json`.", "",
-             "Targets of the benchmarks issue and where they stand (2-core CPU machine, no GPU lent):", "",
-             "- structured step time within 1.10x of plain LoRA: met at 512 tokens per step (SmolLM2 1.00x, random 0.5B",
-             "  Llama 1.03x); missed at 128 tokens per step on the 0.5B Llama (1.28x): the importance update is a fixed",
-             "  cost per step (about 0.4 s there, a few memory passes over the 0.36B adapted weights), so its share",
-             "  shrinks as tokens per step grow;",
-             "- structured peak memory within 1.10x of plain LoRA: met (1.00x-1.06x);",
-             "- at most 0.6x the memory of the true-gradient baseline: met for the memory training adds on top of the",
-             "  loaded 0.5B Llama at 128 tokens (0.39x), not at 512 tokens (0.63x) nor in total peak RSS (0.65x-0.84x),",
-             "  where activations (and SmolLM2's 49k-vocabulary logits) dominate;",
-             "- exported latency at 50% at most 0.6x dense: not met on SmolLM2 (0.70x at batch 1, 0.67x at batch 8): with 3",
-             "  query heads per KV group 50% removes one head in three, and the tied embedding/LM head is not pruned.",
-             "",
-             "Unstructured and 2:4 steps cost 1.7x-3x plain LoRA: exact gradients through an element mask need one full-size product per layer.",
-             "",
-             "Quality (claim 2), MiniLM on Rotten Tomatoes, 3 seeds: structured 50%, \"lora\" 0.770 ± 0.008 is within one",
-             "standard deviation of the true gradient (0.775 ± 0.012) and ahead of \"magnitude\" (0.753); iterative beats one-shot",
-             "(0.760) on the mean, in 2 of 3 seeds. Unstructured 50%: the true gradient leads (0.794 vs 0.783 for \"lora\"),",
-             "magnitude 0.771, one-shot 0.776. Dense LoRA 0.798. SmolLM2 (one seed, 31k training tokens, dense base 31.3):",
-             "\"lora\" is far ahead of \"magnitude\" but behind the true gradient (ppl 92 vs 70 at 20%, 202 vs 116 at 50%); at",
-             "this tiny budget the adapter has learned little, so the claim that LoRA-guided importance matches the true",
-             "gradient is not reproduced on the language model.",
-             ""]
-    for section in (step_cost_section, step_cost_plot, quality_section, quality_plot, perplexity_section,
-                    fidelity_section, export_section, export_plot):
+    lines = ["# Benchmark results", "",
+             "Generated by `python benchmarks/report.py` from `benchmarks/results/*.json`; every number below is read "
+             "from those files (machine, versions and settings with each table). Sections appear in the order "
+             "quality against peers, the criterion study, cost, fidelity, export speed, and results of earlier "
+             "versions where they have not been re-measured.", ""]
+    for section in (peers_section, criteria_section, step_cost_section, step_cost_plot, fidelity_section,
+                    export_section, export_plot, quality_section, quality_plot, perplexity_section):
         section(lines)
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print((HERE / "RESULTS.md").read_text())

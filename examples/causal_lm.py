@@ -60,6 +60,29 @@ class PruningArguments:
     pruning_interval: int = field(default=5)
 
 
+@dataclass
+class EvalArguments:
+    lm_eval_tasks: Optional[str] = field(
+        default=None,
+        metadata={"help": "comma-separated lm-eval tasks run on each exported model: the local ones "
+                  "(rt_sentiment, wiki_continuation, wiki_leads_ppl) offline, or with a network e.g. the paper's "
+                  "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"},
+    )
+    lm_eval_limit: Optional[int] = field(default=None, metadata={"help": "documents per task (quick checks)"})
+
+
+def run_lm_eval(model, tokenizer, eval_args, folder: str) -> dict:
+    """lm-eval on an in-memory model; local tasks are written to ``folder`` first."""
+    from peft_loraprune.evaluation import evaluate
+
+    import local_tasks
+
+    tasks = [t.strip() for t in eval_args.lm_eval_tasks.split(",") if t.strip()]
+    local = [t for t in tasks if t in local_tasks.TASKS]
+    include = str(local_tasks.write_tasks(folder, tasks=local)) if local else None
+    return evaluate(model, tokenizer, tasks, include_path=include, limit=eval_args.lm_eval_limit)
+
+
 def load_text(name: str, seed: int) -> datasets.DatasetDict:
     if name == "wikipedia_leads":
         return local_assets.wikipedia_leads(seed)
@@ -99,8 +122,8 @@ def perplexity(model, data: datasets.Dataset, batch_size: int = 8, desc: str = "
 
 
 def main():
-    parser = HfArgumentParser((ModelArguments, DataArguments, PruningArguments, TrainingArguments))
-    model_args, data_args, prune_args, training_args = parser.parse_args_into_dataclasses()
+    parser = HfArgumentParser((ModelArguments, DataArguments, PruningArguments, EvalArguments, TrainingArguments))
+    model_args, data_args, prune_args, eval_args, training_args = parser.parse_args_into_dataclasses()
     transformers.set_seed(training_args.seed)
     os.makedirs(training_args.output_dir, exist_ok=True)
     model_path = local_assets.resolve_model(model_args.model_name_or_path)
@@ -125,6 +148,9 @@ def main():
     base = AutoModelForCausalLM.from_pretrained(model_path)
     results["dense_perplexity"] = perplexity(base, test, desc="perplexity (dense base)")
     print(f"dense base perplexity: {results['dense_perplexity']:.2f}")
+    if eval_args.lm_eval_tasks:
+        results["dense_lm_eval"] = run_lm_eval(base, tokenizer, eval_args,
+                                               os.path.join(training_args.output_dir, "local_tasks"))
     del base
 
     for sparsity in [float(s) for s in prune_args.sparsities.split(",") if s.strip()]:
@@ -163,6 +189,15 @@ def main():
         prompt = tokenizer("The history of", return_tensors="pt")
         generated = reloaded.generate(**prompt, max_new_tokens=20, do_sample=False)
         run["sample"] = tokenizer.decode(generated[0], skip_special_tokens=True)
+        if eval_args.lm_eval_tasks:
+            from peft_loraprune.evaluation import eval_results, format_results
+            from peft_loraprune.model_card import write_eval_results
+
+            run["lm_eval"] = run_lm_eval(reloaded, tokenizer, eval_args,
+                                         os.path.join(training_args.output_dir, "local_tasks"))
+            print(format_results(run["lm_eval"]))
+            for folder in (os.path.join(run_dir, "adapter"), export_dir):
+                write_eval_results(folder, eval_results(run["lm_eval"]), model_name=f"smollm2-loraprune-{sparsity:g}")
         results["runs"].append(run)
         print(json.dumps({k: v for k, v in run.items() if k != "export"}, indent=2))
         with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:

@@ -67,6 +67,15 @@ def model_output(model, inputs) -> torch.Tensor:
         return model(**inputs).logits
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_asset_cache(tmp_path_factory):
+    """One cache of converted offline assets (SmolLM2's float32 checkpoint) for the whole session, fresh per
+    session: the conversion from GGUF runs once, not in every example and benchmark smoke test."""
+    if "LORAPRUNE_CACHE" not in os.environ:
+        os.environ["LORAPRUNE_CACHE"] = str(tmp_path_factory.mktemp("asset_cache"))
+    yield os.environ["LORAPRUNE_CACHE"]
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param

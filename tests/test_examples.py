@@ -15,7 +15,7 @@ COMMON = ["--report_to", "none", "--save_strategy", "no", "--use_cpu", "--disabl
 
 
 def run_example(script, tmp_path, *args, timeout=900):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "LORAPRUNE_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, str(ROOT / "examples" / script), "--output_dir", str(tmp_path / "out"), *COMMON, *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
@@ -69,9 +69,18 @@ def test_causal_lm_example_on_real_smollm2(tmp_path):
     results, _ = run_example(
         "causal_lm.py", tmp_path, "--sparsities", "0.5", "--block_size", "32", "--max_train_blocks", "32",
         "--max_eval_blocks", "4", "--max_steps", "4", "--pruning_interval", "2",
-        "--per_device_train_batch_size", "4",
+        "--per_device_train_batch_size", "4", "--lm_eval_tasks", "rt_sentiment,wiki_continuation",
+        "--lm_eval_limit", "4",
     )
     run = results["runs"][0]
+    # zero-shot scores of the exported model, from lm-eval on the local tasks, land on both cards
+    from huggingface_hub import ModelCard
+
+    assert 0 <= run["lm_eval"]["rt_sentiment"]["acc,none"] <= 1
+    assert "wiki_continuation" in results["dense_lm_eval"]
+    for folder in ("adapter", "pruned_model"):
+        card = ModelCard.load(tmp_path / "out" / "sparsity_0.5" / folder / "README.md")
+        assert {e.dataset_type for e in card.data.eval_results} == {"rt_sentiment", "wiki_continuation"}
     assert math.isfinite(results["dense_perplexity"]) and results["dense_perplexity"] < 200  # a real LM, not random
     assert run["sparsity_by_unit"]["channels"] == pytest.approx(0.5)
     # the export reloads with plain from_pretrained and keeps the masked model's perplexity
