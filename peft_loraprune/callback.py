@@ -24,26 +24,11 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .model import LoRAPruneModel
+from .lookup import find_tuner
 from .schedule import PruningSchedule
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "loraprune_state.safetensors"
-
-
-def find_tuner(model) -> LoRAPruneModel:
-    """The ``LoRAPruneModel`` inside a ``PeftModel`` (or a wrapper of one), else a clear ``TypeError``."""
-    seen = model
-    for _ in range(4):  # PeftModel -> base_model; DDP/accelerate wrappers -> module
-        if isinstance(seen, LoRAPruneModel):
-            return seen
-        seen = getattr(seen, "base_model", None) or getattr(seen, "module", None)
-        if seen is None:
-            break
-    raise TypeError(
-        "LoRAPruneCallback needs a PeftModel holding a LoRAPrune adapter (get_peft_model(model, LoRAPruneConfig(...)) "
-        f"); got {type(model).__name__}."
-    )
 
 
 class LoRAPruneCallback(TrainerCallback):
@@ -69,7 +54,7 @@ class LoRAPruneCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        tuner = find_tuner(model)
+        tuner = find_tuner(model, "LoRAPruneCallback")
         adapter = self.adapter_name or tuner.active_adapters[0]
         if adapter not in tuner.peft_config:
             raise ValueError(f"adapter_name={adapter!r} is not an adapter of this model: {sorted(tuner.peft_config)}.")

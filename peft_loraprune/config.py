@@ -20,6 +20,7 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME
 
+from .integrity import verify_saved_adapter
 from .registration import LORAPRUNE_PEFT_TYPE
 from .validation import check_choice, check_fraction, check_int
 
@@ -256,8 +257,6 @@ class LoRAPruneConfig(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
         """Load the config; for a local folder, also check that it and the weights file next to it are the ones
         saved together (see :func:`peft_loraprune.integrity.verify_saved_adapter`)."""
-        from .integrity import verify_saved_adapter
-
         folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
         if os.path.isdir(folder):
             verify_saved_adapter(folder)

@@ -139,8 +139,7 @@ class LoRAGradientEstimate(Criterion):
         factors = layer.scoring_factors(self.adapter)  # gathered once, read by both sides of the product
         # whole tensors: FSDP2 keeps shards (see distributed.py); a no-op otherwise
         da, db = full_tensor(da.detach()), full_tensor(db.detach())
-        sequential = layer.adaptation[self.adapter] == "sequential"
-        p, q = lora_gradient_factors(factors.a, da, factors.w0 if sequential else None)
+        p, q = lora_gradient_factors(factors.a, da, layer.adaptation[self.adapter].gradient_w0(factors.w0))
         # G_hat = dB·P + B·Q as one rank-2r product: [dB | B] @ [P; Q] (one weight-sized write, not two)
         left = torch.cat([db.float(), factors.b.float()], dim=1)
         right = torch.cat([p, q], dim=0)

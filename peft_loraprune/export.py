@@ -28,6 +28,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .architectures import require_architecture
 from .group_ops import expand_groups
+from .lookup import find_tuner
 from .structure import find_structured_groups
 
 
@@ -186,11 +187,7 @@ def export_pruned_model(
     ``peft_model`` is a LoRAPrune ``PeftModel`` (or its ``LoRAPruneModel``). Like ``merge_and_unload``, this
     consumes it: its base model becomes the exported model.
     """
-    from .model import LoRAPruneModel
-
-    tuner = peft_model if isinstance(peft_model, LoRAPruneModel) else getattr(peft_model, "base_model", None)
-    if not isinstance(tuner, LoRAPruneModel):
-        raise TypeError(f"export needs a PeftModel holding a LoRAPrune adapter, got {type(peft_model).__name__}.")
+    tuner = find_tuner(peft_model, "export")
     adapter_name = tuner.resolve_adapter(adapter_name)
     config = tuner.peft_config[adapter_name]
     if tuner.active_adapters != [adapter_name]:

@@ -14,6 +14,8 @@ from typing import Optional
 
 from huggingface_hub import HfApi
 
+from .lookup import find_tuner
+
 
 def push_to_hub(
     model,
@@ -29,8 +31,9 @@ def push_to_hub(
     """Save ``model`` (a LoRAPrune ``PeftModel``) and upload the folder to ``repo_id``; returns the commit info."""
     if not isinstance(repo_id, str) or not repo_id.strip():
         raise ValueError(f"repo_id must be a non-empty string such as 'user/my-adapter', got {repo_id!r}.")
-    if not hasattr(model, "save_pretrained") or not hasattr(model, "peft_config"):
-        raise TypeError(f"push_to_hub expects a PeftModel holding a LoRAPrune adapter, got {type(model).__name__}.")
+    find_tuner(model, "push_to_hub")  # a clear TypeError for anything else
+    if not hasattr(model, "save_pretrained"):
+        raise TypeError(f"push_to_hub expects the PeftModel itself (it saves it), got {type(model).__name__}.")
     api = api or HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
     with tempfile.TemporaryDirectory() as folder:

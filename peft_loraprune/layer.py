@@ -42,6 +42,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
+from .adaptation import adaptation
 from .distributed import full_tensor
 from .mask_packing import packed_shape, unpack_bits
 from .masked_linear import element_masked_linear
@@ -102,12 +103,12 @@ class LoRAPruneLayer(BaseTunerLayer):
         r = config.r
         if r <= 0:
             raise ValueError(f"r must be a positive integer, got {r}")
-        sequential = config.adaptation == "sequential"
-        a_in = self.out_features if sequential else self.in_features
+        form = adaptation(config.adaptation)
+        a_in = form.a_in_features(self.in_features, self.out_features)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = config.lora_alpha
         self.scaling[adapter_name] = config.scaling
-        self.adaptation[adapter_name] = config.adaptation
+        self.adaptation[adapter_name] = form
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.lora_A[adapter_name] = nn.Linear(a_in, r, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
@@ -208,9 +209,7 @@ class LoRAPruneLayer(BaseTunerLayer):
         """``(B, R)`` with ``merged weight = W0 + s·B·R``: ``R = A`` (parallel) or ``A·W0`` (sequential)."""
         a = self.lora_A[adapter_name].weight
         b = self.lora_B[adapter_name].weight
-        if self.adaptation[adapter_name] == "sequential":
-            return b, a @ self.base_weight_2d().to(a.dtype)
-        return b, a
+        return b, self.adaptation[adapter_name].right_factor(a, self.base_weight_2d())
 
     def scoring_factors(self, adapter_name: str) -> ScoringFactors:
         """``W0, A, B`` and ``R`` whole and detached, for scoring: gathered once per layer when FSDP2 shards them
@@ -218,8 +217,7 @@ class LoRAPruneLayer(BaseTunerLayer):
         a = full_tensor(self.lora_A[adapter_name].weight.detach())
         b = full_tensor(self.lora_B[adapter_name].weight.detach())
         w0 = full_tensor(self.base_weight_2d().detach())
-        r = a @ w0.to(a.dtype) if self.adaptation[adapter_name] == "sequential" else a
-        return ScoringFactors(w0, a, b, r)
+        return ScoringFactors(w0, a, b, self.adaptation[adapter_name].right_factor(a, w0))
 
     def merged_weight_rows(self, adapter_name: str, start: int = 0, stop: Optional[int] = None,
                            factors: Optional[ScoringFactors] = None) -> torch.Tensor:
@@ -236,12 +234,9 @@ class LoRAPruneLayer(BaseTunerLayer):
         bias = self.get_base_layer().bias
         if bias is None:
             return None
-        bias = bias.float()
-        if self.adaptation[adapter_name] == "sequential":
-            a = self.lora_A[adapter_name].weight.float()
-            b = self.lora_B[adapter_name].weight.float()
-            bias = bias + self.scaling[adapter_name] * (b @ (a @ bias))
-        return bias
+        a = self.lora_A[adapter_name].weight.float()
+        b = self.lora_B[adapter_name].weight.float()
+        return self.adaptation[adapter_name].merged_bias(bias.float(), a, b, self.scaling[adapter_name])
 
     # ------------------------------------------------------------------ load-time checks
     def _check_loaded_adapter_tensors(self, state_dict, prefix, *args) -> None:
@@ -332,7 +327,7 @@ class Linear(nn.Module, LoRAPruneLayer):
         h = self.base_layer(x, *args, **kwargs)
         lora_A = self.lora_A[adapter]
         lora_B = self.lora_B[adapter]
-        lora_in = h if self.adaptation[adapter] == "sequential" else x
+        lora_in = self.adaptation[adapter].adapter_input(x, h)
         lora_in = self._cast_input_dtype(lora_in, lora_A.weight.dtype)
         z = lora_B(lora_A(self.lora_dropout[adapter](lora_in))) * self.scaling[adapter]
         return h + z.to(h.dtype)
@@ -341,9 +336,8 @@ class Linear(nn.Module, LoRAPruneLayer):
         weight = self.base_weight_2d()
         lora_B, lora_R = self.delta_factors(adapter)
         bias = self.get_base_layer().bias
-        if bias is not None and self.adaptation[adapter] == "sequential":
-            a = self.lora_A[adapter].weight
-            bias = bias + self.scaling[adapter] * (lora_B @ (a @ bias.to(a.dtype))).to(bias.dtype)
+        if bias is not None:
+            bias = self.adaptation[adapter].merged_bias(bias, self.lora_A[adapter].weight, lora_B, self.scaling[adapter])
         dropout = self.lora_dropout[adapter]
         x_lora = dropout(x) if (self.training and isinstance(dropout, nn.Dropout)) else x
         return element_masked_linear(
@@ -383,10 +377,10 @@ class Linear(nn.Module, LoRAPruneLayer):
             ):
                 raise ValueError(f"NaNs or infs in the merged weights of adapter {adapter!r}; merge aborted.")
             stash: dict[str, torch.Tensor] = {}
-            if self.adaptation[adapter] == "sequential":
-                stash["weight"] = weight_2d.detach().clone()
-            else:
+            if self.adaptation[adapter].invertible_merge:
                 stash["pruned_values"] = weight_2d[~mask].clone()
+            else:
+                stash["weight"] = weight_2d.detach().clone()
             if base.bias is not None:
                 stash["bias"] = base.bias.detach().clone()
             self._merge_stash[adapter] = stash

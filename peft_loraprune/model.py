@@ -8,6 +8,7 @@ the reports, the model card and export need.
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from contextlib import contextmanager
@@ -20,9 +21,16 @@ from transformers.pytorch_utils import Conv1D
 
 from .architectures import get_architecture
 from .config import LoRAPruneConfig
+from .engine import PruningEngine
 from .evaluation import eval_results
+from .export import export_pruned_model
 from .layer import Linear, LoRAPruneLayer
 from .registration import PREFIX
+from .reporting import build_sparsity_report
+from .structure import find_structured_groups, mark_rows_masked_downstream
+
+
+logger = logging.getLogger(__name__)
 
 
 def _candidate_module_names(model: torch.nn.Module) -> list[str]:
@@ -46,6 +54,7 @@ class LoRAPruneModel(BaseTuner):
     """
 
     prefix: str = PREFIX
+    is_loraprune_tuner = True  # how lookup.find_tuner recognises it without importing this module
     tuner_layer_cls = LoRAPruneLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
@@ -116,8 +125,6 @@ class LoRAPruneModel(BaseTuner):
         # Structured pruning must know the family and see every member of every group: fail now, not at the
         # first pruning step hours into a run.
         if not config.is_element_granularity:
-            from .structure import find_structured_groups, mark_rows_masked_downstream
-
             mark_rows_masked_downstream(find_structured_groups(self, adapter_name, include_all=True), adapter_name)
             find_structured_groups(self, adapter_name)  # validates the pruned structures
         if not config.inference_mode:
@@ -180,8 +187,6 @@ class LoRAPruneModel(BaseTuner):
 
     def pruning_engine(self, adapter_name: Optional[str] = None):
         """The :class:`~peft_loraprune.engine.PruningEngine` of an adapter (created once, then reused)."""
-        from .engine import PruningEngine
-
         adapter_name = self.resolve_adapter(adapter_name)
         engines = self.__dict__.setdefault("_pruning_engines", {})
         if adapter_name not in engines:
@@ -205,20 +210,16 @@ class LoRAPruneModel(BaseTuner):
     def merge_and_prune(self, adapter_name: Optional[str] = None, example_inputs: Optional[dict] = None,
                         measure_latency: bool = True, progressbar: bool = True):
         """Merge the adapter and physically remove the pruned heads and channels; returns a plain transformers
-        model that ``from_pretrained`` reloads. Prints the export report (see :mod:`peft_loraprune.export`);
+        model that ``from_pretrained`` reloads. The export report goes to this module's logger (INFO);
         ``peft_loraprune.export_pruned_model`` returns it. Consumes the model, like ``merge_and_unload``."""
-        from .export import export_pruned_model
-
         report = export_pruned_model(
             self, adapter_name, example_inputs=example_inputs, measure_latency=measure_latency, progressbar=progressbar
         )
-        print(report)
+        logger.info("%s", report)
         return report.model
 
     def sparsity_report(self, adapter_name: Optional[str] = None):
         """Sparsity overall and per layer (see :mod:`peft_loraprune.reporting`)."""
-        from .reporting import build_sparsity_report
-
         adapter_name = self.resolve_adapter(adapter_name)
         return build_sparsity_report(self, adapter_name)
 

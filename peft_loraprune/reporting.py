@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from .structure import find_structured_groups
+
 
 @dataclass
 class LayerSparsity:
@@ -91,8 +93,6 @@ class SparsityReport:
 
 def build_sparsity_report(tuner, adapter_name: str) -> SparsityReport:
     """Read every mask of ``adapter_name`` and count what is kept."""
-    from .structure import find_structured_groups
-
     config = tuner.peft_config[adapter_name]
     report = SparsityReport(adapter_name, config.granularity, config.effective_target_sparsity)
     layers = list(tuner.prune_layers(adapter_name))

@@ -45,7 +45,7 @@ def merged_weight(layer):
     a = layer.lora_A["default"].weight.detach()
     b = layer.lora_B["default"].weight.detach()
     s = layer.scaling["default"]
-    if layer.adaptation["default"] == "sequential":
+    if layer.adaptation["default"].name == "sequential":
         return (torch.eye(w0.shape[0]) + s * b @ a) @ w0
     return w0 + s * b @ a
 
@@ -62,7 +62,7 @@ def expected_element_scores(layer, criterion, true_grad=None):
     da = layer.lora_A["default"].weight.grad
     db = layer.lora_B["default"].weight.grad
     g_hat = db @ a + b @ da - db @ da
-    if layer.adaptation["default"] == "sequential":
+    if layer.adaptation["default"].name == "sequential":
         g_hat = g_hat @ layer.base_weight_2d().detach().float()
     return (w * g_hat).abs()
 

@@ -172,7 +172,7 @@ def test_model_card_and_push_to_hub_capture(tmp_path, monkeypatch):
     assert sorted(p.name for p in hub.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     card = (hub / "README.md").read_text()
     report = model.base_model.sparsity_report()
-    for text in ("LoRAPrune", "Importance criterion: `lora`", "Granularity: `structured`",
+    for text in ("LoRAPrune", "Importance criterion: `activation`", "Granularity: `structured`",
                  f"Sparsity reached: {report.sparsity:.2%}", "block 1 heads", "transformers:", "torch:"):
         assert text in card, text
     assert "loraprune" in card.split("---")[1]  # tag in the YAML header
