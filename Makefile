@@ -1,4 +1,5 @@
 # `make test`: set up a virtual environment from scratch (torch's CPU build first) and run the test suite.
+# `make lint`: ruff check and format check (CI runs it before the tests).
 # `make demo`: the main job: MiniLM fine-tuned and pruned to 50% on Rotten Tomatoes, offline, on CPU.
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +13,7 @@ LOWEST_PINS ?= peft==0.21.0 transformers==5.9.0
 OUT ?= outputs
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: test test-lowest test-latest setup examples-setup demo demo-lm demo-vision clean
+.PHONY: test lint format test-lowest test-latest setup examples-setup demo demo-lm demo-vision clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,19 @@ examples-setup: $(VENV)/.examples
 
 test: examples-setup
 	$(OFFLINE) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff, pinned (a newer release may format differently): `make lint` checks, `make format` rewrites
+$(VENV)/.lint: $(BIN)/python setup.cfg
+	$(BIN)/python -m pip install --quiet "ruff==0.17.6"
+	touch $@
+
+lint: $(VENV)/.lint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.lint
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # Version matrix: the whole suite in fresh environments with the lowest supported peft and transformers, and
 # with the newest versions the declared ranges allow (what a clean `make test` installs; CI runs that one).

@@ -53,8 +53,11 @@ def summarise(rows: list[dict], metric: str) -> dict:
     summary = {}
     for variant in dict.fromkeys(r["variant"] for r in rows):
         values = [r[metric] for r in rows if r["variant"] == variant]
-        summary[variant] = {"mean": statistics.mean(values),
-                            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+        summary[variant] = {
+            "mean": statistics.mean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values),
+        }
     return summary
 
 
@@ -81,12 +84,33 @@ def load_model(name: str, seed: int = 0):
 
         return transformers.AutoModelForCausalLM.from_pretrained(local_assets.smollm2_fp32_dir())
     sizes = {
-        "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=16, vocab_size=256),
-        "llama-0.5b": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                           num_key_value_heads=4, head_dim=64, vocab_size=32000),
-        "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                         num_key_value_heads=4, head_dim=64, vocab_size=32000),
+        "tiny": dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=256,
+        ),
+        "llama-0.5b": dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            head_dim=64,
+            vocab_size=32000,
+        ),
+        "llama-1b": dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=64,
+            vocab_size=32000,
+        ),
     }
     if name not in sizes:
         raise ValueError(f"model must be one of smollm2, {', '.join(sizes)}; got {name!r}")

@@ -11,6 +11,10 @@ masked model's held-out perplexity decides. Variants (``--variants``):
 * ``activation``     first-order Taylor of removing the group, ``|Σ x·∂L/∂x|`` at the consumer's input
 * ``lora+activation`` rows by the paper's estimator, consumer columns by the activation Taylor
 * ``magnitude``      ``|W|``
+* ``activation^2``   the activation term squared per step before averaging (Molchanov et al. 2019's rule)
+
+A suffix ``~cdNN`` sets the cool-down (``cooldown_ratio = NN / 100``: the fraction of steps trained after the
+last mask rewrite), e.g. ``activation~cd40``.
 
     python benchmarks/criteria.py --variants lora,activation --sparsities 0.5 --steps 120
 """
@@ -21,7 +25,6 @@ import argparse
 import gc
 import time
 
-import torch
 import transformers
 from common import previous_rows, summarise, write_result
 from peft import get_peft_model
@@ -29,7 +32,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 
 import peft_loraprune  # noqa: F401
 from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig
-from peft_loraprune.criteria import LoRAGradientEstimate
+from peft_loraprune.criteria import ActivationTaylor, LoRAGradientEstimate
+from peft_loraprune.group_ops import sum_over_groups
 
 RESULT_NAME = "criteria_smollm2_wikipedia"
 
@@ -43,12 +47,33 @@ class RowsOnly(LoRAGradientEstimate):
         return axis == "rows"
 
 
+class ActivationSquared(ActivationTaylor):
+    """The activation Taylor term squared per step (a Fisher-like weighting of large steps)."""
+
+    name = "activation^2"
+
+    def member_scores(self, name, layer, axis, layout):
+        if axis != "cols" or name not in self.touched:
+            return None
+        return sum_over_groups(self.column_sums[name], layout).pow(2)
+
+
 def build(variant: str, sparsity: float, args, model_path: str):
+    variant, _, schedule = variant.partition("~")
     criterion, _, order = variant.partition("@")
-    config_criterion = {"lora-rows": "lora", "lora+activation": "lora"}.get(criterion, criterion)
+    config_criterion = {"lora-rows": "lora", "lora+activation": "lora", "activation^2": "activation"}.get(
+        criterion, criterion
+    )
+    cooldown = int(schedule[2:]) / 100 if schedule.startswith("cd") else 0.1
     config = LoRAPruneConfig(
-        task_type="CAUSAL_LM", r=args.r, lora_alpha=2 * args.r, target_sparsity=sparsity, importance=config_criterion,
-        head_grouping="query_head", pruning_interval=args.pruning_interval,
+        task_type="CAUSAL_LM",
+        r=args.r,
+        lora_alpha=2 * args.r,
+        target_sparsity=sparsity,
+        importance=config_criterion,
+        head_grouping="query_head",
+        pruning_interval=args.pruning_interval,
+        cooldown_ratio=cooldown,
     )
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), config)
     engine = model.base_model.pruning_engine()
@@ -56,6 +81,8 @@ def build(variant: str, sparsity: float, args, model_path: str):
         engine.use_criterion(RowsOnly("default"))
     elif criterion == "lora+activation":
         engine.use_criterion("lora+activation")
+    elif criterion == "activation^2":
+        engine.use_criterion(ActivationSquared("default"))
     engine.normalize_each_step = order != "raw"
     return model
 
@@ -97,24 +124,43 @@ def main():
                 transformers.set_seed(seed)
                 model = build(variant, sparsity, args, model_path)
                 targs = TrainingArguments(
-                    output_dir="/tmp/criteria_run", max_steps=args.steps, per_device_train_batch_size=args.batch,
-                    learning_rate=args.lr, seed=seed, report_to="none", save_strategy="no", use_cpu=True,
-                    disable_tqdm=True, logging_steps=max(1, args.steps // 4),
+                    output_dir="/tmp/criteria_run",
+                    max_steps=args.steps,
+                    per_device_train_batch_size=args.batch,
+                    learning_rate=args.lr,
+                    seed=seed,
+                    report_to="none",
+                    save_strategy="no",
+                    use_cpu=True,
+                    disable_tqdm=True,
+                    logging_steps=max(1, args.steps // 4),
                 )
                 start = time.time()
                 out = Trainer(model=model, args=targs, train_dataset=train, callbacks=[LoRAPruneCallback()]).train()
                 seconds = time.time() - start
                 report = model.base_model.sparsity_report()
-                rows.append({
-                    "seed": seed, "variant": f"{sparsity:.0%} {variant}", "perplexity": perplexity(model, test),
-                    "train_loss": out.training_loss, "train_seconds": seconds,
-                    "sparsity_by_unit": report.sparsity_by_unit(),
-                })
+                rows.append(
+                    {
+                        "seed": seed,
+                        "variant": f"{sparsity:.0%} {variant}",
+                        "perplexity": perplexity(model, test),
+                        "train_loss": out.training_loss,
+                        "train_seconds": seconds,
+                        "sparsity_by_unit": report.sparsity_by_unit(),
+                    }
+                )
                 print(rows[-1], flush=True)
-                settings = {**vars(args), "train_tokens": args.steps * args.batch * args.block_size,
-                            "head_grouping": "query_head", "structures": "heads,channels"}
-                write_result(RESULT_NAME, {"settings": settings, "summary": summarise(rows, "perplexity"),
-                                           "rows": rows}, args.out)
+                settings = {
+                    **vars(args),
+                    "train_tokens": args.steps * args.batch * args.block_size,
+                    "head_grouping": "query_head",
+                    "structures": "heads,channels",
+                }
+                write_result(
+                    RESULT_NAME,
+                    {"settings": settings, "summary": summarise(rows, "perplexity"), "rows": rows},
+                    args.out,
+                )
                 del model
                 gc.collect()
     for variant, s in summarise(rows, "perplexity").items():

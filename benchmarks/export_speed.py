@@ -17,9 +17,8 @@ import tempfile
 
 import torch
 import transformers
-from peft import get_peft_model
-
 from common import load_model, write_result
+from peft import get_peft_model
 
 import peft_loraprune  # noqa: F401
 from peft_loraprune import LoRAPruneConfig, export_pruned_model
@@ -30,8 +29,12 @@ def exported(model_name: str, sparsity: float, head_grouping: str, seed: int):
     model = load_model(model_name, seed)
     if sparsity == 0:
         return model
-    peft_model = get_peft_model(model, LoRAPruneConfig(task_type="CAUSAL_LM", importance="magnitude",
-                                                       target_sparsity=sparsity, head_grouping=head_grouping))
+    peft_model = get_peft_model(
+        model,
+        LoRAPruneConfig(
+            task_type="CAUSAL_LM", importance="magnitude", target_sparsity=sparsity, head_grouping=head_grouping
+        ),
+    )
     engine = peft_model.base_model.pruning_engine()
     engine.update_importance()
     engine.prune_to(sparsity)

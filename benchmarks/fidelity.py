@@ -20,9 +20,8 @@ import statistics
 
 import torch
 import transformers
-from peft import get_peft_model
-
 from common import write_result
+from peft import get_peft_model
 
 import peft_loraprune  # noqa: F401
 from peft_loraprune import LoRAPruneConfig
@@ -70,8 +69,11 @@ def main():
     model = get_peft_model(base, LoRAPruneConfig(task_type="SEQ_CLS", importance="grad", lora_dropout=0.0))
     tuner = model.base_model
     engine = tuner.pruning_engine()  # importance="grad": captures the true gradient during backward
-    criteria = {"grad": engine.criterion, "lora": make_criterion("lora", "default"),
-                "activation": make_criterion("activation", "default")}
+    criteria = {
+        "grad": engine.criterion,
+        "lora": make_criterion("lora", "default"),
+        "activation": make_criterion("activation", "default"),
+    }
     consumers = [(n, l) for m, n, l in engine.scored_members if m.axis == "cols"]
     criteria["activation"].attach(engine.scored_layers, consumers)
     layers = dict(tuner.prune_layers())
@@ -79,7 +81,9 @@ def main():
     kinds = sorted({g.spec.structure for g in groups})
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     g = torch.Generator().manual_seed(args.seed)
-    samples = {n: torch.randperm(l.out_features * l.in_features, generator=g)[: args.sample] for n, l in layers.items()}
+    samples = {
+        n: torch.randperm(l.out_features * l.in_features, generator=g)[: args.sample] for n, l in layers.items()
+    }
     averages = {}
     rows = []
     model.train()
@@ -96,8 +100,12 @@ def main():
                 grad_full = layer_scores(criteria["grad"], name, layer).flatten()[idx]
                 element_rho.append(spearman(lora_full, grad_full))
             member_scores = {c: engine.step_member_scores(criteria[c]) for c in criteria}
-            row = {"step": step + 1, "loss": loss.item(), "element_rho_mean": statistics.mean(element_rho),
-                   "element_rho_min": min(element_rho)}
+            row = {
+                "step": step + 1,
+                "loss": loss.item(),
+                "element_rho_mean": statistics.mean(element_rho),
+                "element_rho_min": min(element_rho),
+            }
             for kind in kinds:
                 of_kind = [x for x in groups if x.spec.structure == kind]
                 now = {c: torch.cat([engine.group_scores(x, member_scores[c]) for x in of_kind]) for c in criteria}
@@ -116,9 +124,14 @@ def main():
         optimizer.zero_grad()
         rows.append(row)
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-    summary = {k: statistics.mean(r[k] for r in rows[len(rows) // 2 :]) for k in rows[0] if k.endswith(("rho", "rho_mean", "rho_averaged"))}
-    result = write_result(f"fidelity_{args.model}", {"settings": vars(args), "summary_second_half": summary, "steps": rows},
-                          args.out)
+    summary = {
+        k: statistics.mean(r[k] for r in rows[len(rows) // 2 :])
+        for k in rows[0]
+        if k.endswith(("rho", "rho_mean", "rho_averaged"))
+    }
+    result = write_result(
+        f"fidelity_{args.model}", {"settings": vars(args), "summary_second_half": summary, "steps": rows}, args.out
+    )
     print("mean over the second half of the run:", {k: round(v, 3) for k, v in summary.items()})
     print(f"written {result}")
 

@@ -35,9 +35,7 @@ One process per cell (method, sparsity, seed), so peak memory is the cell's own;
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import math
 import os
 import subprocess
 import sys
@@ -47,9 +45,9 @@ from pathlib import Path
 import torch
 import transformers
 from common import RESULTS_DIR, peak_rss_mib, summarise, write_result
+from peft import get_peft_model
 
 import peft_loraprune  # noqa: F401
-from peft import get_peft_model
 from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig
 from peft_loraprune.group_ops import sum_over_groups
 
@@ -80,8 +78,12 @@ class SmolLM2Wikipedia:
         return transformers.AutoModelForCausalLM.from_pretrained(self.path)
 
     def training_args(self, out_dir, seed):
-        return dict(max_steps=self.args.steps, per_device_train_batch_size=self.args.batch,
-                    learning_rate=self.args.lr or 5e-4, seed=seed)
+        return dict(
+            max_steps=self.args.steps,
+            per_device_train_batch_size=self.args.batch,
+            learning_rate=self.args.lr or 5e-4,
+            seed=seed,
+        )
 
     def train_tokens(self):
         return self.args.steps * self.args.batch * self.args.block_size
@@ -107,15 +109,19 @@ class SmolLM2Wikipedia:
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
-        folder = local_tasks.write_tasks(Path(self.args.work_dir) / "local_tasks", limit=limit,
-                                         tasks=("rt_sentiment", "wiki_continuation"))
+        folder = local_tasks.write_tasks(
+            Path(self.args.work_dir) / "local_tasks", limit=limit, tasks=("rt_sentiment", "wiki_continuation")
+        )
         res = lm_eval.simple_evaluate(
             model=HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=32),
-            tasks=["rt_sentiment", "wiki_continuation"], task_manager=TaskManager(include_path=str(folder)),
+            tasks=["rt_sentiment", "wiki_continuation"],
+            task_manager=TaskManager(include_path=str(folder)),
             log_samples=False,
         )["results"]
-        return {"rt_sentiment_acc": res["rt_sentiment"]["acc,none"],
-                "wiki_continuation_acc_norm": res["wiki_continuation"]["acc_norm,none"]}
+        return {
+            "rt_sentiment_acc": res["rt_sentiment"]["acc,none"],
+            "wiki_continuation_acc_norm": res["wiki_continuation"]["acc_norm,none"],
+        }
 
 
 class MiniLMRottenTomatoes:
@@ -134,14 +140,17 @@ class MiniLMRottenTomatoes:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)
         raw = local_assets.rotten_tomatoes(0)
         raw["train"] = raw["train"].select(range(args.max_train_samples))
-        self.data = raw.map(lambda b: self.tokenizer(b["text"], truncation=True, max_length=64), batched=True,
-                            remove_columns=["text"])
+        self.data = raw.map(
+            lambda b: self.tokenizer(b["text"], truncation=True, max_length=64), batched=True, remove_columns=["text"]
+        )
 
     def model(self):
         return transformers.AutoModelForSequenceClassification.from_pretrained(self.path, num_labels=2)
 
     def training_args(self, out_dir, seed):
-        return dict(num_train_epochs=1.0, per_device_train_batch_size=32, learning_rate=self.args.lr or 1e-3, seed=seed)
+        return dict(
+            num_train_epochs=1.0, per_device_train_batch_size=32, learning_rate=self.args.lr or 1e-3, seed=seed
+        )
 
     def train_tokens(self):
         return int(sum(len(x) for x in self.data["train"]["input_ids"]))
@@ -155,9 +164,13 @@ class MiniLMRottenTomatoes:
         return batches, int(sum(int(b["attention_mask"].sum()) for b in batches))
 
     def trainer(self, model, targs, callbacks):
-        return transformers.Trainer(model=model, args=targs, train_dataset=self.data["train"],
-                                    data_collator=transformers.DataCollatorWithPadding(self.tokenizer),
-                                    callbacks=callbacks)
+        return transformers.Trainer(
+            model=model,
+            args=targs,
+            train_dataset=self.data["train"],
+            data_collator=transformers.DataCollatorWithPadding(self.tokenizer),
+            callbacks=callbacks,
+        )
 
     def evaluate(self, model, trainer):
         import numpy as np
@@ -184,8 +197,11 @@ def plain_groups(model, head_grouping: str):
         located = spec.locate(name)
         if located is not None:
             by_block.setdefault(located[0], {})[located[1]] = name
-    return [(g, [(m, modules[m.module]) for m in g.members])
-            for _, modules in sorted(by_block.items()) for g in spec.groups(model.config, head_grouping)]
+    return [
+        (g, [(m, modules[m.module]) for m in g.members])
+        for _, modules in sorted(by_block.items())
+        for g in spec.groups(model.config, head_grouping)
+    ]
 
 
 def wanda_sp_scores(base, groups, batches) -> dict:
@@ -194,9 +210,11 @@ def wanda_sp_scores(base, groups, batches) -> dict:
     consumers = [(m, name) for _, members in groups for m, name in members if m.axis == "cols"]
     squares, hooks = {}, []
     for _, name in consumers:
+
         def hook(module, args, _name=name):
             x = args[0].detach().float()
             squares[_name] = squares.get(_name, 0) + x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+
         hooks.append(modules[name].register_forward_pre_hook(hook))
     base.eval()
     with torch.no_grad():
@@ -224,8 +242,9 @@ def llm_pruner_scores(base, groups, batches, model_inputs) -> tuple[dict, dict]:
         base(**batch).loss.backward()
     modules = dict(base.named_modules())
     scores, check = {}, {}
-    graph = tp.DependencyGraph().build_dependency(base, example_inputs=model_inputs,
-                                                  forward_fn=lambda m, x: m(**x).logits)
+    graph = tp.DependencyGraph().build_dependency(
+        base, example_inputs=model_inputs, forward_fn=lambda m, x: m(**x).logits
+    )
     importance = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)
     for g, members in groups:
         per_member = []
@@ -259,12 +278,24 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         criterion = parts[1]
         schedule = "one_shot" if parts[-1] == "oneshot" else "cubic"
     config = LoRAPruneConfig(
-        task_type=task.task_type, r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05,
-        target_sparsity=0.0 if method == "dense-lora" else sparsity, importance=criterion, schedule=schedule,
-        head_grouping=task.head_grouping, pruning_interval=args.pruning_interval,
+        task_type=task.task_type,
+        r=args.r,
+        lora_alpha=2 * args.r,
+        lora_dropout=0.05,
+        target_sparsity=0.0 if method == "dense-lora" else sparsity,
+        importance=criterion,
+        schedule=schedule,
+        head_grouping=task.head_grouping,
+        pruning_interval=args.pruning_interval,
     )
-    row = {"task": task.name, "method": method, "sparsity": sparsity, "seed": seed,
-           "train_tokens": task.train_tokens(), "calibration_tokens": 0}
+    row = {
+        "task": task.name,
+        "method": method,
+        "sparsity": sparsity,
+        "seed": seed,
+        "train_tokens": task.train_tokens(),
+        "calibration_tokens": 0,
+    }
     callbacks = []
     if method in PEERS:
         batches, row["calibration_tokens"] = task.calibration(args.calibration_batches, seed)
@@ -286,8 +317,14 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         if method != "dense-lora":
             callbacks = [LoRAPruneCallback()]
     targs = transformers.TrainingArguments(
-        output_dir=str(Path(args.work_dir) / "run"), report_to="none", save_strategy="no", use_cpu=True,
-        disable_tqdm=True, logging_steps=50, bf16=args.bf16, **task.training_args(args.work_dir, seed),
+        output_dir=str(Path(args.work_dir) / "run"),
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=50,
+        bf16=args.bf16,
+        **task.training_args(args.work_dir, seed),
     )
     trainer = task.trainer(model, targs, callbacks)
     trainer.train()
@@ -344,8 +381,13 @@ def main():
                 if any(r["method"] == method and r["sparsity"] == s and r["seed"] == seed for r in rows):
                     continue
                 cmd = [sys.executable, __file__, *sys.argv[1:], "--cell", f"{method},{s},{seed}"]
-                out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent,
-                                     env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+                out = subprocess.run(
+                    cmd,
+                    capture_output=True,
+                    text=True,
+                    cwd=Path(__file__).parent,
+                    env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+                )
                 found = [line[4:] for line in out.stdout.splitlines() if line.startswith("ROW ")]
                 if out.returncode != 0 or not found:
                     print(out.stdout[-2000:], out.stderr[-6000:], file=sys.stderr)
@@ -355,8 +397,11 @@ def main():
                 for r in rows:
                     r["variant"] = f"{r['method']} {r['sparsity']:.0%}"
                 settings = {k: v for k, v in vars(args).items() if k not in ("cell", "out", "work_dir")}
-                write_result(name, {"settings": settings,
-                                    "summary": summarise(rows, TASKS[args.task].metric), "rows": rows}, args.out)
+                write_result(
+                    name,
+                    {"settings": settings, "summary": summarise(rows, TASKS[args.task].metric), "rows": rows},
+                    args.out,
+                )
     for variant, s in summarise(rows, TASKS[args.task].metric).items():
         print(f"{variant:32s} {s['mean']:9.4f} ± {s['std']:.4f} (n={s['n']})")
 

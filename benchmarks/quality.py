@@ -35,11 +35,35 @@ VARIANTS = [
 
 def run_example(out_dir: Path, seed: int, args, granularity: str, importance: str, schedule: str, dense: bool) -> dict:
     cmd = [
-        sys.executable, str(ROOT / "examples" / "text_classification.py"), "--output_dir", str(out_dir),
-        "--seed", str(seed), "--granularity", granularity, "--importance", importance, "--schedule", schedule,
-        "--target_sparsity", str(args.sparsity), "--run_dense_baseline", str(dense).lower(),
-        "--num_train_epochs", str(args.epochs), "--per_device_train_batch_size", "32", "--learning_rate", "1e-3",
-        "--report_to", "none", "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "true",
+        sys.executable,
+        str(ROOT / "examples" / "text_classification.py"),
+        "--output_dir",
+        str(out_dir),
+        "--seed",
+        str(seed),
+        "--granularity",
+        granularity,
+        "--importance",
+        importance,
+        "--schedule",
+        schedule,
+        "--target_sparsity",
+        str(args.sparsity),
+        "--run_dense_baseline",
+        str(dense).lower(),
+        "--num_train_epochs",
+        str(args.epochs),
+        "--per_device_train_batch_size",
+        "32",
+        "--learning_rate",
+        "1e-3",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "--disable_tqdm",
+        "true",
     ]
     if args.max_train_samples:
         cmd += ["--max_train_samples", str(args.max_train_samples)]
@@ -66,8 +90,11 @@ def main():
     parser.add_argument("--max_steps", type=int, default=None, help="smoke runs only")
     parser.add_argument("--variants", default="all", help="'all' or comma-separated indices into the variant list")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--append", action="store_true",
-                        help="keep the rows of other seeds already in the result file (run seeds in several sittings)")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows of other seeds already in the result file (run seeds in several sittings)",
+    )
     args = parser.parse_args()
     variants = VARIANTS if args.variants == "all" else [VARIANTS[int(i)] for i in args.variants.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -79,14 +106,19 @@ def main():
             with tempfile.TemporaryDirectory() as d:
                 res = run_example(Path(d), seed, args, granularity, importance, schedule, dense=(i == 0))
             if i == 0:
-                rows.append({"seed": seed, "variant": "dense LoRA", "test_accuracy": res["dense_lora"]["test_accuracy"]})
+                rows.append(
+                    {"seed": seed, "variant": "dense LoRA", "test_accuracy": res["dense_lora"]["test_accuracy"]}
+                )
                 print(rows[-1])
-            rows.append({
-                "seed": seed, "variant": f"{granularity} {importance} {schedule}",
-                "test_accuracy": res["loraprune"]["test_accuracy"],
-                "test_accuracy_exported": res["export"]["test_accuracy_after_reload"],
-                "sparsity": res["loraprune"]["sparsity"],
-            })
+            rows.append(
+                {
+                    "seed": seed,
+                    "variant": f"{granularity} {importance} {schedule}",
+                    "test_accuracy": res["loraprune"]["test_accuracy"],
+                    "test_accuracy_exported": res["export"]["test_accuracy_after_reload"],
+                    "sparsity": res["loraprune"]["sparsity"],
+                }
+            )
             print(rows[-1])
             # Written after every run, so a stopped sitting keeps what it measured.
             summary = summarise(rows, "test_accuracy")

@@ -27,11 +27,35 @@ CRITERIA = ("lora", "grad", "magnitude")
 
 def run_example(out_dir: Path, seed: int, args, importance: str, sparsities: str) -> dict:
     cmd = [
-        sys.executable, str(ROOT / "examples" / "causal_lm.py"), "--output_dir", str(out_dir), "--seed", str(seed),
-        "--importance", importance, "--sparsities", sparsities, "--max_steps", str(args.max_steps),
-        "--per_device_train_batch_size", str(args.batch), "--block_size", str(args.block_size),
-        "--learning_rate", "5e-4", "--max_eval_blocks", str(args.max_eval_blocks), "--report_to", "none",
-        "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "true", "--logging_steps", "50",
+        sys.executable,
+        str(ROOT / "examples" / "causal_lm.py"),
+        "--output_dir",
+        str(out_dir),
+        "--seed",
+        str(seed),
+        "--importance",
+        importance,
+        "--sparsities",
+        sparsities,
+        "--max_steps",
+        str(args.max_steps),
+        "--per_device_train_batch_size",
+        str(args.batch),
+        "--block_size",
+        str(args.block_size),
+        "--learning_rate",
+        "5e-4",
+        "--max_eval_blocks",
+        str(args.max_eval_blocks),
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "--disable_tqdm",
+        "true",
+        "--logging_steps",
+        "50",
     ]
     if args.pruning_interval:
         cmd += ["--pruning_interval", str(args.pruning_interval)]
@@ -51,8 +75,11 @@ def main():
     parser.add_argument("--pruning_interval", type=int, default=None)
     parser.add_argument("--criteria", default="lora,grad,magnitude")
     parser.add_argument("--sparsities", default="0.2,0.5")
-    parser.add_argument("--dense_lora", action="store_true",
-                        help="also fine-tune a dense LoRA of the same budget (target_sparsity=0) in the 'lora' run")
+    parser.add_argument(
+        "--dense_lora",
+        action="store_true",
+        help="also fine-tune a dense LoRA of the same budget (target_sparsity=0) in the 'lora' run",
+    )
     parser.add_argument("--out", default=None)
     parser.add_argument("--append", action="store_true", help="keep rows of other seeds already in the result file")
     args = parser.parse_args()
@@ -72,15 +99,23 @@ def main():
                 rows.append({"seed": seed, "variant": "dense base", "perplexity": res["dense_perplexity"]})
             for run in res["runs"]:
                 s = run["target_sparsity"]
-                rows.append({
-                    "seed": seed, "variant": "dense LoRA" if s == 0 else f"{s:.0%} {importance}",
-                    "perplexity": run["perplexity_masked"], "perplexity_exported": run["perplexity_exported_reloaded"],
-                    "sparsity_by_unit": run["sparsity_by_unit"], "train_seconds": run["train_seconds"],
-                    "params": run["export"].get("params_after"),
-                })
+                rows.append(
+                    {
+                        "seed": seed,
+                        "variant": "dense LoRA" if s == 0 else f"{s:.0%} {importance}",
+                        "perplexity": run["perplexity_masked"],
+                        "perplexity_exported": run["perplexity_exported_reloaded"],
+                        "sparsity_by_unit": run["sparsity_by_unit"],
+                        "train_seconds": run["train_seconds"],
+                        "params": run["export"].get("params_after"),
+                    }
+                )
                 print(rows[-1], flush=True)
-            settings = {**vars(args), "seeds": ",".join(str(x) for x in sorted({r["seed"] for r in rows})),
-                        "train_tokens": args.max_steps * args.batch * args.block_size}
+            settings = {
+                **vars(args),
+                "seeds": ",".join(str(x) for x in sorted({r["seed"] for r in rows})),
+                "train_tokens": args.max_steps * args.batch * args.block_size,
+            }
             payload = {"settings": settings, "summary": summarise(rows, "perplexity"), "rows": rows}
             path = write_result(RESULT_NAME, payload, args.out)
     for variant, s in summarise(rows, "perplexity").items():

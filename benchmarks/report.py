@@ -1,6 +1,6 @@
 """Render benchmarks/RESULTS.md (tables) and plots from the JSON files in benchmarks/results/.
 
-    python benchmarks/report.py
+python benchmarks/report.py
 """
 
 from __future__ import annotations
@@ -23,19 +23,25 @@ def _load(pattern):
 
 def _machine(data) -> str:
     m = data["machine"]
-    return (f"{m['platform']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads)"
-            f"{', ' + m['cuda'] if m.get('cuda') else ''}; torch {m['torch']}, transformers {m['transformers']}, "
-            f"peft {m['peft']}, peft_loraprune {m.get('peft_loraprune')}; {m['date']}")
+    return (
+        f"{m['platform']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads)"
+        f"{', ' + m['cuda'] if m.get('cuda') else ''}; torch {m['torch']}, transformers {m['transformers']}, "
+        f"peft {m['peft']}, peft_loraprune {m.get('peft_loraprune')}; {m['date']}"
+    )
 
 
 def step_cost_section(lines):
-    for name, data in _load("step_cost_*.json").items():
+    for _name, data in _load("step_cost_*.json").items():
         s = data["settings"]
-        lines += [f"### Step time and memory: `{s['model']}`, batch {s['batch']} x {s['seq']} tokens", "",
-                  f"Machine: {_machine(data)}. Median of {s['steps']} steps after {s['warmup']} warm-up steps; "
-                  "each configuration in its own process.", "",
-                  "| configuration | step (ms) | of which importance (ms) | time vs LoRA | peak RSS (MiB) | RSS vs LoRA | RSS vs grad |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"### Step time and memory: `{s['model']}`, batch {s['batch']} x {s['seq']} tokens",
+            "",
+            f"Machine: {_machine(data)}. Median of {s['steps']} steps after {s['warmup']} warm-up steps; "
+            "each configuration in its own process.",
+            "",
+            "| configuration | step (ms) | of which importance (ms) | time vs LoRA | peak RSS (MiB) | RSS vs LoRA | RSS vs grad |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in data["rows"]:
             lines.append(
                 f"| {r['config']} | {r['median_step_s'] * 1000:.1f} | {r['median_importance_s'] * 1000:.1f} | "
@@ -51,7 +57,7 @@ def step_cost_plot(lines):
     if not results:
         return
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
-    for ax, (name, data) in zip(axes[0], results.items()):
+    for ax, (_name, data) in zip(axes[0], results.items()):
         rows = [r for r in data["rows"] if r["config"] != "lora"]
         labels = [r["config"].replace("loraprune_", "").replace("_structured", "") for r in rows]
         x = range(len(rows))
@@ -79,10 +85,19 @@ def export_plot(lines):
         x = range(len(rows))
         width = 0.8 / (len(batches) + 1)
         for j, b in enumerate(batches):
-            ax.bar([i + j * width for i in x], [r[f"latency_vs_dense_batch{b}"] for r in rows], width=width,
-                   label=f"latency, batch {b}")
-        ax.bar([i + len(batches) * width for i in x], [r["params_vs_dense"] for r in rows], width=width,
-               label="parameters", color="gray")
+            ax.bar(
+                [i + j * width for i in x],
+                [r[f"latency_vs_dense_batch{b}"] for r in rows],
+                width=width,
+                label=f"latency, batch {b}",
+            )
+        ax.bar(
+            [i + len(batches) * width for i in x],
+            [r["params_vs_dense"] for r in rows],
+            width=width,
+            label="parameters",
+            color="gray",
+        )
         ax.axhline(0.6, color="red", lw=0.8, ls="--", label="0.6x target at 50%")
         ax.set_xticks([i + width for i in x], [f"{r['sparsity']:.0%}" for r in rows])
         ax.set_xlabel("structured sparsity")
@@ -107,8 +122,13 @@ def quality_plot(lines):
         for i, v in enumerate(names):
             seeds = [r["test_accuracy"] for r in data["rows"] if r["variant"] == v]
             ax.plot([i] * len(seeds), seeds, "k.", ms=3)
-        ax.set_xticks(range(len(names)), [v.replace(" cubic", "").replace("structured", "str.") for v in names],
-                      rotation=30, ha="right", fontsize=7)
+        ax.set_xticks(
+            range(len(names)),
+            [v.replace(" cubic", "").replace("structured", "str.") for v in names],
+            rotation=30,
+            ha="right",
+            fontsize=7,
+        )
         ax.set_ylim(min(means) - 0.05, max(means) + 0.03)
         ax.set_ylabel("test accuracy")
         ax.set_title(f"MiniLM, Rotten Tomatoes, 50% sparsity, seeds {data['settings']['seeds']}", fontsize=9)
@@ -119,17 +139,27 @@ def quality_plot(lines):
 
 
 def export_section(lines):
-    for name, data in _load("export_speed_*.json").items():
+    for _name, data in _load("export_speed_*.json").items():
         s = data["settings"]
         batches = s["batches"].split(",")
-        lines += [f"### Exported model speed: `{s['model']}`, {s['seq']} tokens", "", f"Machine: {_machine(data)}.", "",
-                  "| sparsity | params | file (MiB) | heads / KV heads / channels | "
-                  + " | ".join(f"latency b{b} (ms) | vs dense" for b in batches) + " |",
-                  "|---:|---:|---:|---|" + "---:|---:|" * len(batches)]
+        lines += [
+            f"### Exported model speed: `{s['model']}`, {s['seq']} tokens",
+            "",
+            f"Machine: {_machine(data)}.",
+            "",
+            "| sparsity | params | file (MiB) | heads / KV heads / channels | "
+            + " | ".join(f"latency b{b} (ms) | vs dense" for b in batches)
+            + " |",
+            "|---:|---:|---:|---|" + "---:|---:|" * len(batches),
+        ]
         for r in data["rows"]:
-            cells = " | ".join(f"{r[f'latency_ms_batch{b}']:.1f} | {r[f'latency_vs_dense_batch{b}']:.2f}" for b in batches)
-            lines.append(f"| {r['sparsity']:.0%} | {r['params']:,d} | {r['file_bytes'] / 2**20:.1f} | "
-                         f"{r['num_attention_heads']} / {r['num_key_value_heads']} / {r['intermediate_size']} | {cells} |")
+            cells = " | ".join(
+                f"{r[f'latency_ms_batch{b}']:.1f} | {r[f'latency_vs_dense_batch{b}']:.2f}" for b in batches
+            )
+            lines.append(
+                f"| {r['sparsity']:.0%} | {r['params']:,d} | {r['file_bytes'] / 2**20:.1f} | "
+                f"{r['num_attention_heads']} / {r['num_key_value_heads']} / {r['intermediate_size']} | {cells} |"
+            )
         lines.append("")
 
 
@@ -137,9 +167,15 @@ def fidelity_section(lines):
     for name, data in _load("fidelity_*.json").items():
         steps = data["steps"]
         keys = [k for k in steps[0] if "rho" in k and not k.endswith("_min")]
-        lines += [f"### Importance fidelity: `{data['settings']['model']}` ({len(steps)} steps)", "",
-                  f"Machine: {_machine(data)}. Spearman rank correlation between \"lora\" and \"grad\" scores, mean "
-                  "over the second half of the run:", "", "| measure | rho |", "|---|---:|"]
+        lines += [
+            f"### Importance fidelity: `{data['settings']['model']}` ({len(steps)} steps)",
+            "",
+            f'Machine: {_machine(data)}. Spearman rank correlation between "lora" and "grad" scores, mean '
+            "over the second half of the run:",
+            "",
+            "| measure | rho |",
+            "|---|---:|",
+        ]
         lines += [f"| {k} | {data['summary_second_half'][k]:.3f} |" for k in keys]
         lines += ["", f"![fidelity]({name}.png)", ""]
         fig, ax = plt.subplots(figsize=(7, 3.4))
@@ -157,11 +193,16 @@ def fidelity_section(lines):
 def perplexity_section(lines):
     for data in _load("quality_smollm2_*.json").values():
         s = data["settings"]
-        lines += [f"### Perplexity: SmolLM2-135M on Wikipedia leads, structured pruning, seeds {s['seeds']}", "",
-                  f"Machine: {_machine(data)}. {s['max_steps']} optimizer steps of {s['batch']} x {s['block_size']} "
-                  f"tokens ({s['train_tokens']:,d} training tokens), held-out perplexity on {s['max_eval_blocks']} "
-                  "blocks; heads and MLP channels pruned together (query heads inside KV groups).", "",
-                  "| variant | perplexity (mean ± std, n) | exported + reloaded |", "|---|---:|---:|"]
+        lines += [
+            f"### Perplexity: SmolLM2-135M on Wikipedia leads, structured pruning, seeds {s['seeds']}",
+            "",
+            f"Machine: {_machine(data)}. {s['max_steps']} optimizer steps of {s['batch']} x {s['block_size']} "
+            f"tokens ({s['train_tokens']:,d} training tokens), held-out perplexity on {s['max_eval_blocks']} "
+            "blocks; heads and MLP channels pruned together (query heads inside KV groups).",
+            "",
+            "| variant | perplexity (mean ± std, n) | exported + reloaded |",
+            "|---|---:|---:|",
+        ]
         for variant, v in data["summary"].items():
             exported = [r.get("perplexity_exported") for r in data["rows"] if r["variant"] == variant]
             cell = f"{exported[0]:.2f}" if exported and exported[0] is not None else "-"
@@ -172,9 +213,14 @@ def perplexity_section(lines):
 def quality_section(lines):
     for data in _load("quality_minilm_*.json").values():
         s = data["settings"]
-        lines += [f"### Accuracy: MiniLM on Rotten Tomatoes, {s['sparsity']:.0%} sparsity, seeds {s['seeds']}", "",
-                  f"Machine: {_machine(data)}. {s['max_train_samples']} training sentences, {s['epochs']} epoch(s).",
-                  "", "| variant | test accuracy (mean ± std, n) |", "|---|---:|"]
+        lines += [
+            f"### Accuracy: MiniLM on Rotten Tomatoes, {s['sparsity']:.0%} sparsity, seeds {s['seeds']}",
+            "",
+            f"Machine: {_machine(data)}. {s['max_train_samples']} training sentences, {s['epochs']} epoch(s).",
+            "",
+            "| variant | test accuracy (mean ± std, n) |",
+            "|---|---:|",
+        ]
         for variant, v in data["summary"].items():
             lines.append(f"| {variant} | {v['mean']:.4f} ± {v['std']:.4f} ({v['n']}) |")
         lines.append("")
@@ -187,19 +233,23 @@ def _mean(rows, key):
 
 def criteria_section(lines):
     """The study that decided the default criterion (benchmarks/criteria.py)."""
-    for name, data in _load("criteria_*.json").items():
+    for _name, data in _load("criteria_*.json").items():
         s = data["settings"]
         summary = data["summary"]
         sparsities = sorted({v.split("%")[0] for v in summary if "%" in v}, key=float, reverse=True)
         variants = list(dict.fromkeys(v.split(" ", 1)[1] for v in summary if "%" in v))
         dense = summary.get("dense base", {}).get("mean")
-        lines += [f"### Which structured criterion: SmolLM2-135M, seeds {s['seeds']}", "",
-                  f"Machine: {_machine(data)}. {s['steps']} optimizer steps of {s['batch']} x {s['block_size']} tokens "
-                  f"({s['train_tokens']:,d} training tokens), rank {s['r']}, learning rate {s['lr']}, masks rewritten "
-                  f"every {s['pruning_interval']} steps (cubic schedule), {s['head_grouping']} heads; held-out "
-                  f"perplexity on {s['max_eval_blocks']} blocks" + (f" (dense base {dense:.2f})." if dense else "."), "",
-                  "| criterion | " + " | ".join(f"{p}% sparsity" for p in sparsities) + " |",
-                  "|---|" + "---:|" * len(sparsities)]
+        lines += [
+            f"### Which structured criterion: SmolLM2-135M, seeds {s['seeds']}",
+            "",
+            f"Machine: {_machine(data)}. {s['steps']} optimizer steps of {s['batch']} x {s['block_size']} tokens "
+            f"({s['train_tokens']:,d} training tokens), rank {s['r']}, learning rate {s['lr']}, masks rewritten "
+            f"every {s['pruning_interval']} steps (cubic schedule), {s['head_grouping']} heads; held-out "
+            f"perplexity on {s['max_eval_blocks']} blocks" + (f" (dense base {dense:.2f})." if dense else "."),
+            "",
+            "| criterion | " + " | ".join(f"{p}% sparsity" for p in sparsities) + " |",
+            "|---|" + "---:|" * len(sparsities),
+        ]
         for v in variants:
             cells = []
             for p in sparsities:
@@ -211,16 +261,27 @@ def criteria_section(lines):
                 text = f"{entry['mean']:.1f}" + (f" ± {entry['std']:.1f}" if entry["n"] > 1 else "")
                 cells.append(f"**{text}**" if entry["mean"] == best else text)
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
-        lines += ["", "Variants: `lora` the paper's estimator on every member (q/k/v/gate/up rows, o/down columns), "
-                  "normalised per step as the reference code does; `lora@raw` the same averaged raw and normalised when "
-                  "ranking (the rule of peft_loraprune 0.1); `lora-rows` the paper's estimator on producing rows only; "
-                  "`grad` the true gradient; `activation` the first-order Taylor term of removing each group at its "
-                  "consumer's input; `lora+activation` rows by the estimator, consumer columns by the activation term.",
-                  ""]
+        lines += [
+            "",
+            "Variants: `lora` the paper's estimator on every member (q/k/v/gate/up rows, o/down columns), "
+            "normalised per step as the reference code does; `lora@raw` the same averaged raw and normalised when "
+            "ranking (the rule of peft_loraprune 0.1); `lora-rows` the paper's estimator on producing rows only; "
+            "`grad` the true gradient; `activation` the first-order Taylor term of removing each group at its "
+            "consumer's input; `lora+activation` rows by the estimator, consumer columns by the activation term.",
+            "",
+        ]
 
 
-PEER_ORDER = ("dense-lora", "loraprune-activation", "loraprune-lora", "loraprune-grad", "loraprune-magnitude",
-              "loraprune-activation-oneshot", "llm-pruner", "wanda-sp")
+PEER_ORDER = (
+    "dense-lora",
+    "loraprune-activation",
+    "loraprune-lora",
+    "loraprune-grad",
+    "loraprune-magnitude",
+    "loraprune-activation-oneshot",
+    "llm-pruner",
+    "wanda-sp",
+)
 
 
 def peers_section(lines):
@@ -235,17 +296,27 @@ def peers_section(lines):
         methods = sorted({r["method"] for r in rows}, key=lambda m: PEER_ORDER.index(m) if m in PEER_ORDER else 99)
         sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}, reverse=True)
         tokens = rows[0]["train_tokens"]
-        title = ("SmolLM2-135M on Wikipedia leads, held-out perplexity" if task == "smollm2"
-                 else "MiniLM (BERT) on Rotten Tomatoes, test accuracy")
-        lines += [f"### Against other pruners: {title}", "",
-                  f"Machine: {_machine(data)}. Seeds {sorted({r['seed'] for r in rows})}; {tokens:,d} training tokens "
-                  f"for every method (LoRA rank {s['r']}{', bfloat16 autocast' if s.get('bf16') else ''}); peers "
-                  f"also read {s['calibration_batches']} calibration batches "
-                  f"({max(r['calibration_tokens'] for r in rows):,d} tokens) of the training data before pruning. "
-                  "Every method removes the same units in every block (query heads inside KV groups, MLP channels). "
-                  "Wall time covers calibration and training; peak RSS is each run's own process.", ""]
-        header = f"| method | sparsity | {metric} (mean ± std, n) | " + "".join(f"{k} | " for k in extra) + \
-            "wall time (s) | peak RSS (MiB) |"
+        title = (
+            "SmolLM2-135M on Wikipedia leads, held-out perplexity"
+            if task == "smollm2"
+            else "MiniLM (BERT) on Rotten Tomatoes, test accuracy"
+        )
+        lines += [
+            f"### Against other pruners: {title}",
+            "",
+            f"Machine: {_machine(data)}. Seeds {sorted({r['seed'] for r in rows})}; {tokens:,d} training tokens "
+            f"for every method (LoRA rank {s['r']}{', bfloat16 autocast' if s.get('bf16') else ''}); peers "
+            f"also read {s['calibration_batches']} calibration batches "
+            f"({max(r['calibration_tokens'] for r in rows):,d} tokens) of the training data before pruning. "
+            "Every method removes the same units in every block (query heads inside KV groups, MLP channels). "
+            "Wall time covers calibration and training; peak RSS is each run's own process.",
+            "",
+        ]
+        header = (
+            f"| method | sparsity | {metric} (mean ± std, n) | "
+            + "".join(f"{k} | " for k in extra)
+            + "wall time (s) | peak RSS (MiB) |"
+        )
         lines += [header, "|---|---:|---:|" + "---:|" * len(extra) + "---:|---:|"]
         for sparsity in [0.0] + sparsities:
             at = {m: [r for r in rows if r["method"] == m and r["sparsity"] == sparsity] for m in methods}
@@ -262,8 +333,10 @@ def peers_section(lines):
                 if sparsity > 0 and mean == best:
                     cell = f"**{cell}**"
                 ex = "".join(f"{_mean(v, k):.4f} | " if _mean(v, k) is not None else "- | " for k in extra)
-                lines.append(f"| {m} | {sparsity:.0%} | {cell} | {ex}{_mean(v, 'seconds'):.0f} | "
-                             f"{_mean(v, 'peak_rss_mib'):.0f} |")
+                lines.append(
+                    f"| {m} | {sparsity:.0%} | {cell} | {ex}{_mean(v, 'seconds'):.0f} | "
+                    f"{_mean(v, 'peak_rss_mib'):.0f} |"
+                )
         lines.append("")
         verdicts = peers_verdicts(rows, metric, sparsities)
         if verdicts:
@@ -276,19 +349,26 @@ def peers_verdicts(rows, metric, sparsities):
     out = []
     lower = metric == "perplexity"
     for sparsity in sparsities:
-        means = {m: _mean([r for r in rows if r["method"] == m and r["sparsity"] == sparsity], metric)
-                 for m in {r["method"] for r in rows}}
+        means = {
+            m: _mean([r for r in rows if r["method"] == m and r["sparsity"] == sparsity], metric)
+            for m in {r["method"] for r in rows}
+        }
         means = {m: v for m, v in means.items() if v is not None}
         default = means.get("loraprune-activation")
         peers = {m: v for m, v in means.items() if m in ("llm-pruner", "wanda-sp")}
         if default is not None and peers:
             beaten = [m for m, v in peers.items() if (v < default if lower else v > default)]
-            out.append(f"{sparsity:.0%}: the default (`activation`) {metric} {default:.4g}; "
-                       + ("ahead of every peer (" if not beaten else f"behind {', '.join(beaten)} (")
-                       + ", ".join(f"{m} {v:.4g}" for m, v in peers.items()) + ").")
+            out.append(
+                f"{sparsity:.0%}: the default (`activation`) {metric} {default:.4g}; "
+                + ("ahead of every peer (" if not beaten else f"behind {', '.join(beaten)} (")
+                + ", ".join(f"{m} {v:.4g}" for m, v in peers.items())
+                + ")."
+            )
         if "loraprune-lora" in means and "loraprune-grad" in means:
             ratio = means["loraprune-lora"] / means["loraprune-grad"]
-            out.append(f"{sparsity:.0%}: the paper's estimator (`lora`) / true gradient (`grad`) {metric}: {ratio:.3f}.")
+            out.append(
+                f"{sparsity:.0%}: the paper's estimator (`lora`) / true gradient (`grad`) {metric}: {ratio:.3f}."
+            )
     return out
 
 
@@ -336,8 +416,11 @@ def readme_summary() -> list[str]:
         seeds = sorted({r["seed"] for r in rows})
         name = "SmolLM2-135M, held-out perplexity" if task == "smollm2" else "MiniLM on Rotten Tomatoes, accuracy"
         dense = _mean([r for r in rows if r["method"] == "dense-lora"], metric)
-        out.append(f"- **Against other pruners** ({name}, seeds {seeds}, {rows[0]['train_tokens']:,d} training tokens"
-                   + (f"; dense LoRA {dense:.4g}" if dense is not None else "") + "):")
+        out.append(
+            f"- **Against other pruners** ({name}, seeds {seeds}, {rows[0]['train_tokens']:,d} training tokens"
+            + (f"; dense LoRA {dense:.4g}" if dense is not None else "")
+            + "):"
+        )
         out += [f"  - {v}" for v in peers_verdicts(rows, metric, sparsities)]
     for data in _load("criteria_*.json").values():
         summary = data["summary"]
@@ -345,17 +428,25 @@ def readme_summary() -> list[str]:
         for p in sorted({v.split("%")[0] for v in summary if "%" in v}, key=float, reverse=True):
             at = {v.split(" ", 1)[1]: e["mean"] for v, e in summary.items() if v.startswith(f"{p}% ")}
             cells.append(f"{p}%: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(at.items(), key=lambda kv: kv[1])))
-        out.append(f"- **Criterion study** (SmolLM2-135M, {data['settings']['train_tokens']:,d} training tokens, seeds "
-                   f"{data['settings']['seeds']}; held-out perplexity, lower is better): " + "; ".join(cells) + ".")
+        out.append(
+            f"- **Criterion study** (SmolLM2-135M, {data['settings']['train_tokens']:,d} training tokens, seeds "
+            f"{data['settings']['seeds']}; held-out perplexity, lower is better): " + "; ".join(cells) + "."
+        )
     for data in _load("step_cost_*.json").values():
         s = data["settings"]
         rows = {r["config"]: r for r in data["rows"]}
-        parts = [f"{c} {r['time_vs_lora']:.2f}x time / {r['rss_vs_lora']:.2f}x peak RSS"
-                 for c, r in rows.items() if c != "lora" and "time_vs_lora" in r]
+        parts = [
+            f"{c} {r['time_vs_lora']:.2f}x time / {r['rss_vs_lora']:.2f}x peak RSS"
+            for c, r in rows.items()
+            if c != "lora" and "time_vs_lora" in r
+        ]
         if parts:
-            out.append(f"- **Step cost vs plain LoRA** ({s['model']}, {s['batch']} x {s['seq']} tokens, "
-                       f"{data['machine']['date'][:10]}, peft_loraprune {data['machine'].get('peft_loraprune')}): "
-                       + "; ".join(parts) + ".")
+            out.append(
+                f"- **Step cost vs plain LoRA** ({s['model']}, {s['batch']} x {s['seq']} tokens, "
+                f"{data['machine']['date'][:10]}, peft_loraprune {data['machine'].get('peft_loraprune')}): "
+                + "; ".join(parts)
+                + "."
+            )
     return out
 
 
@@ -370,13 +461,27 @@ def update_readme() -> None:
 
 
 def main():
-    lines = ["# Benchmark results", "",
-             "Generated by `python benchmarks/report.py` from `benchmarks/results/*.json`; every number below is read "
-             "from those files (machine, versions and settings with each table). Sections appear in the order "
-             "quality against peers, the criterion study, cost, fidelity, export speed, and results of earlier "
-             "versions where they have not been re-measured.", ""]
-    for section in (peers_section, criteria_section, step_cost_section, step_cost_plot, fidelity_section,
-                    export_section, export_plot, quality_section, quality_plot, perplexity_section):
+    lines = [
+        "# Benchmark results",
+        "",
+        "Generated by `python benchmarks/report.py` from `benchmarks/results/*.json`; every number below is read "
+        "from those files (machine, versions and settings with each table). Sections appear in the order "
+        "quality against peers, the criterion study, cost, fidelity, export speed, and results of earlier "
+        "versions where they have not been re-measured.",
+        "",
+    ]
+    for section in (
+        peers_section,
+        criteria_section,
+        step_cost_section,
+        step_cost_plot,
+        fidelity_section,
+        export_section,
+        export_plot,
+        quality_section,
+        quality_plot,
+        perplexity_section,
+    ):
         section(lines)
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
     update_readme()

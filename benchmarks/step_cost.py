@@ -21,7 +21,6 @@ import sys
 import time
 
 import torch
-
 from common import load_model, peak_rss_mib, write_result
 
 CONFIGS = {
@@ -51,12 +50,20 @@ def run_one(name: str, model_name: str, batch: int, seq: int, warmup: int, steps
     options = CONFIGS[name]
     if options is None:
         # same rank, alpha and dropout as the LoRAPrune configurations (dropout costs an input-sized copy per layer)
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets,
-                                                 task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM")
+        )
         engine = None
     else:
-        config = LoRAPruneConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM",
-                                 lora_dropout=0.05, target_sparsity=0.5, **options)
+        config = LoRAPruneConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+            lora_dropout=0.05,
+            target_sparsity=0.5,
+            **options,
+        )
         model = get_peft_model(model, config)
         engine = model.base_model.pruning_engine()
     model.train()
@@ -121,21 +128,40 @@ def main():
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one config, print JSON
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.one, args.model, args.batch, args.seq, args.warmup, args.steps,
-                                             args.seed)))
+        print(
+            "RESULT "
+            + json.dumps(run_one(args.one, args.model, args.batch, args.seq, args.warmup, args.steps, args.seed))
+        )
         return
     rows = []
     for name in args.configs.split(","):
-        cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--batch", str(args.batch),
-               "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps),
-               "--seed", str(args.seed)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            name,
+            "--model",
+            args.model,
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--warmup",
+            str(args.warmup),
+            "--steps",
+            str(args.steps),
+            "--seed",
+            str(args.seed),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
         row = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
         rows.append(row)
-        print(f"{name:24s} step {row['median_step_s'] * 1000:8.1f} ms  importance {row['median_importance_s'] * 1000:7.1f} ms"
-              f"  mask rewrite {row['median_mask_rewrite_s'] * 1000:8.1f} ms  peak RSS {row['peak_rss_mib']:8.0f} MiB")
+        print(
+            f"{name:24s} step {row['median_step_s'] * 1000:8.1f} ms  importance {row['median_importance_s'] * 1000:7.1f} ms"
+            f"  mask rewrite {row['median_mask_rewrite_s'] * 1000:8.1f} ms  peak RSS {row['peak_rss_mib']:8.0f} MiB"
+        )
     base = next((r for r in rows if r["config"] == "lora"), None)
     grad = next((r for r in rows if r["config"] == "grad_structured"), None)
     for r in rows:
@@ -149,7 +175,9 @@ def main():
             r["training_rss_mib"] = r["peak_rss_mib"] - r["rss_after_loading_mib"]
         if grad:
             r["rss_vs_grad"] = r["peak_rss_mib"] / grad["peak_rss_mib"]
-    path = write_result(f"step_cost_{args.model}_b{args.batch}x{args.seq}", {"settings": vars(args), "rows": rows}, args.out)
+    path = write_result(
+        f"step_cost_{args.model}_b{args.batch}x{args.seq}", {"settings": vars(args), "rows": rows}, args.out
+    )
     print(f"written {path}")
 
 

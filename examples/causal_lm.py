@@ -64,18 +64,20 @@ class PruningArguments:
 class EvalArguments:
     lm_eval_tasks: Optional[str] = field(
         default=None,
-        metadata={"help": "comma-separated lm-eval tasks run on each exported model: the local ones "
-                  "(rt_sentiment, wiki_continuation, wiki_leads_ppl) offline, or with a network e.g. the paper's "
-                  "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"},
+        metadata={
+            "help": "comma-separated lm-eval tasks run on each exported model: the local ones "
+            "(rt_sentiment, wiki_continuation, wiki_leads_ppl) offline, or with a network e.g. the paper's "
+            "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"
+        },
     )
     lm_eval_limit: Optional[int] = field(default=None, metadata={"help": "documents per task (quick checks)"})
 
 
 def run_lm_eval(model, tokenizer, eval_args, folder: str) -> dict:
     """lm-eval on an in-memory model; local tasks are written to ``folder`` first."""
-    from peft_loraprune.evaluation import evaluate
-
     import local_tasks
+
+    from peft_loraprune.evaluation import evaluate
 
     tasks = [t.strip() for t in eval_args.lm_eval_tasks.split(",") if t.strip()]
     local = [t for t in tasks if t in local_tasks.TASKS]
@@ -139,9 +141,14 @@ def main():
         "train_blocks": len(train),
         "test_blocks": len(test),
         "block_size": data_args.block_size,
-        "settings": {**asdict(prune_args), "max_steps": training_args.max_steps,
-                     "epochs": training_args.num_train_epochs, "learning_rate": training_args.learning_rate,
-                     "batch_size": training_args.per_device_train_batch_size, "seed": training_args.seed},
+        "settings": {
+            **asdict(prune_args),
+            "max_steps": training_args.max_steps,
+            "epochs": training_args.num_train_epochs,
+            "learning_rate": training_args.learning_rate,
+            "batch_size": training_args.per_device_train_batch_size,
+            "seed": training_args.seed,
+        },
         "machine": machine_info(),
         "runs": [],
     }
@@ -149,15 +156,20 @@ def main():
     results["dense_perplexity"] = perplexity(base, test, desc="perplexity (dense base)")
     print(f"dense base perplexity: {results['dense_perplexity']:.2f}")
     if eval_args.lm_eval_tasks:
-        results["dense_lm_eval"] = run_lm_eval(base, tokenizer, eval_args,
-                                               os.path.join(training_args.output_dir, "local_tasks"))
+        results["dense_lm_eval"] = run_lm_eval(
+            base, tokenizer, eval_args, os.path.join(training_args.output_dir, "local_tasks")
+        )
     del base
 
     for sparsity in [float(s) for s in prune_args.sparsities.split(",") if s.strip()]:
         config = LoRAPruneConfig(
-            task_type="CAUSAL_LM", r=prune_args.lora_r, lora_alpha=prune_args.lora_alpha, target_sparsity=sparsity,
+            task_type="CAUSAL_LM",
+            r=prune_args.lora_r,
+            lora_alpha=prune_args.lora_alpha,
+            target_sparsity=sparsity,
             prune_structures=[s.strip() for s in prune_args.prune_structures.split(",")],
-            head_grouping=prune_args.head_grouping, importance=prune_args.importance,
+            head_grouping=prune_args.head_grouping,
+            importance=prune_args.importance,
             pruning_interval=prune_args.pruning_interval,
         )
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), config)
@@ -175,8 +187,9 @@ def main():
             "perplexity_masked": perplexity(model, test, desc="perplexity (LoRAPrune)"),
         }
         model.save_pretrained(os.path.join(run_dir, "adapter"))
-        plot_sparsity_per_layer(report, os.path.join(run_dir, "sparsity_per_layer.png"),
-                                title=f"SmolLM2 LoRAPrune {sparsity:.0%}")
+        plot_sparsity_per_layer(
+            report, os.path.join(run_dir, "sparsity_per_layer.png"), title=f"SmolLM2 LoRAPrune {sparsity:.0%}"
+        )
         ids = torch.tensor(test[:1]["input_ids"])
         export = export_pruned_model(model, example_inputs={"input_ids": ids})
         print(export)
@@ -193,8 +206,9 @@ def main():
             from peft_loraprune.evaluation import eval_results, format_results
             from peft_loraprune.model_card import write_eval_results
 
-            run["lm_eval"] = run_lm_eval(reloaded, tokenizer, eval_args,
-                                         os.path.join(training_args.output_dir, "local_tasks"))
+            run["lm_eval"] = run_lm_eval(
+                reloaded, tokenizer, eval_args, os.path.join(training_args.output_dir, "local_tasks")
+            )
             print(format_results(run["lm_eval"]))
             for folder in (os.path.join(run_dir, "adapter"), export_dir):
                 write_eval_results(folder, eval_results(run["lm_eval"]), model_name=f"smollm2-loraprune-{sparsity:g}")

@@ -92,14 +92,25 @@ def pretrain(model_args, data_args, training_args) -> str:
     if model_args.pretrain_samples:
         train = train.select(range(min(model_args.pretrain_samples, len(train))))
     config = ViTConfig(
-        image_size=28, patch_size=4, num_channels=1, hidden_size=model_args.hidden_size,
-        num_hidden_layers=model_args.num_layers, num_attention_heads=model_args.num_heads,
-        intermediate_size=4 * model_args.hidden_size, num_labels=10,
+        image_size=28,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=model_args.hidden_size,
+        num_hidden_layers=model_args.num_layers,
+        num_attention_heads=model_args.num_heads,
+        intermediate_size=4 * model_args.hidden_size,
+        num_labels=10,
     )
     model = AutoModelForImageClassification.from_config(config)
-    args = TrainingArguments(**{**training_args.to_dict(), "output_dir": out + ".run",
-                                "num_train_epochs": model_args.pretrain_epochs, "max_steps": -1,
-                                "learning_rate": 1e-3})
+    args = TrainingArguments(
+        **{
+            **training_args.to_dict(),
+            "output_dir": out + ".run",
+            "num_train_epochs": model_args.pretrain_epochs,
+            "max_steps": -1,
+            "learning_rate": 1e-3,
+        }
+    )
     Trainer(model=model, args=args, train_dataset=to_model_inputs(train, 28)).train()
     model.save_pretrained(out)
     return out
@@ -128,35 +139,59 @@ def main():
         "task": "image classification (second task: sklearn digits)",
         "pretrained": (
             f"small ViT pretrained from scratch here on {data_args.pretrain_dataset} (no real pretrained image "
-            "weights ship offline)" if pretrained_here else model_path
+            "weights ship offline)"
+            if pretrained_here
+            else model_path
         ),
-        "settings": {**asdict(prune_args), **asdict(model_args), "epochs": training_args.num_train_epochs,
-                     "seed": training_args.seed},
+        "settings": {
+            **asdict(prune_args),
+            **asdict(model_args),
+            "epochs": training_args.num_train_epochs,
+            "seed": training_args.seed,
+        },
         "machine": machine_info(),
     }
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
     if prune_args.run_dense_baseline:
-        lora = get_peft_model(fresh_model(), LoraConfig(r=prune_args.lora_r, lora_alpha=prune_args.lora_alpha,
-                                                        target_modules=targets, modules_to_save=["classifier"]))
+        lora = get_peft_model(
+            fresh_model(),
+            LoraConfig(
+                r=prune_args.lora_r,
+                lora_alpha=prune_args.lora_alpha,
+                target_modules=targets,
+                modules_to_save=["classifier"],
+            ),
+        )
         trainer = Trainer(model=lora, args=training_args, train_dataset=train)
         trainer.train()
         results["dense_lora"] = {"test_accuracy": accuracy(trainer, test)}
         print(f"dense LoRA: {results['dense_lora']}")
 
-    config = LoRAPruneConfig(r=prune_args.lora_r, lora_alpha=prune_args.lora_alpha, target_modules=targets,
-                             modules_to_save=["classifier"], target_sparsity=prune_args.target_sparsity,
-                             pruning_interval=prune_args.pruning_interval)
+    config = LoRAPruneConfig(
+        r=prune_args.lora_r,
+        lora_alpha=prune_args.lora_alpha,
+        target_modules=targets,
+        modules_to_save=["classifier"],
+        target_sparsity=prune_args.target_sparsity,
+        pruning_interval=prune_args.pruning_interval,
+    )
     model = get_peft_model(fresh_model(), config)
     start = time.time()
     trainer = Trainer(model=model, args=training_args, train_dataset=train, callbacks=[LoRAPruneCallback()])
     trainer.train()
     report = model.base_model.sparsity_report()
     model.print_sparsity()
-    results["loraprune"] = {"train_seconds": time.time() - start, "test_accuracy": accuracy(trainer, test),
-                            "sparsity_by_unit": report.sparsity_by_unit()}
+    results["loraprune"] = {
+        "train_seconds": time.time() - start,
+        "test_accuracy": accuracy(trainer, test),
+        "sparsity_by_unit": report.sparsity_by_unit(),
+    }
     model.save_pretrained(os.path.join(training_args.output_dir, "adapter"))
-    plot_sparsity_per_layer(report, os.path.join(training_args.output_dir, "sparsity_per_layer.png"),
-                            title=f"ViT LoRAPrune {prune_args.target_sparsity:.0%}")
+    plot_sparsity_per_layer(
+        report,
+        os.path.join(training_args.output_dir, "sparsity_per_layer.png"),
+        title=f"ViT LoRAPrune {prune_args.target_sparsity:.0%}",
+    )
     batch = {"pixel_values": torch.stack([test[i]["pixel_values"] for i in range(min(32, len(test)))])}
     export = export_pruned_model(model, example_inputs=batch)
     print(export)

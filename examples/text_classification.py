@@ -145,9 +145,13 @@ def main():
         "model": model_args.model_name_or_path,
         "dataset": data_args.dataset_name,
         "sizes": {k: len(v) for k, v in data.items()},
-        "settings": {**asdict(prune_args), "epochs": training_args.num_train_epochs,
-                     "batch_size": training_args.per_device_train_batch_size,
-                     "learning_rate": training_args.learning_rate, "seed": training_args.seed},
+        "settings": {
+            **asdict(prune_args),
+            "epochs": training_args.num_train_epochs,
+            "batch_size": training_args.per_device_train_batch_size,
+            "learning_rate": training_args.learning_rate,
+            "seed": training_args.seed,
+        },
         "machine": machine_info(),
     }
 
@@ -158,9 +162,13 @@ def main():
     if prune_args.run_dense_baseline:
         lora = get_peft_model(
             fresh_model(),
-            LoraConfig(task_type="SEQ_CLS", r=prune_args.lora_r, lora_alpha=prune_args.lora_alpha,
-                       lora_dropout=prune_args.lora_dropout,
-                       target_modules=same_targets_as_loraprune(model_path)),
+            LoraConfig(
+                task_type="SEQ_CLS",
+                r=prune_args.lora_r,
+                lora_alpha=prune_args.lora_alpha,
+                lora_dropout=prune_args.lora_dropout,
+                target_modules=same_targets_as_loraprune(model_path),
+            ),
         )
         start = time.time()
         trainer = build_trainer(lora, training_args, data, tokenizer)
@@ -175,12 +183,19 @@ def main():
 
     # 2. LoRAPrune -------------------------------------------------------------------------------------------------
     config = LoRAPruneConfig(
-        task_type="SEQ_CLS", r=prune_args.lora_r, lora_alpha=prune_args.lora_alpha,
-        lora_dropout=prune_args.lora_dropout, target_sparsity=prune_args.target_sparsity,
-        granularity=prune_args.granularity, importance=prune_args.importance, budget=prune_args.budget,
+        task_type="SEQ_CLS",
+        r=prune_args.lora_r,
+        lora_alpha=prune_args.lora_alpha,
+        lora_dropout=prune_args.lora_dropout,
+        target_sparsity=prune_args.target_sparsity,
+        granularity=prune_args.granularity,
+        importance=prune_args.importance,
+        budget=prune_args.budget,
         prune_structures=[s.strip() for s in prune_args.prune_structures.split(",") if s.strip()],
-        pruning_interval=prune_args.pruning_interval, warmup_ratio=prune_args.warmup_ratio_pruning,
-        cooldown_ratio=prune_args.cooldown_ratio_pruning, schedule=prune_args.schedule,
+        pruning_interval=prune_args.pruning_interval,
+        warmup_ratio=prune_args.warmup_ratio_pruning,
+        cooldown_ratio=prune_args.cooldown_ratio_pruning,
+        schedule=prune_args.schedule,
     )
     model = get_peft_model(fresh_model(), config)
     model.print_trainable_parameters()
@@ -201,7 +216,9 @@ def main():
     print(f"LoRAPrune: {results['loraprune']}")
     model.save_pretrained(os.path.join(training_args.output_dir, "adapter"))
     plot_path = os.path.join(training_args.output_dir, "sparsity_per_layer.png")
-    plot_sparsity_per_layer(report, plot_path, title=f"{model_args.model_name_or_path}: LoRAPrune {config.granularity}")
+    plot_sparsity_per_layer(
+        report, plot_path, title=f"{model_args.model_name_or_path}: LoRAPrune {config.granularity}"
+    )
 
     # 3. export: physically smaller model, reloaded with plain transformers --------------------------------------------
     batch = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=data_args.max_seq_length)(
@@ -223,8 +240,9 @@ def main():
     results["export"] = {
         **{k: v for k, v in export.to_dict().items() if k not in ("notes",)},
         "notes": export.notes,
-        "file_bytes_after": sum(os.path.getsize(os.path.join(export_dir, f)) for f in os.listdir(export_dir)
-                                if f.endswith(".safetensors")),
+        "file_bytes_after": sum(
+            os.path.getsize(os.path.join(export_dir, f)) for f in os.listdir(export_dir) if f.endswith(".safetensors")
+        ),
         "max_abs_logit_difference_after_reload": max_diff,
         "test_accuracy_after_reload": accuracy(export_trainer, data["test"]),
         "latency_batch": list(inputs["input_ids"].shape),
@@ -239,8 +257,10 @@ def main():
     print(f"test accuracy, LoRAPrune ({report.sparsity:.0%} sparse): {results['loraprune']['test_accuracy']:.4f}")
     print(f"test accuracy, exported and reloaded:     {results['export']['test_accuracy_after_reload']:.4f}")
     print(f"parameters: {export.params_before:,d} -> {export.params_after:,d}")
-    print(f"CPU latency (batch {inputs['input_ids'].shape[0]}x{inputs['input_ids'].shape[1]}): "
-          f"{export.latency_before_ms:.1f} ms -> {export.latency_after_ms:.1f} ms")
+    print(
+        f"CPU latency (batch {inputs['input_ids'].shape[0]}x{inputs['input_ids'].shape[1]}): "
+        f"{export.latency_before_ms:.1f} ms -> {export.latency_after_ms:.1f} ms"
+    )
     print(f"outputs in {training_args.output_dir}: results.json, sparsity_per_layer.png, adapter/, pruned_model/")
 
 

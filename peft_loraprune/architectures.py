@@ -15,8 +15,9 @@ Adding a family is one ``register_architecture(ArchitectureSpec(...))`` call.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,8 @@ class LoRAPruneCallback(TrainerCallback):
                 f"LoRAPrune: the run has {state.max_steps} optimizer steps, so the schedule rewrites masks only at "
                 f"step(s) {steps} (warm-up to step {self.schedule.start}, target at step {self.schedule.end}, every "
                 f"{self.engine.config.pruning_interval} steps): pruning is effectively one-shot. Train longer or "
-                "lower pruning_interval."
+                "lower pruning_interval.",
+                stacklevel=2,
             )
         if state.global_step > 0:
             self._restore(args, state)
@@ -116,7 +117,8 @@ class LoRAPruneCallback(TrainerCallback):
             warnings.warn(
                 f"LoRAPrune: resuming at step {state.global_step} but {path} does not exist; the masks come from the "
                 "checkpoint, but the importance averages restart from zero, so later masks may differ from an "
-                "uninterrupted run."
+                "uninterrupted run.",
+                stacklevel=2,
             )
 
     def _report_metrics(self) -> dict[str, float]:

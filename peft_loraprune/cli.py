@@ -19,10 +19,9 @@ from typing import Optional
 
 from .evaluation import (
     DTYPES,
-    evaluate,
     eval_results,
+    evaluate,
     format_results,
-    is_adapter_folder,
     load_adapter_model,
     load_for_evaluation,
     save_results_json,
@@ -86,8 +85,15 @@ def cmd_eval(args) -> None:
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(str(err)) from err
     try:
-        results = evaluate(model, tokenizer, tasks, include_path=args.include_path, limit=args.limit,
-                           batch_size=args.batch_size, num_fewshot=args.num_fewshot)
+        results = evaluate(
+            model,
+            tokenizer,
+            tasks,
+            include_path=args.include_path,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            num_fewshot=args.num_fewshot,
+        )
     except (ValueError, ImportError) as err:
         raise UsageError(str(err)) from err
     print(format_results(results))
@@ -111,8 +117,9 @@ def cmd_lm_eval(rest: list[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peft-loraprune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="peft-loraprune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("report", help="sparsity of a saved adapter, overall and per layer")
@@ -125,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("--out", required=True, help="folder for the exported model")
     p.add_argument("--base", default=None)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of the saved weights (default: the base's)")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="dtype of the saved weights (default: the base's)"
+    )
     p.add_argument("--latency", action="store_true", help="also time a forward pass before and after (CPU)")
     p.set_defaults(run=cmd_export)
 
@@ -142,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--card", action="store_true", help="add the results to the folder's README.md (model-index)")
     p.set_defaults(run=cmd_eval)
 
-    sub.add_parser("lm-eval", help="lm-eval's own command line, with LoRAPrune adapters loadable (peft=...)",
-                   add_help=False)
+    sub.add_parser(
+        "lm-eval", help="lm-eval's own command line, with LoRAPrune adapters loadable (peft=...)", add_help=False
+    )
     return parser
 
 

@@ -124,7 +124,9 @@ class LoRAPruneConfig(PeftConfig):
     adaptation: str = field(default="parallel", metadata={"help": "'parallel' or 'sequential'"})
     importance: Optional[str] = field(
         default=None,
-        metadata={"help": "'activation', 'lora', 'grad' or 'magnitude'; None: 'activation' for structured, else 'lora'"},
+        metadata={
+            "help": "'activation', 'lora', 'grad' or 'magnitude'; None: 'activation' for structured, else 'lora'"
+        },
     )
     importance_beta: float = field(default=0.9, metadata={"help": "Moving-average factor"})
     importance_dtype: str = field(default="bfloat16", metadata={"help": "Dtype of per-weight scores"})
@@ -164,8 +166,10 @@ class LoRAPruneConfig(PeftConfig):
         """Raise ``ValueError``/``TypeError`` naming the first invalid field."""
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r!r}.")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not (
-            math.isfinite(self.lora_alpha) and self.lora_alpha > 0
+        if (
+            isinstance(self.lora_alpha, bool)
+            or not isinstance(self.lora_alpha, (int, float))
+            or not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0)
         ):
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}.")
         check_fraction("lora_dropout", self.lora_dropout)
@@ -175,9 +179,9 @@ class LoRAPruneConfig(PeftConfig):
                 "use_dora=True is not supported by LoRAPrune: DoRA re-normalises each weight row with a trained "
                 "magnitude, which would rescale pruned rows; use use_dora=False."
             )
-        if not any(self.init_lora_weights is v or self.init_lora_weights == v for v in SUPPORTED_INIT_LORA_WEIGHTS) or (
-            isinstance(self.init_lora_weights, int) and not isinstance(self.init_lora_weights, bool)
-        ):
+        if not any(
+            self.init_lora_weights is v or self.init_lora_weights == v for v in SUPPORTED_INIT_LORA_WEIGHTS
+        ) or (isinstance(self.init_lora_weights, int) and not isinstance(self.init_lora_weights, bool)):
             raise ValueError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported by LoRAPrune; allowed values are "
                 f"{list(SUPPORTED_INIT_LORA_WEIGHTS)} (PiSSA, OLoRA, LoftQ, EVA, CorDA and other LoRA variants that "
@@ -283,5 +287,3 @@ class LoRAPruneConfig(PeftConfig):
     def scaling(self) -> float:
         """The adapter scale s: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA)."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-

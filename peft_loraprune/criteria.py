@@ -32,7 +32,8 @@ The criteria (``LoRAPruneConfig.importance``):
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import torch
 
@@ -119,7 +120,9 @@ class Magnitude(Criterion):
 
     def element_chunks(self, name, layer):
         factors = layer.scoring_factors(self.adapter)
-        return element_scores(_merged_rows(layer, self.adapter, factors), None, (layer.out_features, layer.in_features))
+        return element_scores(
+            _merged_rows(layer, self.adapter, factors), None, (layer.out_features, layer.in_features)
+        )
 
 
 class LoRAGradientEstimate(Criterion):
@@ -144,7 +147,9 @@ class LoRAGradientEstimate(Criterion):
         left = torch.cat([db.float(), factors.b.float()], dim=1)
         right = torch.cat([p, q], dim=0)
         return element_scores(
-            _merged_rows(layer, self.adapter, factors), lambda r: left[r] @ right, (layer.out_features, layer.in_features)
+            _merged_rows(layer, self.adapter, factors),
+            lambda r: left[r] @ right,
+            (layer.out_features, layer.in_features),
         )
 
 
@@ -344,5 +349,7 @@ def make_criterion(name: str, adapter: str) -> Criterion:
         return PerAxis(adapter, make_criterion(rows, adapter), make_criterion(cols, adapter))
     cls = _ELEMENTWISE.get(name) or _GROUPWISE.get(name)
     if cls is None:
-        raise ValueError(f"importance={name!r} is not a criterion; allowed: {sorted(_ELEMENTWISE) + sorted(_GROUPWISE)}")
+        raise ValueError(
+            f"importance={name!r} is not a criterion; allowed: {sorted(_ELEMENTWISE) + sorted(_GROUPWISE)}"
+        )
     return cls(adapter)

@@ -18,7 +18,7 @@ would leave the others waiting in the collective.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist

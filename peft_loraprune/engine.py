@@ -106,7 +106,9 @@ class PruningEngine:
         self.criterion = criterion
         # what the criterion reads: structured, the group members it scores; else every element-pruned layer
         self.scored_members = [
-            (member, name, layer) for g in self.groups for member, name, layer in g.members
+            (member, name, layer)
+            for g in self.groups
+            for member, name, layer in g.members
             if criterion.scores_axis(member.axis)
         ]
         if self.structured:
@@ -157,7 +159,8 @@ class PruningEngine:
             if not self._warned_nonfinite:
                 warnings.warn(
                     "LoRAPrune: NaN or infinite gradients or adapter weights; the importance update of this step is "
-                    "skipped and masks are left unchanged (warned once)."
+                    "skipped and masks are left unchanged (warned once).",
+                    stacklevel=2,
                 )
                 self._warned_nonfinite = True
             self.criterion.reset()
@@ -227,7 +230,9 @@ class PruningEngine:
             for name, layer in self.element_layers:
                 kept = layer.element_mask(self.adapter)
                 n = kept.numel()
-                new = keep_top(self._element_scores(name, layer).flatten(), kept.flatten(), n - prune_count(n, sparsity))
+                new = keep_top(
+                    self._element_scores(name, layer).flatten(), kept.flatten(), n - prune_count(n, sparsity)
+                )
                 layer.set_masks(self.adapter, elements_packed=pack_bits(new.reshape(kept.shape)))
         else:
             kept = [layer.element_mask(self.adapter).flatten() for _, layer in self.element_layers]
@@ -311,7 +316,7 @@ class PruningEngine:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` returned; a ``ValueError`` names any tensor that does not fit."""
         expected = {}
-        for member, name, layer in self.scored_members:
+        for member, name, _ in self.scored_members:
             expected[f"member.{_member_key(name, member.axis)}"] = (member.layout[1],)
         for name, layer in self.element_layers:
             expected[f"element.{name}"] = (layer.out_features, layer.in_features)

@@ -83,7 +83,9 @@ def load_adapter_model(path: str, base: Optional[str] = None, dtype: Optional[st
     try:
         return PeftModel.from_pretrained(base_model, path)
     except (ValueError, RuntimeError) as err:
-        raise ValueError(f"the adapter in {path} does not fit the base model {base!r}: {str(err).splitlines()[0]}") from err
+        raise ValueError(
+            f"the adapter in {path} does not fit the base model {base!r}: {str(err).splitlines()[0]}"
+        ) from err
 
 
 def load_for_evaluation(path: str, base: Optional[str] = None, dtype: Optional[str] = None):
@@ -100,8 +102,15 @@ def load_for_evaluation(path: str, base: Optional[str] = None, dtype: Optional[s
     return transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs), path
 
 
-def evaluate(model, tokenizer, tasks: list[str], include_path: Optional[str] = None, limit: Optional[int] = None,
-             batch_size: int = 8, num_fewshot: Optional[int] = None) -> dict:
+def evaluate(
+    model,
+    tokenizer,
+    tasks: list[str],
+    include_path: Optional[str] = None,
+    limit: Optional[int] = None,
+    batch_size: int = 8,
+    num_fewshot: Optional[int] = None,
+) -> dict:
     """Run lm-eval on an in-memory model; returns lm-eval's ``results`` (task -> metric -> value).
 
     Raises ``ValueError`` naming the tasks lm-eval does not know (with ``include_path`` folders searched too)."""
@@ -122,8 +131,12 @@ def evaluate(model, tokenizer, tasks: list[str], include_path: Optional[str] = N
         tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
     model.eval()
     out = lm_eval.simple_evaluate(
-        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size), tasks=tasks,
-        task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=False,
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
+        tasks=tasks,
+        task_manager=manager,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        log_samples=False,
     )
     return out["results"]
 
@@ -134,15 +147,27 @@ def eval_results(results: dict, dataset_names: Optional[dict] = None) -> list[Ev
     for task, metrics in results.items():
         for key, value in metrics.items():
             metric, comma, _filter = key.partition(",")  # lm-eval's metric keys are "metric,filter"
-            if not comma or metric.endswith("_stderr") or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if (
+                not comma
+                or metric.endswith("_stderr")
+                or not isinstance(value, (int, float))
+                or isinstance(value, bool)
+            ):
                 continue
             if not math.isfinite(float(value)):
                 continue
-            entries.append(EvalResult(
-                task_type="text-generation", task_name=task, dataset_type=task,
-                dataset_name=(dataset_names or {}).get(task, task), metric_type=metric, metric_value=float(value),
-                source_name="lm-evaluation-harness", source_url="https://github.com/EleutherAI/lm-evaluation-harness",
-            ))
+            entries.append(
+                EvalResult(
+                    task_type="text-generation",
+                    task_name=task,
+                    dataset_type=task,
+                    dataset_name=(dataset_names or {}).get(task, task),
+                    metric_type=metric,
+                    metric_value=float(value),
+                    source_name="lm-evaluation-harness",
+                    source_url="https://github.com/EleutherAI/lm-evaluation-harness",
+                )
+            )
     return entries
 
 
@@ -152,7 +177,12 @@ def format_results(results: dict) -> str:
     for task, metrics in results.items():
         for key, value in metrics.items():
             metric, comma, _ = key.partition(",")
-            if comma and isinstance(value, (int, float)) and not isinstance(value, bool) and not metric.endswith("_stderr"):
+            if (
+                comma
+                and isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and not metric.endswith("_stderr")
+            ):
                 lines.append(f"{task:28s} {metric:20s} {value:.4f}")
     return "\n".join(lines)
 

@@ -20,7 +20,8 @@ Everything is computed by row chunks so no weight-sized temporary beyond one chu
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Optional
 
 import torch
 

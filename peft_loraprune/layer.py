@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -219,8 +220,9 @@ class LoRAPruneLayer(BaseTunerLayer):
         w0 = full_tensor(self.base_weight_2d().detach())
         return ScoringFactors(w0, a, b, self.adaptation[adapter_name].right_factor(a, w0))
 
-    def merged_weight_rows(self, adapter_name: str, start: int = 0, stop: Optional[int] = None,
-                           factors: Optional[ScoringFactors] = None) -> torch.Tensor:
+    def merged_weight_rows(
+        self, adapter_name: str, start: int = 0, stop: Optional[int] = None, factors: Optional[ScoringFactors] = None
+    ) -> torch.Tensor:
         """Rows ``start:stop`` of the unmasked merged weight ``W0 + s·B·R`` in float32 (a chunk, for scoring).
 
         ``factors``: from :meth:`scoring_factors`, so that a caller reading many chunks gathers them once."""
@@ -337,7 +339,9 @@ class Linear(nn.Module, LoRAPruneLayer):
         lora_B, lora_R = self.delta_factors(adapter)
         bias = self.get_base_layer().bias
         if bias is not None:
-            bias = self.adaptation[adapter].merged_bias(bias, self.lora_A[adapter].weight, lora_B, self.scaling[adapter])
+            bias = self.adaptation[adapter].merged_bias(
+                bias, self.lora_A[adapter].weight, lora_B, self.scaling[adapter]
+            )
         dropout = self.lora_dropout[adapter]
         x_lora = dropout(x) if (self.training and isinstance(dropout, nn.Dropout)) else x
         return element_masked_linear(
@@ -391,7 +395,7 @@ class Linear(nn.Module, LoRAPruneLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base = self.get_base_layer()
         weight_2d = self.base_weight_2d()

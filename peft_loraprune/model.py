@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
@@ -28,7 +29,6 @@ from .layer import Linear, LoRAPruneLayer
 from .registration import PREFIX
 from .reporting import build_sparsity_report
 from .structure import find_structured_groups, mark_rows_masked_downstream
-
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,9 @@ class LoRAPruneModel(BaseTuner):
             )
         if isinstance(base, Conv1D) and not config.fan_in_fan_out:
             # as PEFT's LoRA does: the module type decides the weight layout; say so once and record it
-            warnings.warn(f"'{current_key}' is a Conv1D (weight stored (in, out)); setting fan_in_fan_out=True.")
+            warnings.warn(
+                f"'{current_key}' is a Conv1D (weight stored (in, out)); setting fan_in_fan_out=True.", stacklevel=2
+            )
             config.fan_in_fan_out = True
         new_module = Linear(target, adapter_name, config)
         if adapter_name not in self.active_adapters:
@@ -165,7 +167,9 @@ class LoRAPruneModel(BaseTuner):
         if not isinstance(adapter_name, str):
             raise TypeError(f"adapter_name must be a string or None, got {adapter_name!r}.")
         if adapter_name not in self.peft_config:
-            raise ValueError(f"adapter_name={adapter_name!r} is not an adapter of this model: {sorted(self.peft_config)}.")
+            raise ValueError(
+                f"adapter_name={adapter_name!r} is not an adapter of this model: {sorted(self.peft_config)}."
+            )
         return adapter_name
 
     def prune_layers(self, adapter_name: Optional[str] = None) -> Iterator[tuple[str, LoRAPruneLayer]]:
@@ -207,8 +211,13 @@ class LoRAPruneModel(BaseTuner):
             engine.close()
         super().delete_adapter(adapter_name)
 
-    def merge_and_prune(self, adapter_name: Optional[str] = None, example_inputs: Optional[dict] = None,
-                        measure_latency: bool = True, progressbar: bool = True):
+    def merge_and_prune(
+        self,
+        adapter_name: Optional[str] = None,
+        example_inputs: Optional[dict] = None,
+        measure_latency: bool = True,
+        progressbar: bool = True,
+    ):
         """Merge the adapter and physically remove the pruned heads and channels; returns a plain transformers
         model that ``from_pretrained`` reloads. The export report goes to this module's logger (INFO);
         ``peft_loraprune.export_pruned_model`` returns it. Consumes the model, like ``merge_and_unload``."""
@@ -240,4 +249,3 @@ class LoRAPruneModel(BaseTuner):
         """``huggingface_hub.EvalResult`` entries of what :meth:`record_eval_results` kept (empty if nothing)."""
         adapter_name = self.resolve_adapter(adapter_name)
         return eval_results(self.__dict__.get("_eval_results", {}).get(adapter_name, {}))
-

@@ -43,7 +43,9 @@ def render_section(config, report) -> str:
         "- Method: LoRAPrune",
         f"- Importance criterion: `{config.importance}`",
         f"- Granularity: `{config.granularity}`"
-        + (f" (pruned structures: {', '.join(config.prune_structures)})" if config.granularity == "structured" else ""),
+        + (
+            f" (pruned structures: {', '.join(config.prune_structures)})" if config.granularity == "structured" else ""
+        ),
         f"- Adaptation: `{config.adaptation}`; rank {config.r}, alpha {config.lora_alpha}",
         f"- Budget: `{config.budget}`; schedule: `{config.schedule}`, pruning every {config.pruning_interval} steps",
         f"- Target sparsity: {report.target_sparsity:.2%}",
@@ -73,7 +75,9 @@ def _set_eval_results(card: ModelCard, entries, model_name: Optional[str]) -> No
         return
     old = list(card.data.eval_results or [])
     keys = {(e.task_type, e.dataset_type, e.metric_type) for e in entries}
-    card.data.eval_results = [e for e in old if (e.task_type, e.dataset_type, e.metric_type) not in keys] + list(entries)
+    card.data.eval_results = [e for e in old if (e.task_type, e.dataset_type, e.metric_type) not in keys] + list(
+        entries
+    )
     card.data.model_name = card.data.model_name or model_name or "model"
 
 
@@ -110,8 +114,9 @@ def write_model_card(directory: str, config, report, eval_results=None) -> str:
     return path
 
 
-def write_export_card(directory: str, config, sparsity_report, export_report, source_adapter: Optional[str] = None,
-                      eval_results=None) -> str:
+def write_export_card(
+    directory: str, config, sparsity_report, export_report, source_adapter: Optional[str] = None, eval_results=None
+) -> str:
     """The card of an exported (merged, physically pruned) model: what it was pruned from and by how much."""
     path = os.path.join(directory, "README.md")
     card = _load_card(path)
@@ -130,11 +135,14 @@ def write_export_card(directory: str, config, sparsity_report, export_report, so
         "",
         f"- Criterion: `{config.importance}`; granularity: `{config.granularity}`",
         f"- Sparsity: {sparsity_report.sparsity:.2%} of prunable units ("
-        + (", ".join(f"{u}: {s:.2%}" for u, s in sparsity_report.sparsity_by_unit().items()) or "n/a") + ")",
+        + (", ".join(f"{u}: {s:.2%}" for u, s in sparsity_report.sparsity_by_unit().items()) or "n/a")
+        + ")",
         f"- Parameters: {export_report.params_before:,d} before, {export_report.params_after:,d} after",
         *[f"- Removed per block: {n} {s}" for s, n in export_report.removed.items()],
-        *[f"- Kept in place as zeros: {n} pruned {s} (the config cannot express removing them)"
-          for s, n in export_report.kept_zeroed.items()],
+        *[
+            f"- Kept in place as zeros: {n} pruned {s} (the config cannot express removing them)"
+            for s, n in export_report.kept_zeroed.items()
+        ],
         "",
         "### Library versions",
         "",

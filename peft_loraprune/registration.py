@@ -47,4 +47,3 @@ def register(config_cls, model_cls) -> None:
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[LORAPRUNE_PEFT_TYPE] = config_cls
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[LORAPRUNE_PEFT_TYPE] = model_cls
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[LORAPRUNE_PEFT_TYPE] = PREFIX
-

@@ -77,8 +77,12 @@ def _wrap(save_pretrained):
             for name in ours:
                 folder = adapter_folder(os.fspath(options["save_directory"]), name)
                 record_save_digest(folder)
-                write_model_card(folder, self.peft_config[name], tuner.sparsity_report(name),
-                                 eval_results=tuner.recorded_eval_results(name))
+                write_model_card(
+                    folder,
+                    self.peft_config[name],
+                    tuner.sparsity_report(name),
+                    eval_results=tuner.recorded_eval_results(name),
+                )
         return result
 
     setattr(wrapper, _MARK, True)

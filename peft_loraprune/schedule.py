@@ -36,7 +36,7 @@ class PruningSchedule:
             raise TypeError(f"one_shot must be True or False, got {self.one_shot!r}")
 
     @classmethod
-    def from_config(cls, config, total_steps: int) -> "PruningSchedule":
+    def from_config(cls, config, total_steps: int) -> PruningSchedule:
         return cls(
             total_steps=total_steps,
             target=config.effective_target_sparsity,
@@ -77,4 +77,3 @@ class PruningSchedule:
 
     def pruning_steps(self) -> list[int]:
         return [t for t in range(self.start, self.end + 1) if self.is_pruning_step(t)]
-

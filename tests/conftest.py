@@ -19,22 +19,40 @@ FAMILIES = ("llama", "bert", "vit", "gpt2")
 def make_config(family: str):
     if family == "llama":  # grouped-query attention: 4 query heads in 2 KV groups, explicit head_dim
         return transformers.LlamaConfig(
-            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=64,
+            max_position_embeddings=64,
         )
     if family == "bert":
         return transformers.BertConfig(
-            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
-            max_position_embeddings=64, num_labels=2,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=64,
+            max_position_embeddings=64,
+            num_labels=2,
         )
     if family == "vit":
         return transformers.ViTConfig(
-            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=8,
-            patch_size=4, num_channels=1, num_labels=3,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=8,
+            patch_size=4,
+            num_channels=1,
+            num_labels=3,
         )
     if family == "gpt2":
-        return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64,
-                                       bos_token_id=0, eos_token_id=0)
+        return transformers.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
     raise ValueError(family)
 
 

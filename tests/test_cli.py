@@ -50,8 +50,9 @@ def word_tokenizer():
     vocab = {w: i for i, w in enumerate(["[UNK]", "[EOS]", "[PAD]", *words])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]",
-                                                pad_token="[PAD]")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", pad_token="[PAD]"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +60,16 @@ def saved(tmp_path_factory):
     """A tiny base model folder (with tokenizer), a 50%-pruned LoRAPrune adapter of it, and a local task."""
     root = tmp_path_factory.mktemp("cli")
     tokenizer = word_tokenizer()
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                      vocab_size=len(tokenizer), max_position_embeddings=64)
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
@@ -75,8 +83,14 @@ def saved(tmp_path_factory):
     tasks.mkdir()
     (tasks / "tiny.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     (tasks / "tiny.yaml").write_text(TASK_YAML.format(data=json.dumps(str(tasks / "tiny.jsonl"))))
-    return {"root": root, "base": str(root / "base"), "adapter": str(root / "adapter"), "tasks": str(tasks),
-            "model": model, "tokenizer": tokenizer}
+    return {
+        "root": root,
+        "base": str(root / "base"),
+        "adapter": str(root / "adapter"),
+        "tasks": str(tasks),
+        "model": model,
+        "tokenizer": tokenizer,
+    }
 
 
 def hand_accuracy(model, tokenizer) -> float:
@@ -112,8 +126,9 @@ def test_export_writes_a_smaller_model_in_the_dtype_asked_for(saved, capsys):
     assert sum(p.numel() for p in exported.parameters()) < sum(p.numel() for p in saved["model"].parameters())
     ids = torch.tensor([[3, 5, 7, 9, 4, 6]])
     with torch.no_grad():
-        torch.testing.assert_close(exported(input_ids=ids).logits, saved["model"](input_ids=ids).logits,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            exported(input_ids=ids).logits, saved["model"](input_ids=ids).logits, rtol=1e-5, atol=1e-5
+        )
     halved = transformers.AutoModelForCausalLM.from_pretrained(half)
     assert halved.dtype == torch.bfloat16
     reference = exported.state_dict()
@@ -126,8 +141,19 @@ def test_export_writes_a_smaller_model_in_the_dtype_asked_for(saved, capsys):
 
 def test_eval_of_an_adapter_matches_a_hand_computation_and_lands_on_the_card(saved, capsys, tmp_path):
     results_file = tmp_path / "results.json"
-    rc = main(["eval", saved["adapter"], "--tasks", "tiny_sentiment", "--include_path", saved["tasks"],
-               "--output", str(results_file), "--card"])
+    rc = main(
+        [
+            "eval",
+            saved["adapter"],
+            "--tasks",
+            "tiny_sentiment",
+            "--include_path",
+            saved["tasks"],
+            "--output",
+            str(results_file),
+            "--card",
+        ]
+    )
     assert rc == 0
     acc = json.loads(results_file.read_text())["tiny_sentiment"]["acc,none"]
     assert acc == pytest.approx(hand_accuracy(saved["model"], saved["tokenizer"]))
@@ -151,9 +177,24 @@ def test_recorded_results_are_written_by_save_pretrained(saved, tmp_path):
 def test_lm_eval_command_line_loads_a_loraprune_adapter(saved, tmp_path):
     """``peft-loraprune lm-eval ... peft=ADAPTER`` is lm-eval's own CLI with the method registered."""
     out = tmp_path / "lm_eval_out"
-    rc = main(["lm-eval", "run", "--model", "hf", "--model_args", f"pretrained={saved['base']},peft={saved['adapter']}",
-               "--tasks", "tiny_sentiment", "--include_path", saved["tasks"], "--device", "cpu",
-               "--output_path", str(out)])
+    rc = main(
+        [
+            "lm-eval",
+            "run",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={saved['base']},peft={saved['adapter']}",
+            "--tasks",
+            "tiny_sentiment",
+            "--include_path",
+            saved["tasks"],
+            "--device",
+            "cpu",
+            "--output_path",
+            str(out),
+        ]
+    )
     assert rc == 0
     written = list(out.rglob("results*.json"))
     assert written
@@ -161,11 +202,14 @@ def test_lm_eval_command_line_loads_a_loraprune_adapter(saved, tmp_path):
     assert acc == pytest.approx(hand_accuracy(saved["model"], saved["tokenizer"]))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["report", "/no/such/adapter"], "does not exist"),
-    (["export", "/no/such/adapter", "--out", "/tmp/x"], "does not exist"),
-    (["eval", "/no/such/model", "--tasks", "x"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["report", "/no/such/adapter"], "does not exist"),
+        (["export", "/no/such/adapter", "--out", "/tmp/x"], "does not exist"),
+        (["eval", "/no/such/model", "--tasks", "x"], "does not exist"),
+    ],
+)
 def test_missing_paths_are_one_line_errors(argv, message, capsys):
     assert main(argv) == 2
     err = error_lines(capsys.readouterr().err)
@@ -175,8 +219,15 @@ def test_missing_paths_are_one_line_errors(argv, message, capsys):
 def test_a_base_that_does_not_fit_and_an_unknown_task_are_one_line_errors(saved, capsys, tmp_path):
     other = make_model("llama")
     other.config.hidden_size = 32
-    wider = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, head_dim=16, vocab_size=len(saved["tokenizer"]))
+    wider = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=len(saved["tokenizer"]),
+    )
     transformers.AutoModelForCausalLM.from_config(wider).save_pretrained(tmp_path / "wider")
     capsys.readouterr()
     assert main(["report", saved["adapter"], "--base", str(tmp_path / "wider")]) == 2
@@ -194,6 +245,7 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([str(Path(sys.executable).parent / "peft-loraprune"), "--help"], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "peft-loraprune"), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and "report" in out.stdout and "export" in out.stdout

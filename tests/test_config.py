@@ -90,15 +90,35 @@ def test_n_m_parsing_and_effective_sparsity():
 
 def test_config_json_round_trip(tmp_path):
     c = LoRAPruneConfig(
-        target_modules=["q_proj", "v_proj"], granularity="unstructured", target_sparsity=0.3, importance="grad",
-        adaptation="sequential", budget="global", dense_layers=[3, 0], prune_structures="heads",
+        target_modules=["q_proj", "v_proj"],
+        granularity="unstructured",
+        target_sparsity=0.3,
+        importance="grad",
+        adaptation="sequential",
+        budget="global",
+        dense_layers=[3, 0],
+        prune_structures="heads",
     )
     c.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     assert data["peft_type"] == "LORAPRUNE"
-    for key in ("target_sparsity", "granularity", "adaptation", "importance", "importance_beta",
-                "pruning_interval", "budget", "initial_sparsity", "warmup_ratio", "cooldown_ratio", "schedule",
-                "prune_structures", "head_grouping", "dense_layers", "importance_dtype"):
+    for key in (
+        "target_sparsity",
+        "granularity",
+        "adaptation",
+        "importance",
+        "importance_beta",
+        "pruning_interval",
+        "budget",
+        "initial_sparsity",
+        "warmup_ratio",
+        "cooldown_ratio",
+        "schedule",
+        "prune_structures",
+        "head_grouping",
+        "dense_layers",
+        "importance_dtype",
+    ):
         assert key in data, key
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, LoRAPruneConfig)

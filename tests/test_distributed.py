@@ -27,14 +27,24 @@ def launch(out: Path, *args: str, processes: int = 1, worker: Path = WORKER) -> 
     if processes == 1:
         cmd = [sys.executable, str(worker)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--nnodes=1",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(worker)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            "--nnodes=1",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            str(worker),
+        ]
     done = subprocess.run(cmd + ["--out", str(out), *args], env=ENV, capture_output=True, text=True, timeout=200)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("granularity, importance, accum",
-                         [("structured", "lora", 1), ("unstructured", "grad", 2), ("structured", "activation", 2)])
+@pytest.mark.parametrize(
+    "granularity, importance, accum",
+    [("structured", "lora", 1), ("unstructured", "grad", 2), ("structured", "activation", 2)],
+)
 def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path, granularity, importance, accum):
     """Masks are recorded at the end of each step, before DDP's next forward broadcasts rank 0's buffers (which
     would hide a difference). The "grad" case runs with gradient accumulation (2 micro-batches per rank)."""

@@ -49,12 +49,20 @@ def test_a_sparsity_that_would_empty_a_layer_keeps_one_unit_per_layer(budget, gr
 
 def test_head_counts_that_do_not_divide_by_the_sparsity():
     """6 query heads in 2 KV groups (3 per group): 50% of 3 removes 1 per group (halves round down)."""
-    config = transformers.LlamaConfig(hidden_size=48, intermediate_size=40, num_hidden_layers=2,
-                                      num_attention_heads=6, num_key_value_heads=2, head_dim=8, vocab_size=64)
+    config = transformers.LlamaConfig(
+        hidden_size=48,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=64,
+    )
     torch.manual_seed(0)
     base = transformers.AutoModelForCausalLM.from_config(config).eval()
-    model = get_peft_model(base, LoRAPruneConfig(task_type="CAUSAL_LM", head_grouping="query_head",
-                                                 target_sparsity=0.5, lora_dropout=0.0))
+    model = get_peft_model(
+        base, LoRAPruneConfig(task_type="CAUSAL_LM", head_grouping="query_head", target_sparsity=0.5, lora_dropout=0.0)
+    )
     randomize_adapter(model)
     model.base_model.pruning_engine().prune_to(0.5)
     model.eval()

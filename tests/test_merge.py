@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import TASK, make_inputs, make_model, model_output
-from helpers import randomize_adapter, random_prune
+from helpers import random_prune, randomize_adapter
 from peft import get_peft_model
 
 from peft_loraprune import LoRAPruneConfig

@@ -17,24 +17,81 @@ from peft_loraprune.mask_packing import pack_bits, unpack_bits
 from peft_loraprune.schedule import PruningSchedule
 from peft_loraprune.selection import keep_top, keep_top_global, n_m_mask, prune_count
 
+
 def examples(n: int):
     """Fixed, reproducible draws (derandomize): CI sees the same inputs on every run."""
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    return settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+
 
 ANY_VALUE = st.one_of(
-    st.none(), st.booleans(), st.integers(-5, 100), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.sampled_from(["structured", "unstructured", "2:4", "1:4", "4:8", "3:2", "0:4", "N:M",
-                                           "lora", "grad", "magnitude", "parallel", "sequential", "local", "global",
-                                           "cubic", "one_shot", "heads", "channels", "kv_group", "query_head",
-                                           "bfloat16", "float32", "reference", "q_proj", "all-linear"]),
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 100),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(
+        [
+            "structured",
+            "unstructured",
+            "2:4",
+            "1:4",
+            "4:8",
+            "3:2",
+            "0:4",
+            "N:M",
+            "lora",
+            "grad",
+            "magnitude",
+            "parallel",
+            "sequential",
+            "local",
+            "global",
+            "cubic",
+            "one_shot",
+            "heads",
+            "channels",
+            "kv_group",
+            "query_head",
+            "bfloat16",
+            "float32",
+            "reference",
+            "q_proj",
+            "all-linear",
+        ]
+    ),
     st.lists(st.one_of(st.integers(-2, 5), st.sampled_from(["heads", "channels", "q_proj", "x"])), max_size=3),
 )
 FIELDS = [
-    "r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "use_dora", "init_lora_weights",
-    "target_sparsity", "granularity", "adaptation", "importance", "importance_beta", "importance_dtype",
-    "pruning_interval", "budget", "initial_sparsity", "warmup_ratio", "cooldown_ratio", "schedule",
-    "prune_structures", "head_grouping", "dense_layers", "save_digest",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "bias",
+    "use_rslora",
+    "use_dora",
+    "init_lora_weights",
+    "target_sparsity",
+    "granularity",
+    "adaptation",
+    "importance",
+    "importance_beta",
+    "importance_dtype",
+    "pruning_interval",
+    "budget",
+    "initial_sparsity",
+    "warmup_ratio",
+    "cooldown_ratio",
+    "schedule",
+    "prune_structures",
+    "head_grouping",
+    "dense_layers",
+    "save_digest",
 ]
 
 
@@ -64,13 +121,18 @@ def tiny():
     return get_peft_model(make_model("llama"), LoRAPruneConfig(task_type="CAUSAL_LM", pruning_interval=1))
 
 
-ARG = st.one_of(st.none(), st.booleans(), st.integers(-3, 40), st.floats(allow_nan=True, allow_infinity=True),
-                st.text(max_size=8), st.just("default"))
+ARG = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.just("default"),
+)
 
 
 @examples(600)
-@given(st.sampled_from(["pruning_step", "prune_to", "sparsity_report", "callback", "verify", "schedule"]),
-       ARG, ARG)
+@given(st.sampled_from(["pruning_step", "prune_to", "sparsity_report", "callback", "verify", "schedule"]), ARG, ARG)
 def test_public_entry_points_accept_or_reject_clearly(tiny, entry, a, b):
     tuner = tiny.base_model
     calls = {
@@ -105,9 +167,15 @@ def test_prune_count(n, sparsity, keep_one):
 
 
 @examples(400)
-@given(st.integers(1, 40).flatmap(lambda n: st.tuples(
-    st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=n, max_size=n),
-    st.lists(st.booleans(), min_size=n, max_size=n), st.integers(0, n + 2))))
+@given(
+    st.integers(1, 40).flatmap(
+        lambda n: st.tuples(
+            st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=n, max_size=n),
+            st.lists(st.booleans(), min_size=n, max_size=n),
+            st.integers(0, n + 2),
+        )
+    )
+)
 def test_keep_top_keeps_the_best_of_the_kept(data):
     scores, kept, n_keep = torch.tensor(data[0]), torch.tensor(data[1]), data[2]
     new = keep_top(scores, kept, n_keep)
@@ -152,11 +220,18 @@ def test_pack_unpack_round_trip(rows, cols, seed):
 
 
 @examples(400)
-@given(st.integers(1, 300), st.floats(0, 0.95), st.floats(0, 0.45), st.floats(0, 0.45), st.integers(1, 20),
-       st.booleans())
+@given(
+    st.integers(1, 300), st.floats(0, 0.95), st.floats(0, 0.45), st.floats(0, 0.45), st.integers(1, 20), st.booleans()
+)
 def test_schedule_is_monotone_and_ends_on_target(total, target, warmup, cooldown, interval, one_shot):
-    s = PruningSchedule(total_steps=total, target=target, warmup_ratio=warmup, cooldown_ratio=cooldown,
-                        interval=interval, one_shot=one_shot)
+    s = PruningSchedule(
+        total_steps=total,
+        target=target,
+        warmup_ratio=warmup,
+        cooldown_ratio=cooldown,
+        interval=interval,
+        one_shot=one_shot,
+    )
     values = [s.sparsity_at(t) for t in range(total + 1)]
     assert all(b >= a - 1e-12 for a, b in zip(values, values[1:]))
     assert all(0.0 <= v <= target + 1e-12 for v in values)

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 from conftest import AUTO, TASK, make_inputs, make_model, model_output
-from helpers import randomize_adapter, random_prune
+from helpers import random_prune, randomize_adapter
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -57,8 +57,11 @@ def assert_same_adapter_state(a, b):
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
-    assert any(not v.all() for k, v in sa.items() if "lora_mask_rows" in k) or "unstructured" in str(
-        a.peft_config["default"].granularity) or ":" in a.peft_config["default"].granularity
+    assert (
+        any(not v.all() for k, v in sa.items() if "lora_mask_rows" in k)
+        or "unstructured" in str(a.peft_config["default"].granularity)
+        or ":" in a.peft_config["default"].granularity
+    )
 
 
 def test_fresh_process_reload(tmp_path):
@@ -71,15 +74,20 @@ def test_fresh_process_reload(tmp_path):
     script = textwrap.dedent(f"""
         import torch, transformers, peft_loraprune
         from peft import PeftModel, AutoPeftModelForCausalLM
-        io = torch.load({str(tmp_path / 'io.pt')!r})
-        base = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'base')!r})
-        m = PeftModel.from_pretrained(base, {str(tmp_path / 'adapter')!r}).eval()
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        base = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / "base")!r})
+        m = PeftModel.from_pretrained(base, {str(tmp_path / "adapter")!r}).eval()
         with torch.no_grad():
             assert torch.equal(m(**io["inputs"]).logits, io["expected"]), "PeftModel.from_pretrained"
         print("ok")
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
 
@@ -109,8 +117,15 @@ def test_wrong_base_shape_fails_clearly(tmp_path):
     model = pruned_peft_model("llama")
     model.save_pretrained(tmp_path)
     wider = transformers.AutoModelForCausalLM.from_config(
-        transformers.LlamaConfig(hidden_size=48, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, head_dim=8, vocab_size=64)
+        transformers.LlamaConfig(
+            hidden_size=48,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=64,
+        )
     )
     with pytest.raises(ValueError, match="has shape .* but this model expects"):
         PeftModel.from_pretrained(wider, tmp_path)
@@ -172,8 +187,15 @@ def test_model_card_and_push_to_hub_capture(tmp_path, monkeypatch):
     assert sorted(p.name for p in hub.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     card = (hub / "README.md").read_text()
     report = model.base_model.sparsity_report()
-    for text in ("LoRAPrune", "Importance criterion: `activation`", "Granularity: `structured`",
-                 f"Sparsity reached: {report.sparsity:.2%}", "block 1 heads", "transformers:", "torch:"):
+    for text in (
+        "LoRAPrune",
+        "Importance criterion: `activation`",
+        "Granularity: `structured`",
+        f"Sparsity reached: {report.sparsity:.2%}",
+        "block 1 heads",
+        "transformers:",
+        "torch:",
+    ):
         assert text in card, text
     assert "loraprune" in card.split("---")[1]  # tag in the YAML header
     reloaded = PeftModel.from_pretrained(make_model(family), hub)

@@ -17,13 +17,17 @@ from peft_loraprune.structure import find_structured_groups
 def make_dataset(family, n=48, seed=0):
     g = torch.Generator().manual_seed(seed)
     if family == "vit":
-        return datasets.Dataset.from_dict({
-            "pixel_values": torch.randn(n, 1, 8, 8, generator=g).tolist(),
-            "labels": torch.randint(0, 3, (n,), generator=g).tolist(),
-        })
+        return datasets.Dataset.from_dict(
+            {
+                "pixel_values": torch.randn(n, 1, 8, 8, generator=g).tolist(),
+                "labels": torch.randint(0, 3, (n,), generator=g).tolist(),
+            }
+        )
     ids = torch.randint(1, 64, (n, 8), generator=g)
     if family == "bert":
-        return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": torch.randint(0, 2, (n,), generator=g).tolist()})
+        return datasets.Dataset.from_dict(
+            {"input_ids": ids.tolist(), "labels": torch.randint(0, 2, (n,), generator=g).tolist()}
+        )
     return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
 
 
@@ -37,12 +41,22 @@ class MaskSpy(transformers.TrainerCallback):
 
 def run(model, family, tmp_path, steps=10, batch=4, accum=1, callbacks=(), seed=0, **kwargs):
     args = transformers.TrainingArguments(
-        str(tmp_path), max_steps=steps, per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
-        learning_rate=5e-3, report_to=[], save_strategy=kwargs.pop("save_strategy", "no"), use_cpu=True,
-        logging_steps=5, seed=seed, disable_tqdm=True, **kwargs,
+        str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        learning_rate=5e-3,
+        report_to=[],
+        save_strategy=kwargs.pop("save_strategy", "no"),
+        use_cpu=True,
+        logging_steps=5,
+        seed=seed,
+        disable_tqdm=True,
+        **kwargs,
     )
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=make_dataset(family),
-                                   callbacks=[LoRAPruneCallback(), *callbacks])
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=make_dataset(family), callbacks=[LoRAPruneCallback(), *callbacks]
+    )
     return trainer
 
 
@@ -52,7 +66,12 @@ def peft(family, **cfg):
     return get_peft_model(make_model(family), LoRAPruneConfig(task_type=TASK[family], **cfg))
 
 
-CASES = [(g, b) for g in ("structured", "unstructured", "2:4") for b in ("local", "global") if not (g == "2:4" and b == "global")]
+CASES = [
+    (g, b)
+    for g in ("structured", "unstructured", "2:4")
+    for b in ("local", "global")
+    if not (g == "2:4" and b == "global")
+]
 
 
 @pytest.mark.parametrize("granularity, budget", CASES)
@@ -80,6 +99,7 @@ def test_trainer_reaches_target_exactly(family, granularity, budget, tmp_path):
                 for member, _, layer in g.members:
                     axis = layer.lora_mask_rows if member.axis == "rows" else layer.lora_mask_cols
                     from peft_loraprune.group_ops import groups_kept
+
                     assert torch.equal(groups_kept(axis["default"], member.layout), ref)
     else:
         kept = [int(layer.element_mask("default").sum()) for _, layer in tuner.prune_layers()]
@@ -114,8 +134,12 @@ def test_gradient_accumulation_gives_the_same_importance(tmp_path):
         run(model, "llama", tmp_path / f"b{batch}", steps=4, batch=batch, accum=accum).train()
         importance = model.base_model.pruning_engine().member_averages
         assert importance
-        states.append(({k: v.clone() for k, v in importance.items()},
-                       {n: l.lora_mask_rows["default"].clone() for n, l in model.base_model.prune_layers()}))
+        states.append(
+            (
+                {k: v.clone() for k, v in importance.items()},
+                {n: l.lora_mask_rows["default"].clone() for n, l in model.base_model.prune_layers()},
+            )
+        )
     assert states[0][0].keys() == states[1][0].keys()
     for key in states[0][0]:
         torch.testing.assert_close(states[0][0][key], states[1][0][key], rtol=1e-3, atol=1e-9)

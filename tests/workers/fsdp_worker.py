@@ -40,10 +40,16 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(0)
-    model = get_peft_model(make_model("llama"), LoRAPruneConfig(
-        task_type="CAUSAL_LM", granularity=args.granularity, importance=args.importance, pruning_interval=1,
-        lora_dropout=0.0,
-    ))
+    model = get_peft_model(
+        make_model("llama"),
+        LoRAPruneConfig(
+            task_type="CAUSAL_LM",
+            granularity=args.granularity,
+            importance=args.importance,
+            pruning_interval=1,
+            lora_dropout=0.0,
+        ),
+    )
     micro = [make_inputs("llama", batch=4, seed=10 + r) for r in range(2)]
     rank = 0
     if args.single:

@@ -85,10 +85,17 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(0)
-    model = get_peft_model(make_model("llama"), LoRAPruneConfig(
-        task_type="CAUSAL_LM", target_sparsity=0.5, granularity=args.granularity, importance=args.importance,
-        pruning_interval=2, lora_dropout=0.0,
-    ))
+    model = get_peft_model(
+        make_model("llama"),
+        LoRAPruneConfig(
+            task_type="CAUSAL_LM",
+            target_sparsity=0.5,
+            granularity=args.granularity,
+            importance=args.importance,
+            pruning_interval=2,
+            lora_dropout=0.0,
+        ),
+    )
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 64, (96, 8), generator=g)
     data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
@@ -97,14 +104,32 @@ def main():
     if args.kill_after_step is not None:
         callbacks.append(KillAfterStep(args.kill_after_step))
     training_args = transformers.TrainingArguments(
-        str(out / "run"), max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=5e-3,
+        str(out / "run"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        learning_rate=5e-3,
         gradient_accumulation_steps=args.accum,
-        report_to=[], use_cpu=True, logging_steps=1, seed=0, disable_tqdm=True,
-        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None, ddp_find_unused_parameters=False,
-        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
-        **({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": args.fsdp, "use_orig_params": True,
-                                                   "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
-           if args.fsdp else {}),
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_find_unused_parameters=False,
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        **(
+            {
+                "fsdp": "full_shard",
+                "fsdp_config": {
+                    "fsdp_version": args.fsdp,
+                    "use_orig_params": True,
+                    "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                },
+            }
+            if args.fsdp
+            else {}
+        ),
     )
     trainer = transformers.Trainer(model=model, args=training_args, train_dataset=data, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
