@@ -97,6 +97,18 @@ def get_architecture(model_type: Optional[str]) -> Optional[ArchitectureSpec]:
     return _REGISTRY.get(model_type) if model_type else None
 
 
+def block_of(model_type: Optional[str], module_name: str) -> Optional[int]:
+    """Index of the transformer block holding ``module_name``: the family's own pattern when it is registered,
+    else the last ``.<number>.`` in the name (how PEFT's ``layers_to_transform`` finds layers)."""
+    spec = get_architecture(model_type)
+    if spec is not None:
+        located = spec.locate(module_name)
+        if located is not None:
+            return located[0]
+    numbers = re.findall(r"\.(\d+)\.", f".{module_name}.")
+    return int(numbers[-1]) if numbers else None
+
+
 def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 

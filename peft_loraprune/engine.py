@@ -38,7 +38,7 @@ from .layer import LoRAPruneLayer
 from .mask_packing import pack_bits
 from .schedule import PruningSchedule
 from .selection import keep_top, keep_top_global, keep_top_per_row, n_m_mask, prune_count
-from .structure import BlockGroups, find_structured_groups, resolve_dense_layers
+from .structure import BlockGroups, resolve_dense_layers
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -68,7 +68,7 @@ class PruningEngine:
                 "deepspeed.utils.safe_get_full_grad), or FSDP2, which the engine gathers layer by layer."
             )
         self.structured = not self.config.is_element_granularity
-        self.groups = find_structured_groups(tuner, adapter_name) if self.structured else []
+        self.groups = tuner.structured_groups(adapter_name) if self.structured else []
         if self.structured and self.config.budget == "global" and any(g.spec.partitions > 1 for g in self.groups):
             raise ValueError(
                 "budget='global' with head_grouping='query_head' is not supported (each KV group must lose the "

@@ -29,7 +29,6 @@ from transformers.pytorch_utils import Conv1D
 from .architectures import require_architecture
 from .group_ops import expand_groups
 from .lookup import find_tuner
-from .structure import find_structured_groups
 
 
 @dataclass
@@ -198,9 +197,9 @@ def export_pruned_model(
     per_layer_savings = 0
     notes = []
     if not config.is_element_granularity:
-        spec = require_architecture(tuner.get_model_config(tuner.model).get("model_type"))
+        spec = require_architecture(tuner.model_type)
         export = spec.export
-        groups = find_structured_groups(tuner, adapter_name, include_all=True)
+        groups = tuner.structured_groups(adapter_name, include_all=True)
         removable = [g for g in groups if export is not None and g.spec.structure in export.removable]
         masks, widths = _equalised_keep_masks(removable, adapter_name)
         for structure in sorted({g.spec.structure for g in groups}):

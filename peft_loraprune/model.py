@@ -9,7 +9,6 @@ the reports, the model card and export need.
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers.pytorch_utils import Conv1D
 
-from .architectures import get_architecture
+from .architectures import block_of, get_architecture
 from .config import LoRAPruneConfig
 from .engine import PruningEngine
 from .evaluation import eval_results
@@ -127,8 +126,9 @@ class LoRAPruneModel(BaseTuner):
         # Structured pruning must know the family and see every member of every group: fail now, not at the
         # first pruning step hours into a run.
         if not config.is_element_granularity:
-            mark_rows_masked_downstream(find_structured_groups(self, adapter_name, include_all=True), adapter_name)
-            find_structured_groups(self, adapter_name)  # validates the pruned structures
+            self.__dict__.pop("_structured_groups", None)  # a new adapter: the layers changed
+            mark_rows_masked_downstream(self.structured_groups(adapter_name, include_all=True), adapter_name)
+            self.structured_groups(adapter_name)  # validates the pruned structures
         if not config.inference_mode:
             # criteria that observe the backward pass (true gradient, activation Taylor) install their taps when
             # the engine is created: it must exist before the first forward pass of training
@@ -179,15 +179,26 @@ class LoRAPruneModel(BaseTuner):
             if isinstance(module, LoRAPruneLayer) and adapter_name in module.lora_A:
                 yield name, module
 
+    def structured_groups(self, adapter_name: Optional[str] = None, include_all: bool = False):
+        """The adapter's groups (heads, channels) bound to its layers (:func:`structure.find_structured_groups`),
+        computed once per adapter and kept: the engine, reports, logs and export all read them."""
+        adapter_name = self.resolve_adapter(adapter_name)
+        cache = self.__dict__.setdefault("_structured_groups", {})
+        key = (adapter_name, include_all)
+        if key not in cache:
+            cache[key] = find_structured_groups(self, adapter_name, include_all=include_all)
+        return cache[key]
+
+    @property
+    def model_type(self) -> Optional[str]:
+        """``config.model_type`` of the wrapped model (read once)."""
+        if "_model_type" not in self.__dict__:
+            self.__dict__["_model_type"] = self.get_model_config(self.model).get("model_type")
+        return self.__dict__["_model_type"]
+
     def block_index(self, module_name: str) -> Optional[int]:
-        """Index of the transformer block a module belongs to (from the registry, else the last number)."""
-        spec = get_architecture(self.get_model_config(self.model).get("model_type"))
-        if spec is not None:
-            located = spec.locate(module_name)
-            if located is not None:
-                return located[0]
-        numbers = re.findall(r"\.(\d+)\.", f".{module_name}.")
-        return int(numbers[-1]) if numbers else None
+        """Index of the transformer block a module belongs to (see :func:`architectures.block_of`)."""
+        return block_of(self.model_type, module_name)
 
     def pruning_engine(self, adapter_name: Optional[str] = None):
         """The :class:`~peft_loraprune.engine.PruningEngine` of an adapter (created once, then reused)."""
@@ -206,6 +217,7 @@ class LoRAPruneModel(BaseTuner):
         return self.pruning_engine(adapter_name).pruning_step(step, total_steps)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        self.__dict__.pop("_structured_groups", None)
         engine = self.__dict__.get("_pruning_engines", {}).pop(adapter_name, None)
         if engine is not None:
             engine.close()

@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from .structure import find_structured_groups
-
 
 @dataclass
 class LayerSparsity:
@@ -110,7 +108,7 @@ def build_sparsity_report(tuner, adapter_name: str) -> SparsityReport:
         if config.is_element_granularity:
             report.layers.append(LayerSparsity(name, "weights", total, kept, tuner.block_index(name)))
     if not config.is_element_granularity and layers:
-        for groups in find_structured_groups(tuner, adapter_name):
+        for groups in tuner.structured_groups(adapter_name):
             kept = int(groups.kept(adapter_name).sum())
             report.layers.append(
                 LayerSparsity(

@@ -76,8 +76,7 @@ def find_structured_groups(tuner, adapter_name: str, include_all: bool = False) 
     others is not adapted (structured pruning needs every member of a group).
     """
     config = tuner.peft_config[adapter_name]
-    model_config = tuner.get_model_config(tuner.model)
-    spec = require_architecture(model_config.get("model_type"))
+    spec = require_architecture(tuner.model_type)
     hf_config = getattr(tuner.model, "config", None)
 
     by_block: dict[int, dict[str, tuple[str, LoRAPruneLayer]]] = {}
