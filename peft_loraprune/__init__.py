@@ -13,6 +13,7 @@ from .architectures import (
     multi_head_groups,
     register_architecture,
     supported_model_types,
+    unregister_architecture,
 )
 from .callback import LoRAPruneCallback
 from .config import LoRAPruneConfig
@@ -47,5 +48,6 @@ __all__ = [
     "push_to_hub",
     "register_architecture",
     "supported_model_types",
+    "unregister_architecture",
     "verify_saved_adapter",
 ]

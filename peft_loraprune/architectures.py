@@ -93,6 +93,17 @@ def register_architecture(spec: ArchitectureSpec) -> None:
         _REGISTRY[model_type] = spec
 
 
+def unregister_architecture(name: str) -> None:
+    """Remove the family registered under ``name`` (all its model types); unknown names are an error."""
+    types = [t for t, spec in _REGISTRY.items() if spec.name == name]
+    if not types:
+        raise ValueError(
+            f"no registered family is named {name!r}; registered: {sorted({s.name for s in _REGISTRY.values()})}"
+        )
+    for t in types:
+        del _REGISTRY[t]
+
+
 def get_architecture(model_type: Optional[str]) -> Optional[ArchitectureSpec]:
     return _REGISTRY.get(model_type) if model_type else None
 

@@ -154,6 +154,8 @@ class LoRAPruneConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         if isinstance(self.prune_structures, str):
             self.prune_structures = [self.prune_structures]
+        if not isinstance(self.prune_structures, (list, tuple, set)):
+            raise ValueError(f"prune_structures must be a list of {list(STRUCTURES)}, got {self.prune_structures!r}.")
         self.prune_structures = list(self.prune_structures)
         if self.importance is None:
             # the default decided by benchmarks/criteria.py (see README, "Benchmarks")

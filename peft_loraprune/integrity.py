@@ -52,6 +52,8 @@ def verify_saved_adapter(directory: str) -> None:
     weights file and the config's other fields: a truncated or modified file, or a config and weights from two
     different saves. A config without ``save_digest`` (saved on its own) is not checked here.
     """
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a path to a saved adapter folder, got {directory!r}.")
     config_path = os.path.join(directory, CONFIG_NAME)
     weights = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(weights) and os.path.isfile(os.path.join(directory, PICKLE_WEIGHTS_NAME)):

@@ -5,18 +5,17 @@ import pytest
 import torch
 import transformers
 from conftest import make_inputs, make_model, model_output
-from helpers import randomize_adapter
+from helpers import randomize_adapter, trainer_for, training_model
 from peft import get_peft_model
-from test_training import peft, run
 
 from peft_loraprune import LoRAPruneConfig, export_pruned_model
 from peft_loraprune.structure import find_structured_groups
 
 
 def test_target_sparsity_zero_trains_and_exports_the_dense_model(tmp_path):
-    model = peft("llama", target_sparsity=0.0)
+    model = training_model("llama", target_sparsity=0.0)
     dense_params = sum(p.numel() for p in make_model("llama").parameters())
-    run(model, "llama", tmp_path, steps=10).train()
+    trainer_for(model, "llama", tmp_path, steps=10).train()
     assert model.base_model.sparsity_report().sparsity == 0.0
     assert all(v.all() for k, v in model.state_dict().items() if "lora_mask" in k)
     model.eval()
@@ -30,7 +29,7 @@ def test_target_sparsity_zero_trains_and_exports_the_dense_model(tmp_path):
 @pytest.mark.parametrize("budget", ["local", "global"])
 @pytest.mark.parametrize("granularity", ["structured", "unstructured"])
 def test_a_sparsity_that_would_empty_a_layer_keeps_one_unit_per_layer(budget, granularity):
-    model = peft("llama", granularity=granularity, budget=budget, target_sparsity=0.99)
+    model = training_model("llama", granularity=granularity, budget=budget, target_sparsity=0.99)
     randomize_adapter(model)
     engine = model.base_model.pruning_engine()
     engine.prune_to(0.99)

@@ -5,19 +5,11 @@ import logging
 import pytest
 import torch
 import transformers
-from conftest import AUTO, TASK, make_inputs, make_model, model_output
-from helpers import random_prune, randomize_adapter
+from conftest import AUTO, make_inputs, make_model, model_output
+from helpers import pruned_model, randomize_adapter
 from peft import get_peft_model
 
 from peft_loraprune import LoRAPruneConfig, export_pruned_model
-
-
-def pruned(family, **cfg):
-    cfg.setdefault("lora_dropout", 0.0)
-    model = get_peft_model(make_model(family), LoRAPruneConfig(task_type=TASK[family], **cfg))
-    randomize_adapter(model)
-    random_prune(model, 0.5)
-    return model.eval()
 
 
 def param_count(model):
@@ -26,7 +18,7 @@ def param_count(model):
 
 @pytest.mark.parametrize("budget", ["local", "global"])
 def test_export_reloads_with_plain_from_pretrained(family, budget, tmp_path):
-    model = pruned(family, budget=budget)
+    model = pruned_model(family, budget=budget)
     if budget == "global":  # make the blocks uneven, as a global budget does
         from peft_loraprune.structure import find_structured_groups
 
@@ -52,7 +44,7 @@ def test_export_reloads_with_plain_from_pretrained(family, budget, tmp_path):
 
 
 def test_llama_parameter_count_by_hand():
-    model = pruned("llama")  # 2 blocks; hidden 32, 4 heads of 8 in 2 KV groups, 48 channels; half of each pruned
+    model = pruned_model("llama")  # 2 blocks; hidden 32, 4 heads of 8 in 2 KV groups, 48 channels; half of each pruned
     report = export_pruned_model(model, measure_latency=False, progressbar=False)
     hidden, hd, rep = 32, 8, 2
     per_kv_group = hidden * rep * hd * 2 + hidden * hd * 2  # q rows + o cols + k rows + v rows
@@ -65,7 +57,7 @@ def test_llama_parameter_count_by_hand():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_generation_with_cache_on_exported_causal_lm(family, tmp_path):
-    model = pruned(family)
+    model = pruned_model(family)
     ids = make_inputs(family)["input_ids"][:1]
     with torch.no_grad():
         expected = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, use_cache=False)
@@ -81,7 +73,7 @@ def test_generation_with_cache_on_exported_causal_lm(family, tmp_path):
 
 @pytest.mark.parametrize("granularity", ["unstructured", "2:4"])
 def test_element_export_keeps_exact_zeros_and_pattern(granularity):
-    model = pruned("llama", granularity=granularity)
+    model = pruned_model("llama", granularity=granularity)
     masks = {n: l.full_mask("default").clone() for n, l in model.base_model.prune_layers()}
     inputs = make_inputs("llama")
     expected = model_output(model, inputs)
@@ -94,7 +86,7 @@ def test_element_export_keeps_exact_zeros_and_pattern(granularity):
 
 
 def test_export_report_measures_latency_and_is_logged_not_printed(capsys, caplog):
-    model = pruned("llama")
+    model = pruned_model("llama")
     with caplog.at_level(logging.INFO, logger="peft_loraprune"):
         exported = model.merge_and_prune(progressbar=False)
     assert capsys.readouterr().out == ""  # library code does not print

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TASK, make_inputs, make_model, model_output
-from helpers import random_prune, randomize_adapter
+from helpers import randomize_adapter, saved_adapter
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -108,14 +108,6 @@ def test_nan_losses_skip_mask_updates_warn_and_training_goes_on(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- saves
-def saved_adapter(tmp_path, seed=0):
-    model = get_peft_model(make_model("llama"), LoRAPruneConfig(task_type=TASK["llama"]))
-    randomize_adapter(model, seed=seed)
-    random_prune(model, seed=seed)
-    model.save_pretrained(tmp_path)
-    return model.eval()
-
-
 def test_clean_save_records_a_digest_and_reloads(tmp_path):
     model = saved_adapter(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -192,8 +184,7 @@ def test_real_sigkill_during_save_leaves_a_folder_that_does_not_load(tmp_path):
     script = f"""
 import os, signal, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-from test_faults import saved_adapter
-from helpers import randomize_adapter
+from helpers import randomize_adapter, saved_adapter
 from peft_loraprune import LoRAPruneConfig
 model = saved_adapter({str(tmp_path)!r}, seed=0)
 randomize_adapter(model, seed=1)

@@ -5,20 +5,34 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
-from peft_loraprune import ArchitectureSpec, GroupMember, GroupSpec, LoRAPruneConfig, register_architecture
+from peft_loraprune import (
+    ArchitectureSpec,
+    GroupMember,
+    GroupSpec,
+    LoRAPruneConfig,
+    register_architecture,
+    supported_model_types,
+    unregister_architecture,
+)
 from peft_loraprune.mask_packing import pack_bits, unpack_bits
 
-# A one-module "family" so that structured adapters can be built on the toy network below (structured pruning
-# refuses models whose family it does not know); adding a family is one registry entry.
-register_architecture(
-    ArchitectureSpec(
-        name="toy",
-        model_types=("toy_proj",),
-        block_pattern=r"(?:^|\.)blocks\.(\d+)\.(.+)$",
-        groups=lambda config, grouping: [GroupSpec("channels", 10, (GroupMember("proj", "rows", (1, 10, 1)),))],
-        prunable_modules=("proj",),
-    )
+TOY = ArchitectureSpec(
+    name="toy",
+    model_types=("toy_proj",),
+    block_pattern=r"(?:^|\.)blocks\.(\d+)\.(.+)$",
+    groups=lambda config, grouping: [GroupSpec("channels", 10, (GroupMember("proj", "rows", (1, 10, 1)),))],
+    prunable_modules=("proj",),
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def toy_family():
+    """A one-module "family" so that structured adapters can be built on the toy network below (structured pruning
+    refuses models whose family it does not know); registered for this module's tests only."""
+    register_architecture(TOY)
+    yield
+    unregister_architecture("toy")
+    assert "toy_proj" not in supported_model_types()
 
 
 class Net(torch.nn.Module):

@@ -2,28 +2,17 @@
 
 import pytest
 import torch
-from conftest import TASK, make_inputs, make_model, model_output
-from helpers import random_prune, randomize_adapter
-from peft import get_peft_model
+from conftest import make_inputs, make_model, model_output
+from helpers import pruned_model, random_prune
 
 from peft_loraprune import LoRAPruneConfig
 from peft_loraprune.layer import LoRAPruneLayer
 
 
-def pruned(family, granularity, adaptation):
-    model = get_peft_model(
-        make_model(family),
-        LoRAPruneConfig(task_type=TASK[family], granularity=granularity, adaptation=adaptation, lora_dropout=0.0),
-    )
-    randomize_adapter(model)
-    random_prune(model, 0.5)
-    return model.eval()
-
-
 @pytest.mark.parametrize("granularity", ["structured", "unstructured", "2:4"])
 @pytest.mark.parametrize("adaptation", ["parallel", "sequential"])
 def test_merge_and_unload_gives_plain_model_with_exact_zeros(family, granularity, adaptation):
-    model = pruned(family, granularity, adaptation)
+    model = pruned_model(family, granularity, adaptation)
     inputs = make_inputs(family)
     expected = model_output(model, inputs)
     masks = {name: layer.full_mask("default").clone() for name, layer in model.base_model.prune_layers()}
@@ -44,7 +33,7 @@ def test_merge_and_unload_gives_plain_model_with_exact_zeros(family, granularity
 @pytest.mark.parametrize("adaptation", ["parallel", "sequential"])
 def test_merge_unmerge_restores_base_and_disable_gives_dense_base(adaptation):
     family = "llama"
-    model = pruned(family, "unstructured", adaptation)
+    model = pruned_model(family, "unstructured", adaptation)
     inputs = make_inputs(family)
     dense = model_output(make_model(family), inputs)
     expected = model_output(model, inputs)
@@ -66,7 +55,7 @@ def test_merge_unmerge_restores_base_and_disable_gives_dense_base(adaptation):
 
 def test_several_adapters_add_set_delete():
     family = "bert"
-    model = pruned(family, "structured", "parallel")
+    model = pruned_model(family, "structured", "parallel")
     inputs = make_inputs(family)
     first = model_output(model, inputs)
     model.add_adapter("second", LoRAPruneConfig(task_type="SEQ_CLS", granularity="unstructured", lora_dropout=0.0))

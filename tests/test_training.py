@@ -2,33 +2,15 @@
 
 import math
 
-import datasets
 import pytest
 import torch
 import transformers
-from conftest import TASK, make_model
-from peft import get_peft_model
+from conftest import make_model
+from helpers import make_dataset, trainer_for, training_model
 
-from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig
+from peft_loraprune import LoRAPruneCallback
 from peft_loraprune.selection import prune_count
 from peft_loraprune.structure import find_structured_groups
-
-
-def make_dataset(family, n=48, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    if family == "vit":
-        return datasets.Dataset.from_dict(
-            {
-                "pixel_values": torch.randn(n, 1, 8, 8, generator=g).tolist(),
-                "labels": torch.randint(0, 3, (n,), generator=g).tolist(),
-            }
-        )
-    ids = torch.randint(1, 64, (n, 8), generator=g)
-    if family == "bert":
-        return datasets.Dataset.from_dict(
-            {"input_ids": ids.tolist(), "labels": torch.randint(0, 2, (n,), generator=g).tolist()}
-        )
-    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
 
 
 class MaskSpy(transformers.TrainerCallback):
@@ -37,33 +19,6 @@ class MaskSpy(transformers.TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.history.append({k: v.clone() for k, v in model.state_dict().items() if "lora_mask" in k})
-
-
-def run(model, family, tmp_path, steps=10, batch=4, accum=1, callbacks=(), seed=0, **kwargs):
-    args = transformers.TrainingArguments(
-        str(tmp_path),
-        max_steps=steps,
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accum,
-        learning_rate=5e-3,
-        report_to=[],
-        save_strategy=kwargs.pop("save_strategy", "no"),
-        use_cpu=True,
-        logging_steps=5,
-        seed=seed,
-        disable_tqdm=True,
-        **kwargs,
-    )
-    trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=make_dataset(family), callbacks=[LoRAPruneCallback(), *callbacks]
-    )
-    return trainer
-
-
-def peft(family, **cfg):
-    cfg.setdefault("pruning_interval", 2)
-    cfg.setdefault("lora_dropout", 0.0)
-    return get_peft_model(make_model(family), LoRAPruneConfig(task_type=TASK[family], **cfg))
 
 
 CASES = [
@@ -77,9 +32,9 @@ CASES = [
 @pytest.mark.parametrize("granularity, budget", CASES)
 def test_trainer_reaches_target_exactly(family, granularity, budget, tmp_path):
     target = 0.5
-    model = peft(family, granularity=granularity, budget=budget, target_sparsity=target)
+    model = training_model(family, granularity=granularity, budget=budget, target_sparsity=target)
     spy = MaskSpy()
-    trainer = run(model, family, tmp_path, callbacks=[spy])
+    trainer = trainer_for(model, family, tmp_path, callbacks=[spy])
     trainer.train()
     tuner = model.base_model
 
@@ -130,8 +85,8 @@ def test_trainer_reaches_target_exactly(family, granularity, budget, tmp_path):
 def test_gradient_accumulation_gives_the_same_importance(tmp_path):
     states = []
     for batch, accum in ((8, 1), (2, 4)):
-        model = peft("llama", target_sparsity=0.5)
-        run(model, "llama", tmp_path / f"b{batch}", steps=4, batch=batch, accum=accum).train()
+        model = training_model("llama", target_sparsity=0.5)
+        trainer_for(model, "llama", tmp_path / f"b{batch}", steps=4, batch=batch, accum=accum).train()
         importance = model.base_model.pruning_engine().member_averages
         assert importance
         states.append(
@@ -162,14 +117,16 @@ def test_resume_equals_uninterrupted_run(tmp_path):
             f"importance.{k}": v.clone() for k, v in model.base_model.pruning_engine().state_dict().items()
         }
 
-    straight = peft("llama", target_sparsity=0.5)
-    run(straight, "llama", tmp_path / "a", steps=12, save_strategy="steps", save_steps=6).train()
+    straight = training_model("llama", target_sparsity=0.5)
+    trainer_for(straight, "llama", tmp_path / "a", steps=12, save_strategy="steps", save_steps=6).train()
 
-    first = peft("llama", target_sparsity=0.5)
-    run(first, "llama", tmp_path / "b", steps=12, save_strategy="steps", save_steps=6, callbacks=[StopAt(6)]).train()
+    first = training_model("llama", target_sparsity=0.5)
+    trainer_for(
+        first, "llama", tmp_path / "b", steps=12, save_strategy="steps", save_steps=6, callbacks=[StopAt(6)]
+    ).train()
     assert (tmp_path / "b" / "checkpoint-6" / "loraprune_state.safetensors").is_file()
-    resumed = peft("llama", target_sparsity=0.5)
-    run(resumed, "llama", tmp_path / "b", steps=12, save_strategy="steps", save_steps=6).train(
+    resumed = training_model("llama", target_sparsity=0.5)
+    trainer_for(resumed, "llama", tmp_path / "b", steps=12, save_strategy="steps", save_steps=6).train(
         resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-6")
     )
     a, b = final_state(straight), final_state(resumed)
@@ -181,17 +138,17 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 def test_callback_refuses_other_models_and_warns_on_short_runs(tmp_path):
     plain = make_model("llama")
     with pytest.raises(TypeError, match="LoRAPrune adapter"):
-        run(plain, "llama", tmp_path, steps=2).train()
+        trainer_for(plain, "llama", tmp_path, steps=2).train()
     with pytest.warns(UserWarning, match="effectively one-shot"):
-        run(peft("llama", pruning_interval=10), "llama", tmp_path, steps=3).train()
+        trainer_for(training_model("llama", pruning_interval=10), "llama", tmp_path, steps=3).train()
     with pytest.raises(TypeError, match="adapter_name"):
         LoRAPruneCallback(adapter_name=3)
 
 
 def test_one_shot_prunes_everything_at_one_step(tmp_path):
-    model = peft("llama", schedule="one_shot", target_sparsity=0.5, warmup_ratio=0.5, cooldown_ratio=0.0)
+    model = training_model("llama", schedule="one_shot", target_sparsity=0.5, warmup_ratio=0.5, cooldown_ratio=0.0)
     spy = MaskSpy()
-    run(model, "llama", tmp_path, steps=6, callbacks=[spy]).train()
+    trainer_for(model, "llama", tmp_path, steps=6, callbacks=[spy]).train()
     h = spy.history  # h[i]: masks after optimizer step i + 1
     assert all(v.all() for step in h[:2] for v in step.values())  # steps 1-2: warm-up, all kept
     assert any(not v.all() for v in h[2].values())  # step 3 = 0.5 * 6 prunes everything at once
@@ -200,8 +157,8 @@ def test_one_shot_prunes_everything_at_one_step(tmp_path):
 
 
 def test_query_head_grouping_prunes_the_same_count_in_every_kv_group(tmp_path):
-    model = peft("llama", head_grouping="query_head", target_sparsity=0.5, prune_structures=["heads"])
-    run(model, "llama", tmp_path).train()
+    model = training_model("llama", head_grouping="query_head", target_sparsity=0.5, prune_structures=["heads"])
+    trainer_for(model, "llama", tmp_path).train()
     for name, layer in model.base_model.prune_layers():
         rows = layer.lora_mask_rows["default"]
         if name.endswith("q_proj"):
@@ -212,8 +169,8 @@ def test_query_head_grouping_prunes_the_same_count_in_every_kv_group(tmp_path):
 
 
 def test_reference_dense_layers_and_epoch_based_total(tmp_path):
-    model = peft("bert", dense_layers="reference", target_sparsity=0.5)
-    args_steps = run(model, "bert", tmp_path, steps=-1, num_train_epochs=2)
+    model = training_model("bert", dense_layers="reference", target_sparsity=0.5)
+    args_steps = trainer_for(model, "bert", tmp_path, steps=-1, num_train_epochs=2)
     args_steps.train()
     assert args_steps.state.max_steps == 2 * math.ceil(48 / 4)
     report = model.base_model.sparsity_report()
@@ -226,14 +183,14 @@ def test_reference_dense_layers_and_epoch_based_total(tmp_path):
 
 @pytest.mark.parametrize("importance", ["grad", "magnitude"])
 def test_other_criteria_train_to_target(importance, tmp_path):
-    model = peft("gpt2", importance=importance, granularity="unstructured", target_sparsity=0.3)
-    run(model, "gpt2", tmp_path).train()
+    model = training_model("gpt2", importance=importance, granularity="unstructured", target_sparsity=0.3)
+    trainer_for(model, "gpt2", tmp_path).train()
     assert model.base_model.sparsity_report().sparsity == pytest.approx(0.3, abs=1e-3)
 
 
 def test_documented_manual_loop_matches_the_callback(tmp_path):
     """The README's own-loop recipe gives the same masks as the Trainer callback on the same batches."""
-    model = peft("llama", target_sparsity=0.5)
+    model = training_model("llama", target_sparsity=0.5)
     data = make_dataset("llama", n=40)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     engine = model.base_model.pruning_engine()
