@@ -3,40 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import resource
 import statistics
 import sys
-import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 
+from peft_loraprune.environment import machine_info
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-
-
-def machine_info() -> dict:
-    def v(name):
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-
-    info = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    info.update({name: v(name) for name in ("torch", "transformers", "peft", "peft_loraprune", "accelerate")})
-    return info
 
 
 def write_result(name: str, payload: dict, out_dir: str | None = None) -> Path:

@@ -15,25 +15,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import datasets
+import local_assets
 import torch
 import transformers
 from peft import get_peft_model
+from plotting import plot_sparsity_per_layer
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import local_assets  # noqa: E402
-from plotting import plot_sparsity_per_layer  # noqa: E402
-from text_classification import machine_info  # noqa: E402
-
-import peft_loraprune  # noqa: E402,F401
-from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig, export_pruned_model  # noqa: E402
+import peft_loraprune  # noqa: F401
+from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig, export_pruned_model
+from peft_loraprune.environment import machine_info
 
 
 @dataclass

@@ -15,25 +15,23 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import datasets
+import local_assets
 import numpy as np
 import torch
 import transformers
+from metrics import accuracy
 from peft import LoraConfig, get_peft_model
+from plotting import plot_sparsity_per_layer
 from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer, TrainingArguments, ViTConfig
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import local_assets  # noqa: E402
-from plotting import plot_sparsity_per_layer  # noqa: E402
-from text_classification import machine_info  # noqa: E402
-
-import peft_loraprune  # noqa: E402,F401
-from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig, export_pruned_model  # noqa: E402
+import peft_loraprune  # noqa: F401
+from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig, export_pruned_model
+from peft_loraprune.environment import machine_info
 
 
 @dataclass
@@ -75,11 +73,6 @@ def to_model_inputs(dataset: datasets.Dataset, size: int) -> datasets.Dataset:
 
     out = dataset.map(convert, batched=True, remove_columns=dataset.column_names, desc="Preparing images")
     return out.with_format("torch")
-
-
-def accuracy(trainer: Trainer, dataset) -> float:
-    prediction = trainer.predict(dataset)
-    return float((np.argmax(prediction.predictions, axis=-1) == prediction.label_ids).mean())
 
 
 def pretrain(model_args, data_args, training_args) -> str:

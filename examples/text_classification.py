@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import version
 from typing import Optional
 
-import numpy as np
+import local_assets
 import torch
 import transformers
+from metrics import accuracy
 from peft import LoraConfig, get_peft_model
+from plotting import plot_sparsity_per_layer
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -38,12 +37,9 @@ from transformers import (
     TrainingArguments,
 )
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import local_assets  # noqa: E402
-from plotting import plot_sparsity_per_layer  # noqa: E402
-
 import peft_loraprune  # noqa: E402,F401  (registers LoRAPrune with PEFT)
-from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig, export_pruned_model  # noqa: E402
+from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig, export_pruned_model
+from peft_loraprune.environment import machine_info
 
 
 @dataclass
@@ -82,11 +78,6 @@ class PruningArguments:
     latency_batch_size: int = field(default=32)
 
 
-def accuracy(trainer: Trainer, dataset) -> float:
-    prediction = trainer.predict(dataset)
-    return float((np.argmax(prediction.predictions, axis=-1) == prediction.label_ids).mean())
-
-
 def build_trainer(model, args, data, tokenizer, callbacks=()):
     return Trainer(
         model=model,
@@ -105,17 +96,6 @@ def same_targets_as_loraprune(model_path: str):
 
     spec = get_architecture(transformers.AutoConfig.from_pretrained(model_path).model_type)
     return list(spec.prunable_modules) if spec is not None else "all-linear"
-
-
-def machine_info() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        **{name: version(name) for name in ("torch", "transformers", "peft", "peft_loraprune", "datasets")},
-    }
 
 
 def main():

@@ -10,21 +10,14 @@ transformers use), so the YAML metadata stays valid.
 from __future__ import annotations
 
 import os
-from importlib.metadata import PackageNotFoundError, version
 from typing import Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .environment import library_versions
+
 SECTION_START = "<!-- loraprune:start -->"
 SECTION_END = "<!-- loraprune:end -->"
-_LIBRARIES = ("peft_loraprune", "peft", "transformers", "torch", "accelerate")
-
-
-def _version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def render_section(config, report) -> str:
@@ -59,7 +52,7 @@ def render_section(config, report) -> str:
         "",
         "### Library versions",
         "",
-        *[f"- {name}: {_version(name)}" for name in _LIBRARIES],
+        *[f"- {name}: {v}" for name, v in library_versions().items()],
         SECTION_END,
     ]
     return "\n".join(lines)
@@ -146,7 +139,7 @@ def write_export_card(
         "",
         "### Library versions",
         "",
-        *[f"- {name}: {_version(name)}" for name in _LIBRARIES],
+        *[f"- {name}: {v}" for name, v in library_versions().items()],
         SECTION_END,
     ]
     text = card.text
