@@ -1,8 +1,10 @@
 """Which structured criterion prunes best at LoRA's cost: the study behind the default ``importance``.
 
-For each variant, SmolLM2-135M is fine-tuned with LoRA and pruned (heads as query heads inside KV groups, MLP
-channels) on the Wikipedia leads that ship offline, with the same seed, data order, schedule and budget; the
-masked model's held-out perplexity decides. Variants (``--variants``):
+For each variant, a model is fine-tuned with LoRA and pruned (heads, as query heads inside KV groups where the
+model has grouped-query attention, and MLP channels) with the same seed, data order, schedule and budget; the
+masked model's quality decides: held-out perplexity for SmolLM2-135M on the Wikipedia leads that ship offline
+(``--task smollm2``), test accuracy for MiniLM on Rotten Tomatoes (``--task minilm``; data and training as in
+``peers.py``). Variants (``--variants``):
 
 * ``lora``           the paper's estimator ``|W ⊙ G_hat|`` on every member (q/k/v/gate/up rows, o/down columns)
 * ``lora@raw``       the same, averaging raw sums and normalising at pruning time (this package's rule up to 0.x)
@@ -27,15 +29,16 @@ import time
 
 import transformers
 from common import previous_rows, summarise, write_result
+from peers import TASKS
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers import TrainingArguments
 
 import peft_loraprune  # noqa: F401
 from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig
 from peft_loraprune.criteria import ActivationTaylor, LoRAGradientEstimate
 from peft_loraprune.group_ops import sum_over_groups
 
-RESULT_NAME = "criteria_smollm2_wikipedia"
+RESULT_NAMES = {"smollm2": "criteria_smollm2_wikipedia", "minilm": "criteria_minilm_rotten_tomatoes"}
 
 
 class RowsOnly(LoRAGradientEstimate):
@@ -58,7 +61,8 @@ class ActivationSquared(ActivationTaylor):
         return sum_over_groups(self.column_sums[name], layout).pow(2)
 
 
-def build(variant: str, sparsity: float, args, model_path: str):
+def build(variant: str, sparsity: float, args, task):
+    """A LoRAPrune model of ``task`` whose engine scores with ``variant`` (see the module docstring)."""
     variant, _, schedule = variant.partition("~")
     criterion, _, order = variant.partition("@")
     config_criterion = {"lora-rows": "lora", "lora+activation": "lora", "activation^2": "activation"}.get(
@@ -66,16 +70,16 @@ def build(variant: str, sparsity: float, args, model_path: str):
     )
     cooldown = int(schedule[2:]) / 100 if schedule.startswith("cd") else 0.1
     config = LoRAPruneConfig(
-        task_type="CAUSAL_LM",
+        task_type=task.task_type,
         r=args.r,
         lora_alpha=2 * args.r,
         target_sparsity=sparsity,
         importance=config_criterion,
-        head_grouping="query_head",
+        head_grouping=task.head_grouping,
         pruning_interval=args.pruning_interval,
         cooldown_ratio=cooldown,
     )
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), config)
+    model = get_peft_model(task.model(), config)
     engine = model.base_model.pruning_engine()
     if criterion == "lora-rows":
         engine.use_criterion(RowsOnly("default"))
@@ -89,61 +93,56 @@ def build(variant: str, sparsity: float, args, model_path: str):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=sorted(TASKS), default="smollm2")
     parser.add_argument("--variants", default="lora,lora@raw,lora-rows,grad,activation,lora+activation")
     parser.add_argument("--sparsities", default="0.5,0.2")
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=120, help="smollm2: optimizer steps")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--block_size", type=int, default=64)
+    parser.add_argument("--max_train_samples", type=int, default=4000, help="minilm: training sentences")
     parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=None, help="default: 5e-4 (smollm2), 1e-3 (minilm)")
     parser.add_argument("--pruning_interval", type=int, default=5)
     parser.add_argument("--max_eval_blocks", type=int, default=64)
+    parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--append", action="store_true", help="keep rows already in the result file")
     args = parser.parse_args()
-    import local_assets
-    from causal_lm import blocks_of, load_text, perplexity
-
+    task = TASKS[args.task](args)
+    name = RESULT_NAMES[args.task]
+    metric = task.metric
     seeds = [int(s) for s in args.seeds.split(",")]
-    rows = previous_rows(RESULT_NAME, args.out, []) if args.append else []
-    model_path = str(local_assets.smollm2_fp32_dir())
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    rows = previous_rows(name, args.out, []) if args.append else []
     for seed in seeds:
-        text = load_text("wikipedia_leads", 0)  # fixed split; the seed varies initialisation and data order
-        train = blocks_of(text["train"], tokenizer, args.block_size, None)
-        test = blocks_of(text["test"], tokenizer, args.block_size, args.max_eval_blocks)
-        if not any(r["variant"] == "dense base" for r in rows):
-            base = AutoModelForCausalLM.from_pretrained(model_path)
-            rows.append({"seed": seed, "variant": "dense base", "perplexity": perplexity(base, test)})
-            del base
+        if args.task == "smollm2" and not any(r["variant"] == "dense base" for r in rows):
+            rows.append({"seed": seed, "variant": "dense base", **task.evaluate(task.model(), None)})
         for sparsity in [float(s) for s in args.sparsities.split(",")]:
             for variant in args.variants.split(","):
                 if any(r["seed"] == seed and r["variant"] == f"{sparsity:.0%} {variant}" for r in rows):
                     continue
                 transformers.set_seed(seed)
-                model = build(variant, sparsity, args, model_path)
+                model = build(variant, sparsity, args, task)
                 targs = TrainingArguments(
                     output_dir="/tmp/criteria_run",
-                    max_steps=args.steps,
-                    per_device_train_batch_size=args.batch,
-                    learning_rate=args.lr,
-                    seed=seed,
                     report_to="none",
                     save_strategy="no",
                     use_cpu=True,
                     disable_tqdm=True,
-                    logging_steps=max(1, args.steps // 4),
+                    logging_steps=25,
+                    bf16=args.bf16,
+                    **task.training_args(None, seed),
                 )
                 start = time.time()
-                out = Trainer(model=model, args=targs, train_dataset=train, callbacks=[LoRAPruneCallback()]).train()
+                trainer = task.trainer(model, targs, [LoRAPruneCallback()])
+                out = trainer.train()
                 seconds = time.time() - start
                 report = model.base_model.sparsity_report()
                 rows.append(
                     {
                         "seed": seed,
                         "variant": f"{sparsity:.0%} {variant}",
-                        "perplexity": perplexity(model, test),
+                        **task.evaluate(model, trainer),
                         "train_loss": out.training_loss,
                         "train_seconds": seconds,
                         "sparsity_by_unit": report.sparsity_by_unit(),
@@ -152,19 +151,16 @@ def main():
                 print(rows[-1], flush=True)
                 settings = {
                     **vars(args),
-                    "train_tokens": args.steps * args.batch * args.block_size,
-                    "head_grouping": "query_head",
+                    "train_tokens": task.train_tokens(),
+                    "head_grouping": task.head_grouping,
                     "structures": "heads,channels",
+                    "metric": metric,
                 }
-                write_result(
-                    RESULT_NAME,
-                    {"settings": settings, "summary": summarise(rows, "perplexity"), "rows": rows},
-                    args.out,
-                )
-                del model
+                write_result(name, {"settings": settings, "summary": summarise(rows, metric), "rows": rows}, args.out)
+                del model, trainer
                 gc.collect()
-    for variant, s in summarise(rows, "perplexity").items():
-        print(f"{variant:28s} {s['mean']:9.2f} ± {s['std']:.2f} (n={s['n']})")
+    for variant, s in summarise(rows, metric).items():
+        print(f"{variant:28s} {s['mean']:9.4f} ± {s['std']:.4f} (n={s['n']})")
 
 
 if __name__ == "__main__":

@@ -257,8 +257,9 @@ def criteria_section(lines):
                 if entry is None:
                     cells.append("-")
                     continue
-                best = min(summary[f"{p}% {w}"]["mean"] for w in variants if f"{p}% {w}" in summary)
-                text = f"{entry['mean']:.1f}" + (f" ± {entry['std']:.1f}" if entry["n"] > 1 else "")
+                best = better(summary[f"{p}% {w}"]["mean"] for w in variants if f"{p}% {w}" in summary)
+                fmt = "{:.4f}" if accuracy else "{:.1f}"
+                text = fmt.format(entry["mean"]) + (" ± " + fmt.format(entry["std"]) if entry["n"] > 1 else "")
                 cells.append(f"**{text}**" if entry["mean"] == best else text)
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
         lines += [
