@@ -239,13 +239,26 @@ def criteria_section(lines):
         sparsities = sorted({v.split("%")[0] for v in summary if "%" in v}, key=float, reverse=True)
         variants = list(dict.fromkeys(v.split(" ", 1)[1] for v in summary if "%" in v))
         dense = summary.get("dense base", {}).get("mean")
+        accuracy = s.get("metric") == "accuracy"
+        better = max if accuracy else min
+        if accuracy:
+            title = "MiniLM on Rotten Tomatoes, test accuracy"
+            what = (
+                f"{s['max_train_samples']:,d} training sentences, one epoch ({s['train_tokens']:,d} tokens); test "
+                "accuracy, higher is better"
+            )
+        else:
+            title = "SmolLM2-135M, held-out perplexity"
+            what = (
+                f"{s['steps']} optimizer steps of {s['batch']} x {s['block_size']} tokens ({s['train_tokens']:,d} "
+                f"training tokens); held-out perplexity on {s['max_eval_blocks']} blocks, lower is better"
+                + (f" (dense base {dense:.2f})" if dense else "")
+            )
         lines += [
-            f"### Which structured criterion: SmolLM2-135M, seeds {s['seeds']}",
+            f"### Which structured criterion: {title}, seeds {s['seeds']}",
             "",
-            f"Machine: {_machine(data)}. {s['steps']} optimizer steps of {s['batch']} x {s['block_size']} tokens "
-            f"({s['train_tokens']:,d} training tokens), rank {s['r']}, learning rate {s['lr']}, masks rewritten "
-            f"every {s['pruning_interval']} steps (cubic schedule), {s['head_grouping']} heads; held-out "
-            f"perplexity on {s['max_eval_blocks']} blocks" + (f" (dense base {dense:.2f})." if dense else "."),
+            f"Machine: {_machine(data)}. {what}; rank {s['r']}, masks rewritten every {s['pruning_interval']} steps "
+            f"(cubic schedule), {s['head_grouping']} heads.",
             "",
             "| criterion | " + " | ".join(f"{p}% sparsity" for p in sparsities) + " |",
             "|---|" + "---:|" * len(sparsities),
