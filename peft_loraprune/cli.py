@@ -55,11 +55,10 @@ def cmd_export(args) -> None:
     model = _adapter(args.adapter, args.base)
     config = model.peft_config[model.active_adapter]
     sparsity = model.base_model.sparsity_report()
-    report = export_pruned_model(model, measure_latency=args.latency, progressbar=False)
+    report = export_pruned_model(
+        model, measure_latency=args.latency, progressbar=False, dtype=DTYPES[args.dtype] if args.dtype else None
+    )
     exported = report.model
-    if args.dtype:
-        exported = exported.to(DTYPES[args.dtype])
-        exported.config.dtype = args.dtype
     os.makedirs(args.out, exist_ok=True)
     exported.save_pretrained(args.out)
     tokenizer_source = args.base or config.base_model_name_or_path

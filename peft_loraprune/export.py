@@ -180,12 +180,16 @@ def export_pruned_model(
     measure_latency: bool = True,
     save_directory: Optional[str] = None,
     progressbar: bool = True,
+    dtype: Optional[torch.dtype] = None,
 ) -> ExportReport:
     """Merge the adapter and physically remove what the config can express; see the module docstring.
 
     ``peft_model`` is a LoRAPrune ``PeftModel`` (or its ``LoRAPruneModel``). Like ``merge_and_unload``, this
-    consumes it: its base model becomes the exported model.
+    consumes it: its base model becomes the exported model. ``dtype`` casts the exported model (e.g.
+    ``torch.bfloat16`` halves a float32 file; pruned weights stay exact zeros); latency is measured before the cast.
     """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}.")
     tuner = find_tuner(peft_model, "export")
     adapter_name = tuner.resolve_adapter(adapter_name)
     config = tuner.peft_config[adapter_name]
@@ -249,8 +253,11 @@ def export_pruned_model(
         for prefix in sorted({g.block_prefix for g in removable}):
             spec.export.refresh_block(merged.get_submodule(prefix), merged.config)
 
-    params_after, bytes_after = _parameter_count_and_bytes(merged)
     latency_after = measure_latency_ms(merged, inputs) if measure_latency else None
+    if dtype is not None:
+        merged = merged.to(dtype)
+        merged.config.dtype = str(dtype).removeprefix("torch.")
+    params_after, bytes_after = _parameter_count_and_bytes(merged)
     report = ExportReport(
         model=merged,
         granularity=config.granularity,
