@@ -207,3 +207,22 @@ def test_documented_manual_loop_matches_the_callback(tmp_path):
         engine.pruning_step(step, total)
     report = model.base_model.sparsity_report()
     assert report.sparsity_by_unit() == {"channels": 0.5, "heads": 0.5}
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_criterion_is_unchanged_by_gradient_checkpointing(tmp_path, reentrant):
+    """The activation taps see each consumer's input and gradient once per micro-batch, whether the block is
+    recomputed in backward (reentrant) or its saved tensors are (non-reentrant)."""
+    states = []
+    for checkpointing in (False, True):
+        model = training_model("llama", target_sparsity=0.5, importance="activation")
+        kwargs = {}
+        if checkpointing:
+            kwargs = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": reentrant}}
+            model.enable_input_require_grads()
+        trainer_for(model, "llama", tmp_path / str(checkpointing), steps=4, **kwargs).train()
+        assert model.base_model.model.is_gradient_checkpointing == checkpointing
+        states.append({k: v.clone() for k, v in model.base_model.pruning_engine().member_averages.items()})
+    assert states[0] and states[0].keys() == states[1].keys()
+    for key in states[0]:
+        torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-4, atol=1e-7)
