@@ -25,6 +25,12 @@ same fraction in every block, all trained with the same LoRA (rank, alpha, dropo
   sums its columns. One-shot, then LoRA recovery.
 * ``dense-lora``: LoRA without pruning (the ceiling).
 
+``--granularity unstructured`` (SmolLM2 only): ``sparsegpt`` and ``wanda``, llm-compressor's one-shot pruners
+(``SparseGPTModifier``, ``WandaPruningModifier``, 50% per Linear of the blocks, calibration batches of the training
+data), then LoRA recovery with their zeros as fixed element masks, against ``loraprune-lora`` and ``loraprune-grad``
+pruning while fine-tuning. llm-compressor pins transformers <= 5.17, so this table runs in an environment of its
+own (``pip install llmcompressor``); the versions are in the result file.
+
 One process per cell (method, sparsity, seed), so peak memory is the cell's own; results are appended to
 ``benchmarks/results/peers_<task>.json`` after every cell, and cells already there are skipped.
 
@@ -50,8 +56,10 @@ from peft import get_peft_model
 import peft_loraprune  # noqa: F401
 from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig
 from peft_loraprune.group_ops import sum_over_groups
+from peft_loraprune.mask_packing import pack_bits
 
-PEERS = ("llm-pruner", "wanda-sp")
+PEERS = ("llm-pruner", "wanda-sp")  # structured one-shot peers
+UNSTRUCTURED_PEERS = ("sparsegpt", "wanda")  # llm-compressor's one-shot pruners
 
 
 # ---------------------------------------------------------------------------------------------------- tasks
@@ -267,6 +275,27 @@ def llm_pruner_scores(base, groups, batches, model_inputs) -> tuple[dict, dict]:
     return scores, check
 
 
+def llm_compressor_prune(base, task, method: str, sparsity: float, batches) -> None:
+    """SparseGPT or Wanda (unstructured, one-shot) from llm-compressor on the adapted Linear modules, in place."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.obcq import SparseGPTModifier
+    from llmcompressor.modifiers.pruning import WandaPruningModifier
+
+    ids = torch.cat([b["input_ids"] for b in batches])
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    modifier = SparseGPTModifier if method == "sparsegpt" else WandaPruningModifier
+    recipe = modifier(sparsity=sparsity, mask_structure="0:0", targets=["Linear"], ignore=["lm_head"])
+    oneshot(
+        model=base,
+        processor=task.tokenizer,
+        dataset=data,
+        recipe=[recipe],
+        num_calibration_samples=len(ids),
+        max_seq_length=ids.shape[1],
+    )
+
+
 # ---------------------------------------------------------------------------------------------------- one cell
 def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
     transformers.set_seed(seed)
@@ -277,12 +306,15 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         parts = method.split("-")
         criterion = parts[1]
         schedule = "one_shot" if parts[-1] == "oneshot" else "cubic"
+    if args.granularity != "structured" and criterion == "activation":
+        raise SystemExit("the activation criterion is structured only")
     config = LoRAPruneConfig(
         task_type=task.task_type,
         r=args.r,
         lora_alpha=2 * args.r,
         lora_dropout=0.05,
         target_sparsity=0.0 if method == "dense-lora" else sparsity,
+        granularity=args.granularity,
         importance=criterion,
         schedule=schedule,
         head_grouping=task.head_grouping,
@@ -311,6 +343,13 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         engine.member_averages.clear()
         engine.member_averages.update(scores)
         engine.prune_to(sparsity)
+        row["calibration_seconds"] = time.time() - start
+    elif method in UNSTRUCTURED_PEERS:
+        batches, row["calibration_tokens"] = task.calibration(args.calibration_batches, seed)
+        llm_compressor_prune(base, task, method, sparsity, batches)
+        model = get_peft_model(base, config)
+        for _, layer in model.base_model.prune_layers():  # the one-shot zeros become the adapter's fixed masks
+            layer.set_masks("default", elements_packed=pack_bits(layer.base_weight_2d() != 0))
         row["calibration_seconds"] = time.time() - start
     else:
         model = get_peft_model(base, config)
@@ -344,6 +383,12 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), default="smollm2")
+    parser.add_argument(
+        "--granularity",
+        choices=("structured", "unstructured"),
+        default="structured",
+        help="unstructured: methods sparsegpt, wanda (llm-compressor) and loraprune-lora/grad",
+    )
     parser.add_argument("--methods", default="loraprune-activation,llm-pruner,wanda-sp,loraprune-lora,loraprune-grad")
     parser.add_argument("--sparsities", default="0.5,0.2")
     parser.add_argument("--seeds", default="0")
@@ -371,7 +416,7 @@ def main():
         print("ROW " + json.dumps(row), flush=True)
         return
 
-    name = f"peers_{args.task}"
+    name = f"peers_{args.task}" + ("" if args.granularity == "structured" else f"_{args.granularity}")
     path = (Path(args.out) if args.out else RESULTS_DIR) / f"{name}.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     for seed in [int(s) for s in args.seeds.split(",")]:
