@@ -16,7 +16,8 @@ masked model's quality decides: held-out perplexity for SmolLM2-135M on the Wiki
 * ``activation^2``   the activation term squared per step before averaging (Molchanov et al. 2019's rule)
 
 A suffix ``~cdNN`` sets the cool-down (``cooldown_ratio = NN / 100``: the fraction of steps trained after the
-last mask rewrite), e.g. ``activation~cd40``.
+last mask rewrite), e.g. ``activation~cd40``; ``~global`` ranks units across blocks (``budget="global"``; not with
+query heads inside KV groups).
 
     python benchmarks/criteria.py --variants lora,activation --sparsities 0.5 --steps 120
 """
@@ -69,6 +70,7 @@ def build(variant: str, sparsity: float, args, task):
         criterion, criterion
     )
     cooldown = int(schedule[2:]) / 100 if schedule.startswith("cd") else 0.1
+    budget = "global" if schedule == "global" else "local"
     config = LoRAPruneConfig(
         task_type=task.task_type,
         r=args.r,
@@ -78,6 +80,7 @@ def build(variant: str, sparsity: float, args, task):
         head_grouping=task.head_grouping,
         pruning_interval=args.pruning_interval,
         cooldown_ratio=cooldown,
+        budget=budget,
     )
     model = get_peft_model(task.model(), config)
     engine = model.base_model.pruning_engine()
