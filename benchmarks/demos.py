@@ -14,6 +14,7 @@ import json
 import os
 import resource
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,14 +44,62 @@ def run(target: str, out: Path) -> dict:
     }
 
 
+def command_line_walkthrough(out: Path, work: Path, limit: int) -> list[dict]:
+    """The README's "Evaluate" commands on the 50% adapter of ``make demo-lm``: what each printed."""
+    adapter = out / "causal_lm" / "sparsity_0.5" / "adapter"
+    cli = str(Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin" / "peft-loraprune")
+    tasks = work / "local_tasks"
+    steps = [
+        [sys.executable, str(ROOT / "examples" / "local_tasks.py"), "--out", str(tasks)],
+        [cli, "report", str(adapter), "--summary_only"],
+        [cli, "export", str(adapter), "--out", str(work / "pruned"), "--dtype", "bfloat16"],
+        [
+            cli,
+            "eval",
+            str(work / "pruned"),
+            "--tasks",
+            "rt_sentiment,wiki_continuation",
+            "--include_path",
+            str(tasks),
+            "--limit",
+            str(limit),
+            "--card",
+        ],
+    ]
+    shown = []
+    for cmd in steps:
+        start = time.time()
+        done = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=ROOT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"{cmd} failed:\n{done.stderr[-4000:]}")
+        shown.append(
+            {
+                "command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd)),
+                "stdout": done.stdout,
+                "seconds": time.time() - start,
+            }
+        )
+    return shown
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demos", default="demo,demo-lm")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--eval_limit", type=int, default=200, help="documents per task in the CLI walkthrough")
     args = parser.parse_args()
     for target in args.demos.split(","):
         with tempfile.TemporaryDirectory() as d:
             result = run(target, Path(d))
+            if target == "demo-lm":
+                result["command_line"] = command_line_walkthrough(Path(d), Path(d) / "cli", args.eval_limit)
         path = write_result(f"demo_{DEMOS[target]}", {"target": f"make {target}", "result": result}, args.out)
         print(f"written {path}")
 

@@ -524,6 +524,25 @@ def demo_causal_lm(data) -> list[str]:
     return lines
 
 
+def demo_command_line(data) -> list[str]:
+    """README block of the Evaluate section: the commands run on ``make demo-lm``'s 50% adapter and their output."""
+    steps = data["result"].get("command_line")
+    if not steps:
+        return []
+    m = data["machine"]
+    lines = [
+        f"What they printed here on `make demo-lm`'s 50% adapter (peft_loraprune {m.get('peft_loraprune')}, "
+        f"{m['date'][:10]}; paths shortened, evaluation limited to the first documents of each local task):",
+        "",
+        "```",
+    ]
+    for step in steps[1:]:  # the first one only writes the local tasks
+        command = step["command"].replace(str(HERE.parent) + "/", "")
+        lines.append("$ " + " ".join(part.rsplit("/", 3)[-1] if "/" in part else part for part in command.split()))
+        lines += [line for line in step["stdout"].strip().splitlines() if line.strip()][-12:]
+    return [*lines, "```"]
+
+
 def _replace_block(text: str, start: str, end: str, lines: list[str]) -> str:
     if start not in text or end not in text:
         return text
