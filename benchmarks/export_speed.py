@@ -22,7 +22,7 @@ from peft import get_peft_model
 
 import peft_loraprune  # noqa: F401
 from peft_loraprune import LoRAPruneConfig, export_pruned_model
-from peft_loraprune.export import measure_latency_ms
+from peft_loraprune.latency import measure_latency_ms
 
 
 def exported(model_name: str, sparsity: float, head_grouping: str, seed: int):

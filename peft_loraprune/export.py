@@ -4,11 +4,10 @@
 zeros), then physically removes the pruned heads and channels that the family's config can express, updates the
 config, and reports parameters, size and CPU latency before and after.
 
-Configs hold one width per model (``num_attention_heads``, ``intermediate_size``...), not one per layer. When
-blocks keep different numbers of heads or channels (``budget="global"``, ``dense_layers``), every block is widened
-to the widest one by keeping some pruned (all-zero) groups: outputs stay exact, and the report says how many
-parameters that costs compared to per-layer widths. Structures the config cannot express (BERT and GPT-2 heads,
-whose size is derived from the hidden size) stay zeroed in place.
+What can be removed is planned by :mod:`~peft_loraprune.export_plan` (configs hold one width per model, so uneven
+blocks are widened to the widest; structures a config cannot express, such as BERT's and GPT-2's heads, stay
+zeroed), modules are shrunk by :mod:`~peft_loraprune.shrinking`, latency is timed by
+:mod:`~peft_loraprune.latency`; this module orchestrates and reports.
 
 Unstructured and N:M adapters export as the merged model with exact zeros (N:M pattern intact): the dense kernels
 of PyTorch do not run faster on zeros; the pattern pays off with sparse kernels (e.g. 2:4 on recent NVIDIA GPUs).
@@ -17,18 +16,15 @@ of PyTorch do not run faster on zeros; the pattern pays off with sparse kernels 
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from tqdm.auto import tqdm
-from transformers.pytorch_utils import Conv1D
 
-from .architectures import require_architecture
-from .group_ops import expand_groups
+from .export_plan import plan_export
+from .latency import default_example_inputs, measure_latency_ms
 from .lookup import find_tuner
+from .shrinking import remove_pruned
 
 
 @dataclass
@@ -99,80 +95,6 @@ def _parameter_count_and_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return n, size
 
 
-def default_example_inputs(model: torch.nn.Module, batch_size: int = 1, seq_len: int = 128) -> dict:
-    """Inputs for a latency measurement: random tokens, or random pixels for vision models."""
-    config = model.config
-    name = getattr(model, "main_input_name", "input_ids")
-    g = torch.Generator().manual_seed(0)
-    if name == "pixel_values":
-        size = config.image_size
-        return {"pixel_values": torch.randn(batch_size, config.num_channels, size, size, generator=g)}
-    max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", seq_len)
-    length = min(seq_len, max_len)
-    return {"input_ids": torch.randint(0, config.vocab_size, (batch_size, length), generator=g)}
-
-
-@torch.no_grad()
-def measure_latency_ms(model: torch.nn.Module, inputs: dict, repeats: int = 10, warmup: int = 2) -> float:
-    """Median wall time of a forward pass in milliseconds (no grad, eval mode)."""
-    was_training = model.training
-    model.eval()
-    for _ in range(warmup):
-        model(**inputs)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(**inputs)
-        times.append((time.perf_counter() - start) * 1000)
-    model.train(was_training)
-    return statistics.median(times)
-
-
-def _shrunk(module: torch.nn.Module, axis: str, index: torch.Tensor) -> torch.nn.Module:
-    """A new Linear/Conv1D keeping only rows (output features) or columns (input features) ``index``."""
-    weight = module.weight.data
-    bias = module.bias.data if module.bias is not None else None
-    if isinstance(module, Conv1D):  # weight is (in, out)
-        if axis == "rows":
-            new_w, new_b = weight[:, index], (bias[index] if bias is not None else None)
-        else:
-            new_w, new_b = weight[index, :], bias
-        new = Conv1D(new_w.shape[1], new_w.shape[0])
-    else:
-        if axis == "rows":
-            new_w, new_b = weight[index, :], (bias[index] if bias is not None else None)
-        else:
-            new_w, new_b = weight[:, index], bias
-        new = torch.nn.Linear(new_w.shape[1], new_w.shape[0], bias=bias is not None)
-    new = new.to(device=weight.device, dtype=weight.dtype)
-    new.weight.data = new_w.contiguous().clone()
-    if bias is not None:
-        new.bias.data = new_b.contiguous().clone()
-    return new
-
-
-def _equalised_keep_masks(groups, adapter_name) -> tuple[dict[str, list[torch.Tensor]], dict[str, int]]:
-    """Per structure: a keep mask per block, widened so every block keeps the same number (per partition)."""
-    masks: dict[str, list[torch.Tensor]] = {}
-    widths: dict[str, int] = {}
-    for structure in sorted({g.spec.structure for g in groups}):
-        of_kind = [g for g in groups if g.spec.structure == structure]
-        parts = of_kind[0].spec.partitions
-        kept = [g.kept(adapter_name).reshape(parts, -1) for g in of_kind]
-        width = max(int(k.sum(dim=1).max()) for k in kept)
-        widened = []
-        for k in kept:
-            k = k.clone()
-            for row in k:
-                missing = width - int(row.sum())
-                if missing > 0:  # re-include the first pruned groups (all zeros after merging)
-                    row[(~row).nonzero().flatten()[:missing]] = True
-            widened.append(k.flatten())
-        masks[structure] = widened
-        widths[structure] = width
-    return masks, widths
-
-
 def export_pruned_model(
     peft_model,
     adapter_name: Optional[str] = None,
@@ -195,83 +117,37 @@ def export_pruned_model(
     config = tuner.peft_config[adapter_name]
     if tuner.active_adapters != [adapter_name]:
         tuner.set_adapter(adapter_name)
-
-    plan = []  # (module name, axis, kept index)
-    removed, kept_zeroed, updates = {}, {}, {}
-    per_layer_savings = 0
-    notes = []
-    if not config.is_element_granularity:
-        spec = require_architecture(tuner.model_type)
-        export = spec.export
-        groups = tuner.structured_groups(adapter_name, include_all=True)
-        removable = [g for g in groups if export is not None and g.spec.structure in export.removable]
-        masks, widths = _equalised_keep_masks(removable, adapter_name)
-        for structure in sorted({g.spec.structure for g in groups}):
-            of_kind = [g for g in groups if g.spec.structure == structure]
-            pruned_counts = [g.spec.n_groups - int(g.kept(adapter_name).sum()) for g in of_kind]
-            if structure in masks:
-                removed[structure] = of_kind[0].spec.n_groups // of_kind[0].spec.partitions - widths[structure]
-                for g, mask in zip(of_kind, masks[structure]):
-                    extra = int(mask.sum()) - int(g.kept(adapter_name).sum())
-                    for member, name, layer in g.members:
-                        index = expand_groups(mask, member.layout).nonzero().flatten()
-                        plan.append((name, member.axis, index))
-                        other = layer.in_features if member.axis == "rows" else layer.out_features
-                        per_layer_savings += extra * (member.layout[0] * member.layout[2]) * other
-                if any(int(m.sum()) != int(g.kept(adapter_name).sum()) for g, m in zip(of_kind, masks[structure])):
-                    notes.append(
-                        f"blocks keep different numbers of {structure}; all were widened to {widths[structure]} "
-                        "(per partition) so one config value describes them"
-                    )
-            elif any(pruned_counts):
-                kept_zeroed[structure] = max(pruned_counts)
-        if masks:
-            updates = export.config_updates(tuner.model.config, widths, config.head_grouping)
-        if kept_zeroed:
-            notes.append(
-                f"{spec.name}: {', '.join(kept_zeroed)} cannot be removed through the config and stay zeroed; "
-                "prune_structures=['channels'] prunes only what export removes"
-            )
-    else:
-        notes.append(
-            f"{config.granularity} sparsity is exported as exact zeros in dense weights: same size and dense-kernel "
-            "speed; it needs sparse kernels or compression to pay off"
-        )
+    plan = plan_export(tuner, adapter_name)
 
     params_before, bytes_before = _parameter_count_and_bytes(tuner.model)
     merged = tuner.merge_and_unload(progressbar=progressbar)
     inputs = example_inputs if example_inputs is not None else default_example_inputs(merged)
     latency_before = measure_latency_ms(merged, inputs) if measure_latency else None
-
-    for name, axis, index in tqdm(plan, desc="Removing pruned structures", disable=not progressbar or not plan):
-        parent_name, _, child = name.rpartition(".")
-        parent = merged.get_submodule(parent_name)
-        setattr(parent, child, _shrunk(getattr(parent, child), axis, index.to(getattr(parent, child).weight.device)))
-    for key, value in updates.items():
+    remove_pruned(merged, plan.removals, progressbar)
+    for key, value in plan.config_updates.items():
         setattr(merged.config, key, value)
-    if plan and spec.export.refresh_block is not None:
-        for prefix in sorted({g.block_prefix for g in removable}):
-            spec.export.refresh_block(merged.get_submodule(prefix), merged.config)
-
+    for prefix in plan.block_prefixes:
+        plan.refresh_block(merged.get_submodule(prefix), merged.config)
     latency_after = measure_latency_ms(merged, inputs) if measure_latency else None
     if dtype is not None:
         merged = merged.to(dtype)
         merged.config.dtype = str(dtype).removeprefix("torch.")
+
     params_after, bytes_after = _parameter_count_and_bytes(merged)
     report = ExportReport(
         model=merged,
         granularity=config.granularity,
-        removed=removed,
-        kept_zeroed=kept_zeroed,
-        config_updates=updates,
+        removed=plan.removed,
+        kept_zeroed=plan.kept_zeroed,
+        config_updates=plan.config_updates,
         params_before=params_before,
         params_after=params_after,
-        params_per_layer_widths=params_after - per_layer_savings,
+        params_per_layer_widths=params_after - plan.per_layer_savings,
         bytes_before=bytes_before,
         bytes_after=bytes_after,
         latency_before_ms=latency_before,
         latency_after_ms=latency_after,
-        notes=notes,
+        notes=plan.notes,
     )
     if save_directory is not None:
         merged.save_pretrained(save_directory)

@@ -1,0 +1,99 @@
+"""What export can remove, decided from the masks and the family's registry entry, before anything is merged.
+
+A config holds one width per model (``num_attention_heads``, ``intermediate_size``...), not one per layer. When
+blocks keep different numbers of heads or channels (``budget="global"``, ``dense_layers``), every block is widened
+to the widest one by keeping some pruned (all-zero) groups: outputs stay exact, and the plan counts what that costs
+against per-layer widths. Structures the config cannot express stay zeroed in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .architectures import require_architecture
+from .group_ops import expand_groups
+
+
+@dataclass
+class ExportPlan:
+    """Removals ``(module name, axis, kept index)``, config updates and what stays zeroed, per structure."""
+
+    removals: list = field(default_factory=list)
+    removed: dict[str, int] = field(default_factory=dict)  # structure -> groups removed per block
+    kept_zeroed: dict[str, int] = field(default_factory=dict)  # structure -> pruned groups left as zeros
+    config_updates: dict = field(default_factory=dict)
+    per_layer_savings: int = 0  # parameters per-layer widths would save beyond the equalised plan
+    block_prefixes: list[str] = field(default_factory=list)  # blocks whose derived attributes need refreshing
+    refresh_block: object = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _equalised_keep_masks(groups, adapter_name) -> tuple[dict[str, list[torch.Tensor]], dict[str, int]]:
+    """Per structure: a keep mask per block, widened so every block keeps the same number (per partition)."""
+    masks: dict[str, list[torch.Tensor]] = {}
+    widths: dict[str, int] = {}
+    for structure in sorted({g.spec.structure for g in groups}):
+        of_kind = [g for g in groups if g.spec.structure == structure]
+        parts = of_kind[0].spec.partitions
+        kept = [g.kept(adapter_name).reshape(parts, -1) for g in of_kind]
+        width = max(int(k.sum(dim=1).max()) for k in kept)
+        widened = []
+        for k in kept:
+            k = k.clone()
+            for row in k:
+                missing = width - int(row.sum())
+                if missing > 0:  # re-include the first pruned groups (all zeros after merging)
+                    row[(~row).nonzero().flatten()[:missing]] = True
+            widened.append(k.flatten())
+        masks[structure] = widened
+        widths[structure] = width
+    return masks, widths
+
+
+def plan_export(tuner, adapter_name: str) -> ExportPlan:
+    """The export plan of ``adapter_name`` (nothing is modified)."""
+    config = tuner.peft_config[adapter_name]
+    plan = ExportPlan()
+    if config.is_element_granularity:
+        plan.notes.append(
+            f"{config.granularity} sparsity is exported as exact zeros in dense weights: same size and dense-kernel "
+            "speed; it needs sparse kernels or compression to pay off"
+        )
+        return plan
+    spec = require_architecture(tuner.model_type)
+    export = spec.export
+    groups = tuner.structured_groups(adapter_name, include_all=True)
+    removable = [g for g in groups if export is not None and g.spec.structure in export.removable]
+    masks, widths = _equalised_keep_masks(removable, adapter_name)
+    for structure in sorted({g.spec.structure for g in groups}):
+        of_kind = [g for g in groups if g.spec.structure == structure]
+        pruned_counts = [g.spec.n_groups - int(g.kept(adapter_name).sum()) for g in of_kind]
+        if structure in masks:
+            plan.removed[structure] = of_kind[0].spec.n_groups // of_kind[0].spec.partitions - widths[structure]
+            for g, mask in zip(of_kind, masks[structure]):
+                extra = int(mask.sum()) - int(g.kept(adapter_name).sum())
+                for member, name, layer in g.members:
+                    index = expand_groups(mask, member.layout).nonzero().flatten()
+                    plan.removals.append((name, member.axis, index))
+                    other = layer.in_features if member.axis == "rows" else layer.out_features
+                    plan.per_layer_savings += extra * (member.layout[0] * member.layout[2]) * other
+            if any(int(m.sum()) != int(g.kept(adapter_name).sum()) for g, m in zip(of_kind, masks[structure])):
+                plan.notes.append(
+                    f"blocks keep different numbers of {structure}; all were widened to {widths[structure]} "
+                    "(per partition) so one config value describes them"
+                )
+        elif any(pruned_counts):
+            plan.kept_zeroed[structure] = max(pruned_counts)
+    if masks:
+        plan.config_updates = export.config_updates(tuner.model.config, widths, config.head_grouping)
+    if plan.removals and export.refresh_block is not None:
+        plan.block_prefixes = sorted({g.block_prefix for g in removable})
+        plan.refresh_block = export.refresh_block
+    if plan.kept_zeroed:
+        plan.notes.append(
+            f"{spec.name}: {', '.join(plan.kept_zeroed)} cannot be removed through the config and stay zeroed; "
+            "prune_structures=['channels'] prunes only what export removes"
+        )
+    return plan
