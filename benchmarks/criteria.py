@@ -104,6 +104,8 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--block_size", type=int, default=64)
     parser.add_argument("--max_train_samples", type=int, default=4000, help="minilm: training sentences")
+    parser.add_argument("--max_eval_samples", type=int, default=None, help="minilm: test sentences (smoke runs)")
+    parser.add_argument("--max_train_blocks", type=int, default=None, help="smollm2: training blocks (smoke runs)")
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--lr", type=float, default=None, help="default: 5e-4 (smollm2), 1e-3 (minilm)")
     parser.add_argument("--pruning_interval", type=int, default=5)

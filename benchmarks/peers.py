@@ -79,7 +79,7 @@ class SmolLM2Wikipedia:
         self.path = str(local_assets.smollm2_fp32_dir())
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)
         text = load_text("wikipedia_leads", 0)  # one fixed split for every seed
-        self.train = blocks_of(text["train"], self.tokenizer, args.block_size, None)
+        self.train = blocks_of(text["train"], self.tokenizer, args.block_size, getattr(args, "max_train_blocks", None))
         self.test = blocks_of(text["test"], self.tokenizer, args.block_size, args.max_eval_blocks)
 
     def model(self):
@@ -148,6 +148,8 @@ class MiniLMRottenTomatoes:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)
         raw = local_assets.rotten_tomatoes(0)
         raw["train"] = raw["train"].select(range(args.max_train_samples))
+        if getattr(args, "max_eval_samples", None):
+            raw["test"] = raw["test"].select(range(args.max_eval_samples))
         self.data = raw.map(
             lambda b: self.tokenizer(b["text"], truncation=True, max_length=64), batched=True, remove_columns=["text"]
         )
@@ -397,6 +399,8 @@ def main():
     parser.add_argument("--block_size", type=int, default=64)
     parser.add_argument("--max_eval_blocks", type=int, default=64)
     parser.add_argument("--max_train_samples", type=int, default=4000, help="minilm: training sentences")
+    parser.add_argument("--max_eval_samples", type=int, default=None, help="minilm: test sentences (smoke runs)")
+    parser.add_argument("--max_train_blocks", type=int, default=None, help="smollm2: training blocks (smoke runs)")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--pruning_interval", type=int, default=5)

@@ -190,26 +190,6 @@ def fidelity_section(lines):
         plt.close(fig)
 
 
-def perplexity_section(lines):
-    for data in _load("quality_smollm2_*.json").values():
-        s = data["settings"]
-        lines += [
-            f"### Perplexity: SmolLM2-135M on Wikipedia leads, structured pruning, seeds {s['seeds']}",
-            "",
-            f"Machine: {_machine(data)}. {s['max_steps']} optimizer steps of {s['batch']} x {s['block_size']} "
-            f"tokens ({s['train_tokens']:,d} training tokens), held-out perplexity on {s['max_eval_blocks']} "
-            "blocks; heads and MLP channels pruned together (query heads inside KV groups).",
-            "",
-            "| variant | perplexity (mean ± std, n) | exported + reloaded |",
-            "|---|---:|---:|",
-        ]
-        for variant, v in data["summary"].items():
-            exported = [r.get("perplexity_exported") for r in data["rows"] if r["variant"] == variant]
-            cell = f"{exported[0]:.2f}" if exported and exported[0] is not None else "-"
-            lines.append(f"| {variant} | {v['mean']:.2f} ± {v['std']:.2f} ({v['n']}) | {cell} |")
-        lines.append("")
-
-
 def quality_section(lines):
     for data in _load("quality_minilm_*.json").values():
         s = data["settings"]
@@ -587,7 +567,6 @@ def main():
         export_plot,
         quality_section,
         quality_plot,
-        perplexity_section,
     ):
         section(lines)
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")

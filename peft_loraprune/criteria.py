@@ -60,6 +60,8 @@ class Criterion:
     name: str = ""
     #: True when the criterion scores single weights (it then serves "unstructured" and "N:M" too)
     elementwise: bool = True
+    #: True when scoring reads each layer's whole pretrained weight (impossible under DeepSpeed ZeRO-3)
+    reads_weights: bool = True
 
     def __init__(self, adapter: str) -> None:
         self.adapter = adapter
@@ -245,6 +247,7 @@ class ActivationTaylor(Criterion):
 
     name = "activation"
     elementwise = False
+    reads_weights = False
 
     def __init__(self, adapter: str) -> None:
         super().__init__(adapter)
@@ -313,6 +316,7 @@ class PerAxis(Criterion):
         self.rows, self.cols = rows, cols
         self.name = f"{rows.name}+{cols.name}"
         self.elementwise = False
+        self.reads_weights = rows.reads_weights or cols.reads_weights
 
     def attach(self, layers, consumers):
         consumer_names = {n for n, _ in consumers}

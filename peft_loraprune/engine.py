@@ -61,12 +61,6 @@ class PruningEngine:
         self.layers: list[tuple[str, LoRAPruneLayer]] = list(tuner.prune_layers(adapter_name))
         if not self.layers:
             raise ValueError(f"Adapter {adapter_name!r} adapts no module; nothing to prune.")
-        if any(hasattr(layer.get_base_layer().weight, "ds_tensor") for _, layer in self.layers):
-            raise RuntimeError(
-                "DeepSpeed ZeRO stage 3 partitions the pretrained weights, and LoRAPrune's importance needs each "
-                "adapted layer's whole weight (|W ⊙ G|). Use ZeRO stage 1 or 2 (gradients are read with "
-                "deepspeed.utils.safe_get_full_grad), or FSDP2, which the engine gathers layer by layer."
-            )
         self.structured = not self.config.is_element_granularity
         self.groups = tuner.structured_groups(adapter_name) if self.structured else []
         if self.structured and self.config.budget == "global" and any(g.spec.partitions > 1 for g in self.groups):
@@ -118,6 +112,20 @@ class PruningEngine:
         consumers = list({name: layer for m, name, layer in self.scored_members if m.axis == "cols"}.items())
         criterion.attach(self.scored_layers, consumers)
 
+    def _check_weights_readable(self) -> None:
+        """DeepSpeed ZeRO-3 partitions pretrained weights (after ``get_peft_model``: ``deepspeed.initialize`` comes
+        later), which criteria that read whole weights cannot score; checked at every update (an attribute look-up
+        per layer)."""
+        if self.criterion.reads_weights and any(
+            hasattr(layer.get_base_layer().weight, "ds_tensor") for _, layer in self.scored_layers
+        ):
+            raise RuntimeError(
+                f"DeepSpeed ZeRO stage 3 partitions the pretrained weights, and importance={self.criterion.name!r} "
+                "needs each adapted layer's whole weight (|W ⊙ G|). Use importance='activation' (structured; it reads "
+                "no weight), ZeRO stage 1 or 2 (gradients are read with deepspeed.utils.safe_get_full_grad), or "
+                "FSDP2, which the engine gathers layer by layer."
+            )
+
     def close(self) -> None:
         """Remove the criterion's taps from the layers (the adapter is being deleted)."""
         self.criterion.detach()
@@ -153,6 +161,7 @@ class PruningEngine:
         of a distributed run (see :mod:`~peft_loraprune.distributed`). A NaN or infinite gradient or weight on any
         rank skips the whole update (masks stay as they are) with one warning.
         """
+        self._check_weights_readable()
         self.criterion.synchronize()
         if not all_ranks_agree(self._inputs_finite(), self.layers[0][1].get_base_weight().device):
             self.n_skipped += 1

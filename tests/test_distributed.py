@@ -104,7 +104,9 @@ def test_deepspeed_gradient_accessor_is_used_when_p_grad_is_empty(monkeypatch):
 
     def trained_engine():
         torch.manual_seed(0)
-        model = get_peft_model(make_model("llama"), LoRAPruneConfig(task_type="CAUSAL_LM", lora_dropout=0.0))
+        model = get_peft_model(
+            make_model("llama"), LoRAPruneConfig(task_type="CAUSAL_LM", lora_dropout=0.0, importance="lora")
+        )
         for p in model.parameters():
             if p.requires_grad:
                 torch.nn.init.normal_(p, std=0.05)
@@ -135,14 +137,33 @@ def test_deepspeed_gradient_accessor_is_used_when_p_grad_is_empty(monkeypatch):
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
 
 
-def test_deepspeed_zero3_partitioned_weights_are_refused_clearly():
-    from conftest import make_model
+@pytest.mark.parametrize("importance", ["lora", "grad", "magnitude"])
+def test_deepspeed_zero3_partitioned_weights_are_refused_clearly(importance):
+    """ZeRO-3 partitions the pretrained weights after get_peft_model (deepspeed.initialize comes later), so the
+    criteria that read whole weights refuse at their first update; the activation criterion reads none."""
+    from conftest import make_inputs, make_model
     from peft import get_peft_model
 
     from peft_loraprune import LoRAPruneConfig
 
-    model = get_peft_model(make_model("llama"), LoRAPruneConfig(task_type="CAUSAL_LM"))
+    model = get_peft_model(make_model("llama"), LoRAPruneConfig(task_type="CAUSAL_LM", importance=importance))
     for _, layer in model.base_model.prune_layers():
         layer.get_base_layer().weight.ds_tensor = torch.empty(0)  # what ZeRO-3 attaches to a partitioned parameter
+    inputs = make_inputs("llama")
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
     with pytest.raises(RuntimeError, match="ZeRO stage 3"):
-        model.base_model.pruning_engine()
+        model.base_model.pruning_engine().update_importance()
+
+
+def test_deepspeed_zero3_is_not_refused_for_the_activation_criterion():
+    from conftest import make_inputs, make_model
+    from peft import get_peft_model
+
+    from peft_loraprune import LoRAPruneConfig
+
+    model = get_peft_model(make_model("llama"), LoRAPruneConfig(task_type="CAUSAL_LM", importance="activation"))
+    for _, layer in model.base_model.prune_layers():
+        layer.get_base_layer().weight.ds_tensor = torch.empty(0)
+    inputs = make_inputs("llama")
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert model.base_model.pruning_engine().update_importance()

@@ -120,7 +120,7 @@ def test_causal_lm_example_on_real_smollm2(tmp_path):
         "--lm_eval_tasks",
         "rt_sentiment,wiki_continuation",
         "--lm_eval_limit",
-        "4",
+        "2",
     )
     run = results["runs"][0]
     # zero-shot scores of the exported model, from lm-eval on the local tasks, land on both cards
