@@ -68,8 +68,10 @@ def element_scores(
 
 
 def moving_average_(average: torch.Tensor, new: torch.Tensor, beta: float) -> torch.Tensor:
-    """In place ``average = beta·average + (1 − beta)·new`` (the reference code's λ-average, from zero)."""
-    return average.mul_(beta).add_(new.to(average.dtype), alpha=1.0 - beta)
+    """In place ``average = beta·average + (1 − beta)·new`` (the reference code's λ-average, from zero).
+
+    One pass over ``average`` (``lerp_``: ``average + (1 − beta)·(new − average)``), not two."""
+    return average.lerp_(new.to(average.dtype), 1.0 - beta)
 
 
 def all_finite(*tensors: torch.Tensor) -> bool:

@@ -11,8 +11,9 @@ The mask ``M`` is stored in the cheapest form its granularity allows:
   pruning only ever uses these: ``M = rows ⊗ cols``, applied to the input and output of the layer, which costs
   two elementwise products and nothing weight-sized.
 * ``lora_mask_elements`` exists for "unstructured" and "N:M" adapters: the per-weight mask, bit-packed
-  (``d_out x ceil(d_in / 8)`` uint8). The forward unpacks it once per change (cached) and runs the
-  weight-masked product through :func:`~peft_loraprune.masked_linear.element_masked_linear`.
+  (``d_out x ceil(d_in / 8)`` uint8). The weight-masked product
+  (:func:`~peft_loraprune.masked_linear.element_masked_linear`) unpacks it inside each pass and frees it there,
+  so an element-pruned adapter holds an eighth of a byte per weight for its mask.
 
 When the registry says that a layer's output rows are coupled to input columns of a consumer layer (a head's
 rows in q/k/v and its columns in o; a channel's rows in gate/up and its column in down), the forward pass skips
@@ -158,11 +159,12 @@ class LoRAPruneLayer(BaseTunerLayer):
     def element_mask(self, adapter_name: str) -> Optional[torch.Tensor]:
         """The unpacked ``(d_out, d_in)`` bool element mask, or None for a structured adapter.
 
-        Cached until the packed buffer changes (a pruning step or a ``load_state_dict`` bumps its version).
+        Unpacked at each call and not kept: a byte per weight held for the whole run would cost half as much as
+        the importance scores themselves. The forward pass unpacks inside the masked product instead.
         """
         if not self.has_element_mask(adapter_name):
             return None
-        return self._cached(adapter_name, "elements", lambda t: unpack_bits(t, self.in_features))
+        return unpack_bits(self.lora_mask_elements[adapter_name], self.in_features)
 
     def _mask_is_full(self, adapter_name: str, which: str) -> bool:
         return self._cached(adapter_name, which, lambda t: bool(t.all()))
@@ -345,7 +347,15 @@ class Linear(nn.Module, LoRAPruneLayer):
         dropout = self.lora_dropout[adapter]
         x_lora = dropout(x) if (self.training and isinstance(dropout, nn.Dropout)) else x
         return element_masked_linear(
-            x, x_lora, weight, bias, lora_B, lora_R, self.scaling[adapter], self.element_mask(adapter)
+            x,
+            x_lora,
+            weight,
+            bias,
+            lora_B,
+            lora_R,
+            self.scaling[adapter],
+            self.lora_mask_elements[adapter],
+            self.in_features,
         )
 
     # ------------------------------------------------------------------ merge

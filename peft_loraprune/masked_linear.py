@@ -1,10 +1,19 @@
 """The forward and backward pass of a linear layer under an element (per-weight) mask.
 
 Computes ``y = (W0 ⊙ M)·x + s·((B·R) ⊙ M)·x_lora + b`` where ``R`` is ``A`` (parallel adaptation) or ``A·W0``
-(sequential adaptation). Written as an autograd Function so that nothing full-size is kept between the forward
-and the backward pass: plain autograd would save ``W0 ⊙ M`` and ``B·R`` (two weight-sized tensors per layer) for
-the backward; here both are rebuilt transiently from ``W0``, ``M`` and the factors, which are alive anyway. The
-cost is one extra elementwise pass over the weight in the backward, the floor for any masked update.
+(sequential adaptation). Written as an autograd Function so that nothing weight-sized outlives the layer's own
+forward or backward: plain autograd would save ``W0 ⊙ M`` and ``B·R`` (two weight-sized tensors per layer) from
+the forward to the backward pass, and a cached unpacked mask costs a byte per weight for the whole run. Here the
+mask travels bit-packed (an eighth of a byte per weight) and is unpacked, used and freed inside each pass.
+
+Work per pass, for a layer of ``n`` weights (the floor for an exact masked update is the extra product
+``G = grad_yᵀ·x_lora`` that the masked factor gradients need, and rebuilding the masked weight in each pass):
+
+* forward: unpack the mask, ``(W0 + s·B·R) ⊙ M`` in two passes over ``n`` (one ``addmm``, one in-place mask),
+  one product. With adapter dropout the adapter path has its own input, so ``W0 ⊙ M`` and ``s·(B·R) ⊙ M`` are
+  built apart and multiplied apart: a second weight-sized product.
+* backward: the same rebuild for ``grad_x`` (and ``grad_x_lora``), ``G ⊙ M`` (one product, one pass), and the
+  factor gradients ``s·(G ⊙ M)·Rᵀ`` and ``s·Bᵀ·(G ⊙ M)``.
 
 Structured (row and column) masks never come here: they are applied to the layer's input and output, which
 costs nothing weight-sized at all.
@@ -15,68 +24,84 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .mask_packing import unpack_bits
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layer's products run in: autocast's when it is on (so the masked weight is built once, in
+    that dtype, rather than built in float32 and cast by ``F.linear``), the input's otherwise."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _masked_merged(weight, lora_B, lora_R, scaling, mask, dtype) -> torch.Tensor:
+    """``(W0 + s·B·R) ⊙ M`` in ``dtype``."""
+    merged = torch.addmm(weight.to(dtype), lora_B.to(dtype), lora_R.to(dtype), alpha=scaling)
+    return merged.mul_(mask)
+
+
+def _masked_delta(lora_B, lora_R, scaling, mask, dtype) -> torch.Tensor:
+    """``s·(B·R) ⊙ M`` in ``dtype`` (the scale folded into the small factor)."""
+    return torch.mm(lora_B.to(dtype) * scaling, lora_R.to(dtype)).mul_(mask)
+
 
 class _ElementMaskedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, lora_B, lora_R, scaling: float, mask):
+    def forward(ctx, x, x_lora, weight, bias, lora_B, lora_R, scaling: float, packed_mask, n_cols: int):
         shared_input = x_lora is x
-        dtype = x.dtype
-        masked_delta = ((lora_B @ lora_R) * mask).mul_(scaling).to(dtype)
-        if shared_input:
-            merged = (weight.to(dtype) * mask).add_(masked_delta)
-            y = F.linear(x, merged, None if bias is None else bias.to(dtype))
-        else:
-            y = F.linear(x, weight.to(dtype) * mask, None if bias is None else bias.to(dtype))
-            y = y + F.linear(x_lora, masked_delta)
+        dtype = _compute_dtype(x)
+        mask = unpack_bits(packed_mask, n_cols)
+        bias_ = None if bias is None else bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            if shared_input:
+                y = F.linear(x.to(dtype), _masked_merged(weight, lora_B, lora_R, scaling, mask, dtype), bias_)
+            else:
+                y = F.linear(x.to(dtype), weight.to(dtype) * mask, bias_)
+                y += F.linear(x_lora.to(dtype), _masked_delta(lora_B, lora_R, scaling, mask, dtype))
         ctx.shared_input = shared_input
         ctx.scaling = scaling
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, x_lora if not shared_input else None, weight, lora_B, lora_R, mask)
+        ctx.n_cols = n_cols
+        ctx.dtype = dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.input_dtypes = (x.dtype, x_lora.dtype)
+        ctx.save_for_backward(x, None if shared_input else x_lora, weight, lora_B, lora_R, packed_mask)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, x_lora, weight, lora_B, lora_R, mask = ctx.saved_tensors
+        x, x_lora, weight, lora_B, lora_R, packed_mask = ctx.saved_tensors
         if ctx.shared_input:
             x_lora = x
-        need_x, need_xl, need_w, need_b, need_B, need_R = (
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1],
-            ctx.needs_input_grad[2],
-            ctx.needs_input_grad[3],
-            ctx.needs_input_grad[4],
-            ctx.needs_input_grad[5],
-        )
-        dtype = grad_y.dtype
-        gy = grad_y.reshape(-1, grad_y.shape[-1])
+        need_x, need_xl, need_w, need_b, need_B, need_R = ctx.needs_input_grad[:6]
+        dtype, s = ctx.dtype, ctx.scaling
+        mask = unpack_bits(packed_mask, ctx.n_cols)
+        gy = grad_y.to(dtype)
+        gy2 = gy.reshape(-1, gy.shape[-1])
         grad_x = grad_xl = grad_w = grad_bias = grad_B = grad_R = None
 
-        if need_x or need_xl:
-            masked_delta = ((lora_B @ lora_R) * mask).mul_(ctx.scaling).to(dtype)
-            if ctx.shared_input:
-                if need_x:
-                    grad_x = grad_y @ (weight.to(dtype) * mask).add_(masked_delta)
-            else:
-                if need_x:
-                    grad_x = grad_y @ (weight.to(dtype) * mask)
-                if need_xl:
-                    grad_xl = grad_y @ masked_delta
-            del masked_delta
+        if ctx.shared_input:
+            if need_x or need_xl:
+                grad_x = (gy @ _masked_merged(weight, lora_B, lora_R, s, mask, dtype)).to(ctx.input_dtypes[0])
+        else:
+            if need_x:
+                grad_x = (gy @ (weight.to(dtype) * mask)).to(ctx.input_dtypes[0])
+            if need_xl:
+                grad_xl = (gy @ _masked_delta(lora_B, lora_R, s, mask, dtype)).to(ctx.input_dtypes[1])
         if need_B or need_R:
-            xl = x_lora.reshape(-1, x_lora.shape[-1])
-            # gradient of the loss w.r.t. the masked delta weight, in the factors' dtype
-            g = (gy.t().to(lora_B.dtype) @ xl.to(lora_B.dtype)).mul_(mask).mul_(ctx.scaling)
+            # gradient of the loss w.r.t. the masked delta B·R, without the scale (applied to the small results)
+            g = (gy2.t() @ x_lora.reshape(-1, x_lora.shape[-1]).to(dtype)).mul_(mask)
             if need_B:
-                grad_B = g @ lora_R.t()
+                grad_B = (g @ lora_R.to(dtype).t()).mul_(s).to(lora_B.dtype)
             if need_R:
-                grad_R = lora_B.t() @ g
+                grad_R = (lora_B.to(dtype).t() @ g).mul_(s).to(lora_R.dtype)
             del g
         if need_w:
-            xx = x.reshape(-1, x.shape[-1])
-            grad_w = (gy.t() @ xx.to(dtype)).mul_(mask).to(weight.dtype)
-        if need_b and ctx.has_bias:
-            grad_bias = gy.sum(0)
-        return grad_x, grad_xl, grad_w, grad_bias, grad_B, grad_R, None, None
+            grad_w = (gy2.t() @ x.reshape(-1, x.shape[-1]).to(dtype)).mul_(mask).to(weight.dtype)
+        if need_b and ctx.bias_dtype is not None:
+            grad_bias = gy2.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_xl, grad_w, grad_bias, grad_B, grad_R, None, None, None
 
 
 def element_masked_linear(
@@ -87,18 +112,21 @@ def element_masked_linear(
     lora_B: torch.Tensor,
     lora_R: torch.Tensor,
     scaling: float,
-    mask: torch.Tensor,
+    packed_mask: torch.Tensor,
+    n_cols: int,
 ) -> torch.Tensor:
-    """``(W0 ⊙ M)·x + s·((B·R) ⊙ M)·x_lora + b`` with no weight-sized tensor saved for backward.
+    """``(W0 ⊙ M)·x + s·((B·R) ⊙ M)·x_lora + b`` with nothing weight-sized kept between passes.
 
     Args:
         x: layer input, ``(..., d_in)``.
         x_lora: input of the adapter path (``x`` after dropout); pass ``x`` itself when there is no dropout so
-            one matmul serves both paths.
+            one product serves both paths.
         weight: pretrained weight as ``(d_out, d_in)`` (a transposed view is fine).
         bias: ``(d_out,)`` or None.
         lora_B: ``(d_out, r)``; lora_R: ``(r, d_in)``.
         scaling: the adapter scale s.
-        mask: bool ``(d_out, d_in)``, True where the weight is kept.
+        packed_mask: the mask bit-packed along rows (:func:`~peft_loraprune.mask_packing.pack_bits`), set bits
+            where the weight is kept.
+        n_cols: ``d_in`` (the packed rows may be padded to a multiple of 8).
     """
-    return _ElementMaskedLinear.apply(x, x_lora, weight, bias, lora_B, lora_R, float(scaling), mask)
+    return _ElementMaskedLinear.apply(x, x_lora, weight, bias, lora_B, lora_R, float(scaling), packed_mask, n_cols)

@@ -1,0 +1,84 @@
+"""The element-masked product against plain autograd through an explicitly built masked weight."""
+
+import pytest
+import torch
+
+from peft_loraprune.mask_packing import pack_bits
+from peft_loraprune.masked_linear import element_masked_linear
+
+
+def _inputs(seed=0, d_out=10, d_in=13, r=3):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    keep = torch.rand(d_out, d_in, generator=g) > 0.4
+    return dict(
+        x=make(2, 5, d_in),
+        x_lora=make(2, 5, d_in),
+        weight=make(d_out, d_in),
+        bias=make(d_out),
+        lora_B=make(d_out, r),
+        lora_R=make(r, d_in),
+        keep=keep,
+    )
+
+
+def _reference(t, scaling, shared):
+    x_lora = t["x"] if shared else t["x_lora"]
+    keep = t["keep"].float()
+    delta = scaling * t["lora_B"] @ t["lora_R"]
+    return t["x"] @ (t["weight"] * keep).t() + x_lora @ (delta * keep).t() + t["bias"]
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["no-dropout", "own-adapter-input"])
+def test_outputs_and_every_gradient_match_autograd(shared):
+    scaling = 1.7
+    ours = {k: v.clone().requires_grad_(k != "keep") for k, v in _inputs().items()}
+    ref = {k: v.clone().requires_grad_(k != "keep") for k, v in _inputs().items()}
+    x_lora = ours["x"] if shared else ours["x_lora"]
+    y = element_masked_linear(
+        ours["x"], x_lora, ours["weight"], ours["bias"], ours["lora_B"], ours["lora_R"], scaling,
+        pack_bits(ours["keep"]), ours["keep"].shape[1],
+    )  # fmt: skip
+    y_ref = _reference(ref, scaling, shared)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn_like(y)
+    (y * grad_out).sum().backward()
+    (y_ref * grad_out).sum().backward()
+    names = ["x", "weight", "bias", "lora_B", "lora_R"] + ([] if shared else ["x_lora"])
+    for name in names:
+        torch.testing.assert_close(ours[name].grad, ref[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    # pruned weights get no gradient: the pretrained weight's gradient is masked too
+    assert torch.all(ours["weight"].grad[~ours["keep"]] == 0)
+
+
+def test_nothing_weight_sized_is_saved_for_backward_but_the_weight():
+    d_out, d_in = 64, 48
+    t = _inputs(d_out=d_out, d_in=d_in)
+    lora_B = t["lora_B"].requires_grad_(True)
+    lora_R = t["lora_R"].requires_grad_(True)
+    packed = pack_bits(t["keep"])
+    y = element_masked_linear(t["x"], t["x"], t["weight"], None, lora_B, lora_R, 2.0, packed, d_in)
+    saved = [s for s in y.grad_fn.saved_tensors if s is not None]
+    big = [s for s in saved if s.numel() >= d_out * d_in and s.data_ptr() != t["weight"].data_ptr()]
+    assert big == [], [(tuple(s.shape), s.dtype) for s in big]
+    # the mask stays bit-packed: an eighth of a byte per weight
+    assert any(s is packed for s in saved)
+
+
+def test_bfloat16_autocast_runs_the_product_in_bfloat16_and_stays_close():
+    t = _inputs(d_out=32, d_in=40)
+    for v in t.values():
+        if v.is_floating_point():
+            v.requires_grad_(True)
+    packed = pack_bits(t["keep"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = element_masked_linear(
+            t["x"], t["x_lora"], t["weight"], t["bias"], t["lora_B"], t["lora_R"], 0.5, packed, 40
+        )
+    assert y.dtype == torch.bfloat16
+    y_ref = _reference({k: v.detach() for k, v in t.items()}, 0.5, shared=False)
+    torch.testing.assert_close(y.float(), y_ref, rtol=3e-2, atol=5e-2)
+    y.float().sum().backward()
+    # gradients come back in each input's own dtype
+    assert t["lora_B"].grad.dtype == torch.float32 and t["x"].grad.dtype == torch.float32
+    assert torch.all(t["weight"].grad[~t["keep"]] == 0)
