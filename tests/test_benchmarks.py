@@ -28,18 +28,44 @@ def load(tmp_path, name):
 
 @pytest.mark.examples
 def test_step_cost_smoke(tmp_path):
-    run("step_cost.py", tmp_path, "--model", "tiny", "--batch", "1", "--seq", "16", "--warmup", "1", "--steps", "2")
-    rows = load(tmp_path, "step_cost_tiny_b1x16")["rows"]
-    assert [r["config"] for r in rows] == [
+    configs = [
         "lora",
         "loraprune_structured",
-        "loraprune_structured_lora",
         "loraprune_unstructured",
-        "loraprune_2of4",
-        "grad_structured",
+        "lora_nodrop",
+        "loraprune_unstructured_nodrop",
     ]
+    run(
+        "step_cost.py", tmp_path, "--model", "tiny", "--batch", "1", "--seq", "16", "--warmup", "1", "--steps", "2",
+        "--configs", ",".join(configs),
+    )  # fmt: skip
+    rows = load(tmp_path, "step_cost_tiny_b1x16")["rows"]
+    assert [r["config"] for r in rows] == configs
     assert all(r["median_step_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
-    assert rows[0]["time_vs_lora"] == 1.0
+    by_name = {r["config"]: r for r in rows}
+    # every configuration against plain LoRA with the same dropout
+    assert by_name["lora"]["time_vs_lora"] == 1.0 and by_name["lora_nodrop"]["time_vs_lora"] == 1.0
+    nodrop = by_name["loraprune_unstructured_nodrop"]
+    assert nodrop["time_vs_lora"] == nodrop["median_step_s"] / by_name["lora_nodrop"]["median_step_s"]
+
+
+@pytest.mark.examples
+def test_memory_profile_smoke(tmp_path):
+    run(
+        "memory_profile.py", tmp_path, "--model", "tiny", "--batch", "1", "--seq", "16", "--warmup", "1",
+        "--configs", "lora,loraprune_unstructured",
+    )  # fmt: skip
+    rows = load(tmp_path, "memory_profile_tiny_b1x16")["rows"]
+    assert [r["config"] for r in rows] == ["lora", "loraprune_unstructured"]
+    phases = rows[1]["phases"]
+    assert {"forward", "backward", "importance update", "optimizer step", "mask rewrite"} <= set(phases)
+    assert all(p["samples"] >= 1 and p["peak_rss_mib"] > 0 for p in phases.values())
+    # the activations the forward pass leaves for the backward pass are live when it ends, freed after it
+    assert (
+        phases["forward"]["live_at_end_above_step_start_mib"]
+        > phases["optimizer step"]["live_at_end_above_step_start_mib"]
+    )
+    assert rows[1]["state_bytes_per_adapted_parameter"] is not None
 
 
 @pytest.mark.examples
