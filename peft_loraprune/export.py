@@ -95,6 +95,24 @@ def _parameter_count_and_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return n, size
 
 
+def cast_saved_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast parameters and saved buffers to ``dtype`` in place; buffers that are not saved keep theirs.
+
+    Buffers outside the state dict (rotary ``inv_freq``) are recomputed by ``from_pretrained``, in float32 whatever
+    the dtype loaded; ``model.to(dtype)`` would round them, and the exported model in memory would then compute
+    something else than the same model reloaded from its folder.
+    """
+    computed = [
+        (module, name, module._buffers[name])
+        for module in model.modules()
+        for name in module._non_persistent_buffers_set
+        if module._buffers.get(name) is not None
+    ]
+    model.to(dtype)
+    for module, name, tensor in computed:
+        module._buffers[name] = tensor
+
+
 def export_pruned_model(
     peft_model,
     adapter_name: Optional[str] = None,
@@ -130,7 +148,7 @@ def export_pruned_model(
         plan.refresh_block(merged.get_submodule(prefix), merged.config)
     latency_after = measure_latency_ms(merged, inputs) if measure_latency else None
     if dtype is not None:
-        merged = merged.to(dtype)
+        cast_saved_tensors(merged, dtype)
         merged.config.dtype = str(dtype).removeprefix("torch.")
 
     params_after, bytes_after = _parameter_count_and_bytes(merged)

@@ -85,6 +85,24 @@ def test_element_export_keeps_exact_zeros_and_pattern(granularity):
     torch.testing.assert_close(model_output(report.model, inputs), expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("granularity", ["unstructured", "2:4"])
+def test_element_export_reloads_with_plain_from_pretrained_in_the_dtype_asked_for(granularity, dtype, tmp_path):
+    model = pruned_model("llama", granularity=granularity)
+    masks = {n: l.full_mask("default").clone() for n, l in model.base_model.prune_layers()}
+    exported = export_pruned_model(model, measure_latency=False, progressbar=False, dtype=dtype).model
+    exported.save_pretrained(tmp_path)
+    reloaded = AUTO["llama"].from_pretrained(tmp_path).eval()
+    assert reloaded.dtype == dtype
+    modules = dict(reloaded.named_modules())
+    for name, mask in masks.items():
+        weight = modules[name].weight
+        assert weight.dtype == dtype and torch.all(weight[~mask] == 0), name  # exact zeros survive save and load
+        assert (weight[mask] != 0).float().mean() > 0.99, name  # and the kept weights are the exported ones
+    inputs = make_inputs("llama")
+    torch.testing.assert_close(model_output(reloaded, inputs), model_output(exported, inputs), rtol=0, atol=0)
+
+
 def test_export_report_measures_latency_and_is_logged_not_printed(capsys, caplog):
     model = pruned_model("llama")
     with caplog.at_level(logging.INFO, logger="peft_loraprune"):
