@@ -513,7 +513,7 @@ def demo_text_classification(data) -> list[str]:
         f"| size (fp32) | {e['bytes_before'] / mib:.1f} MiB | {e['bytes_after'] / mib:.1f} MiB |",
         f"| CPU latency, batch {e['latency_batch'][0]} x {e['latency_batch'][1]} tokens | "
         f"{e['latency_before_ms']:.1f} ms | {e['latency_after_ms']:.1f} ms (x{e['speedup']:.2f}) |",
-    ]
+    ] + (["", data["conditions"]] if data.get("conditions") else [])
 
 
 def demo_causal_lm(data) -> list[str]:
