@@ -40,6 +40,7 @@ import torch
 from .distributed import all_reduce_mean_, full_tensor
 from .group_ops import sum_over_groups
 from .importance import element_scores, lora_gradient_factors
+from .workspace import WORKSPACE
 
 
 def parameter_gradient(param: torch.Tensor) -> Optional[torch.Tensor]:
@@ -85,7 +86,9 @@ class Criterion:
         return [layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight]
 
     def element_chunks(self, name: str, layer) -> Optional[Iterator[tuple[slice, torch.Tensor]]]:
-        """``(rows, |W ⊙ G|)`` float32 chunks of one layer for this step; None when the layer was not used."""
+        """``(rows, |W ⊙ G|)`` float32 chunks of one layer for this step; None when the layer was not used.
+
+        Chunks are scratch buffers reused from one chunk to the next: fold each in before asking for the next."""
         raise NotImplementedError(f"the {self.name!r} criterion does not score single weights")
 
     def member_scores(self, name: str, layer, axis: str, layout) -> Optional[torch.Tensor]:
@@ -112,7 +115,13 @@ class Criterion:
 
 
 def _merged_rows(layer, adapter, factors):
-    return lambda r: layer.merged_weight_rows(adapter, r.start, r.stop, factors)
+    return lambda r, out: layer.merged_weight_rows(adapter, r.start, r.stop, factors, out=out)
+
+
+def _scratch(layer):
+    """Float32 scratch blocks for scoring chunks on ``layer``'s device, reused across chunks and layers."""
+    device = layer.base_weight_2d().device
+    return lambda name, shape: WORKSPACE.get(name, shape, torch.float32, device)
 
 
 class Magnitude(Criterion):
@@ -123,7 +132,7 @@ class Magnitude(Criterion):
     def element_chunks(self, name, layer):
         factors = layer.scoring_factors(self.adapter)
         return element_scores(
-            _merged_rows(layer, self.adapter, factors), None, (layer.out_features, layer.in_features)
+            _merged_rows(layer, self.adapter, factors), None, (layer.out_features, layer.in_features), _scratch(layer)
         )
 
 
@@ -150,8 +159,9 @@ class LoRAGradientEstimate(Criterion):
         right = torch.cat([p, q], dim=0)
         return element_scores(
             _merged_rows(layer, self.adapter, factors),
-            lambda r: left[r] @ right,
+            lambda r, out: torch.mm(left[r], right, out=out),
             (layer.out_features, layer.in_features),
+            _scratch(layer),
         )
 
 
@@ -197,7 +207,10 @@ class TrueGradient(Criterion):
         factors = layer.scoring_factors(self.adapter)
         scale = self._clip_scale(layer, factors, g)
         return element_scores(
-            _merged_rows(layer, self.adapter, factors), lambda r: g[r] * scale, (layer.out_features, layer.in_features)
+            _merged_rows(layer, self.adapter, factors),
+            lambda r, out: torch.mul(g[r], scale, out=out),
+            (layer.out_features, layer.in_features),
+            _scratch(layer),
         )
 
     def _clip_scale(self, layer, factors, g) -> float:

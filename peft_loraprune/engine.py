@@ -39,6 +39,7 @@ from .mask_packing import pack_bits
 from .schedule import PruningSchedule
 from .selection import keep_top, keep_top_global, keep_top_per_row, n_m_mask, prune_count
 from .structure import BlockGroups, resolve_dense_layers
+from .workspace import WORKSPACE
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -188,6 +189,8 @@ class PruningEngine:
                 shape = (layer.out_features, layer.in_features)
                 average = self._average(self.element_averages, name, shape, device, self._score_dtype)
                 for rows, block in chunks:
+                    if block.dtype != average.dtype:  # cast into scratch, not a fresh chunk-sized tensor per chunk
+                        block = WORKSPACE.get("score_cast", tuple(block.shape), average.dtype, device).copy_(block)
                     moving_average_(average[rows], block, beta)
         self.criterion.reset()
         self.n_updates += 1

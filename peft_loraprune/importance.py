@@ -49,22 +49,25 @@ def row_chunks(n_rows: int, n_cols: int, chunk_elements: int = DEFAULT_CHUNK_ELE
 
 
 def element_scores(
-    merged_rows: Callable[[slice], torch.Tensor],
-    gradient_rows: Optional[Callable[[slice], torch.Tensor]],
+    merged_rows: Callable[[slice, torch.Tensor], torch.Tensor],
+    gradient_rows: Optional[Callable[[slice, torch.Tensor], torch.Tensor]],
     shape: tuple[int, int],
+    buffer: Callable[[str, tuple[int, int]], torch.Tensor],
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(rows, |W ⊙ G|)`` chunk by chunk (``|W|`` when ``gradient_rows`` is None).
 
-    ``merged_rows(rows)`` and ``gradient_rows(rows)`` return float32 blocks of the merged weight and of its
-    (estimated or true) gradient.
+    ``merged_rows(rows, out)`` and ``gradient_rows(rows, out)`` write float32 blocks of the merged weight and of its
+    (estimated or true) gradient into ``out``; ``buffer(name, shape)`` provides ``out`` (a float32 scratch tensor,
+    reused: each yielded block is valid until the next one is asked for, so callers fold it in at once).
     """
     for rows in row_chunks(shape[0], shape[1], chunk_elements):
-        w = merged_rows(rows)
+        block_shape = (rows.stop - rows.start, shape[1])
+        w = merged_rows(rows, buffer("score_weight", block_shape))
         if gradient_rows is None:
             yield rows, w.abs_()
         else:
-            yield rows, w.mul_(gradient_rows(rows)).abs_()
+            yield rows, w.mul_(gradient_rows(rows, buffer("score_gradient", block_shape))).abs_()
 
 
 def moving_average_(average: torch.Tensor, new: torch.Tensor, beta: float) -> torch.Tensor:

@@ -223,15 +223,25 @@ class LoRAPruneLayer(BaseTunerLayer):
         return ScoringFactors(w0, a, b, self.adaptation[adapter_name].right_factor(a, w0))
 
     def merged_weight_rows(
-        self, adapter_name: str, start: int = 0, stop: Optional[int] = None, factors: Optional[ScoringFactors] = None
+        self,
+        adapter_name: str,
+        start: int = 0,
+        stop: Optional[int] = None,
+        factors: Optional[ScoringFactors] = None,
+        out: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Rows ``start:stop`` of the unmasked merged weight ``W0 + s·B·R`` in float32 (a chunk, for scoring).
 
-        ``factors``: from :meth:`scoring_factors`, so that a caller reading many chunks gathers them once."""
+        ``factors``: from :meth:`scoring_factors`, so that a caller reading many chunks gathers them once.
+        ``out``: a float32 tensor of the chunk's shape to write into (never the weight itself)."""
         w0, _, b, r = factors if factors is not None else self.scoring_factors(adapter_name)
         w0 = w0[start:stop]
-        # out of place: for a float32 base, .float() is the weight itself and must not be written to
-        return torch.addmm(w0.float(), b[start:stop].float(), r.float(), alpha=self.scaling[adapter_name])
+        alpha = self.scaling[adapter_name]
+        if out is None:  # out of place: for a float32 base, .float() is the weight itself and must not be written to
+            return torch.addmm(w0.float(), b[start:stop].float(), r.float(), alpha=alpha)
+        if w0.dtype == torch.float32:
+            return torch.addmm(w0, b[start:stop].float(), r.float(), alpha=alpha, out=out)
+        return out.copy_(w0).addmm_(b[start:stop].float(), r.float(), alpha=alpha)
 
     def merged_bias(self, adapter_name: str) -> Optional[torch.Tensor]:
         """The merged bias (``b`` or ``(I + s·B·A)·b``), unmasked, float32; None if the layer has no bias."""

@@ -39,3 +39,37 @@ def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
         )
     bits = packed.unsqueeze(-1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
     return bits.reshape(packed.shape[0], -1)[:, :cols]
+
+
+_VALUE_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _value_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(256, 8)``: row ``b`` holds the 8 mask entries of byte ``b`` as 0/1 values of ``dtype``."""
+    key = (dtype, device)
+    if key not in _VALUE_TABLES:
+        byte = torch.arange(256, dtype=torch.uint8).unsqueeze(-1)
+        _VALUE_TABLES[key] = byte.bitwise_and(_BIT_WEIGHTS).ne(0).to(device=device, dtype=dtype)
+    return _VALUE_TABLES[key]
+
+
+def unpack_values_into(packed: torch.Tensor, cols: int, out: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The mask as 0/1 values of ``out``'s dtype, written into ``out`` (``rows x 8 · packed columns``); returns the
+    ``out[:, :cols]`` view. ``index``: an int64 buffer of ``packed.numel()`` entries.
+
+    One table look-up per packed byte and nothing allocated: the element-masked product unpacks into reused buffers
+    at every pass (see :mod:`~peft_loraprune.workspace`), as values of its compute dtype because multiplying by a
+    mask of the same floating dtype is several times faster than by a bool mask, or than ``masked_fill_``, on the
+    CPU; the look-up is about twice as fast as shifting bits out."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(
+            f"unpack_values_into expects a 2-D uint8 tensor, got dtype={packed.dtype}, shape={tuple(packed.shape)}."
+        )
+    rows, packed_cols = packed.shape
+    if tuple(out.shape) != (rows, packed_cols * 8) or not out.is_floating_point():
+        raise ValueError(
+            f"out must be a floating tensor of shape {(rows, packed_cols * 8)}, got {out.dtype} {tuple(out.shape)}."
+        )
+    index.copy_(packed.reshape(-1))
+    torch.index_select(_value_table(out.dtype, out.device), 0, index, out=out.view(-1, 8))
+    return out[:, :cols]

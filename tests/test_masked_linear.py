@@ -82,3 +82,50 @@ def test_bfloat16_autocast_runs_the_product_in_bfloat16_and_stays_close():
     # gradients come back in each input's own dtype
     assert t["lora_B"].grad.dtype == torch.float32 and t["x"].grad.dtype == torch.float32
     assert torch.all(t["weight"].grad[~t["keep"]] == 0)
+
+
+def test_layers_of_different_sizes_share_scratch_buffers_without_corrupting_each_other():
+    """The weight-sized temporaries live in one reused workspace: whatever a pass returns must be its own."""
+    scaling = 0.7
+    small, large = _inputs(seed=1, d_out=6, d_in=9), _inputs(seed=2, d_out=20, d_in=17)
+    results = []
+    for t in (small, large, small):
+        t = {k: v.clone().requires_grad_(k != "keep") for k, v in t.items()}
+        y = element_masked_linear(
+            t["x"], t["x_lora"], t["weight"], t["bias"], t["lora_B"], t["lora_R"], scaling,
+            pack_bits(t["keep"]), t["keep"].shape[1],
+        )  # fmt: skip
+        y.sum().backward()
+        results.append((y.detach(), t["lora_B"].grad, t["x"].grad))
+    snapshot = [tuple(r.clone() for r in res) for res in results]
+    # a further pass of the large layer (it reuses and overwrites every buffer) leaves earlier results alone
+    t = {k: v.clone().requires_grad_(k != "keep") for k, v in large.items()}
+    element_masked_linear(
+        t["x"], t["x_lora"], t["weight"], t["bias"], t["lora_B"], t["lora_R"], scaling, pack_bits(t["keep"]), 17
+    ).sum().backward()
+    for before, after in zip(snapshot, results):
+        for a, b in zip(before, after):
+            assert torch.equal(a, b)
+    # and the small layer's results are the same after the large one grew the buffers
+    for a, b in zip(results[0], results[2]):
+        assert torch.equal(a, b)
+    reference = {k: v.clone().requires_grad_(k != "keep") for k, v in small.items()}
+    y_ref = _reference(reference, scaling, shared=False)
+    y_ref.sum().backward()
+    torch.testing.assert_close(results[2][0], y_ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[2][1], reference["lora_B"].grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cols", [1, 8, 13, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_values_unpack_to_the_same_mask(cols, dtype):
+    from peft_loraprune.mask_packing import unpack_bits, unpack_values_into
+
+    keep = torch.rand(5, cols, generator=torch.Generator().manual_seed(cols)) > 0.5
+    packed = pack_bits(keep)
+    out = torch.full((5, packed.shape[1] * 8), 7.0, dtype=dtype)
+    values = unpack_values_into(packed, cols, out, torch.empty(packed.numel(), dtype=torch.int64))
+    assert values.dtype == dtype and torch.equal(values, keep.to(dtype))
+    assert torch.equal(unpack_bits(packed, cols), keep)
+    with pytest.raises(ValueError, match="out must be a floating tensor of shape"):
+        unpack_values_into(packed, cols, torch.empty(5, 3), torch.empty(packed.numel(), dtype=torch.int64))
