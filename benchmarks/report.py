@@ -58,8 +58,8 @@ def memory_profile_rows(data) -> list[str]:
     out = [
         "| configuration | live between steps (MiB) | pruning state vs LoRA (MiB) | bytes per adapted weight | "
         + " | ".join(f"{p} peak (+MiB)" for p in phases)
-        + " | peak RSS (MiB) |",
-        "|---|" + "---:|" * (4 + len(phases)),
+        + " | peak RSS (MiB) | resident but not live at peak (MiB) |",
+        "|---|" + "---:|" * (5 + len(phases)),
     ]
     for r in data["rows"]:
         per = r.get("state_bytes_per_adapted_parameter")
@@ -72,7 +72,11 @@ def memory_profile_rows(data) -> list[str]:
         cells += [
             f"{r['phases'][p]['peak_live_above_step_start_mib']:.0f}" if p in r["phases"] else "" for p in phases
         ]
-        cells.append(f"{max(p['peak_rss_mib'] for p in r['phases'].values()):.0f}")
+        peak_rss = max(p["peak_rss_mib"] for p in r["phases"].values())
+        peak_live = r["live_between_steps_mib"] + max(
+            p["peak_live_above_step_start_mib"] for p in r["phases"].values()
+        )
+        cells += [f"{peak_rss:.0f}", f"{peak_rss - peak_live:.0f}"]
         out.append("| " + " | ".join(cells) + " |")
     return out
 
@@ -81,7 +85,8 @@ def memory_profile_section(lines):
     for _name, data in _load("memory_profile_*.json").items():
         s = data["settings"]
         lines += [
-            f"### Where the memory goes: `{s['model']}`, batch {s['batch']} x {s['seq']} tokens",
+            f"### Where the memory goes: `{s['model']}`, batch {s['batch']} x {s['seq']} tokens"
+            + (f", {data['label']}" if data.get("label") else ""),
             "",
             f"Machine: {_machine(data)}. One profiled step after {s['warmup']} warm-up steps with masks at 50%; "
             "live heap sampled every millisecond (glibc `mallinfo2`), peaks above the live heap at the step's "
@@ -598,7 +603,9 @@ def update_readme() -> None:
         s = data["settings"]
         cost += [
             f"Measured with `benchmarks/memory_profile.py` ({s['model']}, batch {s['batch']} x {s['seq']} tokens, "
-            f"{data['machine']['date'][:10]}, peft_loraprune {data['machine'].get('peft_loraprune')}):",
+            f"{data['machine']['date'][:10]}, peft_loraprune {data['machine'].get('peft_loraprune')}"
+            + (f"; {data['label']}" if data.get("label") else "")
+            + "):",
             "",
             *memory_profile_rows(data),
             "",
