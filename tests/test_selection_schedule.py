@@ -16,6 +16,20 @@ def test_keep_top_only_chooses_among_kept():
     assert keep_top(scores, kept, 5).tolist() == kept.tolist()
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_keep_top_equals_a_stable_sort_with_many_ties(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = 5000
+    scores = torch.randint(0, 40, (n,), generator=g).float()  # few distinct values: ties everywhere
+    kept = torch.rand(n, generator=g) > 0.3
+    for n_keep in (0, 1, 17, n // 4, int(kept.sum()) - 1, int(kept.sum()), n):
+        # reference: stable descending sort of the kept entries (pruned ones last), first n_keep positions
+        order = sorted(range(n), key=lambda i: (not kept[i].item(), -scores[i].item(), i))
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[[i for i in order[:n_keep] if kept[i]]] = True
+        assert torch.equal(keep_top(scores, kept, n_keep), expected), n_keep
+
+
 def test_keep_top_ties_break_by_position():
     scores = torch.zeros(6)
     kept = torch.ones(6, dtype=torch.bool)
