@@ -288,7 +288,14 @@ class ActivationTaylor(Criterion):
             saved = x.detach()
 
             def hook(grad_x: torch.Tensor) -> None:
-                product = saved.reshape(-1, saved.shape[-1]).float() * grad_x.reshape(-1, grad_x.shape[-1]).float()
+                x2, g2 = saved.reshape(-1, saved.shape[-1]), grad_x.reshape(-1, grad_x.shape[-1])
+                # the token-wise product in a reused buffer: a fresh activation-sized tensor per consumer and
+                # micro-batch would fragment the heap between the activations still waiting for their backward
+                product = WORKSPACE.get("activation_product", tuple(x2.shape), torch.float32, x2.device)
+                if x2.dtype == torch.float32 and g2.dtype == torch.float32:
+                    torch.mul(x2, g2, out=product)
+                else:
+                    product.copy_(x2).mul_(g2)
                 buffer.add_(product.sum(dim=0))
                 touched.add(name)
 
