@@ -375,11 +375,15 @@ def peers_section(lines):
                 if sparsity > 0 and mean == best:
                     cell = f"**{cell}**"
                 ex = "".join(f"{_mean(v, k):.4f} | " if _mean(v, k) is not None else "- | " for k in extra)
+                marked = any(r.get("conditions") for r in v)
                 lines.append(
-                    f"| {m} | {sparsity:.0%} | {cell} | {ex}{_mean(v, 'seconds'):.0f} | "
+                    f"| {m} | {sparsity:.0%} | {cell} | {ex}{_mean(v, 'seconds'):.0f}{' *' if marked else ''} | "
                     f"{_mean(v, 'peak_rss_mib'):.0f} |"
                 )
         lines.append("")
+        for r in rows:
+            if r.get("conditions"):
+                lines += [f"\\* {r['method']} {r['sparsity']:.0%} seed {r['seed']}: {r['conditions']}.", ""]
         verdicts = peers_verdicts(rows, metric, sparsities)
         if verdicts:
             lines += ["Read from the rows above:", "", *[f"- {v}" for v in verdicts], ""]
