@@ -36,9 +36,6 @@ class Workspace:
             buffer = self._buffers[key] = torch.empty(n, dtype=dtype, device=device)
         return buffer[:n].view(shape)
 
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
-
     def clear(self) -> None:
         """Free every buffer (they are re-created at the next use)."""
         self._buffers.clear()
