@@ -74,8 +74,7 @@ def main():
         "lora": make_criterion("lora", "default"),
         "activation": make_criterion("activation", "default"),
     }
-    consumers = [(n, l) for m, n, l in engine.scored_members if m.axis == "cols"]
-    criteria["activation"].attach(engine.scored_layers, consumers)
+    criteria["activation"].attach(engine.scored_layers, engine.consumers())
     layers = dict(tuner.prune_layers())
     groups = engine.groups
     kinds = sorted({g.spec.structure for g in groups})

@@ -35,12 +35,19 @@ class GroupSpec:
 
     ``partitions`` > 1 means the groups come in that many equal consecutive partitions that must each lose the
     same number of groups (query heads inside KV groups with grouped-query attention).
+
+    ``input_factor``: a member whose output ``u`` enters the consumer's input ``x`` as an elementwise linear
+    factor, ``x = a ⊙ u`` (the "up" projection of a gated MLP: ``down(act(gate(h)) ⊙ up(h))``). Then
+    ``x_c·∂L/∂x_c = u_c·∂L/∂u_c`` token by token, so the activation Taylor score of a consumer column can be read
+    at that member's output, which autograd keeps anyway for the product's backward, instead of holding the
+    consumer's input until its backward (it is not otherwise kept when LoRA dropout is on).
     """
 
     structure: str  # "heads" | "channels"
     n_groups: int
     members: tuple[GroupMember, ...]
     partitions: int = 1
+    input_factor: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -206,6 +213,7 @@ def _llama_groups(config, head_grouping: str) -> list[GroupSpec]:
             GroupMember("mlp.up_proj", "rows", (1, inter, 1)),
             GroupMember("mlp.down_proj", "cols", (1, inter, 1)),
         ),
+        input_factor="mlp.up_proj",  # down_proj(act(gate_proj(h)) * up_proj(h))
     )
     return [heads, channels]
 

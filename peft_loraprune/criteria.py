@@ -33,7 +33,7 @@ The criteria (``LoRAPruneConfig.importance``):
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -55,6 +55,15 @@ def parameter_gradient(param: torch.Tensor) -> Optional[torch.Tensor]:
         return None
 
 
+class Consumer(NamedTuple):
+    """A group member scored on its input columns: its full module name and layer, and ``factor``, the layer of
+    its family's registered input factor (see :class:`~peft_loraprune.architectures.GroupSpec`) when adapted."""
+
+    name: str
+    layer: object
+    factor: Optional[object] = None
+
+
 class Criterion:
     """Interface of an importance criterion (see the module docstring). Subclasses set ``name``."""
 
@@ -72,7 +81,7 @@ class Criterion:
         """Whether the criterion scores a group member on ``axis`` ("rows" of a producer, "cols" of a consumer)."""
         return True
 
-    def attach(self, layers: list[tuple[str, object]], consumers: list[tuple[str, object]]) -> None:
+    def attach(self, layers: list[tuple[str, object]], consumers: list[Consumer]) -> None:
         """Install taps on the scored ``layers`` (``consumers``: those scored on their input columns)."""
 
     def detach(self) -> None:
@@ -251,11 +260,14 @@ def _gradient_tap(buffer: torch.Tensor):
 class ActivationTaylor(Criterion):
     """``|Σ_{c ∈ group} Σ_tokens x_c·(∂L/∂x)_c|`` at the group's consuming module (structured pruning only).
 
-    A tap on each consuming module keeps a reference to its input ``x`` (autograd keeps it anyway for LoRA's
-    ``A`` gradient when ``lora_dropout`` is 0; otherwise it costs one activation of that module per micro-batch
-    until its backward) and adds ``Σ_tokens x·∂L/∂x`` to a ``d_in`` float32 accumulator when the gradient of
-    ``x`` arrives. Micro-batches of one optimizer step add up (the signed sum is the first-order term of the
-    whole step's loss); the absolute value is taken per group, at the update.
+    A tap on each consuming module keeps a reference to its input ``x`` and adds ``Σ_tokens x·∂L/∂x`` to a
+    ``d_in`` float32 accumulator when the gradient of ``x`` arrives. Autograd keeps ``x`` anyway for LoRA's ``A``
+    gradient when ``lora_dropout`` is 0; with dropout it keeps only the dropped-out copy, and holding ``x`` costs
+    one activation of that module per micro-batch until its backward. Where the family registers an input factor
+    (a gated MLP's up projection ``u``, with ``x = act(gate) ⊙ u``), the tap reads ``Σ_tokens u·∂L/∂u`` at that
+    layer's output instead: equal token by token, and ``u`` is kept by the product's backward whatever the
+    dropout. Micro-batches of one optimizer step add up (the signed sum is the first-order term of the whole
+    step's loss); the absolute value is taken per group, at the update.
     """
 
     name = "activation"
@@ -272,20 +284,24 @@ class ActivationTaylor(Criterion):
         return axis == "cols"
 
     def attach(self, layers, consumers):
-        for name, layer in consumers:
+        for name, layer, factor in consumers:
             self.column_sums[name] = torch.zeros(layer.in_features, device=layer.base_weight_2d().device)
-            tap = self._tap(name)
-            layer.add_tap(self.adapter, tap)
-            self._taps.append((layer, tap))
+            source = layer if factor is None else factor
+            tap = self._tap(name, read_output=factor is not None)
+            source.add_tap(self.adapter, tap)
+            self._taps.append((source, tap))
 
-    def _tap(self, name: str):
+    def _tap(self, name: str, read_output: bool):
+        """A tap adding ``Σ_tokens v·∂L/∂v`` to ``name``'s column sums, ``v`` the tapped layer's input, or its
+        output when ``read_output`` (the consumer's input factor)."""
         buffer = self.column_sums[name]
         touched = self.touched
 
         def tap(x: torch.Tensor, y: torch.Tensor) -> None:
-            if not x.requires_grad:
+            v = y if read_output else x
+            if not v.requires_grad:
                 return
-            saved = x.detach()
+            saved = v.detach()
 
             def hook(grad_x: torch.Tensor) -> None:
                 x2, g2 = saved.reshape(-1, saved.shape[-1]), grad_x.reshape(-1, grad_x.shape[-1])
@@ -299,7 +315,7 @@ class ActivationTaylor(Criterion):
                 buffer.add_(product.sum(dim=0))
                 touched.add(name)
 
-            x.register_hook(hook)
+            v.register_hook(hook)
 
         return tap
 
@@ -339,9 +355,9 @@ class PerAxis(Criterion):
         self.reads_weights = rows.reads_weights or cols.reads_weights
 
     def attach(self, layers, consumers):
-        consumer_names = {n for n, _ in consumers}
+        consumer_names = {c.name for c in consumers}
         self.rows.attach([(n, l) for n, l in layers if n not in consumer_names], [])
-        self.cols.attach(consumers, consumers)
+        self.cols.attach([(c.name, c.layer) for c in consumers], consumers)
 
     def detach(self):
         self.rows.detach()

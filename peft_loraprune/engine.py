@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from .criteria import make_criterion
+from .criteria import Consumer, make_criterion
 from .distributed import all_ranks_agree, local_tensor
 from .importance import all_finite, moving_average_, normalized
 from .layer import LoRAPruneLayer
@@ -110,8 +110,18 @@ class PruningEngine:
             self.scored_layers = list({name: layer for _, name, layer in self.scored_members}.items())
         else:
             self.scored_layers = list(self.element_layers)
-        consumers = list({name: layer for m, name, layer in self.scored_members if m.axis == "cols"}.items())
-        criterion.attach(self.scored_layers, consumers)
+        criterion.attach(self.scored_layers, self.consumers())
+
+    def consumers(self) -> list[Consumer]:
+        """The scored members read on their input columns, each with its block's registered input factor."""
+        scored = {name for _, name, _ in self.scored_members}
+        consumers = {
+            name: Consumer(name, layer, g.input_factor)
+            for g in self.groups
+            for name, layer in g.consumers()
+            if name in scored
+        }
+        return list(consumers.values())
 
     def _check_weights_readable(self) -> None:
         """DeepSpeed ZeRO-3 partitions pretrained weights (after ``get_peft_model``: ``deepspeed.initialize`` comes

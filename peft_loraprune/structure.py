@@ -8,6 +8,7 @@ export all read the model's structure through it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -23,6 +24,11 @@ class BlockGroups:  # noqa: D101 (documented below)
     block: int
     spec: GroupSpec
     members: list[tuple[GroupMember, str, LoRAPruneLayer]]  # (member, full module name, layer)
+    input_factor: Optional[LoRAPruneLayer] = None  # the layer named by ``spec.input_factor``, when adapted
+
+    def consumers(self) -> list[tuple[str, LoRAPruneLayer]]:
+        """``(full name, layer)`` of the members scored on their input columns."""
+        return [(name, layer) for member, name, layer in self.members if member.axis == "cols"]
 
     @property
     def block_prefix(self) -> str:
@@ -113,5 +119,6 @@ def find_structured_groups(tuner, adapter_name: str, include_all: bool = False) 
                     f"{[m.module for m in group_spec.members]} adapted, but {missing} are not in target_modules. "
                     "Add them, or restrict prune_structures."
                 )
-            result.append(BlockGroups(block, group_spec, members))
+            factor = by_block[block].get(group_spec.input_factor) if group_spec.input_factor else None
+            result.append(BlockGroups(block, group_spec, members, factor[1] if factor else None))
     return result

@@ -335,3 +335,19 @@ def test_importance_state_round_trips_and_refuses_a_foreign_checkpoint():
     _, other = one_layer_setup("parallel", "lora", "unstructured")
     with pytest.raises(ValueError, match="does not fit this adapter"):
         other.load_state_dict(state)
+
+
+def test_activation_criterion_reads_gated_mlp_channels_at_the_up_projection():
+    """With LoRA dropout autograd does not keep down_proj's input x = act(gate)·up, so holding it for the score
+    would cost an activation per block; the registry's input factor moves the tap to up_proj's output (kept by
+    the product's backward), which gives the same score (the Taylor test above checks the values)."""
+    model, engine = one_layer_setup("parallel", "activation", "structured", dropout=0.1)
+    layers = dict(engine.layers)
+    consumers = {c.name: c for c in engine.consumers()}
+    downs = [n for n in consumers if n.endswith("down_proj")]
+    assert downs
+    for name in downs:
+        up = layers[name.replace("down_proj", "up_proj")]
+        assert consumers[name].factor is up
+        assert up._taps["default"] and not layers[name]._taps.get("default")
+    assert all(consumers[n].factor is None for n in consumers if n.endswith("o_proj"))
