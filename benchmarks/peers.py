@@ -410,6 +410,9 @@ def main():
     parser.add_argument("--zero_shot_limit", type=int, default=None)
     parser.add_argument("--work_dir", default="/tmp/peers")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--tag", default="", help="suffix of the result file, for a table with other settings (e.g. 'full_train')"
+    )
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # method,sparsity,seed: one cell, then exit
     args = parser.parse_args()
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
@@ -421,6 +424,7 @@ def main():
         return
 
     name = f"peers_{args.task}" + ("" if args.granularity == "structured" else f"_{args.granularity}")
+    name += f"_{args.tag}" if args.tag else ""
     path = (Path(args.out) if args.out else RESULTS_DIR) / f"{name}.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -445,7 +449,7 @@ def main():
                 print(rows[-1], flush=True)
                 for r in rows:
                     r["variant"] = f"{r['method']} {r['sparsity']:.0%}"
-                settings = {k: v for k, v in vars(args).items() if k not in ("cell", "out", "work_dir")}
+                settings = {k: v for k, v in vars(args).items() if k not in ("cell", "out", "work_dir", "tag")}
                 write_result(
                     name,
                     {"settings": settings, "summary": summarise(rows, TASKS[args.task].metric), "rows": rows},

@@ -339,7 +339,7 @@ def peers_section(lines):
         title = (
             "SmolLM2-135M on Wikipedia leads, held-out perplexity"
             if task == "smollm2"
-            else "MiniLM (BERT) on Rotten Tomatoes, test accuracy"
+            else f"MiniLM (BERT) on Rotten Tomatoes ({s['max_train_samples']:,d} training sentences), test accuracy"
         )
         lines += [
             f"### Against other pruners: {title}",
@@ -460,7 +460,11 @@ def readme_summary() -> list[str]:
         metric = "perplexity" if task == "smollm2" else "accuracy"
         sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}, reverse=True)
         seeds = sorted({r["seed"] for r in rows})
-        name = "SmolLM2-135M, held-out perplexity" if task == "smollm2" else "MiniLM on Rotten Tomatoes, accuracy"
+        name = (
+            "SmolLM2-135M, held-out perplexity"
+            if task == "smollm2"
+            else f"MiniLM on Rotten Tomatoes, {data['settings']['max_train_samples']:,d} training sentences, accuracy"
+        )
         dense = _mean([r for r in rows if r["method"] == "dense-lora"], metric)
         out.append(
             f"- **Against other pruners** ({name}, seeds {seeds}, {rows[0]['train_tokens']:,d} training tokens"
