@@ -35,6 +35,13 @@ CONFIGS = {
     "lora_nodrop": None,
     "loraprune_unstructured_nodrop": dict(granularity="unstructured", importance="lora"),
     "loraprune_2of4_nodrop": dict(granularity="2:4", importance="lora"),
+    # the opt-in straight-through gradient of the masked update (no weight-sized product in backward)
+    "loraprune_unstructured_ste": dict(
+        granularity="unstructured", importance="lora", element_mask_gradient="straight_through"
+    ),
+    "loraprune_unstructured_ste_nodrop": dict(
+        granularity="unstructured", importance="lora", element_mask_gradient="straight_through"
+    ),
 }
 
 

@@ -74,6 +74,9 @@ class PruningArguments:
     warmup_ratio_pruning: float = field(default=0.1)
     cooldown_ratio_pruning: float = field(default=0.1)
     schedule: str = field(default="cubic")
+    element_mask_gradient: str = field(
+        default="exact", metadata={"help": "'exact' or 'straight_through' (unstructured and N:M only)"}
+    )
     run_dense_baseline: bool = field(default=True, metadata={"help": "Also train the dense LoRA baseline"})
     latency_batch_size: int = field(default=32)
 
@@ -176,6 +179,7 @@ def main():
         warmup_ratio=prune_args.warmup_ratio_pruning,
         cooldown_ratio=prune_args.cooldown_ratio_pruning,
         schedule=prune_args.schedule,
+        element_mask_gradient=prune_args.element_mask_gradient,
     )
     model = get_peft_model(fresh_model(), config)
     model.print_trainable_parameters()

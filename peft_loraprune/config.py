@@ -34,6 +34,7 @@ STRUCTURES = ("heads", "channels")
 HEAD_GROUPINGS = ("kv_group", "query_head")
 BIAS_OPTIONS = ("none", "all", "lora_only")
 IMPORTANCE_DTYPES = ("bfloat16", "float16", "float32")
+ELEMENT_MASK_GRADIENTS = ("exact", "straight_through")
 # LoRA initialisations that are plain random/zero inits and keep the base model's outputs unchanged (or not,
 # for False). Data-driven or SVD-based inits (PiSSA, OLoRA, LoftQ, EVA, CorDA, ...) rewrite the base weights
 # or need a data pass: they are not supported.
@@ -88,6 +89,12 @@ class LoRAPruneConfig(PeftConfig):
             "lora" (the paper's estimator from the adapter gradients; the default for "unstructured" and "N:M");
             "grad" (true gradient of the merged weight; memory-heavy baseline); "magnitude". ``None`` picks the
             default for the granularity.
+        element_mask_gradient: "unstructured" and "N:M" only. "exact" (default): the adapter factors get the
+            gradient of the masked update ``(B·A) ⊙ M``, which needs one weight-sized product ``grad_yᵀ·x`` per
+            layer and backward pass. "straight_through" (opt-in approximation, as sparse-training methods use):
+            the factors get the gradient of the unmasked update ``B·A``, computed at rank r with nothing
+            weight-sized; outputs and input gradients stay exact, but pruned entries of ``B·A`` still steer the
+            factors. Its time and quality cost are in the README's "Cost" section.
         importance_beta: moving-average factor λ of the importance, in [0, 1).
         importance_dtype: storage dtype of per-weight scores (unstructured and N:M only).
         pruning_interval: optimizer steps between mask rewrites (>= 1).
@@ -127,6 +134,9 @@ class LoRAPruneConfig(PeftConfig):
         metadata={
             "help": "'activation', 'lora', 'grad' or 'magnitude'; None: 'activation' for structured, else 'lora'"
         },
+    )
+    element_mask_gradient: str = field(
+        default="exact", metadata={"help": "'exact' or 'straight_through' (unstructured and N:M only)"}
     )
     importance_beta: float = field(default=0.9, metadata={"help": "Moving-average factor"})
     importance_dtype: str = field(default="bfloat16", metadata={"help": "Dtype of per-weight scores"})
@@ -206,6 +216,13 @@ class LoRAPruneConfig(PeftConfig):
                 f"importance={self.importance!r} scores whole heads and channels, so it needs "
                 f"granularity='structured' (got {self.granularity!r}); for per-weight granularities use one of "
                 f"{[c for c in IMPORTANCE_CRITERIA if c not in GROUPWISE_CRITERIA]}."
+            )
+        check_choice("element_mask_gradient", self.element_mask_gradient, ELEMENT_MASK_GRADIENTS)
+        if self.element_mask_gradient != "exact" and not self.is_element_granularity:
+            raise ValueError(
+                f"element_mask_gradient={self.element_mask_gradient!r} changes the gradient of per-weight masks, "
+                f"which granularity={self.granularity!r} does not have; use it with 'unstructured' or an 'N:M' "
+                "pattern, or leave it at 'exact'."
             )
         check_fraction("importance_beta", self.importance_beta)
         check_choice("importance_dtype", self.importance_dtype, IMPORTANCE_DTYPES)

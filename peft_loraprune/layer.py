@@ -66,7 +66,7 @@ class LoRAPruneLayer(BaseTunerLayer):
     """State shared by every LoRAPrune layer type: factors, masks and per-adapter settings."""
 
     adapter_layer_names = ("lora_A", "lora_B")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "adaptation") + MASK_NAMES
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "adaptation", "straight_through") + MASK_NAMES
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False, **kwargs) -> None:
         self.base_layer = base_layer
@@ -74,6 +74,7 @@ class LoRAPruneLayer(BaseTunerLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.adaptation: dict[str, str] = {}
+        self.straight_through: dict[str, bool] = {}  # element masks: factor gradients of the unmasked B·A
         self.lora_dropout = nn.ModuleDict({})
         self.lora_A = nn.ModuleDict({})
         self.lora_B = nn.ModuleDict({})
@@ -111,6 +112,7 @@ class LoRAPruneLayer(BaseTunerLayer):
         self.lora_alpha[adapter_name] = config.lora_alpha
         self.scaling[adapter_name] = config.scaling
         self.adaptation[adapter_name] = form
+        self.straight_through[adapter_name] = getattr(config, "element_mask_gradient", "exact") == "straight_through"
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.lora_A[adapter_name] = nn.Linear(a_in, r, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
@@ -366,6 +368,7 @@ class Linear(nn.Module, LoRAPruneLayer):
             self.scaling[adapter],
             self.lora_mask_elements[adapter],
             self.in_features,
+            straight_through=self.straight_through.get(adapter, False),
         )
 
     # ------------------------------------------------------------------ merge

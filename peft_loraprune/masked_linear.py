@@ -21,6 +21,11 @@ fifth of the step on a 0.5B model) and ``masked_fill_`` is slower still on the C
 * backward: the same rebuild for ``grad_x`` (and ``grad_x_lora``), ``G ⊙ M`` (one product, one pass), and the
   factor gradients ``s·(G ⊙ M)·Rᵀ`` and ``s·Bᵀ·(G ⊙ M)``.
 
+With ``straight_through=True`` (``element_mask_gradient="straight_through"``, an opt-in approximation) the
+factor gradients are those of the unmasked update: ``s·grad_yᵀ·(x_lora·Rᵀ)`` and ``s·(grad_y·B)ᵀ·x_lora``, rank-r
+products with nothing weight-sized, so the backward pass skips ``G`` and its mask pass. The output and every input
+gradient are still those of the masked layer.
+
 Structured (row and column) masks never come here: they are applied to the layer's input and output, which
 costs nothing weight-sized at all.
 """
@@ -81,7 +86,9 @@ def _masked_delta(weight, lora_B, lora_R, scaling, mask, dtype) -> torch.Tensor:
 
 class _ElementMaskedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, lora_B, lora_R, scaling: float, packed_mask, n_cols: int):
+    def forward(
+        ctx, x, x_lora, weight, bias, lora_B, lora_R, scaling: float, packed_mask, n_cols: int, straight_through: bool
+    ):
         shared_input = x_lora is x
         dtype = _compute_dtype(x)
         mask = _mask_values(packed_mask, n_cols, dtype)
@@ -93,6 +100,7 @@ class _ElementMaskedLinear(torch.autograd.Function):
                 y = F.linear(x.to(dtype), _masked_base(weight, mask, dtype), bias_)
                 y += F.linear(x_lora.to(dtype), _masked_delta(weight, lora_B, lora_R, scaling, mask, dtype))
         ctx.shared_input = shared_input
+        ctx.straight_through = straight_through
         ctx.scaling = scaling
         ctx.n_cols = n_cols
         ctx.dtype = dtype
@@ -121,7 +129,14 @@ class _ElementMaskedLinear(torch.autograd.Function):
                 grad_x = (gy @ _masked_base(weight, mask, dtype)).to(ctx.input_dtypes[0])
             if need_xl:
                 grad_xl = (gy @ _masked_delta(weight, lora_B, lora_R, s, mask, dtype)).to(ctx.input_dtypes[1])
-        if need_B or need_R:
+        if (need_B or need_R) and ctx.straight_through:
+            # gradients of the unmasked update s·B·R, associated so that nothing weight-sized is formed
+            xl2 = x_lora.reshape(-1, x_lora.shape[-1]).to(dtype)
+            if need_B:
+                grad_B = (gy2.t() @ (xl2 @ lora_R.to(dtype).t())).mul_(s).to(lora_B.dtype)
+            if need_R:
+                grad_R = ((gy2 @ lora_B.to(dtype)).t() @ xl2).mul_(s).to(lora_R.dtype)
+        elif need_B or need_R:
             # gradient of the loss w.r.t. the masked delta B·R, without the scale (applied to the small results)
             g = WORKSPACE.get("gradient", tuple(weight.shape), dtype, weight.device)
             torch.mm(gy2.t(), x_lora.reshape(-1, x_lora.shape[-1]).to(dtype), out=g).mul_(mask)
@@ -133,7 +148,7 @@ class _ElementMaskedLinear(torch.autograd.Function):
             grad_w = (gy2.t() @ x.reshape(-1, x.shape[-1]).to(dtype)).mul_(mask).to(weight.dtype)
         if need_b and ctx.bias_dtype is not None:
             grad_bias = gy2.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_xl, grad_w, grad_bias, grad_B, grad_R, None, None, None
+        return grad_x, grad_xl, grad_w, grad_bias, grad_B, grad_R, None, None, None, None
 
 
 def element_masked_linear(
@@ -146,6 +161,7 @@ def element_masked_linear(
     scaling: float,
     packed_mask: torch.Tensor,
     n_cols: int,
+    straight_through: bool = False,
 ) -> torch.Tensor:
     """``(W0 ⊙ M)·x + s·((B·R) ⊙ M)·x_lora + b`` with nothing weight-sized kept between passes.
 
@@ -160,5 +176,8 @@ def element_masked_linear(
         packed_mask: the mask bit-packed along rows (:func:`~peft_loraprune.mask_packing.pack_bits`), set bits
             where the weight is kept.
         n_cols: ``d_in`` (the packed rows may be padded to a multiple of 8).
+        straight_through: give ``lora_B`` and ``lora_R`` the gradients of the unmasked update (see above).
     """
-    return _ElementMaskedLinear.apply(x, x_lora, weight, bias, lora_B, lora_R, float(scaling), packed_mask, n_cols)
+    return _ElementMaskedLinear.apply(
+        x, x_lora, weight, bias, lora_B, lora_R, float(scaling), packed_mask, n_cols, bool(straight_through)
+    )

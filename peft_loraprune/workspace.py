@@ -36,6 +36,10 @@ class Workspace:
             buffer = self._buffers[key] = torch.empty(n, dtype=dtype, device=device)
         return buffer[:n].view(shape)
 
+    def slots(self) -> set[str]:
+        """Names of the slots that hold a buffer now (what a pass has asked for since the last :meth:`clear`)."""
+        return {key[0] for key in self._buffers}
+
     def clear(self) -> None:
         """Free every buffer (they are re-created at the next use)."""
         self._buffers.clear()

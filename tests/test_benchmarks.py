@@ -34,6 +34,7 @@ def test_step_cost_smoke(tmp_path):
         "loraprune_unstructured",
         "lora_nodrop",
         "loraprune_unstructured_nodrop",
+        "loraprune_unstructured_ste_nodrop",
     ]
     run(
         "step_cost.py", tmp_path, "--model", "tiny", "--batch", "1", "--seq", "16", "--warmup", "1", "--steps", "2",
@@ -115,10 +116,20 @@ def test_quality_smoke(tmp_path):
         "--max_eval_samples",
         "16",
         "--variants",
-        "0,7",
+        "0,8",
     )
     summary = load(tmp_path, "quality_minilm_rotten_tomatoes")["summary"]
-    assert set(summary) == {"dense LoRA", "structured lora cubic", "unstructured lora one_shot"}
+    assert set(summary) == {"dense LoRA", "structured lora cubic", "unstructured lora cubic straight_through"}
+    # a later sitting adds a variant and keeps the others, the dense baseline not run twice
+    run(
+        "quality.py", tmp_path, "--max_steps", "4", "--max_train_samples", "32", "--max_eval_samples", "16",
+        "--variants", "7", "--append",
+    )  # fmt: skip
+    summary = load(tmp_path, "quality_minilm_rotten_tomatoes")["summary"]
+    assert set(summary) == {
+        "dense LoRA", "structured lora cubic", "unstructured lora cubic straight_through", "unstructured lora one_shot"
+    }  # fmt: skip
+    assert all(s["n"] == 1 for s in summary.values())
 
 
 @pytest.mark.examples

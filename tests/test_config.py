@@ -67,6 +67,8 @@ def test_default_criterion_follows_the_granularity_and_is_saved_resolved(tmp_pat
         ({"dense_layers": [-1]}, "dense_layers"),
         ({"dense_layers": "first"}, "dense_layers"),
         ({"importance_dtype": "int8"}, "importance_dtype"),
+        ({"element_mask_gradient": "ste", "granularity": "unstructured"}, "element_mask_gradient"),
+        ({"element_mask_gradient": "straight_through"}, "element_mask_gradient"),  # structured: no element mask
     ],
 )
 def test_invalid_fields_are_rejected_by_name(kwargs, field):
@@ -94,6 +96,7 @@ def test_config_json_round_trip(tmp_path):
         granularity="unstructured",
         target_sparsity=0.3,
         importance="grad",
+        element_mask_gradient="straight_through",
         adaptation="sequential",
         budget="global",
         dense_layers=[3, 0],
@@ -118,10 +121,12 @@ def test_config_json_round_trip(tmp_path):
         "head_grouping",
         "dense_layers",
         "importance_dtype",
+        "element_mask_gradient",
     ):
         assert key in data, key
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, LoRAPruneConfig)
     assert loaded.granularity == "unstructured" and loaded.adaptation == "sequential"
+    assert loaded.element_mask_gradient == "straight_through"
     assert loaded.dense_layers == [0, 3] and loaded.prune_structures == ["heads"]
     assert loaded.target_modules == {"q_proj", "v_proj"}

@@ -51,6 +51,58 @@ def test_outputs_and_every_gradient_match_autograd(shared):
     assert torch.all(ours["weight"].grad[~ours["keep"]] == 0)
 
 
+def _straight_through_reference(t, scaling, shared):
+    """The masked layer's value, with the update's gradient passed through the mask unchanged: ``delta ⊙ M`` in
+    value, ``delta`` in gradient (the classic detach trick, independent of the code under test)."""
+    x_lora = t["x"] if shared else t["x_lora"]
+    keep = t["keep"].float()
+    delta = scaling * t["lora_B"] @ t["lora_R"]
+    passed = delta * keep + (delta - delta.detach()) * (1 - keep)
+    return t["x"] @ (t["weight"] * keep).t() + x_lora @ passed.t() + t["bias"]
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["no-dropout", "own-adapter-input"])
+def test_straight_through_gives_the_factors_the_unmasked_gradient_and_keeps_the_rest_exact(shared):
+    scaling = 0.9
+    ours = {k: v.clone().requires_grad_(k != "keep") for k, v in _inputs(seed=3).items()}
+    ref = {k: v.clone().requires_grad_(k != "keep") for k, v in _inputs(seed=3).items()}
+    exact = {k: v.clone().requires_grad_(k != "keep") for k, v in _inputs(seed=3).items()}
+    x_lora = ours["x"] if shared else ours["x_lora"]
+    args = (ours["lora_B"], ours["lora_R"], scaling, pack_bits(ours["keep"]), ours["keep"].shape[1])
+    y = element_masked_linear(ours["x"], x_lora, ours["weight"], ours["bias"], *args, straight_through=True)
+    y_ref = _straight_through_reference(ref, scaling, shared)
+    y_exact = _reference(exact, scaling, shared)
+    torch.testing.assert_close(y, y_exact, rtol=1e-5, atol=1e-5)  # the output is the masked layer's
+    grad_out = torch.randn_like(y)
+    for out in (y, y_ref, y_exact):
+        (out * grad_out).sum().backward()
+    for name in ["x", "weight", "bias", "lora_B", "lora_R"] + ([] if shared else ["x_lora"]):
+        torch.testing.assert_close(ours[name].grad, ref[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    for name in ["x", "weight", "bias"] + ([] if shared else ["x_lora"]):  # input gradients stay exact
+        torch.testing.assert_close(ours[name].grad, exact[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    # ...and the factors' do differ from the exact ones (the approximation is real, not a no-op)
+    assert not torch.allclose(ours["lora_B"].grad, exact["lora_B"].grad, rtol=1e-3, atol=1e-4)
+
+
+def test_straight_through_forms_nothing_weight_sized_in_backward():
+    """Its point is cost: the factor gradients come from rank-r products, so the backward pass asks the workspace
+    for no ``gradient`` buffer (the exact path's ``grad_yᵀ·x_lora``)."""
+    from peft_loraprune.workspace import WORKSPACE
+
+    d_out, d_in = 96, 80
+    t = _inputs(seed=5, d_out=d_out, d_in=d_in)
+    for straight_through, expected in ((True, False), (False, True)):
+        WORKSPACE.clear()
+        lora_B = t["lora_B"].clone().requires_grad_(True)
+        lora_R = t["lora_R"].clone().requires_grad_(True)
+        y = element_masked_linear(
+            t["x"], t["x_lora"], t["weight"], None, lora_B, lora_R, 1.0, pack_bits(t["keep"]), d_in,
+            straight_through=straight_through,
+        )  # fmt: skip
+        y.sum().backward()
+        assert ("gradient" in WORKSPACE.slots()) is expected
+
+
 def test_nothing_weight_sized_is_saved_for_backward_but_the_weight():
     d_out, d_in = 64, 48
     t = _inputs(d_out=d_out, d_in=d_in)

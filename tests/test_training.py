@@ -188,6 +188,36 @@ def test_other_criteria_train_to_target(importance, tmp_path):
     assert model.base_model.sparsity_report().sparsity == pytest.approx(0.3, abs=1e-3)
 
 
+@pytest.mark.parametrize("granularity", ["unstructured", "2:4"])
+def test_straight_through_trains_to_target_and_changes_only_the_factor_gradients(granularity, tmp_path):
+    """element_mask_gradient="straight_through" reaches the target like the exact default; on the same weights and
+    masks the loss and the pretrained path are the same, and only the factor gradients differ."""
+    model = training_model(
+        "llama", granularity=granularity, target_sparsity=0.5, element_mask_gradient="straight_through",
+        lora_dropout=0.1,
+    )  # fmt: skip
+    layers = dict(model.base_model.prune_layers())
+    assert all(layer.straight_through["default"] for layer in layers.values())
+    trainer_for(model, "llama", tmp_path).train()
+    assert model.base_model.sparsity_report().sparsity == pytest.approx(0.5, abs=1e-3)
+
+    ids = torch.tensor(make_dataset("llama", n=4)["input_ids"])
+    grads = {}
+    for straight_through in (True, False):
+        for layer in layers.values():
+            layer.straight_through["default"] = straight_through
+        model.zero_grad()
+        model.eval()  # no dropout: the same function both times
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads[straight_through] = (
+            loss.detach(),
+            {n: l.lora_B["default"].weight.grad.clone() for n, l in layers.items()},
+        )
+    assert torch.equal(grads[True][0], grads[False][0])
+    assert any(not torch.allclose(grads[True][1][n], grads[False][1][n]) for n in layers)
+
+
 def test_documented_manual_loop_matches_the_callback(tmp_path):
     """The README's own-loop recipe gives the same masks as the Trainer callback on the same batches."""
     model = training_model("llama", target_sparsity=0.5)
