@@ -137,7 +137,11 @@ def main():
             print(rows[-1])
             # Written after every run, so a stopped sitting keeps what it measured.
             summary = summarise(rows, "test_accuracy")
-            settings = {**vars(args), "seeds": ",".join(str(s) for s in sorted({r["seed"] for r in rows}))}
+            settings = {  # what the file holds, over every sitting
+                **vars(args),
+                "seeds": ",".join(str(s) for s in sorted({r["seed"] for r in rows})),
+                "variants": sorted({r["variant"] for r in rows}),
+            }
             path = write_result(RESULT_NAME, {"settings": settings, "summary": summary, "rows": rows}, args.out)
     for variant, s in summary.items():
         print(f"{variant:36s} {s['mean']:.4f} ± {s['std']:.4f} (n={s['n']})")
