@@ -408,7 +408,9 @@ def peers_verdicts(rows, metric, sparsities):
                 f"{sparsity:.0%}: the default (`activation`) {metric} {default:.4g}; "
                 + ("ahead of every peer (" if not beaten else f"behind {', '.join(beaten)} (")
                 + ", ".join(f"{m} {v:.4g}" for m, v in peers.items())
-                + ")."
+                + ")"
+                + _margin_caveat(rows, metric, sparsity, default, peers)
+                + "."
             )
         if "loraprune-lora" in means and "loraprune-grad" in means:
             ratio = means["loraprune-lora"] / means["loraprune-grad"]
@@ -416,6 +418,20 @@ def peers_verdicts(rows, metric, sparsities):
                 f"{sparsity:.0%}: the paper's estimator (`lora`) / true gradient (`grad`) {metric}: {ratio:.3f}."
             )
     return out
+
+
+def _margin_caveat(rows, metric, sparsity, default, peers) -> str:
+    """How far the nearest peer is, against the default's own seed-to-seed spread (a margin inside it is not a
+    ranking yet)."""
+    values = [r[metric] for r in rows if r["method"] == "loraprune-activation" and r["sparsity"] == sparsity]
+    if len(values) < 2:
+        return " (one seed: the margins are not tested against seed noise)"
+    mean = sum(values) / len(values)
+    std = (sum((x - mean) ** 2 for x in values) / (len(values) - 1)) ** 0.5
+    margin = min(abs(v - default) for v in peers.values())
+    if margin < std:
+        return f" (the nearest margin, {margin:.3g}, is within the default's seed-to-seed spread, std {std:.3g})"
+    return f" (nearest margin {margin:.3g}, default's seed-to-seed std {std:.3g})"
 
 
 def peers_plot(name, rows, metric, methods, sparsities, lines):
