@@ -29,8 +29,14 @@ def _reference(t, scaling, shared):
     return t["x"] @ (t["weight"] * keep).t() + x_lora @ (delta * keep).t() + t["bias"]
 
 
+@pytest.mark.parametrize("block", [None, 24], ids=["one-block", "many-blocks"])
 @pytest.mark.parametrize("shared", [True, False], ids=["no-dropout", "own-adapter-input"])
-def test_outputs_and_every_gradient_match_autograd(shared):
+def test_outputs_and_every_gradient_match_autograd(shared, block, monkeypatch):
+    """Also with blocks of 24 weights: one row per block forward, and column blocks of 8 and 5 backward (the last
+    one ending inside a packed byte)."""
+    if block is not None:
+        monkeypatch.setattr("peft_loraprune.masked_linear.ELEMENTS_PER_TOKEN", 1)
+        monkeypatch.setattr("peft_loraprune.masked_linear.MIN_BLOCK_ELEMENTS", block)
     scaling = 1.7
     ours = {k: v.clone().requires_grad_(k != "keep") for k, v in _inputs().items()}
     ref = {k: v.clone().requires_grad_(k != "keep") for k, v in _inputs().items()}
@@ -117,7 +123,11 @@ def test_nothing_weight_sized_is_saved_for_backward_but_the_weight():
     assert any(s is packed for s in saved)
 
 
-def test_bfloat16_autocast_runs_the_product_in_bfloat16_and_stays_close():
+@pytest.mark.parametrize("block", [None, 200], ids=["one-block", "many-blocks"])
+def test_bfloat16_autocast_runs_the_product_in_bfloat16_and_stays_close(block, monkeypatch):
+    if block is not None:
+        monkeypatch.setattr("peft_loraprune.masked_linear.ELEMENTS_PER_TOKEN", 1)
+        monkeypatch.setattr("peft_loraprune.masked_linear.MIN_BLOCK_ELEMENTS", block)
     t = _inputs(d_out=32, d_in=40)
     for v in t.values():
         if v.is_floating_point():
@@ -130,10 +140,17 @@ def test_bfloat16_autocast_runs_the_product_in_bfloat16_and_stays_close():
     assert y.dtype == torch.bfloat16
     y_ref = _reference({k: v.detach() for k, v in t.items()}, 0.5, shared=False)
     torch.testing.assert_close(y.float(), y_ref, rtol=3e-2, atol=5e-2)
-    y.float().sum().backward()
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    (y.float() * grad_out).sum().backward()
     # gradients come back in each input's own dtype
     assert t["lora_B"].grad.dtype == torch.float32 and t["x"].grad.dtype == torch.float32
     assert torch.all(t["weight"].grad[~t["keep"]] == 0)
+    # ...and agree with float32 autograd to bfloat16's precision (blocks summed in float32, not in bfloat16)
+    ref = {k: v.detach().clone().requires_grad_(k != "keep") for k, v in t.items()}
+    (_reference(ref, 0.5, shared=False) * grad_out).sum().backward()
+    for name in ["x", "x_lora", "weight", "bias", "lora_B", "lora_R"]:
+        error = (t[name].grad - ref[name].grad).norm() / ref[name].grad.norm()
+        assert error < 2e-2, (name, float(error))
 
 
 def test_layers_of_different_sizes_share_scratch_buffers_without_corrupting_each_other():
