@@ -38,7 +38,12 @@ def step_cost_section(lines):
             f"### Step time and memory: `{s['model']}`, batch {s['batch']} x {s['seq']} tokens",
             "",
             f"Machine: {_machine(data)}. Median of {s['steps']} steps after {s['warmup']} warm-up steps; "
-            "each configuration in its own process.",
+            "each configuration in its own process"
+            + (
+                f"; {s['rounds']} interleaved rounds, ratios taken within a round, medians over rounds."
+                if s.get("rounds", 1) > 1
+                else " (one round: ratios move by up to about 15% between runs on this machine)."
+            ),
             "",
             "| configuration | step (ms) | of which importance (ms) | time vs LoRA | peak RSS (MiB) | RSS vs LoRA | RSS vs grad |",
             "|---|---:|---:|---:|---:|---:|---:|",

@@ -7,8 +7,12 @@ time of the measured steps. A step is forward + backward, importance update (LoR
 rewrite happens only every ``pruning_interval`` steps (10 by default), so it is timed separately (median of 3
 rewrites to the same sparsity) and reported per step amortised over the interval.
 
+The VM this runs on drifts: the same configuration's step time moved by up to 15% between runs minutes apart. With
+``--rounds N`` every configuration is measured N times, interleaved, each ratio is taken against the baseline of
+its own round, and the median over rounds is reported (each round's numbers are kept in the row).
+
     python benchmarks/step_cost.py --model smollm2 --batch 4 --seq 128
-    python benchmarks/step_cost.py --model llama-0.5b --batch 1 --seq 128
+    python benchmarks/step_cost.py --model llama-0.5b --batch 1 --seq 128 --rounds 3 --steps 3
 """
 
 from __future__ import annotations
@@ -135,6 +139,61 @@ def run_one(name: str, model_name: str, batch: int, seq: int, warmup: int, steps
     }
 
 
+def measure(name: str, args) -> dict:
+    """One configuration in a fresh process (its resident-memory high-water mark is its own)."""
+    cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--batch", str(args.batch)]
+    cmd += ["--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps), "--seed", str(args.seed)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+
+#: ratios and derived numbers of a row, recomputed per round and reported as their median over rounds
+DERIVED = (
+    "amortised_step_s",
+    "time_vs_lora",
+    "amortised_time_vs_lora",
+    "rss_vs_lora",
+    "training_rss_mib",
+    "rss_vs_grad",
+)
+
+
+def compare(r: dict, rows: dict) -> None:
+    """Add to row ``r`` its ratios against the baselines measured in the same round (``rows``)."""
+    # each configuration against plain LoRA with the same adapter dropout
+    base = rows.get("lora_nodrop" if r["config"].endswith("_nodrop") else "lora")
+    grad = rows.get("grad_structured")
+    interval = r["pruning_interval"] or 1
+    r["amortised_step_s"] = r["median_step_s"] + r["median_mask_rewrite_s"] / interval
+    if base:
+        r["time_vs_lora"] = r["median_step_s"] / base["median_step_s"]
+        r["amortised_time_vs_lora"] = r["amortised_step_s"] / base["median_step_s"]
+        r["rss_vs_lora"] = r["peak_rss_mib"] / base["peak_rss_mib"]
+        # memory the training itself added on top of the loaded model
+        r["training_rss_mib"] = r["peak_rss_mib"] - r["rss_after_loading_mib"]
+    if grad:
+        r["rss_vs_grad"] = r["peak_rss_mib"] / grad["peak_rss_mib"]
+
+
+def combine(per_round: list[dict]) -> dict:
+    """One row from a configuration's rows of every round: medians of the per-round numbers (the ratios are
+    medians of per-round ratios, not ratios of medians), every step time, and each round's own numbers."""
+    if len(per_round) == 1:
+        return per_round[0]
+    row = dict(per_round[0])
+    for key in ("median_step_s", "median_importance_s", "median_mask_rewrite_s", "peak_rss_mib") + DERIVED:
+        values = [r[key] for r in per_round if r.get(key) is not None]
+        row[key] = statistics.median(values) if values else None
+    row["step_times_s"] = [t for r in per_round for t in r["step_times_s"]]
+    row["rounds"] = [
+        {k: r.get(k) for k in ("median_step_s", "median_importance_s", "peak_rss_mib", "time_vs_lora", "rss_vs_lora")}
+        for r in per_round
+    ]
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
@@ -144,6 +203,14 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every configuration this many times, interleaved (round 1 runs them all, then round 2...); "
+        "ratios are taken within a round and their median reported, so a machine whose speed drifts over minutes "
+        "moves a ratio much less than it moves the times",
+    )
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one config, print JSON
     args = parser.parse_args()
@@ -153,50 +220,23 @@ def main():
             + json.dumps(run_one(args.one, args.model, args.batch, args.seq, args.warmup, args.steps, args.seed))
         )
         return
-    rows = []
-    for name in args.configs.split(","):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--one",
-            name,
-            "--model",
-            args.model,
-            "--batch",
-            str(args.batch),
-            "--seq",
-            str(args.seq),
-            "--warmup",
-            str(args.warmup),
-            "--steps",
-            str(args.steps),
-            "--seed",
-            str(args.seed),
-        ]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
-        row = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
-        rows.append(row)
-        print(
-            f"{name:24s} step {row['median_step_s'] * 1000:8.1f} ms  importance {row['median_importance_s'] * 1000:7.1f} ms"
-            f"  mask rewrite {row['median_mask_rewrite_s'] * 1000:8.1f} ms  peak RSS {row['peak_rss_mib']:8.0f} MiB"
-        )
-    grad = next((r for r in rows if r["config"] == "grad_structured"), None)
-    for r in rows:
-        # each configuration against plain LoRA with the same adapter dropout
-        baseline = "lora_nodrop" if r["config"].endswith("_nodrop") else "lora"
-        base = next((b for b in rows if b["config"] == baseline), None)
-        interval = r["pruning_interval"] or 1
-        r["amortised_step_s"] = r["median_step_s"] + r["median_mask_rewrite_s"] / interval
-        if base:
-            r["time_vs_lora"] = r["median_step_s"] / base["median_step_s"]
-            r["amortised_time_vs_lora"] = r["amortised_step_s"] / base["median_step_s"]
-            r["rss_vs_lora"] = r["peak_rss_mib"] / base["peak_rss_mib"]
-            # memory the training itself added on top of the loaded model
-            r["training_rss_mib"] = r["peak_rss_mib"] - r["rss_after_loading_mib"]
-        if grad:
-            r["rss_vs_grad"] = r["peak_rss_mib"] / grad["peak_rss_mib"]
+    names = args.configs.split(",")
+    rounds = []  # one {config: row} per round: every configuration once per round, in the same order
+    for i in range(args.rounds):
+        rows = {}
+        for name in names:
+            rows[name] = measure(name, args)
+            r = rows[name]
+            print(
+                f"round {i + 1}/{args.rounds} {name:24s} step {r['median_step_s'] * 1000:8.1f} ms  "
+                f"importance {r['median_importance_s'] * 1000:7.1f} ms  "
+                f"mask rewrite {r['median_mask_rewrite_s'] * 1000:8.1f} ms  peak RSS {r['peak_rss_mib']:8.0f} MiB",
+                flush=True,
+            )
+        for r in rows.values():
+            compare(r, rows)
+        rounds.append(rows)
+    rows = [combine([rows[name] for rows in rounds]) for name in names]
     path = write_result(
         f"step_cost_{args.model}_b{args.batch}x{args.seq}", {"settings": vars(args), "rows": rows}, args.out
     )

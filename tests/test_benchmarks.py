@@ -51,6 +51,21 @@ def test_step_cost_smoke(tmp_path):
 
 
 @pytest.mark.examples
+def test_step_cost_rounds_report_medians_of_ratios_taken_within_each_round(tmp_path):
+    configs = ["lora", "loraprune_unstructured"]
+    run(
+        "step_cost.py", tmp_path, "--model", "tiny", "--batch", "1", "--seq", "16", "--warmup", "1", "--steps", "2",
+        "--configs", ",".join(configs), "--rounds", "2",
+    )  # fmt: skip
+    lora, pruned = load(tmp_path, "step_cost_tiny_b1x16")["rows"]
+    assert len(lora["rounds"]) == len(pruned["rounds"]) == 2 and len(pruned["step_times_s"]) == 4
+    (p1, p2), (b1, b2) = pruned["rounds"], lora["rounds"]
+    ratio = (p1["median_step_s"] / b1["median_step_s"] + p2["median_step_s"] / b2["median_step_s"]) / 2
+    assert pruned["time_vs_lora"] == pytest.approx(ratio)  # a median of ratios, not a ratio of medians
+    assert pruned["median_step_s"] == pytest.approx((p1["median_step_s"] + p2["median_step_s"]) / 2)
+
+
+@pytest.mark.examples
 def test_memory_profile_smoke(tmp_path):
     run(
         "memory_profile.py", tmp_path, "--model", "tiny", "--batch", "1", "--seq", "16", "--warmup", "1",
