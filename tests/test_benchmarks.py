@@ -66,6 +66,15 @@ def test_step_cost_rounds_report_medians_of_ratios_taken_within_each_round(tmp_p
 
 
 @pytest.mark.examples
+def test_masked_blocks_smoke(tmp_path):
+    run("masked_blocks.py", tmp_path, "--shapes", "tiny", "--tokens", "4", "--blocks", "512", "--repeats", "1")
+    rows = load(tmp_path, "masked_blocks_tiny")["rows"]
+    assert len(rows) == 4  # shared input or not, exact or straight-through
+    for r in rows:
+        assert r["time_vs_one_block"]["one block"] == 1.0 and r["median_ms"]["512 weights"] > 0
+
+
+@pytest.mark.examples
 def test_memory_profile_smoke(tmp_path):
     run(
         "memory_profile.py", tmp_path, "--model", "tiny", "--batch", "1", "--seq", "16", "--warmup", "1",
