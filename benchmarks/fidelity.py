@@ -11,6 +11,7 @@ rank correlation
   "activation" criterion (first-order Taylor of removing a group, at its consumer's input) against "grad".
 
     python benchmarks/fidelity.py --steps 60            # MiniLM on Rotten Tomatoes (offline)
+    python benchmarks/fidelity.py --model smollm2 --batch 4 --steps 60   # SmolLM2-135M on Wikipedia leads
 """
 
 from __future__ import annotations
@@ -48,9 +49,50 @@ def layer_scores(criterion, name, layer):
     return full
 
 
+def minilm_rotten_tomatoes(args):
+    """MiniLM (BERT) classifying Rotten Tomatoes sentences, heads grouped as in ``peers.py``."""
+    import local_assets
+
+    path = local_assets.resolve_model("minilm")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    data = local_assets.rotten_tomatoes(args.seed)["train"].shuffle(seed=args.seed)
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+
+    def batches(step):
+        batch = data[step * args.batch : (step + 1) * args.batch]
+        enc = tokenizer(batch["text"], truncation=True, max_length=64, padding=True, return_tensors="pt")
+        return {**enc, "labels": torch.tensor(batch["label"])}
+
+    return base, LoRAPruneConfig(task_type="SEQ_CLS", importance="grad", lora_dropout=0.0), batches
+
+
+def smollm2_wikipedia(args):
+    """SmolLM2-135M on the Wikipedia leads, blocks of 64 tokens, heads as query heads inside KV groups (the
+    setting of ``peers.py --task smollm2``)."""
+    import local_assets
+    from causal_lm import blocks_of, load_text
+
+    path = local_assets.smollm2_fp32_dir()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    train = blocks_of(load_text("wikipedia_leads", 0)["train"], tokenizer, 64, None).shuffle(seed=args.seed)
+    base = transformers.AutoModelForCausalLM.from_pretrained(path)
+    config = LoRAPruneConfig(task_type="CAUSAL_LM", importance="grad", lora_dropout=0.0, head_grouping="query_head")
+
+    def batches(step):
+        ids = torch.tensor(train[step * args.batch : (step + 1) * args.batch]["input_ids"])
+        return {"input_ids": ids, "labels": ids}
+
+    return base, config, batches
+
+
+#: ``--model``: the pretrained model, its LoRAPrune configuration ("grad" captures the true gradient) and a
+#: function from step to training batch
+TASKS = {"minilm": minilm_rotten_tomatoes, "smollm2": smollm2_wikipedia}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--model", default="minilm", choices=sorted(TASKS))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -59,14 +101,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    import local_assets
-
     transformers.set_seed(args.seed)
-    path = local_assets.resolve_model(args.model)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    data = local_assets.rotten_tomatoes(args.seed)["train"].shuffle(seed=args.seed)
-    base = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    model = get_peft_model(base, LoRAPruneConfig(task_type="SEQ_CLS", importance="grad", lora_dropout=0.0))
+    base, config, batches = TASKS[args.model](args)
+    model = get_peft_model(base, config)
     tuner = model.base_model
     engine = tuner.pruning_engine()  # importance="grad": captures the true gradient during backward
     criteria = {
@@ -75,7 +112,8 @@ def main():
         "activation": make_criterion("activation", "default"),
     }
     criteria["activation"].attach(engine.scored_layers, engine.consumers())
-    layers = dict(tuner.prune_layers())
+    layers = dict(engine.scored_layers)  # the layers "grad" captures (unused members, such as k/v under
+    # query-head grouping, are not scored)
     groups = engine.groups
     kinds = sorted({g.spec.structure for g in groups})
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
@@ -87,9 +125,7 @@ def main():
     rows = []
     model.train()
     for step in range(args.steps):
-        batch = data[step * args.batch : (step + 1) * args.batch]
-        enc = tokenizer(batch["text"], truncation=True, max_length=64, padding=True, return_tensors="pt")
-        loss = model(**enc, labels=torch.tensor(batch["label"])).loss
+        loss = model(**batches(step)).loss
         loss.backward()
         with torch.no_grad():
             element_rho = []

@@ -251,8 +251,9 @@ def fidelity_section(lines):
         lines += [
             f"### Importance fidelity: `{data['settings']['model']}` ({len(steps)} steps)",
             "",
-            f'Machine: {_machine(data)}. Spearman rank correlation between "lora" and "grad" scores, mean '
-            "over the second half of the run:",
+            f'Machine: {_machine(data)}. Spearman rank correlation with the true-gradient ("grad") scores of the '
+            'paper\'s estimator ("lora"; rows without a criterion name) and of "activation" (rows naming it), mean '
+            "over the second half of the run; `_averaged`: of the moving averages that pruning ranks:",
             "",
             "| measure | rho |",
             "|---|---:|",
@@ -263,7 +264,7 @@ def fidelity_section(lines):
         for k in keys:
             ax.plot([s["step"] for s in steps], [s[k] for s in steps], label=k)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("Spearman rho (lora vs grad)")
+        ax.set_ylabel("Spearman rho vs grad")
         ax.set_ylim(-0.1, 1.0)
         ax.legend(fontsize=7)
         fig.tight_layout()

