@@ -445,6 +445,9 @@ def main():
                 if out.returncode != 0 or not found:
                     print(out.stdout[-2000:], out.stderr[-6000:], file=sys.stderr)
                     raise SystemExit(f"cell {method} {s} seed {seed} failed")
+                # re-read the file: rows written or annotated while this cell ran (another sitting, a note on
+                # the conditions of a run) are kept, not overwritten with the copy read at start
+                rows = json.loads(path.read_text())["rows"] if path.exists() else []
                 rows.append(json.loads(found[-1]))
                 print(rows[-1], flush=True)
                 for r in rows:
