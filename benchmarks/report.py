@@ -448,6 +448,20 @@ def peers_verdicts(rows, metric, sparsities):
                 + _margin_caveat(rows, metric, sparsity, default, peers)
                 + "."
             )
+        oneshot = means.get("loraprune-activation-oneshot")
+        if oneshot is not None and peers:
+            ahead = all((oneshot < v) if lower else (oneshot > v) for v in peers.values())
+            n = len([r for r in rows if r["method"] == "loraprune-activation-oneshot" and r["sparsity"] == sparsity])
+            out.append(
+                f"{sparsity:.0%}: the same criterion pruned one-shot at the end of the warm-up "
+                f"(`loraprune-activation-oneshot`, {n} seed{'s' if n > 1 else ''}): {metric} {oneshot:.4g}, "
+                + ("ahead of every peer" if ahead else "not ahead of every peer")
+                + (
+                    f" and of the iterative default ({default:.4g})."
+                    if default is not None and ((oneshot < default) if lower else (oneshot > default))
+                    else "."
+                )
+            )
         if "loraprune-lora" in means and "loraprune-grad" in means:
             ratio = means["loraprune-lora"] / means["loraprune-grad"]
             out.append(
