@@ -60,13 +60,15 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     blocks = [int(b) for b in args.blocks.split(",")]
+    defaults = (masked_linear.MIN_BLOCK_ELEMENTS, masked_linear.ELEMENTS_PER_TOKEN)
     rows = []
     for tokens in (int(t) for t in args.tokens.split(",")):
         for shared in (True, False):
             for straight_through in (False, True):
                 g = torch.Generator().manual_seed(0)
                 layers = [layer_inputs(o, i, tokens, shared, g) for o, i in SHAPES[args.shapes]]
-                chosen = masked_linear.block_elements(tokens)
+                masked_linear.MIN_BLOCK_ELEMENTS, masked_linear.ELEMENTS_PER_TOKEN = defaults
+                chosen = masked_linear.block_elements(tokens)  # the package's rule (the loop below overrides it)
                 variants = {"one block": WHOLE, **{f"{b} weights": b for b in blocks}, "block_elements": chosen}
                 times = {name: [] for name in variants}
                 for repeat in range(args.repeats + 1):  # the first repetition warms up and is dropped

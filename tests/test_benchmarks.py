@@ -67,9 +67,13 @@ def test_step_cost_rounds_report_medians_of_ratios_taken_within_each_round(tmp_p
 
 @pytest.mark.examples
 def test_masked_blocks_smoke(tmp_path):
-    run("masked_blocks.py", tmp_path, "--shapes", "tiny", "--tokens", "4", "--blocks", "512", "--repeats", "1")
+    run("masked_blocks.py", tmp_path, "--shapes", "tiny", "--tokens", "4,64", "--blocks", "512", "--repeats", "1")
     rows = load(tmp_path, "masked_blocks_tiny")["rows"]
-    assert len(rows) == 4  # shared input or not, exact or straight-through
+    assert len(rows) == 8  # two token counts, shared input or not, exact or straight-through
+    # "block_elements" is the package's own rule at every setting, not the last size the loop tried
+    from peft_loraprune.masked_linear import block_elements
+
+    assert all(r["block_elements"] == block_elements(r["tokens"]) for r in rows)
     for r in rows:
         assert r["time_vs_one_block"]["one block"] == 1.0 and r["median_ms"]["512 weights"] > 0
 
