@@ -41,6 +41,7 @@ from collections.abc import Iterator
 
 import torch
 
+from .importance import row_chunks
 from .mask_packing import unpack_values_into
 from .workspace import WORKSPACE
 
@@ -67,13 +68,6 @@ MIN_BLOCK_ELEMENTS = 1 << 18
 def block_elements(tokens: int) -> int:
     """Weights per block of a pass over ``tokens`` rows of activations."""
     return max(MIN_BLOCK_ELEMENTS, ELEMENTS_PER_TOKEN * tokens)
-
-
-def row_blocks(n_rows: int, n_cols: int, elements: int) -> Iterator[slice]:
-    """Consecutive row slices of at most ``elements`` weights (at least one row)."""
-    step = max(1, elements // max(1, n_cols))
-    for start in range(0, n_rows, step):
-        yield slice(start, min(n_rows, start + step))
 
 
 def column_blocks(n_rows: int, n_cols: int, elements: int) -> Iterator[slice]:
@@ -139,7 +133,7 @@ class _ElementMaskedLinear(torch.autograd.Function):
         # the output is built transposed, so that each row block of the weight fills a contiguous block of it
         y_t = torch.empty(d_out, x2.shape[0], dtype=dtype, device=x.device)
         with torch.autocast(x.device.type, enabled=False):
-            for rows in row_blocks(d_out, n_cols, block_elements(x2.shape[0])):
+            for rows in row_chunks(d_out, n_cols, block_elements(x2.shape[0])):
                 mask = _mask_values(packed_mask[rows], n_cols, dtype)
                 if shared_input:
                     torch.mm(_masked_merged(weight[rows], B[rows], R, scaling, mask, dtype), x2.t(), out=y_t[rows])
