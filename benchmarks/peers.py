@@ -12,7 +12,8 @@ same fraction in every block, all trained with the same LoRA (rank, alpha, dropo
 
 * ``loraprune-<criterion>``: LoRAPrune while fine-tuning (cubic schedule), criterion ``activation`` (the
   package default), ``lora`` (the paper's estimator), ``grad`` (true gradient), ``magnitude``;
-  ``loraprune-<criterion>-oneshot``: all pruning at the warm-up step.
+  ``loraprune-<criterion>-oneshot``: all pruning at the warm-up step; ``loraprune-<criterion>-cdNN``: the cubic
+  schedule with ``cooldown_ratio`` NN/100 (a shorter pruning window, then more steps at the final structure).
 * ``llm-pruner``: LLM-Pruner's recipe: one-shot structured pruning of the pretrained model with first-order
   Taylor group importance (``|W ⊙ G|`` summed over the group's weights in every coupled module, true gradients
   from calibration batches), then LoRA recovery with the masks fixed. Channel scores come from Torch-Pruning
@@ -299,15 +300,33 @@ def llm_compressor_prune(base, task, method: str, sparsity: float, batches) -> N
 
 
 # ---------------------------------------------------------------------------------------------------- one cell
+def loraprune_method(method: str) -> tuple[str, dict]:
+    """``loraprune-<criterion>[-<schedule>]`` -> (criterion, schedule fields of the config).
+
+    No suffix: the config's default schedule. ``oneshot``: everything pruned at the warm-up step. ``cdNN``: the
+    cubic schedule ending at ``1 - NN/100`` of the steps (``cd60``: pruning from 10% to 40%, then 60% of the
+    steps at the final structure).
+    """
+    parts = method.split("-")
+    if len(parts) not in (2, 3):
+        raise SystemExit(f"method {method!r}: expected loraprune-<criterion>[-oneshot|-cdNN]")
+    if len(parts) == 2:
+        return parts[1], {}
+    suffix = parts[2]
+    if suffix == "oneshot":
+        return parts[1], {"schedule": "one_shot"}
+    if suffix.startswith("cd") and suffix[2:].isdigit():
+        return parts[1], {"schedule": "cubic", "cooldown_ratio": int(suffix[2:]) / 100}
+    raise SystemExit(f"method {method!r}: schedule suffix must be 'oneshot' or 'cdNN' (cooldown in percent)")
+
+
 def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
     transformers.set_seed(seed)
     start = time.time()
     base = task.model()
-    criterion, schedule = "magnitude", "cubic"  # peers: masks set once; the criterion is never used
+    criterion, schedule = "magnitude", {}  # peers: masks set once; the criterion is never used
     if method.startswith("loraprune-"):
-        parts = method.split("-")
-        criterion = parts[1]
-        schedule = "one_shot" if parts[-1] == "oneshot" else "cubic"
+        criterion, schedule = loraprune_method(method)
     if args.granularity != "structured" and criterion == "activation":
         raise SystemExit("the activation criterion is structured only")
     config = LoRAPruneConfig(
@@ -318,7 +337,7 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         target_sparsity=0.0 if method == "dense-lora" else sparsity,
         granularity=args.granularity,
         importance=criterion,
-        schedule=schedule,
+        **schedule,
         head_grouping=task.head_grouping,
         pruning_interval=args.pruning_interval,
     )
@@ -330,6 +349,8 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         "train_tokens": task.train_tokens(),
         "calibration_tokens": 0,
     }
+    if method.startswith("loraprune-"):
+        row["schedule"] = {k: getattr(config, k) for k in ("schedule", "warmup_ratio", "cooldown_ratio")}
     callbacks = []
     if method in PEERS:
         batches, row["calibration_tokens"] = task.calibration(args.calibration_batches, seed)

@@ -355,6 +355,8 @@ PEER_ORDER = (
     "loraprune-grad",
     "loraprune-magnitude",
     "loraprune-activation-oneshot",
+    "loraprune-activation-cd60",
+    "loraprune-activation-cd80",
     "llm-pruner",
     "wanda-sp",
 )
@@ -448,18 +450,20 @@ def peers_verdicts(rows, metric, sparsities):
                 + _margin_caveat(rows, metric, sparsity, default, peers)
                 + "."
             )
-        oneshot = means.get("loraprune-activation-oneshot")
-        if oneshot is not None and peers:
-            ahead = all((oneshot < v) if lower else (oneshot > v) for v in peers.values())
-            n = len([r for r in rows if r["method"] == "loraprune-activation-oneshot" and r["sparsity"] == sparsity])
+        for variant in sorted(m for m in means if m.startswith("loraprune-activation-")):
+            value = means[variant]
+            if not peers:
+                break
+            ahead = all((value < v) if lower else (value > v) for v in peers.values())
+            n = len([r for r in rows if r["method"] == variant and r["sparsity"] == sparsity])
             out.append(
-                f"{sparsity:.0%}: the same criterion pruned one-shot at the end of the warm-up "
-                f"(`loraprune-activation-oneshot`, {n} seed{'s' if n > 1 else ''}): {metric} {oneshot:.4g}, "
+                f"{sparsity:.0%}: the same criterion on {_schedule_words(variant)} "
+                f"(`{variant}`, {n} seed{'s' if n > 1 else ''}): {metric} {value:.4g}, "
                 + ("ahead of every peer" if ahead else "not ahead of every peer")
                 + (
-                    f" and of the iterative default ({default:.4g})."
-                    if default is not None and ((oneshot < default) if lower else (oneshot > default))
-                    else "."
+                    f" and of the default schedule ({default:.4g})."
+                    if default is not None and ((value < default) if lower else (value > default))
+                    else (f"; the default schedule: {default:.4g}." if default is not None else ".")
                 )
             )
         if "loraprune-lora" in means and "loraprune-grad" in means:
@@ -468,6 +472,17 @@ def peers_verdicts(rows, metric, sparsities):
                 f"{sparsity:.0%}: the paper's estimator (`lora`) / true gradient (`grad`) {metric}: {ratio:.3f}."
             )
     return out
+
+
+def _schedule_words(method: str) -> str:
+    """What a ``loraprune-<criterion>-<schedule>`` suffix means (benchmarks/peers.py ``loraprune_method``)."""
+    suffix = method.rsplit("-", 1)[-1]
+    if suffix == "oneshot":
+        return "a one-shot schedule (everything pruned at the end of the warm-up)"
+    if suffix.startswith("cd"):
+        end = 1 - int(suffix[2:]) / 100
+        return f"a shorter cubic window (pruning ends at {end:.0%} of the steps)"
+    return f"schedule {suffix}"
 
 
 def _margin_caveat(rows, metric, sparsity, default, peers) -> str:

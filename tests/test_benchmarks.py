@@ -209,7 +209,7 @@ def test_peers_smoke(tmp_path):
         "--task",
         "minilm",
         "--methods",
-        "llm-pruner,wanda-sp,loraprune-activation",
+        "llm-pruner,wanda-sp,loraprune-activation,loraprune-activation-cd60",
         "--sparsities",
         "0.5",
         "--max_train_samples",
@@ -220,7 +220,14 @@ def test_peers_smoke(tmp_path):
         str(tmp_path / "work"),
     )
     rows = load(tmp_path, "peers_minilm")["rows"]
-    assert [r["method"] for r in rows] == ["llm-pruner", "wanda-sp", "loraprune-activation"]
+    assert [r["method"] for r in rows] == [
+        "llm-pruner",
+        "wanda-sp",
+        "loraprune-activation",
+        "loraprune-activation-cd60",
+    ]
+    assert rows[2]["schedule"] == {"schedule": "cubic", "warmup_ratio": 0.1, "cooldown_ratio": 0.1}
+    assert rows[3]["schedule"] == {"schedule": "cubic", "warmup_ratio": 0.1, "cooldown_ratio": 0.6}
     assert all(r["sparsity_by_unit"] == {"channels": 0.5, "heads": 0.5} for r in rows)
     # Torch-Pruning's GroupTaylorImportance and the benchmark's own sum of |W ⊙ G| rank channels alike
     assert rows[0]["torch_pruning_vs_own_channel_corr"] > 0.999
