@@ -10,10 +10,11 @@ Tasks (``--task``):
 Methods (``--methods``), all pruning the same units (heads as query heads inside KV groups, MLP channels) to the
 same fraction in every block, all trained with the same LoRA (rank, alpha, dropout, learning rate, steps, batch):
 
-* ``loraprune-<criterion>``: LoRAPrune while fine-tuning (cubic schedule), criterion ``activation`` (the
-  package default), ``lora`` (the paper's estimator), ``grad`` (true gradient), ``magnitude``;
-  ``loraprune-<criterion>-oneshot``: all pruning at the warm-up step; ``loraprune-<criterion>-cdNN``: the cubic
-  schedule with ``cooldown_ratio`` NN/100 (a shorter pruning window, then more steps at the final structure).
+* ``loraprune-<criterion>``: LoRAPrune while fine-tuning on the package's default schedule (cubic, pruning from
+  10% to 40% of the steps), criterion ``activation`` (the package default), ``lora`` (the paper's estimator),
+  ``grad`` (true gradient), ``magnitude``; ``loraprune-<criterion>-oneshot``: all pruning at the warm-up step;
+  ``loraprune-<criterion>-cdNN``: the cubic schedule with ``cooldown_ratio`` NN/100 (``cd10``: the reference
+  code's window, pruning until 90% of the steps, the package default before 0.3.0). Every row records its schedule.
 * ``llm-pruner``: LLM-Pruner's recipe: one-shot structured pruning of the pretrained model with first-order
   Taylor group importance (``|W ⊙ G|`` summed over the group's weights in every coupled module, true gradients
   from calibration batches), then LoRA recovery with the masks fixed. Channel scores come from Torch-Pruning

@@ -71,9 +71,9 @@ class PruningArguments:
     lora_alpha: int = field(default=16)
     lora_dropout: float = field(default=0.05)
     pruning_interval: int = field(default=10)
-    warmup_ratio_pruning: float = field(default=0.1)
-    cooldown_ratio_pruning: float = field(default=0.1)
-    schedule: str = field(default="cubic")
+    warmup_ratio_pruning: float = field(default=LoRAPruneConfig.warmup_ratio)
+    cooldown_ratio_pruning: float = field(default=LoRAPruneConfig.cooldown_ratio)
+    schedule: str = field(default=LoRAPruneConfig.schedule)
     element_mask_gradient: str = field(
         default="exact", metadata={"help": "'exact' or 'straight_through' (unstructured and N:M only)"}
     )

@@ -12,7 +12,7 @@ def test_defaults_follow_the_reference_code():
     assert c.peft_type == LORAPRUNE_PEFT_TYPE
     assert (c.r, c.lora_alpha, c.lora_dropout) == (8, 16, 0.05)
     assert (c.target_sparsity, c.pruning_interval, c.importance_beta) == (0.5, 10, 0.9)
-    assert (c.warmup_ratio, c.cooldown_ratio) == (0.1, 0.1)
+    assert (c.warmup_ratio, c.cooldown_ratio) == (0.1, 0.6)
     assert c.granularity == "structured" and c.budget == "local"
     assert c.scaling == 2.0
 
