@@ -209,7 +209,7 @@ def test_peers_smoke(tmp_path):
         "--task",
         "minilm",
         "--methods",
-        "llm-pruner,wanda-sp,loraprune-activation,loraprune-activation-cd60",
+        "llm-pruner,wanda-sp,loraprune-activation,loraprune-activation-cd10",
         "--sparsities",
         "0.5",
         "--max_train_samples",
