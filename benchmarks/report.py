@@ -501,10 +501,32 @@ def _margin_caveat(rows, metric, sparsity, default, peers) -> str:
         return " (one seed: the margins are not tested against seed noise)"
     mean = sum(values) / len(values)
     std = (sum((x - mean) ** 2 for x in values) / (len(values) - 1)) ** 0.5
-    margin = min(abs(v - default) for v in peers.values())
+    nearest = min(peers, key=lambda m: abs(peers[m] - default))
+    margin = abs(peers[nearest] - default)
+    seeds = _paired_seeds(rows, metric, sparsity, "loraprune-activation", nearest)
     if margin < std:
-        return f" (the nearest margin, {margin:.3g}, is within the default's seed-to-seed spread, std {std:.3g})"
-    return f" (nearest margin {margin:.3g}, default's seed-to-seed std {std:.3g})"
+        return (
+            f" (the nearest margin, {margin:.3g}, is within the default's seed-to-seed spread, std {std:.3g}{seeds})"
+        )
+    return f" (nearest margin {margin:.3g}, default's seed-to-seed std {std:.3g}{seeds})"
+
+
+def _paired_seeds(rows, metric, sparsity, method, peer) -> str:
+    """On how many of the seeds both ran ``method`` is better than ``peer``: the ranking seed by seed."""
+    lower = metric == "perplexity"
+    by_seed = {
+        m: {r["seed"]: r[metric] for r in rows if r["method"] == m and r["sparsity"] == sparsity}
+        for m in (method, peer)
+    }
+    common = sorted(set(by_seed[method]) & set(by_seed[peer]))
+    if not common:
+        return ""
+    wins = [
+        s
+        for s in common
+        if (by_seed[method][s] < by_seed[peer][s]) == lower and by_seed[method][s] != by_seed[peer][s]
+    ]
+    return f"; better than {peer} on {len(wins)} of {len(common)} paired seeds"
 
 
 def peers_plot(name, rows, metric, methods, sparsities, lines):
