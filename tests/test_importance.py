@@ -308,8 +308,8 @@ def test_non_finite_gradient_skips_update_once_warned_and_leaves_masks():
     for key, value in engine.member_averages.items():
         assert torch.equal(value, before[key])
     # a rewrite due now waits for a finite step
-    total = 10  # the schedule's last rewrite is at step 9 = round(0.9 * 10)
-    assert engine.pruning_step(9, total) is None and engine.pending_rewrite
+    total = 10  # the default schedule's last rewrite is at step 4 = round((1 - 0.6) * 10)
+    assert engine.pruning_step(4, total) is None and engine.pending_rewrite
     assert all(torch.equal(v, masks[k]) for k, v in model.state_dict().items() if "mask" in k)
     first_layer.lora_B["default"].weight.grad[0, 0] = float("inf")
     with warnings.catch_warnings():
@@ -318,7 +318,7 @@ def test_non_finite_gradient_skips_update_once_warned_and_leaves_masks():
     model.zero_grad()
     backward(model, seed=4)
     assert engine.update_importance()
-    assert engine.pruning_step(10, total) == 0.5
+    assert engine.pruning_step(5, total) == 0.5
     assert model.base_model.sparsity_report().sparsity == pytest.approx(0.5)
 
 
