@@ -454,10 +454,9 @@ def peers_verdicts(rows, metric, sparsities):
                 + _margin_caveat(rows, metric, sparsity, default, peers)
                 + "."
             )
-        for variant in sorted(m for m in means if m.startswith("loraprune-activation-")):
+        variants = sorted(m for m in means if m.startswith("loraprune-activation-")) if peers else []
+        for variant in variants:
             value = means[variant]
-            if not peers:
-                break
             ahead = all((value < v) if lower else (value > v) for v in peers.values())
             n = len([r for r in rows if r["method"] == variant and r["sparsity"] == sparsity])
             out.append(
