@@ -17,12 +17,14 @@ sys.path.insert(0, str(ROOT / "examples"))
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 
-def write_result(name: str, payload: dict, out_dir: str | None = None) -> Path:
-    """Write ``payload`` plus the machine description to ``<out_dir>/<name>.json``."""
+def write_result(name: str, payload: dict, out_dir: str | None = None, libraries: tuple[str, ...] = ()) -> Path:
+    """Write ``payload`` plus the machine description (with the versions of ``libraries`` beside the usual ones,
+    e.g. a peer's package) to ``<out_dir>/<name>.json``."""
     directory = Path(out_dir) if out_dir else RESULTS_DIR
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine_info(), **payload}, indent=2, default=str))
+    machine = machine_info(extra_libraries=("datasets", *libraries))
+    path.write_text(json.dumps({"machine": machine, **payload}, indent=2, default=str))
     return path
 
 

@@ -62,6 +62,7 @@ from peft_loraprune.mask_packing import pack_bits
 
 PEERS = ("llm-pruner", "wanda-sp")  # structured one-shot peers
 UNSTRUCTURED_PEERS = ("sparsegpt", "wanda")  # llm-compressor's one-shot pruners
+PEER_LIBRARIES = ("torch-pruning", "llmcompressor", "compressed-tensors", "lm_eval")  # versions in every result file
 
 
 # ---------------------------------------------------------------------------------------------------- tasks
@@ -479,6 +480,7 @@ def main():
                     name,
                     {"settings": settings, "summary": summarise(rows, TASKS[args.task].metric), "rows": rows},
                     args.out,
+                    libraries=PEER_LIBRARIES,
                 )
     for variant, s in summarise(rows, TASKS[args.task].metric).items():
         print(f"{variant:32s} {s['mean']:9.4f} ± {s['std']:.4f} (n={s['n']})")

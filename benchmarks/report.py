@@ -360,7 +360,24 @@ PEER_ORDER = (
     "loraprune-magnitude",
     "llm-pruner",
     "wanda-sp",
+    "sparsegpt",
+    "wanda",
 )
+
+# Per granularity: the package's default method, and the peers it is measured against (benchmarks/peers.py)
+ROLES = {
+    "structured": ("loraprune-activation", ("llm-pruner", "wanda-sp")),
+    "unstructured": ("loraprune-lora", ("sparsegpt", "wanda")),
+}
+
+
+def _ordered(methods) -> list[str]:
+    """Methods in table order (PEER_ORDER, then any other by name), so every regeneration reads the same."""
+    return sorted(methods, key=lambda m: (PEER_ORDER.index(m) if m in PEER_ORDER else len(PEER_ORDER), m))
+
+
+def _granularity(data) -> str:
+    return data["settings"].get("granularity", "structured")
 
 
 def peers_section(lines):
@@ -369,10 +386,11 @@ def peers_section(lines):
         s = data["settings"]
         rows = data["rows"]
         task = s["task"]
+        granularity = _granularity(data)
         metric = "perplexity" if task == "smollm2" else "accuracy"
         better = min if metric == "perplexity" else max
         extra = [k for k in ("rt_sentiment_acc", "wiki_continuation_acc_norm") if any(k in r for r in rows)]
-        methods = sorted({r["method"] for r in rows}, key=lambda m: PEER_ORDER.index(m) if m in PEER_ORDER else 99)
+        methods = _ordered({r["method"] for r in rows})
         sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}, reverse=True)
         tokens = rows[0]["train_tokens"]
         title = (
@@ -380,15 +398,28 @@ def peers_section(lines):
             if task == "smollm2"
             else f"MiniLM (BERT) on Rotten Tomatoes ({s['max_train_samples']:,d} training sentences), test accuracy"
         )
+        if granularity == "structured":
+            units = (
+                "Every method removes the same units in every block (heads, as query heads inside KV groups where "
+                "the model has grouped-query attention, and MLP channels). "
+            )
+        else:
+            units = (
+                f"Every method zeroes the same fraction of the weights of every Linear in the blocks ({granularity}, "
+                "per layer); SparseGPT and Wanda are llm-compressor's own `SparseGPTModifier` and "
+                "`WandaPruningModifier` (one-shot on the pretrained model, in an environment of their own: "
+                f"llm-compressor {data['machine'].get('llmcompressor', '(see the result file)')}, transformers "
+                f"{data['machine'].get('transformers')}), then LoRA recovery with their zeros fixed. "
+            )
         lines += [
-            f"### Against other pruners: {title}",
+            f"### Against other pruners: {title}" + ("" if granularity == "structured" else f" ({granularity})"),
             "",
             f"Machine: {_machine(data)}. Seeds {sorted({r['seed'] for r in rows})}; {tokens:,d} training tokens "
             f"for every method (LoRA rank {s['r']}{', bfloat16 autocast' if s.get('bf16') else ''}); peers "
             f"also read {s['calibration_batches']} calibration batches "
             f"({max(r['calibration_tokens'] for r in rows):,d} tokens) of the training data before pruning. "
-            "Every method removes the same units in every block (heads, as query heads inside KV groups where the "
-            "model has grouped-query attention, and MLP channels). Wall time covers calibration and training, on a "
+            + units
+            + "Wall time covers calibration and training, on a "
             "shared 2-core machine where other jobs sometimes ran alongside (the controlled cost measure is the step-"
             "cost benchmark); peak RSS is each run's own process. LoRAPrune's schedule is in the method's name: "
             "none, the package's default (cubic, pruning from 10% to 40% of the steps); `-cd10`, the reference "
@@ -426,35 +457,37 @@ def peers_section(lines):
         for r in rows:
             if r.get("conditions"):
                 lines += [f"\\* {r['method']} {r['sparsity']:.0%} seed {r['seed']}: {r['conditions']}.", ""]
-        verdicts = peers_verdicts(rows, metric, sparsities)
+        verdicts = peers_verdicts(rows, metric, sparsities, granularity)
         if verdicts:
             lines += ["Read from the rows above:", "", *[f"- {v}" for v in verdicts], ""]
-        peers_plot(name, rows, metric, methods, sparsities, lines)
+        peers_plot(name, rows, metric, methods, sparsities, lines, granularity)
 
 
-def peers_verdicts(rows, metric, sparsities):
+def peers_verdicts(rows, metric, sparsities, granularity="structured"):
     """Sentences computed from the results: where the default wins or loses, and the paper's estimator vs grad."""
     out = []
     lower = metric == "perplexity"
+    default_method, peer_methods = ROLES[granularity]
+    criterion = default_method.split("-", 1)[1]
     for sparsity in sparsities:
         means = {
             m: _mean([r for r in rows if r["method"] == m and r["sparsity"] == sparsity], metric)
-            for m in {r["method"] for r in rows}
+            for m in _ordered({r["method"] for r in rows})
         }
         means = {m: v for m, v in means.items() if v is not None}
-        default = means.get("loraprune-activation")
-        peers = {m: v for m, v in means.items() if m in ("llm-pruner", "wanda-sp")}
+        default = means.get(default_method)
+        peers = {m: v for m, v in means.items() if m in peer_methods}
         if default is not None and peers:
             beaten = [m for m, v in peers.items() if (v < default if lower else v > default)]
             out.append(
-                f"{sparsity:.0%}: the default (`activation`) {metric} {default:.4g}; "
+                f"{sparsity:.0%}: the default (`{criterion}`) {metric} {default:.4g}; "
                 + ("ahead of every peer (" if not beaten else f"behind {', '.join(beaten)} (")
                 + ", ".join(f"{m} {v:.4g}" for m, v in peers.items())
                 + ")"
-                + _margin_caveat(rows, metric, sparsity, default, peers)
+                + _margin_caveat(rows, metric, sparsity, default_method, default, peers)
                 + "."
             )
-        variants = sorted(m for m in means if m.startswith("loraprune-activation-")) if peers else []
+        variants = sorted(m for m in means if m.startswith(default_method + "-")) if peers else []
         for variant in variants:
             value = means[variant]
             ahead = all((value < v) if lower else (value > v) for v in peers.values())
@@ -492,17 +525,17 @@ def _schedule_words(method: str) -> str:
     return f"schedule {suffix}"
 
 
-def _margin_caveat(rows, metric, sparsity, default, peers) -> str:
-    """How far the nearest peer is, against the default's own seed-to-seed spread (a margin inside it is not a
-    ranking yet)."""
-    values = [r[metric] for r in rows if r["method"] == "loraprune-activation" and r["sparsity"] == sparsity]
+def _margin_caveat(rows, metric, sparsity, method, default, peers) -> str:
+    """How far the nearest peer is, against the default's (``method``) own seed-to-seed spread (a margin inside it
+    is not a ranking yet)."""
+    values = [r[metric] for r in rows if r["method"] == method and r["sparsity"] == sparsity]
     if len(values) < 2:
         return " (one seed: the margins are not tested against seed noise)"
     mean = sum(values) / len(values)
     std = (sum((x - mean) ** 2 for x in values) / (len(values) - 1)) ** 0.5
     nearest = min(peers, key=lambda m: abs(peers[m] - default))
     margin = abs(peers[nearest] - default)
-    seeds = _paired_seeds(rows, metric, sparsity, "loraprune-activation", nearest)
+    seeds = _paired_seeds(rows, metric, sparsity, method, nearest)
     if margin < std:
         return (
             f" (the nearest margin, {margin:.3g}, is within the default's seed-to-seed spread, std {std:.3g}{seeds})"
@@ -528,7 +561,7 @@ def _paired_seeds(rows, metric, sparsity, method, peer) -> str:
     return f"; better than {peer} on {len(wins)} of {len(common)} paired seeds"
 
 
-def peers_plot(name, rows, metric, methods, sparsities, lines):
+def peers_plot(name, rows, metric, methods, sparsities, lines, granularity="structured"):
     fig, ax = plt.subplots(figsize=(7.5, 3.4))
     width = 0.8 / max(1, len(methods))
     for j, m in enumerate(methods):
@@ -543,7 +576,7 @@ def peers_plot(name, rows, metric, methods, sparsities, lines):
     if dense is not None:
         ax.axhline(dense, color="black", lw=0.8, ls="--", label="dense LoRA")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sparsities))], [f"{s:.0%}" for s in sparsities])
-    ax.set_xlabel("structured sparsity")
+    ax.set_xlabel(f"{granularity} sparsity")
     ax.set_ylabel(metric)
     if metric == "perplexity":
         ax.set_yscale("log")
@@ -567,6 +600,7 @@ def readme_summary() -> list[str]:
     for data in _load("peers_*.json").values():
         rows = data["rows"]
         task = data["settings"]["task"]
+        granularity = _granularity(data)
         metric = "perplexity" if task == "smollm2" else "accuracy"
         sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}, reverse=True)
         seeds = sorted({r["seed"] for r in rows})
@@ -574,14 +608,14 @@ def readme_summary() -> list[str]:
             "SmolLM2-135M, held-out perplexity"
             if task == "smollm2"
             else f"MiniLM on Rotten Tomatoes, {data['settings']['max_train_samples']:,d} training sentences, accuracy"
-        )
+        ) + ("" if granularity == "structured" else f", {granularity}")
         dense = _mean([r for r in rows if r["method"] == "dense-lora"], metric)
         out.append(
             f"- **Against other pruners** ({name}, seeds {seeds}, {rows[0]['train_tokens']:,d} training tokens"
             + (f"; dense LoRA {dense:.4g}" if dense is not None else "")
             + "):"
         )
-        out += [f"  - {v}" for v in peers_verdicts(rows, metric, sparsities)]
+        out += [f"  - {v}" for v in peers_verdicts(rows, metric, sparsities, granularity)]
     for data in _load("criteria_*.json").values():
         summary = data["summary"]
         cells = []
