@@ -351,3 +351,28 @@ def test_activation_criterion_reads_gated_mlp_channels_at_the_up_projection():
         assert consumers[name].factor is up
         assert up._taps["default"] and not layers[name]._taps.get("default")
     assert all(consumers[n].factor is None for n in consumers if n.endswith("o_proj"))
+
+
+def test_wanda_scores_are_weight_magnitude_times_input_norm_over_the_steps_tokens():
+    """"wanda": |W_ij|·‖x_j‖ with x every token the layer saw in the step's training passes (two micro-batches
+    here), computed from inputs captured by plain forward hooks; a no_grad pass in between is not counted."""
+    model, engine = one_layer_setup("parallel", "wanda", "unstructured")
+    seen = {name: [] for name, _ in engine.layers}
+    handles = [
+        layer.register_forward_pre_hook(lambda m, args, _n=name: seen[_n].append(args[0].detach()))
+        for name, layer in engine.layers
+    ]
+    backward(model, seed=1)
+    with torch.no_grad():  # an evaluation pass: not part of the step's scores
+        inputs = make_inputs("llama", seed=7)
+        model(**inputs)
+    for name in seen:
+        seen[name] = seen[name][:1]  # drop what the no_grad pass showed the hooks
+    backward(model, seed=2)
+    for h in handles:
+        h.remove()
+    assert engine.update_importance()
+    for name, layer in engine.layers:
+        x = torch.cat([v.reshape(-1, v.shape[-1]) for v in seen[name]])
+        expected = merged_weight(layer).abs() * x.float().pow(2).sum(0).sqrt()
+        torch.testing.assert_close(engine.element_averages[name], (1 - BETA) * expected, rtol=1e-4, atol=1e-9)

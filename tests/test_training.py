@@ -181,7 +181,7 @@ def test_reference_dense_layers_and_epoch_based_total(tmp_path):
     assert not all(v.all() for k, v in masks.items() if ".layer.0." in k)
 
 
-@pytest.mark.parametrize("importance", ["grad", "magnitude"])
+@pytest.mark.parametrize("importance", ["grad", "magnitude", "wanda"])
 def test_other_criteria_train_to_target(importance, tmp_path):
     model = training_model("gpt2", importance=importance, granularity="unstructured", target_sparsity=0.3)
     trainer_for(model, "gpt2", tmp_path).train()
