@@ -354,7 +354,7 @@ def test_activation_criterion_reads_gated_mlp_channels_at_the_up_projection():
 
 
 def test_wanda_scores_are_weight_magnitude_times_input_norm_over_the_steps_tokens():
-    """"wanda": |W_ij|·‖x_j‖ with x every token the layer saw in the step's training passes (two micro-batches
+    """ "wanda": |W_ij|·‖x_j‖ with x every token the layer saw in the step's training passes (two micro-batches
     here), computed from inputs captured by plain forward hooks; a no_grad pass in between is not counted."""
     model, engine = one_layer_setup("parallel", "wanda", "unstructured")
     seen = {name: [] for name, _ in engine.layers}
