@@ -88,8 +88,8 @@ class LoRAPruneConfig(PeftConfig):
             backward pass computes anyway (no weight gradient, ``d_in`` floats of state per consumer module);
             "lora" (the paper's estimator from the adapter gradients; the default for "unstructured" and "N:M");
             "grad" (true gradient of the merged weight; memory-heavy baseline); "magnitude"; "wanda" (``|W|`` times
-            the norm of its input feature over the step's tokens, Wanda's rule, from the forward pass alone; opt-in,
-            not yet measured against the others while fine-tuning). ``None`` picks the default for the granularity.
+            the norm of its input feature over the step's tokens, Wanda's rule, from the forward pass alone; opt-in;
+            so far measured while fine-tuning in a 200-step check only). ``None`` picks the default for the granularity.
         element_mask_gradient: "unstructured" and "N:M" only. "exact" (default): the adapter factors get the
             gradient of the masked update ``(B·A) ⊙ M``, which needs one weight-sized product ``grad_yᵀ·x`` per
             layer and backward pass. "straight_through" (opt-in approximation, as sparse-training methods use):
