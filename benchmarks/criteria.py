@@ -59,7 +59,7 @@ class ActivationSquared(ActivationTaylor):
     def member_scores(self, name, layer, axis, layout):
         if axis != "cols" or name not in self.touched:
             return None
-        return sum_over_groups(self.column_sums[name], layout).pow(2)
+        return sum_over_groups(self.sums[name], layout).pow(2)
 
 
 def build(variant: str, sparsity: float, args, task):

@@ -148,7 +148,49 @@ class Magnitude(Criterion):
         )
 
 
-class InputNormMagnitude(Criterion):
+class FeatureSums(Criterion):
+    """Base of the criteria that keep one float32 vector per tapped layer (``sums``), added to by forward taps,
+    averaged over ranks, checked for finiteness and zeroed after every step; ``touched`` names the layers whose
+    tap fired this step. Subclasses create the vectors and taps in :meth:`attach` with :meth:`_new_sums` and
+    :meth:`_add_tap`."""
+
+    def __init__(self, adapter: str) -> None:
+        super().__init__(adapter)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.touched: set[str] = set()
+        self._taps: list[tuple[object, object]] = []
+
+    def _new_sums(self, name: str, layer) -> torch.Tensor:
+        """A zero vector of ``layer``'s input size for ``name``, on its device."""
+        self.sums[name] = torch.zeros(layer.in_features, device=layer.base_weight_2d().device)
+        return self.sums[name]
+
+    def _add_tap(self, source, tap) -> None:
+        source.add_tap(self.adapter, tap)
+        self._taps.append((source, tap))
+
+    def detach(self):
+        for layer, tap in self._taps:
+            layer.remove_tap(self.adapter, tap)
+        self._taps.clear()
+        self.sums.clear()
+
+    def synchronize(self):
+        # sums of this rank's tokens: the mean over ranks ranks groups and weights as the sum over all tokens does
+        all_reduce_mean_(self.sums.values())
+
+    def finite_inputs(self, name, layer):
+        extra = [self.sums[name]] if name in self.sums else []
+        return super().finite_inputs(name, layer) + extra
+
+    def reset(self):
+        super().reset()
+        self.touched.clear()
+        for v in self.sums.values():
+            v.zero_()
+
+
+class InputNormMagnitude(FeatureSums):
     """``|W_ij|·‖x_j‖₂``: the merged weight times the norm of its input feature over the step's tokens (Wanda).
 
     A tap on each scored layer adds ``Σ_tokens x_j²`` to a ``d_in`` float32 accumulator at every forward pass run
@@ -160,21 +202,12 @@ class InputNormMagnitude(Criterion):
 
     name = "wanda"
 
-    def __init__(self, adapter: str) -> None:
-        super().__init__(adapter)
-        self.square_sums: dict[str, torch.Tensor] = {}
-        self.touched: set[str] = set()
-        self._taps: list[tuple[object, object]] = []
-
     def attach(self, layers, consumers):
         for name, layer in layers:
-            self.square_sums[name] = torch.zeros(layer.in_features, device=layer.base_weight_2d().device)
-            tap = self._tap(name)
-            layer.add_tap(self.adapter, tap)
-            self._taps.append((layer, tap))
+            self._add_tap(layer, self._tap(name, self._new_sums(name, layer)))
 
-    def _tap(self, name: str):
-        buffer, touched = self.square_sums[name], self.touched
+    def _tap(self, name: str, buffer: torch.Tensor):
+        touched = self.touched
 
         def tap(x: torch.Tensor, y: torch.Tensor) -> None:
             if not y.requires_grad:
@@ -186,24 +219,10 @@ class InputNormMagnitude(Criterion):
 
         return tap
 
-    def detach(self):
-        for layer, tap in self._taps:
-            layer.remove_tap(self.adapter, tap)
-        self._taps.clear()
-        self.square_sums.clear()
-
-    def synchronize(self):
-        # sums of this rank's tokens: the mean over ranks ranks weights as the sum over all tokens does
-        all_reduce_mean_(self.square_sums.values())
-
-    def finite_inputs(self, name, layer):
-        extra = [self.square_sums[name]] if name in self.square_sums else []
-        return super().finite_inputs(name, layer) + extra
-
     def element_chunks(self, name, layer):
         if name not in self.touched:
             return None
-        norms = self.square_sums[name].sqrt()
+        norms = self.sums[name].sqrt()
         factors = layer.scoring_factors(self.adapter)
         return element_scores(
             _merged_rows(layer, self.adapter, factors),
@@ -211,12 +230,6 @@ class InputNormMagnitude(Criterion):
             (layer.out_features, layer.in_features),
             _scratch(layer),
         )
-
-    def reset(self):
-        super().reset()
-        self.touched.clear()
-        for s in self.square_sums.values():
-            s.zero_()
 
 
 class LoRAGradientEstimate(Criterion):
@@ -331,7 +344,7 @@ def _gradient_tap(buffer: torch.Tensor):
     return tap
 
 
-class ActivationTaylor(Criterion):
+class ActivationTaylor(FeatureSums):
     """``|Σ_{c ∈ group} Σ_tokens x_c·(∂L/∂x)_c|`` at the group's consuming module (structured pruning only).
 
     A tap on each consuming module keeps a reference to its input ``x`` and adds ``Σ_tokens x·∂L/∂x`` to a
@@ -348,27 +361,17 @@ class ActivationTaylor(Criterion):
     elementwise = False
     reads_weights = False
 
-    def __init__(self, adapter: str) -> None:
-        super().__init__(adapter)
-        self.column_sums: dict[str, torch.Tensor] = {}
-        self.touched: set[str] = set()
-        self._taps: list[tuple[object, object]] = []
-
     def scores_axis(self, axis):
         return axis == "cols"
 
     def attach(self, layers, consumers):
         for name, layer, factor in consumers:
-            self.column_sums[name] = torch.zeros(layer.in_features, device=layer.base_weight_2d().device)
             source = layer if factor is None else factor
-            tap = self._tap(name, read_output=factor is not None)
-            source.add_tap(self.adapter, tap)
-            self._taps.append((source, tap))
+            self._add_tap(source, self._tap(name, self._new_sums(name, layer), read_output=factor is not None))
 
-    def _tap(self, name: str, read_output: bool):
-        """A tap adding ``Σ_tokens v·∂L/∂v`` to ``name``'s column sums, ``v`` the tapped layer's input, or its
-        output when ``read_output`` (the consumer's input factor)."""
-        buffer = self.column_sums[name]
+    def _tap(self, name: str, buffer: torch.Tensor, read_output: bool):
+        """A tap adding ``Σ_tokens v·∂L/∂v`` to ``buffer`` (``name``'s column sums), ``v`` the tapped layer's
+        input, or its output when ``read_output`` (the consumer's input factor)."""
         touched = self.touched
 
         def tap(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -393,29 +396,10 @@ class ActivationTaylor(Criterion):
 
         return tap
 
-    def detach(self):
-        for layer, tap in self._taps:
-            layer.remove_tap(self.adapter, tap)
-        self._taps.clear()
-        self.column_sums.clear()
-
-    def synchronize(self):
-        all_reduce_mean_(self.column_sums.values())
-
-    def finite_inputs(self, name, layer):
-        extra = [self.column_sums[name]] if name in self.column_sums else []
-        return super().finite_inputs(name, layer) + extra
-
     def member_scores(self, name, layer, axis, layout):
         if axis != "cols" or name not in self.touched:
             return None
-        return sum_over_groups(self.column_sums[name], layout).abs()
-
-    def reset(self):
-        super().reset()
-        self.touched.clear()
-        for s in self.column_sums.values():
-            s.zero_()
+        return sum_over_groups(self.sums[name], layout).abs()
 
 
 class PerAxis(Criterion):
