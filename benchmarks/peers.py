@@ -57,6 +57,7 @@ from peft import get_peft_model
 
 import peft_loraprune  # noqa: F401
 from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig
+from peft_loraprune.criteria import make_criterion
 from peft_loraprune.group_ops import sum_over_groups
 from peft_loraprune.mask_packing import pack_bits
 
@@ -353,6 +354,8 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
     }
     if method.startswith("loraprune-"):
         row["schedule"] = {k: getattr(config, k) for k in ("schedule", "warmup_ratio", "cooldown_ratio")}
+        if config.is_element_granularity:  # separable: per-feature averages, the weight scored at rewrites only
+            row["separable_scoring"] = make_criterion(config.importance, "default").separable
     callbacks = []
     if method in PEERS:
         batches, row["calibration_tokens"] = task.calibration(args.calibration_batches, seed)

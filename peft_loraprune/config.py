@@ -97,7 +97,8 @@ class LoRAPruneConfig(PeftConfig):
             weight-sized; outputs and input gradients stay exact, but pruned entries of ``B·A`` still steer the
             factors. Its time and quality cost are in the README's "Cost" section.
         importance_beta: moving-average factor λ of the importance, in [0, 1).
-        importance_dtype: storage dtype of per-weight scores (unstructured and N:M only).
+        importance_dtype: storage dtype of per-weight scores (unstructured and N:M; "wanda" keeps none: it averages
+            one input norm per feature and scores the weight at rewrites).
         pruning_interval: optimizer steps between mask rewrites (>= 1).
         budget: "local" (same fraction in every pruned layer) or "global" (ranked across layers).
         initial_sparsity, warmup_ratio, cooldown_ratio, schedule: the cubic schedule goes from

@@ -7,6 +7,9 @@ Each criterion is a small object with one interface (the engine never branches o
 * :meth:`Criterion.synchronize` averages rank-local accumulators over ranks (distributed training);
 * :meth:`Criterion.finite_inputs` lists the tensors whose finiteness decides whether a step is scored;
 * :meth:`Criterion.element_chunks` yields ``(rows, |W ⊙ G|)`` chunks of one layer (element-wise criteria only);
+* a *separable* criterion (a weight's score is ``|W_ij|·v_j``) gives the step's vector ``v`` by
+  :meth:`Criterion.step_features` and scores any vector by :meth:`Criterion.chunks_for`: the engine then
+  averages ``v`` (``d_in`` floats per layer) and scores the current weight only when it rewrites masks;
 * :meth:`Criterion.member_scores` gives one member's raw per-group scores for this step (structured pruning);
 * :meth:`Criterion.reset` clears per-step accumulators after the step.
 
@@ -75,6 +78,9 @@ class Criterion:
     elementwise: bool = True
     #: True when scoring reads each layer's whole pretrained weight (impossible under DeepSpeed ZeRO-3)
     reads_weights: bool = True
+    #: True when a weight's score is ``|W_ij|·v_j`` with one vector ``v`` per layer and step
+    #: (:meth:`step_features`, :meth:`chunks_for`)
+    separable: bool = False
 
     def __init__(self, adapter: str) -> None:
         self.adapter = adapter
@@ -102,6 +108,15 @@ class Criterion:
 
         Chunks are scratch buffers reused from one chunk to the next: fold each in before asking for the next."""
         raise NotImplementedError(f"the {self.name!r} criterion does not score single weights")
+
+    def step_features(self, name: str) -> Optional[torch.Tensor]:
+        """Separable criteria: this step's ``v`` (``d_in`` float32) of layer ``name``, or None (layer unused)."""
+        raise NotImplementedError(f"the {self.name!r} criterion is not separable")
+
+    def chunks_for(self, layer, features: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Separable criteria: ``(rows, |W_ij|·features_j)`` float32 chunks of ``layer``'s merged weight
+        (scratch buffers, as in :meth:`element_chunks`)."""
+        raise NotImplementedError(f"the {self.name!r} criterion is not separable")
 
     def member_scores(self, name: str, layer, axis: str, layout) -> Optional[torch.Tensor]:
         """Raw scores of the groups laid out along ``axis`` of ``layer`` for this step, or None (layer unused).
@@ -195,12 +210,16 @@ class InputNormMagnitude(FeatureSums):
 
     A tap on each scored layer adds ``Σ_tokens x_j²`` to a ``d_in`` float32 accumulator at every forward pass run
     with gradients (micro-batches of one step add up; evaluation passes under ``no_grad`` are not seen). The norm
-    is the square root of that sum at scoring time. Why it is offered: on SmolLM2 at 50% unstructured the paper's
-    estimator (``"lora"``) trailed llm-compressor's one-shot Wanda followed by LoRA by a wide margin (README,
-    "Benchmarks"); this is Wanda's rule, scored while fine-tuning on the merged weight.
+    is the square root of that sum. The criterion is separable: for unstructured and N:M pruning the engine
+    averages the norms over steps and multiplies the average by the merged weight of the rewrite step, which
+    equals the average of the per-step scores while the weight stays put, and reads no weight between rewrites
+    and keeps no per-weight state. Why it is offered: on SmolLM2 at 50% unstructured the paper's estimator
+    (``"lora"``) trailed llm-compressor's one-shot Wanda followed by LoRA by a wide margin (README,
+    "Benchmarks"); this is Wanda's rule, scored while fine-tuning.
     """
 
     name = "wanda"
+    separable = True
 
     def attach(self, layers, consumers):
         for name, layer in layers:
@@ -219,17 +238,21 @@ class InputNormMagnitude(FeatureSums):
 
         return tap
 
-    def element_chunks(self, name, layer):
-        if name not in self.touched:
-            return None
-        norms = self.sums[name].sqrt()
+    def step_features(self, name):
+        return self.sums[name].sqrt() if name in self.touched else None
+
+    def chunks_for(self, layer, features):
         factors = layer.scoring_factors(self.adapter)
         return element_scores(
             _merged_rows(layer, self.adapter, factors),
-            lambda r, out: out.copy_(norms.expand(r.stop - r.start, -1)),
+            lambda r, out: out.copy_(features.expand(r.stop - r.start, -1)),
             (layer.out_features, layer.in_features),
             _scratch(layer),
         )
+
+    def element_chunks(self, name, layer):
+        features = self.step_features(name)
+        return None if features is None else self.chunks_for(layer, features)
 
 
 class LoRAGradientEstimate(Criterion):

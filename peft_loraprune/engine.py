@@ -19,7 +19,9 @@ State (all of it here, none in the layers; float32 whatever the model's dtype, f
   (``n_groups`` floats). By default each step's member vector is divided by its L2 norm before it is averaged,
   as the reference code does, so that a step's overall gradient scale (gradient clipping, loss scaling, the
   spike after a mask rewrite) does not decide how much it counts; a group's score is the sum over its members.
-* unstructured and N:M: one moving-average score per weight, in ``importance_dtype``, averaged raw.
+* unstructured and N:M: one moving-average score per weight, in ``importance_dtype``, averaged raw; or, for a
+  separable criterion (score ``|W_ij|·v_j``, e.g. ``"wanda"``), the moving average of ``v`` per layer (``d_in``
+  floats), multiplied by the merged weight only when masks are rewritten.
 
 :meth:`state_dict` / :meth:`load_state_dict` carry it through checkpoints.
 """
@@ -77,6 +79,7 @@ class PruningEngine:
         self.use_criterion(self.config.importance)
         self.member_averages: dict[str, torch.Tensor] = {}  # structured: float32, n_groups per scored member
         self.element_averages: dict[str, torch.Tensor] = {}  # element granularities: importance_dtype, per weight
+        self.feature_averages: dict[str, torch.Tensor] = {}  # separable criteria: float32, d_in per layer
         self.n_updates = 0
         self.n_skipped = 0
         self.last_update_ok = True  # False after a skipped (non-finite) update: masks wait for a finite step
@@ -190,6 +193,11 @@ class PruningEngine:
         if self.structured:
             for key, step in self.step_member_scores().items():
                 moving_average_(self._average(self.member_averages, key, step.shape, step.device), step, beta)
+        elif self.criterion.separable:
+            for name, _ in self.element_layers:
+                step = self.criterion.step_features(name)
+                if step is not None:  # None: module not used in this step's graph
+                    moving_average_(self._average(self.feature_averages, name, step.shape, step.device), step, beta)
         else:
             for name, layer in self.element_layers:
                 chunks = self.criterion.element_chunks(name, layer)
@@ -266,8 +274,17 @@ class PruningEngine:
         self.last_sparsity = sparsity
 
     def _element_scores(self, name: str, layer: LoRAPruneLayer) -> torch.Tensor:
-        average = self.element_averages.get(name)
+        """Float32 scores of every weight of ``layer`` (a transient of the weight's size, one layer at a time)."""
         device = layer.get_base_weight().device
+        if self.criterion.separable:
+            features = self.feature_averages.get(name)
+            if features is None:  # no update yet: every weight ties
+                return torch.zeros(layer.out_features, layer.in_features, device=device)
+            scores = torch.empty(layer.out_features, layer.in_features, device=device)
+            for rows, block in self.criterion.chunks_for(layer, features.to(device)):
+                scores[rows] = block
+            return scores
+        average = self.element_averages.get(name)
         if average is None:  # no update yet: every weight ties
             return torch.zeros(layer.out_features, layer.in_features, device=device)
         return average.to(device).float()
@@ -322,7 +339,8 @@ class PruningEngine:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Counters and importance averages (``member.<module>.<axis>``, ``element.<module>``), for a checkpoint."""
+        """Counters and importance averages (``member.<module>.<axis>``, ``element.<module>``,
+        ``feature.<module>``), for a checkpoint."""
         state = {
             "n_updates": torch.tensor(self.n_updates),
             "n_skipped": torch.tensor(self.n_skipped),
@@ -330,7 +348,12 @@ class PruningEngine:
             "pending_rewrite": torch.tensor(int(self.pending_rewrite)),
             "last_update_ok": torch.tensor(int(self.last_update_ok)),
         }
-        for prefix, store in (("member", self.member_averages), ("element", self.element_averages)):
+        stores = (
+            ("member", self.member_averages),
+            ("element", self.element_averages),
+            ("feature", self.feature_averages),
+        )
+        for prefix, store in stores:
             for key, value in store.items():
                 state[f"{prefix}.{key}"] = value.detach().cpu().contiguous()
         return state
@@ -342,7 +365,8 @@ class PruningEngine:
             expected[f"member.{_member_key(name, member.axis)}"] = (member.layout[1],)
         for name, layer in self.element_layers:
             expected[f"element.{name}"] = (layer.out_features, layer.in_features)
-        tensors = {k: v for k, v in state.items() if k.startswith(("member.", "element."))}
+            expected[f"feature.{name}"] = (layer.in_features,)
+        tensors = {k: v for k, v in state.items() if k.startswith(("member.", "element.", "feature."))}
         for key, value in tensors.items():
             if key not in expected or tuple(value.shape) != expected[key]:
                 raise ValueError(
@@ -358,9 +382,12 @@ class PruningEngine:
         devices = {name: layer.get_base_weight().device for name, layer in self.layers}
         self.member_averages.clear()
         self.element_averages.clear()
+        self.feature_averages.clear()
         for key, value in tensors.items():
             kind, rest = key.split(".", 1)
             if kind == "member":
                 self.member_averages[rest] = value.float().to(devices[rest.rsplit(".", 1)[0]])
+            elif kind == "feature":
+                self.feature_averages[rest] = value.float().to(devices[rest])
             else:
                 self.element_averages[rest] = value.to(self._score_dtype).to(devices[rest])

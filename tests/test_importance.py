@@ -353,26 +353,74 @@ def test_activation_criterion_reads_gated_mlp_channels_at_the_up_projection():
     assert all(consumers[n].factor is None for n in consumers if n.endswith("o_proj"))
 
 
-def test_wanda_scores_are_weight_magnitude_times_input_norm_over_the_steps_tokens():
-    """ "wanda": |W_ij|·‖x_j‖ with x every token the layer saw in the step's training passes (two micro-batches
-    here), computed from inputs captured by plain forward hooks; a no_grad pass in between is not counted."""
-    model, engine = one_layer_setup("parallel", "wanda", "unstructured")
+def _capture_inputs(engine):
     seen = {name: [] for name, _ in engine.layers}
     handles = [
         layer.register_forward_pre_hook(lambda m, args, _n=name: seen[_n].append(args[0].detach()))
         for name, layer in engine.layers
     ]
-    backward(model, seed=1)
-    with torch.no_grad():  # an evaluation pass: not part of the step's scores
-        inputs = make_inputs("llama", seed=7)
-        model(**inputs)
-    for name in seen:
-        seen[name] = seen[name][:1]  # drop what the no_grad pass showed the hooks
-    backward(model, seed=2)
-    for h in handles:
-        h.remove()
-    assert engine.update_importance()
+    return seen, handles
+
+
+def test_wanda_scores_are_weight_magnitude_times_input_norm_over_the_steps_tokens():
+    """ "wanda": |W_ij|·‖x_j‖ with x every token the layer saw in the step's training passes (two micro-batches
+    here), computed from inputs captured by plain forward hooks; a no_grad pass in between is not counted. The
+    engine keeps only the averaged norms (d_in floats per layer, no per-weight state) and ranks with
+    |W|·average(‖x‖), which is the average of the steps' scores while the weight stays put (checked over two
+    steps), and prunes by it."""
+    model, engine = one_layer_setup("parallel", "wanda", "unstructured")
+    norms = []
+    for step_seeds in ((1, 2), (3,)):
+        seen, handles = _capture_inputs(engine)
+        for k, seed in enumerate(step_seeds):
+            backward(model, seed=seed)
+            if k == 0:
+                with torch.no_grad():  # an evaluation pass: not part of the step's scores
+                    model(**make_inputs("llama", seed=7))
+                for name in seen:
+                    seen[name] = seen[name][:1]  # drop what the no_grad pass showed the hooks
+        for h in handles:
+            h.remove()
+        norms.append(
+            {
+                n: torch.cat([v.reshape(-1, v.shape[-1]) for v in x]).float().pow(2).sum(0).sqrt()
+                for n, x in seen.items()
+            }
+        )
+        assert engine.update_importance()
+        model.zero_grad()
+    assert not engine.element_averages  # no per-weight state
     for name, layer in engine.layers:
-        x = torch.cat([v.reshape(-1, v.shape[-1]) for v in seen[name]])
-        expected = merged_weight(layer).abs() * x.float().pow(2).sum(0).sqrt()
-        torch.testing.assert_close(engine.element_averages[name], (1 - BETA) * expected, rtol=1e-4, atol=1e-9)
+        # the average from zero of the two steps' per-weight scores, each |W|·‖x_step‖
+        first = (1 - BETA) * merged_weight(layer).abs() * norms[0][name]
+        expected = BETA * first + (1 - BETA) * merged_weight(layer).abs() * norms[1][name]
+        assert engine.feature_averages[name].shape == (layer.in_features,)
+        torch.testing.assert_close(engine._element_scores(name, layer), expected, rtol=1e-4, atol=1e-9)
+    engine.prune_to(0.5)
+    for name, layer in engine.layers:
+        first = (1 - BETA) * merged_weight(layer).abs() * norms[0][name]
+        expected = BETA * first + (1 - BETA) * merged_weight(layer).abs() * norms[1][name]
+        kept = layer.element_mask("default")
+        assert kept.float().mean() == pytest.approx(0.5, abs=1 / kept.numel())
+        assert expected[kept].min() >= expected[~kept].max()  # the highest-scored half is kept
+
+
+def test_wanda_norm_averages_round_trip_through_the_engine_state():
+    model, engine = one_layer_setup("parallel", "wanda", "unstructured")
+    backward(model)
+    engine.update_importance()
+    state = engine.state_dict()
+    assert {k for k in state if k.startswith("feature.")} == {f"feature.{n}" for n, _ in engine.layers}
+    fresh_model, fresh = one_layer_setup("parallel", "wanda", "unstructured")
+    fresh.load_state_dict(state)
+    for name, value in engine.feature_averages.items():
+        assert torch.equal(fresh.feature_averages[name], value)
+    engine.prune_to(0.5)
+    fresh.prune_to(0.5)
+    for (_, a), (_, b) in zip(engine.layers, fresh.layers):
+        assert torch.equal(a.element_mask("default"), b.element_mask("default"))
+    bad = dict(state)
+    name = engine.layers[0][0]
+    bad[f"feature.{name}"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="does not fit this adapter"):
+        fresh.load_state_dict(bad)
