@@ -31,28 +31,49 @@ def _machine(data) -> str:
     )
 
 
+def _on_gpu(data) -> bool:
+    return data["settings"].get("device", "cpu").startswith("cuda")
+
+
+def _memory_keys(data) -> tuple[str, str, str, str]:
+    """(label, peak key, vs-LoRA key, vs-grad key): device memory on a GPU, resident memory on a CPU."""
+    if _on_gpu(data):
+        return "peak GPU memory", "cuda_max_allocated_mib", "gpu_memory_vs_lora", "gpu_memory_vs_grad"
+    return "peak RSS", "peak_rss_mib", "rss_vs_lora", "rss_vs_grad"
+
+
 def step_cost_section(lines):
     for _name, data in _load("step_cost_*.json").items():
         s = data["settings"]
+        label, peak, vs_lora, vs_grad = _memory_keys(data)
+        where = ""
+        if _on_gpu(data):
+            where = (
+                f", on the GPU ({s.get('dtype', 'float32')} pretrained weights, float32 adapters; memory is PyTorch's "
+                "peak allocated device memory; at this size the GPU waits on Python and kernel launches, so step "
+                "times vary by up to 30% from step to step and time ratios are rough)"
+            )
         lines += [
-            f"### Step time and memory: `{s['model']}`, batch {s['batch']} x {s['seq']} tokens",
+            f"### Step time and memory: `{s['model']}`, batch {s['batch']} x {s['seq']} tokens{where}",
             "",
             f"Machine: {_machine(data)}. Median of {s['steps']} steps after {s['warmup']} warm-up steps; "
             "each configuration in its own process"
             + (
                 f"; {s['rounds']} interleaved rounds, ratios taken within a round, medians over rounds."
                 if s.get("rounds", 1) > 1
+                else " (one round)."
+                if _on_gpu(data)
                 else " (one round: ratios move by up to about 15% between runs on this machine)."
             ),
             "",
-            "| configuration | step (ms) | of which importance (ms) | time vs LoRA | peak RSS (MiB) | RSS vs LoRA | RSS vs grad |",
+            f"| configuration | step (ms) | of which importance (ms) | time vs LoRA | {label} (MiB) | vs LoRA | vs grad |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in data["rows"]:
             lines.append(
                 f"| {r['config']} | {r['median_step_s'] * 1000:.1f} | {r['median_importance_s'] * 1000:.1f} | "
-                f"{r.get('time_vs_lora', float('nan')):.3f} | {r['peak_rss_mib']:.0f} | {r.get('rss_vs_lora', float('nan')):.3f} | "
-                f"{r.get('rss_vs_grad', float('nan')):.3f} |"
+                f"{r.get('time_vs_lora', float('nan')):.3f} | {r[peak]:.0f} | {r.get(vs_lora, float('nan')):.3f} | "
+                f"{r.get(vs_grad, float('nan')):.3f} |"
             )
         lines.append("")
 
@@ -141,20 +162,35 @@ def step_cost_plot(lines):
     for ax, (_name, data) in zip(axes[0], results.items()):
         rows = [r for r in data["rows"] if r["config"] != "lora"]
         labels = [r["config"].replace("loraprune_", "").replace("_structured", "") for r in rows]
+        label, _, vs_lora, _ = _memory_keys(data)
         x = range(len(rows))
         ax.bar([i - 0.2 for i in x], [r["time_vs_lora"] for r in rows], width=0.4, label="step time")
-        ax.bar([i + 0.2 for i in x], [r["rss_vs_lora"] for r in rows], width=0.4, label="peak RSS")
+        ax.bar([i + 0.2 for i in x], [r[vs_lora] for r in rows], width=0.4, label=label)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.axhline(1.1, color="red", lw=0.8, ls="--", label="1.10x target")
         ax.set_xticks(list(x), labels, rotation=20, fontsize=8)
         s = data["settings"]
-        ax.set_title(f"{s['model']}, {s['batch']}x{s['seq']} tokens", fontsize=9)
+        where = f", {data['machine']['cuda']}" if _on_gpu(data) else ", CPU"
+        ax.set_title(f"{s['model']}, {s['batch']}x{s['seq']} tokens{where}", fontsize=8)
         ax.set_ylabel("vs plain LoRA")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(HERE / "step_cost.png", dpi=110)
     plt.close(fig)
     lines += ["![step cost](step_cost.png)", ""]
+
+
+def _export_label(r) -> str:
+    """A row of an export-speed file: "50%" (structured, removed), "2:4" (dense with its zeros) or "2:4 sparse
+    (cuSPARSELt)" (converted to PyTorch's semi-structured tensors; ``True`` in files written before the backend
+    was recorded: PyTorch's default choice)."""
+    if isinstance(r["sparsity"], str):
+        backend = r.get("semi_structured")
+        if not backend:
+            return f"{r['sparsity']} (dense zeros)"
+        names = {True: "PyTorch default", "cutlass": "CUTLASS", "cusparselt": "cuSPARSELt"}
+        return f"{r['sparsity']} sparse ({names.get(backend, backend)})"
+    return f"{r['sparsity']:.0%}"
 
 
 def export_plot(lines):
@@ -180,8 +216,10 @@ def export_plot(lines):
             color="gray",
         )
         ax.axhline(0.6, color="red", lw=0.8, ls="--", label="0.6x target at 50%")
-        ax.set_xticks([i + width for i in x], [f"{r['sparsity']:.0%}" for r in rows])
-        ax.set_xlabel("structured sparsity")
+        ax.set_xticks([i + width for i in x], [_export_label(r) for r in rows], fontsize=7)
+        ax.set_xlabel("sparsity (structured, removed) or pattern")
+        if data["machine"].get("cuda"):
+            ax.set_title(f"{data['settings']['model']} on {data['machine']['cuda']}", fontsize=8)
         ax.set_ylabel("vs dense")
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -224,9 +262,15 @@ def export_section(lines):
         s = data["settings"]
         batches = s["batches"].split(",")
         lines += [
-            f"### Exported model speed: `{s['model']}`, {s['seq']} tokens",
+            f"### Exported model speed: `{s['model']}`, {s['seq']} tokens"
+            + (f", {s.get('dtype')} on the GPU" if s.get("device", "cpu").startswith("cuda") else ""),
             "",
-            f"Machine: {_machine(data)}.",
+            f"Machine: {_machine(data)}."
+            + (
+                f" Median of {s['repeats']} forward passes, each waited for (`torch.cuda.synchronize`)."
+                if s.get("device", "cpu").startswith("cuda")
+                else ""
+            ),
             "",
             "| sparsity | params | file (MiB) | heads / KV heads / channels | "
             + " | ".join(f"latency b{b} (ms) | vs dense" for b in batches)
@@ -238,7 +282,7 @@ def export_section(lines):
                 f"{r[f'latency_ms_batch{b}']:.1f} | {r[f'latency_vs_dense_batch{b}']:.2f}" for b in batches
             )
             lines.append(
-                f"| {r['sparsity']:.0%} | {r['params']:,d} | {r['file_bytes'] / 2**20:.1f} | "
+                f"| {_export_label(r)} | {r['params']:,d} | {r['file_bytes'] / 2**20:.1f} | "
                 f"{r['num_attention_heads']} / {r['num_key_value_heads']} / {r['intermediate_size']} | {cells} |"
             )
         lines.append("")
@@ -629,14 +673,16 @@ def readme_summary() -> list[str]:
     for data in _load("step_cost_*.json").values():
         s = data["settings"]
         rows = {r["config"]: r for r in data["rows"]}
+        label, _, vs_lora, _ = _memory_keys(data)
         parts = [
-            f"{c} {r['time_vs_lora']:.2f}x time / {r['rss_vs_lora']:.2f}x peak RSS"
+            f"{c} {r['time_vs_lora']:.2f}x time / {r[vs_lora]:.2f}x {label}"
             for c, r in rows.items()
             if c != "lora" and "time_vs_lora" in r
         ]
+        where = f", {data['machine']['cuda']}, {s.get('dtype')}" if _on_gpu(data) else ""
         if parts:
             out.append(
-                f"- **Step cost vs plain LoRA** ({s['model']}, {s['batch']} x {s['seq']} tokens, "
+                f"- **Step cost vs plain LoRA** ({s['model']}, {s['batch']} x {s['seq']} tokens{where}, "
                 f"{data['machine']['date'][:10]}, peft_loraprune {data['machine'].get('peft_loraprune')}): "
                 + "; ".join(parts)
                 + "."

@@ -13,6 +13,11 @@ its own round, and the median over rounds is reported (each round's numbers are 
 
     python benchmarks/step_cost.py --model smollm2 --batch 4 --seq 128
     python benchmarks/step_cost.py --model llama-0.5b --batch 1 --seq 128 --rounds 3 --steps 3
+    python benchmarks/step_cost.py --model llama-0.5b --batch 1 --seq 128 --device cuda --dtype bfloat16
+
+On a GPU (``--device cuda``) the memory measure is PyTorch's peak allocated device memory
+(``torch.cuda.max_memory_allocated``), and every timer waits for the device (``torch.cuda.synchronize``).
+``--dtype bfloat16`` loads the pretrained weights in bfloat16 (the adapters stay float32, as PEFT keeps them).
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ CONFIGS = {
     "loraprune_structured_lora": dict(granularity="structured", importance="lora"),  # the paper's estimator
     "loraprune_unstructured": dict(granularity="unstructured", importance="lora"),
     "loraprune_2of4": dict(granularity="2:4", importance="lora"),
+    # Wanda's rule while fine-tuning: one input norm per feature averaged, the weight scored at rewrites only
+    "loraprune_unstructured_wanda": dict(granularity="unstructured", importance="wanda"),
+    "loraprune_2of4_wanda": dict(granularity="2:4", importance="wanda"),
     "grad_structured": dict(granularity="structured", importance="grad"),
     # the same without adapter dropout: dropout gives the adapter path its own input, which under an element mask
     # costs a second weight-sized product in the forward pass and a third in the backward
@@ -49,12 +57,15 @@ CONFIGS = {
 }
 
 
-def sync():
-    if torch.cuda.is_available():
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def build(name: str, model_name: str, batch: int, seq: int, seed: int):
+def build(name: str, model_name: str, batch: int, seq: int, seed: int, device: str = "cpu", dtype: str = "float32"):
     """The model of configuration ``name`` in training mode, its pruning engine (None for plain LoRA), an AdamW
     optimizer over the adapter and one fixed batch of random token ids."""
     from peft import LoraConfig, get_peft_model
@@ -63,7 +74,7 @@ def build(name: str, model_name: str, batch: int, seq: int, seed: int):
     from peft_loraprune import LoRAPruneConfig
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = load_model(model_name, seed)
+    model = load_model(model_name, seed).to(device=device, dtype=DTYPES[dtype])
     options = CONFIGS[name]
     dropout = 0.0 if name.endswith("_nodrop") else 0.05
     if options is None:
@@ -84,46 +95,59 @@ def build(name: str, model_name: str, batch: int, seq: int, seed: int):
         )
         model = get_peft_model(model, config)
         engine = model.base_model.pruning_engine()
+    model.to(device)  # PEFT creates adapters beside the base weights; this moves anything created elsewhere
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g).to(device)
     return model, engine, optimizer, ids
 
 
-def run_one(name: str, model_name: str, batch: int, seq: int, warmup: int, steps: int, seed: int) -> dict:
-    model, engine, optimizer, ids = build(name, model_name, batch, seq, seed)
+def run_one(
+    name: str,
+    model_name: str,
+    batch: int,
+    seq: int,
+    warmup: int,
+    steps: int,
+    seed: int,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict:
+    model, engine, optimizer, ids = build(name, model_name, batch, seq, seed, device, dtype)
     base_rss = peak_rss_mib()
+    on_gpu = device.startswith("cuda")
+    base_allocated = torch.cuda.memory_allocated() / 2**20 if on_gpu else None
     times, importance_times, rewrite_times = [], [], []
     total = warmup + steps
-    if torch.cuda.is_available():
+    if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     for step in range(1, total + 1):
         if step == warmup + 1 and engine is not None:
             engine.prune_to(0.5)  # steady state: the measured steps run with masks in place
-        sync()
+        sync(device)
         start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        sync()
+        sync(device)
         t_imp = time.perf_counter()
         if engine is not None:
             engine.update_importance()
-        sync()
+        sync(device)
         t_imp = time.perf_counter() - t_imp
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        sync()
+        sync(device)
         elapsed = time.perf_counter() - start
         if step > warmup:
             times.append(elapsed)
             importance_times.append(t_imp)
     if engine is not None:
         for _ in range(3):
-            sync()
+            sync(device)
             start = time.perf_counter()
             engine.prune_to(0.5)
-            sync()
+            sync(device)
             rewrite_times.append(time.perf_counter() - start)
     return {
         "config": name,
@@ -134,7 +158,8 @@ def run_one(name: str, model_name: str, batch: int, seq: int, warmup: int, steps
         "step_times_s": times,
         "peak_rss_mib": peak_rss_mib(),
         "rss_after_loading_mib": base_rss,
-        "cuda_max_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "cuda_max_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
+        "cuda_allocated_after_loading_mib": base_allocated,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
 
@@ -143,6 +168,7 @@ def measure(name: str, args) -> dict:
     """One configuration in a fresh process (its resident-memory high-water mark is its own)."""
     cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--batch", str(args.batch)]
     cmd += ["--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps), "--seed", str(args.seed)]
+    cmd += ["--device", args.device, "--dtype", args.dtype]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
@@ -157,6 +183,8 @@ DERIVED = (
     "rss_vs_lora",
     "training_rss_mib",
     "rss_vs_grad",
+    "gpu_memory_vs_lora",
+    "gpu_memory_vs_grad",
 )
 
 
@@ -171,10 +199,14 @@ def compare(r: dict, rows: dict) -> None:
         r["time_vs_lora"] = r["median_step_s"] / base["median_step_s"]
         r["amortised_time_vs_lora"] = r["amortised_step_s"] / base["median_step_s"]
         r["rss_vs_lora"] = r["peak_rss_mib"] / base["peak_rss_mib"]
+        if r.get("cuda_max_allocated_mib") and base.get("cuda_max_allocated_mib"):
+            r["gpu_memory_vs_lora"] = r["cuda_max_allocated_mib"] / base["cuda_max_allocated_mib"]
         # memory the training itself added on top of the loaded model
         r["training_rss_mib"] = r["peak_rss_mib"] - r["rss_after_loading_mib"]
     if grad:
         r["rss_vs_grad"] = r["peak_rss_mib"] / grad["peak_rss_mib"]
+        if r.get("cuda_max_allocated_mib") and grad.get("cuda_max_allocated_mib"):
+            r["gpu_memory_vs_grad"] = r["cuda_max_allocated_mib"] / grad["cuda_max_allocated_mib"]
 
 
 def combine(per_round: list[dict]) -> dict:
@@ -183,7 +215,14 @@ def combine(per_round: list[dict]) -> dict:
     if len(per_round) == 1:
         return per_round[0]
     row = dict(per_round[0])
-    for key in ("median_step_s", "median_importance_s", "median_mask_rewrite_s", "peak_rss_mib") + DERIVED:
+    measures = (
+        "median_step_s",
+        "median_importance_s",
+        "median_mask_rewrite_s",
+        "peak_rss_mib",
+        "cuda_max_allocated_mib",
+    )
+    for key in measures + DERIVED:
         values = [r[key] for r in per_round if r.get(key) is not None]
         row[key] = statistics.median(values) if values else None
     row["step_times_s"] = [t for r in per_round for t in r["step_times_s"]]
@@ -203,6 +242,8 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: peak device memory, synchronised timers)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the pretrained weights' dtype")
     parser.add_argument(
         "--rounds",
         type=int,
@@ -217,7 +258,19 @@ def main():
     if args.one:
         print(
             "RESULT "
-            + json.dumps(run_one(args.one, args.model, args.batch, args.seq, args.warmup, args.steps, args.seed))
+            + json.dumps(
+                run_one(
+                    args.one,
+                    args.model,
+                    args.batch,
+                    args.seq,
+                    args.warmup,
+                    args.steps,
+                    args.seed,
+                    args.device,
+                    args.dtype,
+                )
+            )
         )
         return
     names = args.configs.split(",")
@@ -230,15 +283,17 @@ def main():
             print(
                 f"round {i + 1}/{args.rounds} {name:24s} step {r['median_step_s'] * 1000:8.1f} ms  "
                 f"importance {r['median_importance_s'] * 1000:7.1f} ms  "
-                f"mask rewrite {r['median_mask_rewrite_s'] * 1000:8.1f} ms  peak RSS {r['peak_rss_mib']:8.0f} MiB",
+                f"mask rewrite {r['median_mask_rewrite_s'] * 1000:8.1f} ms  peak RSS {r['peak_rss_mib']:8.0f} MiB"
+                + (f"  peak GPU {r['cuda_max_allocated_mib']:8.0f} MiB" if r.get("cuda_max_allocated_mib") else ""),
                 flush=True,
             )
         for r in rows.values():
             compare(r, rows)
         rounds.append(rows)
     rows = [combine([rows[name] for rows in rounds]) for name in names]
+    suffix = "" if args.device == "cpu" and args.dtype == "float32" else f"_{args.device}_{args.dtype}"
     path = write_result(
-        f"step_cost_{args.model}_b{args.batch}x{args.seq}", {"settings": vars(args), "rows": rows}, args.out
+        f"step_cost_{args.model}_b{args.batch}x{args.seq}{suffix}", {"settings": vars(args), "rows": rows}, args.out
     )
     print(f"written {path}")
 

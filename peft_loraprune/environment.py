@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 
@@ -13,10 +14,13 @@ LIBRARIES = ("peft_loraprune", "peft", "transformers", "torch", "accelerate")
 
 
 def library_version(name: str) -> str:
+    """The installed distribution's version; else the ``__version__`` of an already imported module of that name (a
+    source checkout on ``PYTHONPATH``, as on a machine where nothing can be installed); else "not installed"."""
     try:
         return version(name)
     except PackageNotFoundError:
-        return "not installed"
+        module = sys.modules.get(name.replace("-", "_"))
+        return str(getattr(module, "__version__", "not installed"))
 
 
 def library_versions(names=LIBRARIES) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 ``peft_model.merge_and_prune()`` (or :func:`export_pruned_model`) merges the adapter (pruned weights become exact
 zeros), then physically removes the pruned heads and channels that the family's config can express, updates the
-config, and reports parameters, size and CPU latency before and after.
+config, and reports parameters, size and latency (on the model's device) before and after.
 
 What can be removed is planned by :mod:`~peft_loraprune.export_plan` (configs hold one width per model, so uneven
 blocks are widened to the widest; structures a config cannot express, such as BERT's and GPT-2's heads, stay
@@ -43,6 +43,7 @@ class ExportReport:
     bytes_after: int = 0
     latency_before_ms: Optional[float] = None
     latency_after_ms: Optional[float] = None
+    latency_device: str = "cpu"  # where the latency was measured (the example inputs' device type)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -66,7 +67,7 @@ class ExportReport:
         ]
         if self.latency_before_ms is not None:
             lines.append(
-                f"  CPU latency: {self.latency_before_ms:.2f} ms -> {self.latency_after_ms:.2f} ms "
+                f"  {self.latency_device.upper()} latency: {self.latency_before_ms:.2f} ms -> {self.latency_after_ms:.2f} ms "
                 f"(x{self.speedup:.2f})"
             )
         for structure, n in self.removed.items():
@@ -165,6 +166,7 @@ def export_pruned_model(
         bytes_after=bytes_after,
         latency_before_ms=latency_before,
         latency_after_ms=latency_after,
+        latency_device=next((v.device.type for v in inputs.values() if isinstance(v, torch.Tensor)), "cpu"),
         notes=plan.notes,
     )
     if save_directory is not None:

@@ -15,9 +15,19 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.sparse import to_sparse_semi_structured
+from torch.sparse import (
+    SparseSemiStructuredTensorCUSPARSELT,
+    SparseSemiStructuredTensorCUTLASS,
+    to_sparse_semi_structured,
+)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+#: PyTorch's two implementations of 2:4 sparse products; None lets PyTorch choose (``to_sparse_semi_structured``)
+BACKENDS = {
+    None: to_sparse_semi_structured,
+    "cutlass": SparseSemiStructuredTensorCUTLASS.from_dense,
+    "cusparselt": SparseSemiStructuredTensorCUSPARSELT.from_dense,
+}
 
 
 def violates_n_m(weight: torch.Tensor, n: int = 2, m: int = 4) -> Optional[tuple[int, int]]:
@@ -41,8 +51,9 @@ def _linears(model: torch.nn.Module, skip: tuple[str, ...]):
             yield name, module
 
 
-def check_semi_structured_support(device: torch.device, dtype: torch.dtype) -> None:
-    """Raise a ``RuntimeError`` saying why 2:4 sparse kernels cannot run on ``device`` / ``dtype``."""
+def check_semi_structured_support(device: torch.device, dtype: torch.dtype, backend: Optional[str] = None) -> None:
+    """Raise a ``RuntimeError`` saying why 2:4 sparse kernels (of ``backend``, see :data:`BACKENDS`) cannot run on
+    ``device`` / ``dtype``."""
     if device.type != "cuda":
         raise RuntimeError(
             f"2:4 semi-structured sparse kernels run on NVIDIA GPUs (compute capability 8.0 or newer); the model is on "
@@ -54,21 +65,34 @@ def check_semi_structured_support(device: torch.device, dtype: torch.dtype) -> N
             f"2:4 semi-structured sparse kernels need compute capability 8.0 or newer (Ampere+); "
             f"{torch.cuda.get_device_name(device)} has {major}.{minor}."
         )
+    if backend == "cutlass" and major != 8:
+        # seen on an H100 (9.0) with torch 2.11: the conversion succeeds, the first product fails
+        raise RuntimeError(
+            f"PyTorch's CUTLASS 2:4 kernels run on compute capability 8.x only (Ampere, Ada); "
+            f"{torch.cuda.get_device_name(device)} has {major}.{minor}: use backend='cusparselt' or None."
+        )
     if dtype not in SUPPORTED_DTYPES:
         raise RuntimeError(f"2:4 semi-structured kernels take float16 or bfloat16 weights; the model is in {dtype}.")
 
 
-def to_semi_structured(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
+def to_semi_structured(
+    model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",), backend: Optional[str] = None
+) -> list[str]:
     """Replace the weight of every ``nn.Linear`` (names containing a ``skip`` entry aside) with its 2:4
     semi-structured sparse form, in place; returns the converted module names.
 
+    ``backend``: ``"cutlass"`` or ``"cusparselt"`` picks PyTorch's implementation; None (default) takes PyTorch's
+    own choice. Their speed differs by GPU, shape and PyTorch version: ``benchmarks/export_speed.py`` times both.
+
     Every weight is checked first (nothing is converted if one breaks the pattern: a ``ValueError`` names the module,
     row and column); the device and dtype are checked before any work (``RuntimeError``)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of None, 'cutlass', 'cusparselt'; got {backend!r}.")
     linears = list(_linears(model, skip))
     if not linears:
         raise ValueError("the model has no nn.Linear module to convert")
     first = linears[0][1].weight
-    check_semi_structured_support(first.device, first.dtype)
+    check_semi_structured_support(first.device, first.dtype, backend)
     for name, module in linears:
         where = violates_n_m(module.weight.detach(), 2, 4)
         if where is not None:
@@ -78,6 +102,6 @@ def to_semi_structured(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head
             )
     converted = []
     for name, module in linears:
-        module.weight = torch.nn.Parameter(to_sparse_semi_structured(module.weight.detach()), requires_grad=False)
+        module.weight = torch.nn.Parameter(BACKENDS[backend](module.weight.detach()), requires_grad=False)
         converted.append(name)
     return converted

@@ -3,7 +3,6 @@ engine), and run them through the Trainer. One place for every builder the test 
 
 from __future__ import annotations
 
-import datasets
 import torch
 import transformers
 from conftest import TASK, make_model
@@ -60,6 +59,8 @@ def training_model(family: str, **cfg):
 
 
 def make_dataset(family, n=48, seed=0):
+    import datasets  # here, not at the top: the GPU checks run these helpers where datasets is not installed
+
     g = torch.Generator().manual_seed(seed)
     if family == "vit":
         return datasets.Dataset.from_dict(

@@ -136,3 +136,18 @@ def test_query_head_export_keeps_kv_heads(tmp_path):
     exported.save_pretrained(tmp_path)
     reloaded = AUTO["llama"].from_pretrained(tmp_path).eval()
     torch.testing.assert_close(model_output(reloaded, inputs), expected, rtol=0, atol=1e-4)
+
+
+def test_default_latency_inputs_follow_the_models_device_and_dtype():
+    """Example inputs for the export report's latency are made on the model's device, pixels in its dtype (a
+    bfloat16 ViT gets bfloat16 pixels; float32 pixels would fail its first convolution)."""
+    from peft_loraprune.latency import default_example_inputs, measure_latency_ms
+
+    vit = make_model("vit").to(torch.bfloat16)
+    inputs = default_example_inputs(vit, batch_size=2)
+    assert inputs["pixel_values"].dtype == torch.bfloat16 and inputs["pixel_values"].shape == (2, 1, 8, 8)
+    assert measure_latency_ms(vit, inputs, repeats=2, warmup=1) > 0
+    llama = make_model("llama")
+    ids = default_example_inputs(llama, seq_len=1000)["input_ids"]
+    assert ids.dtype == torch.long and ids.shape == (1, 64)  # capped at max_position_embeddings
+    assert ids.device == next(llama.parameters()).device

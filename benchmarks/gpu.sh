@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# What a GPU changes, in one short run (a lent H100/H200, nothing installed but a source checkout):
+#   1. the tests that only run on CUDA (2:4 semi-structured conversion) and the masked-product tests;
+#   2. the step-cost benchmark on CUDA (bfloat16 pretrained weights, float32 adapters), llama-0.5b at 1 x 128;
+#   3. exported-model latency on CUDA: dense, 50% structured (removed heads and channels) and 2:4 turned into
+#      PyTorch's semi-structured sparse tensors.
+# Results go to $RESULTS (default benchmarks/results); logs beside them. Each part has its own time limit so that
+# what finished comes back even if a later part runs long.
+#
+#   RESULTS=/some/dir bash benchmarks/gpu.sh
+#   ROUNDS=2 STEP_CONFIGS=lora,loraprune_unstructured EXPORT_ENTRIES=0,2:4 bash benchmarks/gpu.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS=$(realpath -m "${RESULTS:-benchmarks/results}")
+mkdir -p "$RESULTS"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PY:-python3}
+ROUNDS=${ROUNDS:-1}
+STEP_CONFIGS=${STEP_CONFIGS:-lora,loraprune_structured,loraprune_structured_lora,loraprune_unstructured,loraprune_unstructured_wanda,loraprune_2of4,loraprune_2of4_wanda,loraprune_unstructured_ste,grad_structured}
+EXPORT_ENTRIES=${EXPORT_ENTRIES:-0,0.5,2:4}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name(0))"
+
+timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_semi_structured.py tests/test_masked_linear.py \
+    2>&1 | tee "$RESULTS/gpu_pytest.log" | tail -15
+
+(cd benchmarks && timeout ${STEP_TIMEOUT:-300} $PY step_cost.py --model llama-0.5b --batch 1 --seq 128 --device cuda \
+    --dtype bfloat16 --warmup 3 --steps 10 --rounds "$ROUNDS" --out "$RESULTS" --configs "$STEP_CONFIGS") \
+    2>&1 | tee "$RESULTS/gpu_step_cost.log" | grep -v Warning | tail -12
+
+(cd benchmarks && timeout 150 $PY export_speed.py --model llama-0.5b --sparsities "$EXPORT_ENTRIES" --device cuda \
+    --dtype float16 --batches 1,16 --seq 512 --repeats 20 --out "$RESULTS") \
+    2>&1 | tee "$RESULTS/gpu_export_speed.log" | grep -v "it/s" | tail -8
