@@ -29,8 +29,8 @@ same fraction in every block, all trained with the same LoRA (rank, alpha, dropo
 
 ``--granularity unstructured`` (SmolLM2 only): ``sparsegpt`` and ``wanda``, llm-compressor's one-shot pruners
 (``SparseGPTModifier``, ``WandaPruningModifier``, 50% per Linear of the blocks, calibration batches of the training
-data), then LoRA recovery with their zeros as fixed element masks, against ``loraprune-lora`` and ``loraprune-grad``
-pruning while fine-tuning. llm-compressor pins transformers <= 5.17, so this table runs in an environment of its
+data), then LoRA recovery with their zeros as fixed element masks, against ``loraprune-lora``, ``loraprune-grad`` and
+``loraprune-wanda`` (Wanda's rule scored while fine-tuning) pruning while fine-tuning. llm-compressor pins transformers <= 5.17, so this table runs in an environment of its
 own (``pip install llmcompressor``); the versions are in the result file.
 
 One process per cell (method, sparsity, seed), so peak memory is the cell's own; results are appended to

@@ -397,6 +397,7 @@ PEER_ORDER = (
     "loraprune-activation",
     "loraprune-activation-cd10",
     "loraprune-activation-oneshot",
+    "loraprune-wanda",
     "loraprune-lora",
     "loraprune-grad",
     "loraprune-lora-cd10",
@@ -411,7 +412,7 @@ PEER_ORDER = (
 # Per granularity: the package's default method, and the peers it is measured against (benchmarks/peers.py)
 ROLES = {
     "structured": ("loraprune-activation", ("llm-pruner", "wanda-sp")),
-    "unstructured": ("loraprune-lora", ("sparsegpt", "wanda")),
+    "unstructured": ("loraprune-wanda", ("sparsegpt", "wanda")),  # "lora" until 0.4.0
 }
 
 

@@ -36,6 +36,7 @@ CONFIGS = {
     "lora": None,  # plain PEFT LoRA, the baseline
     "loraprune_structured": dict(granularity="structured", importance="activation"),  # the default criterion
     "loraprune_structured_lora": dict(granularity="structured", importance="lora"),  # the paper's estimator
+    # the paper's estimator, the per-weight default before 0.4.0; the "_wanda" rows below are the default now
     "loraprune_unstructured": dict(granularity="unstructured", importance="lora"),
     "loraprune_2of4": dict(granularity="2:4", importance="lora"),
     # Wanda's rule while fine-tuning: one input norm per feature averaged, the weight scored at rewrites only
@@ -47,6 +48,7 @@ CONFIGS = {
     "lora_nodrop": None,
     "loraprune_unstructured_nodrop": dict(granularity="unstructured", importance="lora"),
     "loraprune_2of4_nodrop": dict(granularity="2:4", importance="lora"),
+    "loraprune_unstructured_wanda_nodrop": dict(granularity="unstructured", importance="wanda"),
     # the opt-in straight-through gradient of the masked update (no weight-sized product in backward)
     "loraprune_unstructured_ste": dict(
         granularity="unstructured", importance="lora", element_mask_gradient="straight_through"

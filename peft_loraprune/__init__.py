@@ -26,7 +26,7 @@ from .registration import LORAPRUNE_PEFT_TYPE, register
 from .reporting import SparsityReport
 from .saving import install as _install_saving
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 register(LoRAPruneConfig, LoRAPruneModel)
 _install_saving()

@@ -19,10 +19,11 @@ def test_defaults_follow_the_reference_code():
 
 def test_default_criterion_follows_the_granularity_and_is_saved_resolved(tmp_path):
     """The structured default is the activation Taylor criterion (benchmarks/criteria.py decided it); per-weight
-    granularities default to the paper's estimator. The saved config holds the resolved name."""
+    granularities default to Wanda's rule scored while fine-tuning (benchmarks/peers.py --granularity unstructured
+    decided it). The saved config holds the resolved name."""
     assert LoRAPruneConfig().importance == "activation"
-    assert LoRAPruneConfig(granularity="unstructured").importance == "lora"
-    assert LoRAPruneConfig(granularity="2:4").importance == "lora"
+    assert LoRAPruneConfig(granularity="unstructured").importance == "wanda"
+    assert LoRAPruneConfig(granularity="2:4").importance == "wanda"
     assert LoRAPruneConfig(importance="lora").importance == "lora"
     LoRAPruneConfig().save_pretrained(tmp_path)
     assert LoRAPruneConfig.from_pretrained(tmp_path).importance == "activation"
