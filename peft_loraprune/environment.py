@@ -14,13 +14,16 @@ LIBRARIES = ("peft_loraprune", "peft", "transformers", "torch", "accelerate")
 
 
 def library_version(name: str) -> str:
-    """The installed distribution's version; else the ``__version__`` of an already imported module of that name (a
-    source checkout on ``PYTHONPATH``, as on a machine where nothing can be installed); else "not installed"."""
+    """The ``__version__`` of the module of that name when it is imported (the code that actually runs: an editable
+    install's metadata keeps the version it was installed at, and a source checkout on ``PYTHONPATH`` has none);
+    else the installed distribution's version; else "not installed"."""
+    module = sys.modules.get(name.replace("-", "_"))
+    if isinstance(getattr(module, "__version__", None), str):
+        return module.__version__
     try:
         return version(name)
     except PackageNotFoundError:
-        module = sys.modules.get(name.replace("-", "_"))
-        return str(getattr(module, "__version__", "not installed"))
+        return "not installed"
 
 
 def library_versions(names=LIBRARIES) -> dict[str, str]:
