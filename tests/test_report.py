@@ -43,3 +43,58 @@ def test_structured_verdict_names_the_peer_that_wins():
         "50%: the default (`activation`) perplexity 50; behind wanda-sp (llm-pruner 60, wanda-sp 45) (one seed: the "
         "margins are not tested against seed noise)."
     )
+
+
+def test_step_cost_tables_show_device_memory_on_a_gpu_and_resident_memory_on_a_cpu(tmp_path, monkeypatch):
+    """On a GPU the process's resident memory says nothing about the run: the table and the README line give
+    PyTorch's peak device memory and its ratios instead (hand-computed: 2000 / 1000 MiB = 2.000)."""
+    for device, label, ratio in (("cuda", "peak GPU memory", "2.000"), ("cpu", "peak RSS", "1.100")):
+        machine = {
+            "platform": "p",
+            "cpu_count": 2,
+            "torch_threads": 2,
+            "cuda": "NVIDIA H100 80GB HBM3" if device == "cuda" else None,
+            "torch": "t",
+            "transformers": "5",
+            "peft": "0.21",
+            "peft_loraprune": "0.4.0",
+            "date": "2026-11-26 00:00:00",
+        }
+        rows = {
+            "lora": {"median_step_s": 0.1, "peak_rss_mib": 3000.0, "cuda_max_allocated_mib": 1000.0},
+            "grad_structured": {"median_step_s": 0.2, "peak_rss_mib": 3300.0, "cuda_max_allocated_mib": 2000.0},
+        }
+        rows = [
+            {"config": c, "median_importance_s": 0.0, "median_mask_rewrite_s": 0.0, "pruning_interval": None}
+            | {"rss_after_loading_mib": 1000.0, **r}
+            for c, r in rows.items()
+        ]
+        if device == "cpu":
+            for r in rows:
+                r["cuda_max_allocated_mib"] = None
+        spec = importlib.util.spec_from_file_location("step_cost", ROOT / "benchmarks" / "step_cost.py")
+        step_cost = importlib.util.module_from_spec(spec)
+        monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+        spec.loader.exec_module(step_cost)
+        by_name = {r["config"]: r for r in rows}
+        for r in rows:
+            step_cost.compare(r, by_name)
+        data = {
+            "machine": machine,
+            "settings": {"model": "m", "batch": 1, "seq": 8, "steps": 3, "warmup": 1, "device": device},
+            "rows": rows,
+        }
+        monkeypatch.setattr(
+            report, "_load", lambda pattern, d=data: {"x": d} if pattern.startswith("step_cost") else {}
+        )
+        lines = []
+        report.step_cost_section(lines)
+        text = "\n".join(lines)
+        assert f"| {label} (MiB) | vs LoRA | vs grad |" in text
+        assert (
+            f"| grad_structured | 200.0 | 0.0 | 2.000 | {2000 if device == 'cuda' else 3300} | {ratio} | 1.000 |"
+            in text
+        )
+        (summary,) = [x for x in report.readme_summary() if "Step cost" in x]
+        assert f"grad_structured 2.00x time / {ratio[:4]}x {label}" in summary
+        assert ("NVIDIA H100" in summary) == (device == "cuda")
