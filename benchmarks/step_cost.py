@@ -56,6 +56,13 @@ CONFIGS = {
     "loraprune_unstructured_ste_nodrop": dict(
         granularity="unstructured", importance="lora", element_mask_gradient="straight_through"
     ),
+    # the same opt-in with the default per-weight criterion
+    "loraprune_unstructured_wanda_ste": dict(
+        granularity="unstructured", importance="wanda", element_mask_gradient="straight_through"
+    ),
+    "loraprune_unstructured_wanda_ste_nodrop": dict(
+        granularity="unstructured", importance="wanda", element_mask_gradient="straight_through"
+    ),
 }
 
 
