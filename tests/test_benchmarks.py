@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,6 +77,76 @@ def test_masked_blocks_smoke(tmp_path):
     assert all(r["block_elements"] == block_elements(r["tokens"]) for r in rows)
     for r in rows:
         assert r["time_vs_one_block"]["one block"] == 1.0 and r["median_ms"]["512 weights"] > 0
+
+
+def test_element_step_breakdown_smoke(tmp_path):
+    run("element_step_breakdown.py", tmp_path, "--shapes", "tiny", "--tokens", "16", "--repeats", "1")
+    rows = load(tmp_path, "element_step_breakdown_tiny")["rows"]
+    assert [r["adapter_dropout"] for r in rows] == [False, True]
+    for r in rows:
+        assert set(r["variants"]) == {"exact", "straight_through"} and r["lora_ms"] > 0
+        for v in r["variants"].values():
+            assert v["measured_ms"] > 0 and v["vs_lora"] == pytest.approx(v["measured_ms"] / r["lora_ms"])
+            assert v["eager_floor_vs_lora"] >= v["products_floor_vs_lora"] >= 1.0 - 1e-9
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_element_step_breakdown_counts_match_the_masked_layer(monkeypatch, dropout, straight_through):
+    """The kernel counts the breakdown multiplies by are those the masked layer runs: every matrix product and
+    weight-sized multiply of one forward + backward, recorded at the ATen level, classified by shape."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import peft_loraprune.masked_linear as masked_linear
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "element_step_breakdown", ROOT / "benchmarks" / "element_step_breakdown.py"
+    )
+    breakdown = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(breakdown)
+    d_out, d_in, tokens, rank = 40, 48, 16, 8  # distinct sizes, so a product's shape says what it is
+    weights = d_out * d_in
+    monkeypatch.setattr(masked_linear, "MIN_BLOCK_ELEMENTS", 1 << 20)  # one block: each kernel runs once
+    g = torch.Generator().manual_seed(0)
+    t = breakdown.layer_inputs(d_out, d_in, tokens, not dropout, g)
+    t["lora_B"] = t["lora_B"].detach()[:, :rank].requires_grad_(True)
+    t["lora_R"] = t["lora_R"].detach()[:rank].requires_grad_(True)
+    found = {"products": 0, "rebuild": 0, "thin": 0, "unpack": 0, "weight_multiplies": 0}
+    matmuls = {
+        torch.ops.aten.mm.default,
+        torch.ops.aten.mm.out,
+        torch.ops.aten.addmm.default,
+        torch.ops.aten.addmm.out,
+        torch.ops.aten.addmm_.default,
+    }
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            packet = func.overloadpacket
+            if func in matmuls:
+                a, b = (args[0], args[1]) if packet is torch.ops.aten.mm else (args[1], args[2])
+                (m, k), n = a.shape, b.shape[1]
+                if tokens in (m, k, n) and weights in (m * k, k * n, m * n):
+                    found["products"] += 1
+                elif k == rank and m * n == weights:
+                    found["rebuild"] += 1
+                elif rank in (m, n) and weights in (m * k, k * n):
+                    found["thin"] += 1
+            elif packet is torch.ops.aten.index_select:
+                found["unpack"] += 1
+            elif packet in (torch.ops.aten.mul, torch.ops.aten.mul_) and out.numel() == weights:
+                found["weight_multiplies"] += 1
+            return out
+
+    with Count():
+        breakdown.masked_step(t, straight_through)
+    counts = breakdown.COUNTS[("straight_through" if straight_through else "exact", dropout)]
+    assert found["products"] == counts["products"]
+    assert found["rebuild"] == counts["rebuild"] and found["thin"] == counts["thin"]
+    assert found["unpack"] == counts["unpack"]
+    assert found["weight_multiplies"] == counts["rebuild"] + counts["mask_multiply"]
 
 
 @pytest.mark.examples
