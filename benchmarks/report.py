@@ -457,6 +457,15 @@ def _ordered(methods) -> list[str]:
     return sorted(methods, key=lambda m: (PEER_ORDER.index(m) if m in PEER_ORDER else len(PEER_ORDER), m))
 
 
+def _tag_words(settings) -> str:
+    """What tells a result file's table from another of the same task (``peers.py --tag``), in words."""
+    tag = settings.get("tag")
+    if not tag:
+        return ""
+    steps = f", {settings['steps']:,d} steps" if settings.get("task") == "smollm2" else ""
+    return f" ({tag.replace('_', ' ')} run{steps})"
+
+
 def _granularity(data) -> str:
     return data["settings"].get("granularity", "structured")
 
@@ -493,7 +502,9 @@ def peers_section(lines):
                 f"{data['machine'].get('transformers')}), then LoRA recovery with their zeros fixed. "
             )
         lines += [
-            f"### Against other pruners: {title}" + ("" if granularity == "structured" else f" ({granularity})"),
+            f"### Against other pruners: {title}"
+            + ("" if granularity == "structured" else f" ({granularity})")
+            + _tag_words(s),
             "",
             f"Machine: {_machine(data)}. Seeds {sorted({r['seed'] for r in rows})}; {tokens:,d} training tokens "
             f"for every method (LoRA rank {s['r']}{', bfloat16 autocast' if s.get('bf16') else ''}); peers "
@@ -686,10 +697,14 @@ def readme_summary() -> list[str]:
         sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}, reverse=True)
         seeds = sorted({r["seed"] for r in rows})
         name = (
-            "SmolLM2-135M, held-out perplexity"
-            if task == "smollm2"
-            else f"MiniLM on Rotten Tomatoes, {data['settings']['max_train_samples']:,d} training sentences, accuracy"
-        ) + ("" if granularity == "structured" else f", {granularity}")
+            (
+                "SmolLM2-135M, held-out perplexity"
+                if task == "smollm2"
+                else f"MiniLM on Rotten Tomatoes, {data['settings']['max_train_samples']:,d} training sentences, accuracy"
+            )
+            + ("" if granularity == "structured" else f", {granularity}")
+            + _tag_words(data["settings"])
+        )
         dense = _mean([r for r in rows if r["method"] == "dense-lora"], metric)
         out.append(
             f"- **Against other pruners** ({name}, seeds {seeds}, {rows[0]['train_tokens']:,d} training tokens"
