@@ -457,12 +457,15 @@ def _ordered(methods) -> list[str]:
     return sorted(methods, key=lambda m: (PEER_ORDER.index(m) if m in PEER_ORDER else len(PEER_ORDER), m))
 
 
-def _tag_words(settings) -> str:
-    """What tells a result file's table from another of the same task (``peers.py --tag``), in words."""
-    tag = settings.get("tag")
+def _tag_words(name: str, data) -> str:
+    """What tells a result file's table from another of the same task and granularity, in words: the
+    ``peers.py --tag`` suffix of its file name (``peers_smollm2_long`` -> "long run, 4,000 steps")."""
+    s = data["settings"]
+    base = f"peers_{s['task']}" + ("" if _granularity(data) == "structured" else f"_{_granularity(data)}")
+    tag = name[len(base) + 1 :] if name.startswith(base + "_") else ""
     if not tag:
         return ""
-    steps = f", {settings['steps']:,d} steps" if settings.get("task") == "smollm2" else ""
+    steps = f", {s['steps']:,d} steps" if s.get("task") == "smollm2" else ""
     return f" ({tag.replace('_', ' ')} run{steps})"
 
 
@@ -504,7 +507,7 @@ def peers_section(lines):
         lines += [
             f"### Against other pruners: {title}"
             + ("" if granularity == "structured" else f" ({granularity})")
-            + _tag_words(s),
+            + _tag_words(name, data),
             "",
             f"Machine: {_machine(data)}. Seeds {sorted({r['seed'] for r in rows})}; {tokens:,d} training tokens "
             f"for every method (LoRA rank {s['r']}{', bfloat16 autocast' if s.get('bf16') else ''}); peers "
@@ -689,7 +692,7 @@ README_END = "<!-- benchmarks:end -->"
 def readme_summary() -> list[str]:
     """Bullets for README's Benchmarks section, computed from the result files like RESULTS.md."""
     out = []
-    for data in _load("peers_*.json").values():
+    for file_name, data in _load("peers_*.json").items():
         rows = data["rows"]
         task = data["settings"]["task"]
         granularity = _granularity(data)
@@ -703,7 +706,7 @@ def readme_summary() -> list[str]:
                 else f"MiniLM on Rotten Tomatoes, {data['settings']['max_train_samples']:,d} training sentences, accuracy"
             )
             + ("" if granularity == "structured" else f", {granularity}")
-            + _tag_words(data["settings"])
+            + _tag_words(file_name, data)
         )
         dense = _mean([r for r in rows if r["method"] == "dense-lora"], metric)
         out.append(
