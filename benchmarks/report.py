@@ -460,8 +460,8 @@ def _ordered(methods) -> list[str]:
 def _tag_words(name: str, data) -> str:
     """What tells a result file's table from another of the same task and granularity, in words: the
     ``peers.py --tag`` suffix of its file name (``peers_smollm2_long`` -> "long run, 4,000 steps")."""
-    s = data["settings"]
-    base = f"peers_{s['task']}" + ("" if _granularity(data) == "structured" else f"_{_granularity(data)}")
+    s, granularity = data["settings"], _granularity(data)
+    base = f"peers_{s['task']}" + ("" if granularity == "structured" else f"_{granularity}")
     tag = name[len(base) + 1 :] if name.startswith(base + "_") else ""
     if not tag:
         return ""

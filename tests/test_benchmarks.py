@@ -110,8 +110,7 @@ def test_element_step_breakdown_counts_match_the_masked_layer(monkeypatch, dropo
     monkeypatch.setattr(masked_linear, "MIN_BLOCK_ELEMENTS", 1 << 20)  # one block: each kernel runs once
     g = torch.Generator().manual_seed(0)
     t = breakdown.layer_inputs(d_out, d_in, tokens, not dropout, g)
-    t["lora_B"] = t["lora_B"].detach()[:, :rank].requires_grad_(True)
-    t["lora_R"] = t["lora_R"].detach()[:rank].requires_grad_(True)
+    assert t["lora_R"].shape[0] == rank
     found = {"products": 0, "rebuild": 0, "thin": 0, "unpack": 0, "weight_multiplies": 0}
     matmuls = {
         torch.ops.aten.mm.default,
