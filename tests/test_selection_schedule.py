@@ -30,6 +30,50 @@ def test_keep_top_equals_a_stable_sort_with_many_ties(seed):
         assert torch.equal(keep_top(scores, kept, n_keep), expected), n_keep
 
 
+def _stable_top(scores: torch.Tensor, kept: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Reference: a stable descending sort of the kept scores (pruned entries last), first ``n_keep`` positions."""
+    key = scores.double().masked_fill(~kept, float("-inf"))
+    order = torch.sort(key, descending=True, stable=True).indices
+    expected = torch.zeros_like(kept)
+    expected[order[:n_keep]] = True
+    return expected & kept
+
+
+@pytest.mark.parametrize("distinct", [None, 40, 3])
+def test_keep_top_on_long_vectors_equals_a_stable_sort(monkeypatch, distinct):
+    """Long vectors (a layer's worth of scores) go through the sampled band; the result is the stable sort's,
+    with continuous scores, with ties everywhere (40 values) and with huge tie groups (3 values), and the band
+    (not the fallback) produced it for continuous scores."""
+    from peft_loraprune import selection
+
+    used_band = []
+    band = selection._threshold_by_band
+    monkeypatch.setattr(selection, "_threshold_by_band", lambda *a: used_band.append(band(*a)) or used_band[-1])
+    g = torch.Generator().manual_seed(1)
+    n = 3 * selection.BAND_MIN_ENTRIES
+    scores = torch.rand(n, generator=g) if distinct is None else torch.randint(0, distinct, (n,), generator=g).float()
+    kept = torch.rand(n, generator=g) > 0.3
+    n_kept = int(kept.sum())
+    for n_keep in (1, 17, n_kept // 3, n_kept // 2, n_kept - 1):
+        assert torch.equal(selection.keep_top(scores, kept, n_keep), _stable_top(scores, kept, n_keep)), n_keep
+    if distinct is None:
+        assert all(r is not None for r in used_band)
+
+
+def test_keep_top_falls_back_to_the_full_selection_when_the_sample_is_too_thin():
+    """Few kept entries in a long vector: the sample cannot place a band, and the full selection gives the same
+    answer as the stable sort."""
+    from peft_loraprune import selection
+
+    g = torch.Generator().manual_seed(2)
+    n = 2 * selection.BAND_MIN_ENTRIES
+    scores = torch.rand(n, generator=g)
+    kept = torch.zeros(n, dtype=torch.bool)
+    kept[torch.randperm(n, generator=g)[:900]] = True
+    assert selection._threshold_by_band(scores, kept, 900, 400) is None
+    assert torch.equal(selection.keep_top(scores, kept, 400), _stable_top(scores, kept, 400))
+
+
 def test_keep_top_ties_break_by_position():
     scores = torch.zeros(6)
     kept = torch.ones(6, dtype=torch.bool)
