@@ -83,7 +83,7 @@ def step_cost_section(lines):
             )
         lines.append("")
         lines.append(
-            "\"with rewrites\": the step plus one mask rewrite spread over the pruning interval "
+            '"with rewrites": the step plus one mask rewrite spread over the pruning interval '
             "(every 10 steps by default)."
             + (
                 " (*) timed as a rewrite to the sparsity already reached, which skips the selection: an unstructured "
