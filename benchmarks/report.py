@@ -42,6 +42,12 @@ def _memory_keys(data) -> tuple[str, str, str, str]:
     return "peak RSS", "peak_rss_mib", "rss_vs_lora", "rss_vs_grad"
 
 
+def _ratio(row: dict, key: str) -> str:
+    """A ratio cell: three decimals, "n/a" where the row has none (no baseline in its round)."""
+    value = row.get(key)
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def step_cost_section(lines):
     for _name, data in _load("step_cost_*.json").items():
         s = data["settings"]
@@ -77,9 +83,8 @@ def step_cost_section(lines):
                 rewrite, stale = rewrite + " *", True
             lines.append(
                 f"| {r['config']} | {r['median_step_s'] * 1000:.1f} | {r['median_importance_s'] * 1000:.1f} | "
-                f"{r.get('time_vs_lora', float('nan')):.3f} | {rewrite} | "
-                f"{r.get('amortised_time_vs_lora', float('nan')):.3f} | {r[peak]:.0f} | "
-                f"{r.get(vs_lora, float('nan')):.3f} | {r.get(vs_grad, float('nan')):.3f} |"
+                f"{_ratio(r, 'time_vs_lora')} | {rewrite} | {_ratio(r, 'amortised_time_vs_lora')} | {r[peak]:.0f} | "
+                f"{_ratio(r, vs_lora)} | {_ratio(r, vs_grad)} |"
             )
         lines.append("")
         lines.append(

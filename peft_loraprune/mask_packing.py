@@ -29,9 +29,15 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Pack a 2-D bool mask along its last dimension into ``uint8`` (most significant bit first)."""
     if mask.dtype != torch.bool or mask.dim() != 2:
         raise ValueError(f"pack_bits expects a 2-D bool tensor, got dtype={mask.dtype}, shape={tuple(mask.shape)}.")
-    if mask.device.type == "cpu":
+    if _numpy_can_read(mask):
         return torch.from_numpy(np.packbits(mask.detach().numpy(), axis=-1))
     return _pack_bits_tensor(mask)
+
+
+def _numpy_can_read(t: torch.Tensor) -> bool:
+    """A plain CPU tensor outside tracing: NumPy can work on its memory (not a tensor subclass such as a fake or
+    distributed tensor, and not while ``torch.compile`` traces)."""
+    return type(t) is torch.Tensor and t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _pack_bits_tensor(mask: torch.Tensor) -> torch.Tensor:
@@ -50,7 +56,12 @@ def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
         raise ValueError(
             f"unpack_bits expects a 2-D uint8 tensor, got dtype={packed.dtype}, shape={tuple(packed.shape)}."
         )
-    if packed.device.type == "cpu":
+    if packed.shape[1] != (cols + 7) // 8:
+        raise ValueError(
+            f"a packed mask of {packed.shape[1]} bytes per row holds {packed.shape[1] * 8 - 7} to "
+            f"{packed.shape[1] * 8} columns, not cols={cols}."
+        )
+    if _numpy_can_read(packed):
         return torch.from_numpy(np.unpackbits(packed.detach().numpy(), axis=-1, count=cols)).view(torch.bool)
     return _unpack_bits_tensor(packed, cols)
 

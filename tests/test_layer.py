@@ -195,6 +195,8 @@ def test_bit_packing_round_trip(cols):
     first = torch.zeros(1, 8, dtype=torch.bool)
     first[0, 0] = True
     assert pack_bits(first).item() == 128
+    with pytest.raises(ValueError, match="cols="):
+        unpack_bits(packed, cols + 8)
 
 
 def test_two_active_adapters_are_refused():

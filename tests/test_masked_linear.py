@@ -57,6 +57,23 @@ def test_outputs_and_every_gradient_match_autograd(shared, block, monkeypatch):
     assert torch.all(ours["weight"].grad[~ours["keep"]] == 0)
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["no-dropout", "own-adapter-input"])
+def test_input_gradients_reach_the_layer_below_contiguous(shared):
+    """The input gradients are built transposed; handed on as strided views they made the elementwise backward
+    of the layer below (activation, gating product) several times slower, so they leave contiguous."""
+    t = {k: v.clone() for k, v in _inputs(seed=1).items()}
+    x = t["x"].requires_grad_() * 1.0  # a non-leaf: its hook sees the gradient exactly as produced
+    x_lora = x if shared else t["x_lora"].requires_grad_() * 1.0
+    seen = []
+    for tensor in {id(x): x, id(x_lora): x_lora}.values():
+        tensor.register_hook(lambda g: seen.append(g.is_contiguous()))
+    y = element_masked_linear(
+        x, x_lora, t["weight"], None, t["lora_B"], t["lora_R"], 1.0, pack_bits(t["keep"]), t["keep"].shape[1]
+    )
+    y.sum().backward()
+    assert seen == [True] * (1 if shared else 2)
+
+
 def _straight_through_reference(t, scaling, shared):
     """The masked layer's value, with the update's gradient passed through the mask unchanged: ``delta ⊙ M`` in
     value, ``delta`` in gradient (the classic detach trick, independent of the code under test)."""

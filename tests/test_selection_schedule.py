@@ -32,11 +32,12 @@ def test_keep_top_equals_a_stable_sort_with_many_ties(seed):
 
 def _stable_top(scores: torch.Tensor, kept: torch.Tensor, n_keep: int) -> torch.Tensor:
     """Reference: a stable descending sort of the kept scores (pruned entries last), first ``n_keep`` positions."""
-    key = scores.double().masked_fill(~kept, float("-inf"))
-    order = torch.sort(key, descending=True, stable=True).indices
+    by_score = torch.sort(scores.double(), descending=True, stable=True).indices
+    # then kept entries first, stably: kept ones in score order (ties by position), pruned ones after
+    order = by_score[torch.sort((~kept[by_score]).to(torch.uint8), stable=True).indices]
     expected = torch.zeros_like(kept)
-    expected[order[:n_keep]] = True
-    return expected & kept
+    expected[order[: min(n_keep, int(kept.sum()))]] = True
+    return expected
 
 
 @pytest.mark.parametrize("distinct", [None, 40, 3])
@@ -56,8 +57,46 @@ def test_keep_top_on_long_vectors_equals_a_stable_sort(monkeypatch, distinct):
     n_kept = int(kept.sum())
     for n_keep in (1, 17, n_kept // 3, n_kept // 2, n_kept - 1):
         assert torch.equal(selection.keep_top(scores, kept, n_keep), _stable_top(scores, kept, n_keep)), n_keep
-    if distinct is None:
-        assert all(r is not None for r in used_band)
+    assert used_band and all(r is not None for r in used_band)
+
+
+def test_keep_top_when_the_band_misses_the_threshold():
+    """Scores arranged against the fixed sample (every sampled position scores 0, every other 1): the bracket
+    cannot hold the threshold, the band gives up and the full selection answers as the stable sort does."""
+    from peft_loraprune import selection
+
+    n = 3 * selection.BAND_MIN_ENTRIES
+    scores = torch.ones(n)
+    scores[selection.band_sample_positions(n)] = 0.0
+    kept = torch.ones(n, dtype=torch.bool)
+    kept[::5] = False
+    n_kept = int(kept.sum())
+    assert selection._threshold_by_band(scores, kept, n_kept, n_kept // 2) is None
+    assert torch.equal(selection.keep_top(scores, kept, n_kept // 2), _stable_top(scores, kept, n_kept // 2))
+
+
+@pytest.mark.parametrize("n", [50, 3 * (1 << 16)], ids=["short", "long"])
+def test_keep_top_with_infinite_scores_never_revives_pruned_entries(n):
+    """Kept entries scoring -inf tie with the fill of pruned ones: the earliest kept -inf entries are chosen,
+    never a pruned one."""
+    g = torch.Generator().manual_seed(4)
+    scores = torch.where(torch.rand(n, generator=g) > 0.5, float("-inf"), torch.rand(n, generator=g))
+    scores[:3] = float("inf")
+    kept = torch.rand(n, generator=g) > 0.3
+    finite_kept = int((kept & (scores > float("-inf"))).sum())
+    for n_keep in (1, finite_kept, finite_kept + 2):
+        new = keep_top(scores, kept, n_keep)
+        assert int(new.sum()) == n_keep and not torch.any(new & ~kept)
+        assert torch.equal(new, _stable_top(scores, kept, n_keep)), n_keep
+
+
+def test_keep_top_per_row_on_long_rows_prefers_kept_infinite_scores_to_pruned_entries():
+    from peft_loraprune.selection import keep_top_per_row
+
+    scores = torch.tensor([[float("-inf")] * 12])
+    kept = torch.tensor([[False, True] * 6])
+    assert keep_top_per_row(scores, kept, 3).sum() == 3
+    assert not torch.any(keep_top_per_row(scores, kept, 3) & ~kept)
 
 
 def test_keep_top_falls_back_to_the_full_selection_when_the_sample_is_too_thin():
