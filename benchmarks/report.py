@@ -59,8 +59,9 @@ def step_cost_section(lines):
                 "peak allocated device memory; at this size the GPU waits on Python and kernel launches, so step "
                 "times vary by up to 30% from step to step and time ratios are rough)"
             )
+        note = f" ({s['note']})" if s.get("note") else ""
         lines += [
-            f"### Step time and memory: `{s['model']}`, batch {s['batch']} x {s['seq']} tokens{where}",
+            f"### Step time and memory: `{s['model']}`, batch {s['batch']} x {s['seq']} tokens{where}{note}",
             "",
             f"Machine: {_machine(data)}. Median of {s['steps']} steps after {s['warmup']} warm-up steps; "
             "each configuration in its own process"
@@ -757,6 +758,7 @@ def readme_summary() -> list[str]:
             if c != "lora" and "time_vs_lora" in r
         ]
         where = f", {data['machine']['cuda']}, {s.get('dtype')}" if _on_gpu(data) else ""
+        where += f", {s['note']}" if s.get("note") else ""
         if parts:
             out.append(
                 f"- **Step cost vs plain LoRA** ({s['model']}, {s['batch']} x {s['seq']} tokens{where}, "

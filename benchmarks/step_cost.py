@@ -269,6 +269,10 @@ def main():
         "moves a ratio much less than it moves the times",
     )
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument(
+        "--note", default=None, help="what differs from the current code (shown in the report), e.g. an older commit"
+    )
+    parser.add_argument("--tag", default=None, help="appended to the result file's name (keeps a variant apart)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one config, print JSON
     args = parser.parse_args()
     if args.one:
@@ -308,6 +312,7 @@ def main():
         rounds.append(rows)
     rows = [combine([rows[name] for rows in rounds]) for name in names]
     suffix = "" if args.device == "cpu" and args.dtype == "float32" else f"_{args.device}_{args.dtype}"
+    suffix += f"_{args.tag}" if args.tag else ""
     path = write_result(
         f"step_cost_{args.model}_b{args.batch}x{args.seq}{suffix}", {"settings": vars(args), "rows": rows}, args.out
     )
