@@ -113,9 +113,12 @@ class Criterion:
         """Separable criteria: this step's ``v`` (``d_in`` float32) of layer ``name``, or None (layer unused)."""
         raise NotImplementedError(f"the {self.name!r} criterion is not separable")
 
-    def chunks_for(self, layer, features: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    def chunks_for(
+        self, layer, features: torch.Tensor, into: Optional[torch.Tensor] = None
+    ) -> Iterator[tuple[slice, torch.Tensor]]:
         """Separable criteria: ``(rows, |W_ij|·features_j)`` float32 chunks of ``layer``'s merged weight
-        (scratch buffers, as in :meth:`element_chunks`)."""
+        (scratch buffers, as in :meth:`element_chunks`; with ``into``, a float32 tensor of the weight's shape,
+        the chunks are written into its rows instead, so a caller that needs every score skips a copy)."""
         raise NotImplementedError(f"the {self.name!r} criterion is not separable")
 
     def member_scores(self, name: str, layer, axis: str, layout) -> Optional[torch.Tensor]:
@@ -240,13 +243,14 @@ class InputNormMagnitude(FeatureSums):
     def step_features(self, name):
         return self.sums[name].sqrt() if name in self.touched else None
 
-    def chunks_for(self, layer, features):
+    def chunks_for(self, layer, features, into=None):
         factors = layer.scoring_factors(self.adapter)
         return element_scores(
             _merged_rows(layer, self.adapter, factors),
-            lambda r, out: out.copy_(features.expand(r.stop - r.start, -1)),
+            lambda r, out: features,  # broadcast along the rows
             (layer.out_features, layer.in_features),
             _scratch(layer),
+            into=into,
         )
 
     def element_chunks(self, name, layer):

@@ -281,8 +281,8 @@ class PruningEngine:
             if features is None:  # no update yet: every weight ties
                 return torch.zeros(layer.out_features, layer.in_features, device=device)
             scores = torch.empty(layer.out_features, layer.in_features, device=device)
-            for rows, block in self.criterion.chunks_for(layer, features.to(device)):
-                scores[rows] = block
+            for _ in self.criterion.chunks_for(layer, features.to(device), into=scores):
+                pass  # each chunk is written in place
             return scores
         average = self.element_averages.get(name)
         if average is None:  # no update yet: every weight ties

@@ -54,16 +54,20 @@ def element_scores(
     shape: tuple[int, int],
     buffer: Callable[[str, tuple[int, int]], torch.Tensor],
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    into: Optional[torch.Tensor] = None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(rows, |W ⊙ G|)`` chunk by chunk (``|W|`` when ``gradient_rows`` is None).
 
-    ``merged_rows(rows, out)`` and ``gradient_rows(rows, out)`` write float32 blocks of the merged weight and of its
-    (estimated or true) gradient into ``out``; ``buffer(name, shape)`` provides ``out`` (a float32 scratch tensor,
-    reused: each yielded block is valid until the next one is asked for, so callers fold it in at once).
+    ``merged_rows(rows, out)`` writes a float32 block of the merged weight into ``out``; ``gradient_rows(rows, out)``
+    returns the block of its (estimated or true) gradient, written into ``out`` or as any tensor that broadcasts to
+    the block (a separable criterion's per-column vector, with no block-sized copy). ``buffer(name, shape)``
+    provides ``out`` (a float32 scratch tensor, reused: each yielded block is valid until the next one is asked
+    for, so callers fold it in at once). With ``into`` (a float32 tensor of ``shape``), the scores are written
+    straight into its rows and each yielded block is a view of it.
     """
     for rows in row_chunks(shape[0], shape[1], chunk_elements):
         block_shape = (rows.stop - rows.start, shape[1])
-        w = merged_rows(rows, buffer("score_weight", block_shape))
+        w = merged_rows(rows, into[rows] if into is not None else buffer("score_weight", block_shape))
         if gradient_rows is None:
             yield rows, w.abs_()
         else:

@@ -6,6 +6,7 @@ by position (stable sort), so identical inputs give identical masks on every pro
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -52,8 +53,10 @@ BAND_MIN_ENTRIES = 1 << 16
 BAND_SAMPLE = 1 << 16
 
 
+@functools.lru_cache(maxsize=64)
 def band_sample_positions(n: int) -> torch.Tensor:
-    """The positions :func:`_threshold_by_band` samples in a vector of ``n`` scores (fixed seed, on the CPU)."""
+    """The positions :func:`_threshold_by_band` samples in a vector of ``n`` scores (fixed seed, on the CPU;
+    drawn once per length: a model has a handful of layer shapes). Read-only: callers index with it."""
     generator = torch.Generator().manual_seed(0)
     return torch.randint(0, n, (BAND_SAMPLE,), generator=generator)
 

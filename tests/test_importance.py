@@ -442,3 +442,24 @@ def test_column_square_sums_match_a_float64_sum_and_leave_the_input_alone(dtype,
     assert torch.equal(x, before)
     with pytest.raises(ValueError, match="2-D"):
         column_square_sums(x[0])
+
+
+def test_element_scores_written_into_a_tensor_chunk_by_chunk_match_the_hand_formula():
+    """``into``: the scores land in the caller's tensor row block by row block (here 2 rows per block, the last
+    one short), equal to ``|(W0 + s·B·R) ⊙ G|`` with a per-column G broadcast along the rows."""
+    from peft_loraprune.importance import element_scores
+
+    g = torch.Generator().manual_seed(5)
+    w0, b, r = torch.randn(5, 4, generator=g), torch.randn(5, 2, generator=g), torch.randn(2, 4, generator=g)
+    v = torch.rand(4, generator=g)
+    into = torch.full((5, 4), float("nan"))
+    chunks = element_scores(
+        lambda rows, out: torch.addmm(w0[rows], b[rows], r, alpha=0.5, out=out),
+        lambda rows, out: v,
+        (5, 4),
+        lambda name, shape: torch.empty(shape),
+        chunk_elements=8,
+        into=into,
+    )
+    assert [(rows.start, rows.stop) for rows, _ in chunks] == [(0, 2), (2, 4), (4, 5)]
+    torch.testing.assert_close(into, ((w0 + 0.5 * b @ r) * v).abs())
