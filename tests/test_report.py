@@ -63,6 +63,16 @@ def test_step_cost_tables_show_device_memory_on_a_gpu_and_resident_memory_on_a_c
         rows = {
             "lora": {"median_step_s": 0.1, "peak_rss_mib": 3000.0, "cuda_max_allocated_mib": 1000.0},
             "grad_structured": {"median_step_s": 0.2, "peak_rss_mib": 3300.0, "cuda_max_allocated_mib": 2000.0},
+            # a 0.5 s mask rewrite every 10 steps adds 0.05 s to a 0.3 s step: (0.3 + 0.05) / 0.1 = 3.5x LoRA
+            "loraprune_unstructured": {
+                "median_step_s": 0.3,
+                "peak_rss_mib": 3000.0,
+                "cuda_max_allocated_mib": 1000.0,
+                "median_mask_rewrite_s": 0.5,
+                "pruning_interval": 10,
+                # the CPU file's rewrites removed weights; the GPU file's are an old file's, flagged
+                "rewrite_sparsities": [0.52, 0.54, 0.56] if device == "cpu" else None,
+            },
         }
         rows = [
             {"config": c, "median_importance_s": 0.0, "median_mask_rewrite_s": 0.0, "pruning_interval": None}
@@ -90,11 +100,16 @@ def test_step_cost_tables_show_device_memory_on_a_gpu_and_resident_memory_on_a_c
         lines = []
         report.step_cost_section(lines)
         text = "\n".join(lines)
-        assert f"| {label} (MiB) | vs LoRA | vs grad |" in text
+        assert f"| with rewrites, vs LoRA | {label} (MiB) | vs LoRA | vs grad |" in text
         assert (
-            f"| grad_structured | 200.0 | 0.0 | 2.000 | {2000 if device == 'cuda' else 3300} | {ratio} | 1.000 |"
-            in text
+            f"| grad_structured | 200.0 | 0.0 | 2.000 | 0 | 2.000 | {2000 if device == 'cuda' else 3300} | {ratio} "
+            "| 1.000 |" in text
         )
+        stale = " *" if device == "cuda" else ""
+        assert f"| loraprune_unstructured | 300.0 | 0.0 | 3.000 | 500{stale} | 3.500 |" in text
+        assert ("(*) timed as a rewrite to the sparsity already reached" in text) == (device == "cuda")
         (summary,) = [x for x in report.readme_summary() if "Step cost" in x]
         assert f"grad_structured 2.00x time / {ratio[:4]}x {label}" in summary
+        with_rewrites = " (3.50x with mask rewrites)" if device == "cpu" else ""
+        assert f"loraprune_unstructured 3.00x time{with_rewrites} / " in summary
         assert ("NVIDIA H100" in summary) == (device == "cuda")
