@@ -48,6 +48,19 @@ def _ratio(row: dict, key: str) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _rewrites_removed_weights(row: dict) -> bool:
+    """Whether a step-cost row's mask rewrites were timed removing weights (rows written before ``step_cost.py``
+    recorded ``rewrite_sparsities`` timed rewrites to the sparsity already reached, which skip the selection)."""
+    return bool(row.get("rewrite_sparsities"))
+
+
+def _with_rewrites_words(row: dict) -> str:
+    amortised = row.get("amortised_time_vs_lora")
+    if not _rewrites_removed_weights(row) or amortised is None:
+        return ""
+    return f" ({amortised:.2f}x with mask rewrites)"
+
+
 def step_cost_section(lines):
     for _name, data in _load("step_cost_*.json").items():
         s = data["settings"]
@@ -80,7 +93,7 @@ def step_cost_section(lines):
         stale = False
         for r in data["rows"]:
             rewrite = f"{r.get('median_mask_rewrite_s', 0.0) * 1000:.0f}"
-            if r.get("pruning_interval") and not r.get("rewrite_sparsities"):
+            if r.get("pruning_interval") and not _rewrites_removed_weights(r):
                 rewrite, stale = rewrite + " *", True
             lines.append(
                 f"| {r['config']} | {r['median_step_s'] * 1000:.1f} | {r['median_importance_s'] * 1000:.1f} | "
@@ -753,14 +766,8 @@ def readme_summary() -> list[str]:
         rows = {r["config"]: r for r in data["rows"]}
         label, _, vs_lora, _ = _memory_keys(data)
 
-        def with_rewrites(r):
-            amortised = r.get("amortised_time_vs_lora")
-            if not r.get("rewrite_sparsities") or amortised is None:
-                return ""
-            return f" ({amortised:.2f}x with mask rewrites)"
-
         parts = [
-            f"{c} {r['time_vs_lora']:.2f}x time{with_rewrites(r)} / {r[vs_lora]:.2f}x {label}"
+            f"{c} {r['time_vs_lora']:.2f}x time{_with_rewrites_words(r)} / {r[vs_lora]:.2f}x {label}"
             for c, r in rows.items()
             if c != "lora" and "time_vs_lora" in r
         ]
