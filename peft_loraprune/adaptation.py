@@ -23,6 +23,8 @@ class Parallel:
     name = "parallel"
     #: merging can be undone by subtracting ``s·B·A`` (only pruned entries need a stash)
     invertible_merge = True
+    #: ``right_factor`` reads the pretrained weight (a quantized base dequantizes it only when this is True)
+    reads_w0 = False
 
     def a_in_features(self, in_features: int, out_features: int) -> int:
         """Input width of ``A``."""
@@ -50,6 +52,7 @@ class Parallel:
 class Sequential(Parallel):
     name = "sequential"
     invertible_merge = False
+    reads_w0 = True
 
     def a_in_features(self, in_features, out_features):
         return out_features

@@ -304,6 +304,14 @@ class TrueGradient(Criterion):
         self._scale: Optional[float] = None
 
     def attach(self, layers, consumers):
+        quantized = [(name, layer.quantization) for name, layer in layers if layer.quantization is not None]
+        if quantized:
+            raise ValueError(
+                f"importance='grad' is not supported on a quantized base ('{quantized[0][0]}' is bitsandbytes "
+                f"{quantized[0][1]}): it accumulates a float32 gradient per pretrained weight, 8x the memory "
+                "of a 4-bit base. Use a criterion that reads no weight gradient: 'activation' (structured), 'wanda' "
+                "(any granularity), 'lora' or 'magnitude'."
+            )
         for name, layer in layers:
             buffer = torch.zeros(layer.out_features, layer.in_features, device=layer.base_weight_2d().device)
             self.gradients[name] = buffer

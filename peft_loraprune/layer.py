@@ -48,6 +48,7 @@ from .adaptation import adaptation
 from .distributed import full_tensor
 from .mask_packing import packed_shape, unpack_bits
 from .masked_linear import element_masked_linear
+from .quantized import DequantizingWeight, dense_weight, quantization_kind, requantized, restore, snapshot
 
 MASK_NAMES = ("lora_mask_rows", "lora_mask_cols", "lora_mask_elements")
 
@@ -98,6 +99,8 @@ class LoRAPruneLayer(BaseTunerLayer):
             raise TypeError(f"Unsupported layer type {type(self.get_base_layer())}")
         self.in_features = in_features
         self.out_features = out_features
+        # "int8" / "4bit" for a bitsandbytes base layer (see quantized.py), None for a float one
+        self.quantization: Optional[str] = quantization_kind(self.get_base_layer())
         self._register_load_state_dict_pre_hook(self._check_loaded_adapter_tensors, with_module=False)
 
     # ------------------------------------------------------------------ creation
@@ -143,6 +146,13 @@ class LoRAPruneLayer(BaseTunerLayer):
         """The pretrained weight as ``(d_out, d_in)``; a transposed view for GPT-2 style ``Conv1D``."""
         w = self.get_base_layer().weight
         return w.t() if self.fan_in_fan_out else w
+
+    def dense_base_weight(self) -> torch.Tensor:
+        """The pretrained weight's values as a dense ``(d_out, d_in)`` tensor: :meth:`base_weight_2d` for a float
+        base, a fresh dequantized tensor for a bitsandbytes one (read a layer at a time, never kept)."""
+        if self.quantization is None:
+            return self.base_weight_2d()
+        return dense_weight(self.get_base_layer())
 
     def add_tap(self, adapter_name: str, tap: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
         """Call ``tap(x, y)`` at every forward pass of ``adapter_name`` run with gradients enabled: ``x`` the input
@@ -214,14 +224,15 @@ class LoRAPruneLayer(BaseTunerLayer):
         """``(B, R)`` with ``merged weight = W0 + s·B·R``: ``R = A`` (parallel) or ``A·W0`` (sequential)."""
         a = self.lora_A[adapter_name].weight
         b = self.lora_B[adapter_name].weight
-        return b, self.adaptation[adapter_name].right_factor(a, self.base_weight_2d())
+        form = self.adaptation[adapter_name]
+        return b, form.right_factor(a, self.dense_base_weight() if form.reads_w0 else None)
 
     def scoring_factors(self, adapter_name: str) -> ScoringFactors:
         """``W0, A, B`` and ``R`` whole and detached, for scoring: gathered once per layer when FSDP2 shards them
         (see :mod:`~peft_loraprune.distributed`), the parameters themselves otherwise."""
         a = full_tensor(self.lora_A[adapter_name].weight.detach())
         b = full_tensor(self.lora_B[adapter_name].weight.detach())
-        w0 = full_tensor(self.base_weight_2d().detach())
+        w0 = full_tensor(self.dense_base_weight().detach())
         return ScoringFactors(w0, a, b, self.adaptation[adapter_name].right_factor(a, w0))
 
     def merged_weight_rows(
@@ -349,7 +360,10 @@ class Linear(nn.Module, LoRAPruneLayer):
         return h + z.to(h.dtype)
 
     def _forward_element_masked(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        weight = self.base_weight_2d()
+        if self.quantization is None:
+            weight = self.base_weight_2d()
+        else:  # dequantized inside each pass, never kept between them
+            weight = DequantizingWeight(self.get_base_layer(), (self.out_features, self.in_features))
         lora_B, lora_R = self.delta_factors(adapter)
         bias = self.get_base_layer().bias
         if bias is not None:
@@ -391,7 +405,6 @@ class Linear(nn.Module, LoRAPruneLayer):
         if adapter not in self.lora_A:
             return
         base = self.get_base_layer()
-        weight_2d = self.base_weight_2d()
         with torch.no_grad():
             mask = self.full_mask(adapter)
             merged = self.merged_weight_rows(adapter).mul_(mask)
@@ -403,15 +416,21 @@ class Linear(nn.Module, LoRAPruneLayer):
                 torch.isfinite(merged).all() and (merged_bias is None or torch.isfinite(merged_bias).all())
             ):
                 raise ValueError(f"NaNs or infs in the merged weights of adapter {adapter!r}; merge aborted.")
-            stash: dict[str, torch.Tensor] = {}
-            if self.adaptation[adapter].invertible_merge:
-                stash["pruned_values"] = weight_2d[~mask].clone()
-            else:
-                stash["weight"] = weight_2d.detach().clone()
+            stash: dict[str, object] = {}
             if base.bias is not None:
                 stash["bias"] = base.bias.detach().clone()
+            if self.quantization is not None:
+                # written back in the layer's own format; the quantized original is small, kept whole
+                stash["quantized"] = snapshot(base)
+                base.weight = requantized(base, merged)
+            else:
+                weight_2d = self.base_weight_2d()
+                if self.adaptation[adapter].invertible_merge:
+                    stash["pruned_values"] = weight_2d[~mask].clone()
+                else:
+                    stash["weight"] = weight_2d.detach().clone()
+                weight_2d.copy_(merged.to(weight_2d.dtype))
             self._merge_stash[adapter] = stash
-            weight_2d.copy_(merged.to(weight_2d.dtype))
             if merged_bias is not None:
                 base.bias.copy_(merged_bias.to(base.bias.dtype))
         self.merged_adapters.append(adapter)
@@ -426,7 +445,9 @@ class Linear(nn.Module, LoRAPruneLayer):
             while self.merged_adapters:
                 adapter = self.merged_adapters.pop()
                 stash = self._merge_stash.pop(adapter)
-                if "weight" in stash:
+                if "quantized" in stash:
+                    restore(base, stash["quantized"])
+                elif "weight" in stash:
                     weight_2d.copy_(stash["weight"])
                 else:
                     mask = self.full_mask(adapter)
@@ -439,9 +460,9 @@ class Linear(nn.Module, LoRAPruneLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``merged - W0`` under the mask, in the base layer's weight layout (as PEFT's LoRA returns it)."""
-        w0 = self.base_weight_2d().float()
+        w0 = self.dense_base_weight().float()
         delta = self.merged_weight_rows(adapter_name).mul_(self.full_mask(adapter_name)).sub_(w0)
-        delta = delta.to(self.get_base_layer().weight.dtype)
+        delta = delta.to(w0.dtype if self.quantization else self.get_base_layer().weight.dtype)
         return delta.t() if self.fan_in_fan_out else delta
 
     def __repr__(self) -> str:

@@ -135,6 +135,10 @@ class _ElementMaskedLinear(torch.autograd.Function):
     ):
         shared_input = x_lora is x
         dtype = _compute_dtype(x)
+        # a quantized base hands a source that dequantizes inside each pass (see quantized.DequantizingWeight)
+        source = None if isinstance(weight, torch.Tensor) else weight
+        if source is not None:
+            weight = source.materialize()
         d_out = weight.shape[0]
         x2 = x.reshape(-1, n_cols).to(dtype)
         xl2 = x2 if shared_input else x_lora.reshape(-1, n_cols).to(dtype)
@@ -159,12 +163,17 @@ class _ElementMaskedLinear(torch.autograd.Function):
         ctx.dtype = dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.input_dtypes = (x.dtype, x_lora.dtype)
-        ctx.save_for_backward(x, None if shared_input else x_lora, weight, lora_B, lora_R, packed_mask)
+        ctx.weight_source = source
+        ctx.save_for_backward(
+            x, None if shared_input else x_lora, weight if source is None else None, lora_B, lora_R, packed_mask
+        )
         return y.view(*x.shape[:-1], d_out)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, x_lora, weight, lora_B, lora_R, packed_mask = ctx.saved_tensors
+        if ctx.weight_source is not None:
+            weight = ctx.weight_source.materialize()
         need_x, need_xl, need_w, need_b, need_B, need_R = ctx.needs_input_grad[:6]
         dtype, s, n_cols = ctx.dtype, ctx.scaling, ctx.n_cols
         if ctx.shared_input:
@@ -239,7 +248,9 @@ def element_masked_linear(
         x: layer input, ``(..., d_in)``.
         x_lora: input of the adapter path (``x`` after dropout); pass ``x`` itself when there is no dropout so
             one product serves both paths.
-        weight: pretrained weight as ``(d_out, d_in)`` (a transposed view is fine).
+        weight: pretrained weight as ``(d_out, d_in)`` (a transposed view is fine), or an object with ``shape`` and
+            ``materialize()`` (:class:`~peft_loraprune.quantized.DequantizingWeight`) that gives it inside each
+            pass, so that a quantized base is dequantized in the pass and never kept from forward to backward.
         bias: ``(d_out,)`` or None.
         lora_B: ``(d_out, r)``; lora_R: ``(r, d_in)``.
         scaling: the adapter scale s.

@@ -25,6 +25,7 @@ from .engine import PruningEngine
 from .evaluation import eval_results
 from .export import export_pruned_model
 from .layer import Linear, LoRAPruneLayer
+from .quantized import check_supported, keep_standard_layout
 from .registration import PREFIX
 from .reporting import build_sparsity_report
 from .structure import find_structured_groups, mark_rows_masked_downstream
@@ -95,22 +96,13 @@ class LoRAPruneModel(BaseTuner):
             target.update_layer(adapter_name, config)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        check_supported(base, current_key)  # a quantized layer other than bitsandbytes' 8/4-bit: one clear error
         if not isinstance(base, (torch.nn.Linear, Conv1D)):
             raise TypeError(
                 f"LoRAPrune adapts torch.nn.Linear and transformers Conv1D modules; '{current_key}' is a "
                 f"{type(base).__name__}. Remove it from target_modules."
             )
-        weight = getattr(base, "weight", None)
-        quantized = type(base).__module__.split(".")[0] in ("bitsandbytes", "torchao", "optimum", "hqq", "awq") or (
-            weight is not None and (not weight.dtype.is_floating_point or hasattr(weight, "quant_state"))
-        )
-        if quantized:
-            raise TypeError(
-                f"'{current_key}' is a quantized layer ({type(base).__module__}.{type(base).__name__}, weight "
-                f"{getattr(weight, 'dtype', None)}). LoRAPrune needs the dense pretrained weight (importance is "
-                "|W ⊙ G| and pruning merges into W), so quantized bases (bitsandbytes 8-bit/4-bit and the like) are not "
-                "supported: load the base model in bfloat16, float16 or float32."
-            )
+        keep_standard_layout(base)
         if isinstance(base, Conv1D) and not config.fan_in_fan_out:
             # as PEFT's LoRA does: the module type decides the weight layout; say so once and record it
             warnings.warn(
