@@ -121,7 +121,11 @@ def dense_weight(module: torch.nn.Module, out: Optional[torch.Tensor] = None) ->
         scale = _int8_scales(module).to(weight.device).float().div(127.0)[:, None]
         if out is None:
             return weight.data.float().mul_(scale)
-        return torch.mul(weight.data, scale, out=out) if out.dtype == torch.float32 else out.copy_(weight.data).mul_(scale)
+        return (
+            torch.mul(weight.data, scale, out=out)
+            if out.dtype == torch.float32
+            else out.copy_(weight.data).mul_(scale)
+        )
     import bitsandbytes.functional as bnbf
 
     _check_standard_layout(module)
