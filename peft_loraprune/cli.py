@@ -1,7 +1,8 @@
 """``peft-loraprune``: the command line, from a saved adapter to a smaller model, its scores and its card.
 
     peft-loraprune report ADAPTER                       # sparsity overall and per layer
-    peft-loraprune export ADAPTER --out DIR [--dtype bfloat16]   # a plain transformers model, pruned units removed
+    peft-loraprune export ADAPTER --out DIR [--base ORIGINAL] [--dtype bfloat16]   # a plain transformers model,
+                                                        # pruned units removed, streamed tensor by tensor
     peft-loraprune eval MODEL_OR_ADAPTER --tasks T1,T2 [--include_path DIR] [--card]   # lm-eval zero-shot
     peft-loraprune lm-eval --model hf --model_args pretrained=BASE,peft=ADAPTER --tasks ...   # lm-eval's own CLI
 
@@ -12,22 +13,28 @@ fix (a missing path, a base the adapter does not fit, an unknown task) print one
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from typing import Optional
 
+from .checkpoint_io import CheckpointReader, parse_size
+from .config import LoRAPruneConfig
 from .evaluation import (
     DTYPES,
     eval_results,
     evaluate,
     format_results,
+    is_adapter_folder,
     load_adapter_model,
     load_for_evaluation,
     save_results_json,
 )
 from .export import export_pruned_model
 from .model_card import write_eval_results, write_export_card
+from .skeleton import load_adapter_skeleton
+from .streaming_export import stream_export
 
 
 class UsageError(Exception):
@@ -44,14 +51,79 @@ def _adapter(path: str, base: Optional[str]):
 
 
 def cmd_report(args) -> None:
-    model = _adapter(args.adapter, args.base)
+    model = _skeleton(args.adapter, args.base)
     report = model.base_model.sparsity_report()
     print(report.summary())
     if not args.summary_only:
         print(report.markdown_table())
 
 
+def _skeleton(path: str, base: Optional[str]):
+    """The adapter on a weightless base (masks and config only); the full load where the adapter saves whole
+    modules (a classification head)."""
+    if not os.path.exists(path):
+        raise UsageError(f"{path} does not exist")
+    if LoRAPruneConfig.from_pretrained(path).modules_to_save if is_adapter_folder(path) else False:
+        return _adapter(path, base)
+    try:
+        return load_adapter_skeleton(path, base)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from err
+
+
+def _streamable(adapter: str, base: Optional[str]) -> Optional[str]:
+    """Why the streaming export cannot run (None when it can): it needs a local safetensors checkpoint that is not
+    pre-quantized, and an adapter without whole saved modules."""
+    config = LoRAPruneConfig.from_pretrained(adapter)
+    base = base or config.base_model_name_or_path
+    if config.modules_to_save:
+        return "the adapter saves whole modules"
+    if not base or not os.path.isdir(base):
+        return f"the base {base!r} is not a local folder"
+    try:
+        with open(os.path.join(base, "config.json")) as f:
+            if "quantization_config" in json.load(f):
+                return "the base checkpoint is pre-quantized"
+        CheckpointReader(base)
+    except (OSError, ValueError) as err:
+        return str(err)
+    return None
+
+
 def cmd_export(args) -> None:
+    if not os.path.exists(args.adapter):
+        raise UsageError(f"{args.adapter} does not exist")
+    if not is_adapter_folder(args.adapter):
+        raise UsageError(f"{args.adapter} is not a saved adapter (no adapter_config.json there)")
+    try:
+        parse_size(args.max_shard_size)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    why_not = None if args.in_memory else _streamable(args.adapter, args.base)
+    if args.in_memory or args.latency or why_not:
+        if why_not and not args.in_memory and not args.latency:
+            print(f"exporting in memory: {why_not}")
+        _export_in_memory(args)
+        return
+    config = LoRAPruneConfig.from_pretrained(args.adapter)
+    sparsity = _skeleton(args.adapter, args.base).base_model.sparsity_report()
+    try:
+        report = stream_export(
+            args.adapter,
+            args.out,
+            args.base,
+            dtype=DTYPES[args.dtype] if args.dtype else None,
+            max_shard_size=args.max_shard_size,
+            progressbar=False,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from err
+    write_export_card(args.out, config, sparsity, report, source_adapter=args.adapter)
+    print(report)
+    print(f"written {args.out}")
+
+
+def _export_in_memory(args) -> None:
     model = _adapter(args.adapter, args.base)
     config = model.peft_config[model.active_adapter]
     sparsity = model.base_model.sparsity_report()
@@ -60,7 +132,7 @@ def cmd_export(args) -> None:
     )
     exported = report.model
     os.makedirs(args.out, exist_ok=True)
-    exported.save_pretrained(args.out)
+    exported.save_pretrained(args.out, max_shard_size=args.max_shard_size)
     tokenizer_source = args.base or config.base_model_name_or_path
     try:
         from transformers import AutoTokenizer
@@ -130,11 +202,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="merge and physically prune a saved adapter into a plain transformers model")
     p.add_argument("adapter")
     p.add_argument("--out", required=True, help="folder for the exported model")
-    p.add_argument("--base", default=None)
+    p.add_argument(
+        "--base",
+        default=None,
+        help="base checkpoint to merge into (default: the adapter's base_model_name_or_path); for an adapter trained "
+        "on a quantized base, the original-precision checkpoint",
+    )
     p.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="dtype of the saved weights (default: the base's)"
     )
-    p.add_argument("--latency", action="store_true", help="also time a forward pass before and after (CPU)")
+    p.add_argument(
+        "--latency", action="store_true", help="also time a forward pass before and after (CPU; loads the model)"
+    )
+    p.add_argument(
+        "--max_shard_size", default="5GB", help="largest safetensors shard written, e.g. 5GB or 500MB (default 5GB)"
+    )
+    p.add_argument(
+        "--in_memory",
+        action="store_true",
+        help="load the whole model and export it in memory (default: stream a local safetensors base tensor by "
+        "tensor, peak memory about one module; the in-memory path is taken anyway for a Hub id, a pre-quantized "
+        "base or an adapter that saves whole modules)",
+    )
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("eval", help="zero-shot evaluation with lm-evaluation-harness")

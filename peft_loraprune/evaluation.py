@@ -26,16 +26,8 @@ from huggingface_hub import EvalResult
 
 from .config import LoRAPruneConfig
 from .integrity import WEIGHTS_NAME
+from .skeleton import auto_class
 
-# task_type of an adapter -> the transformers class that loads its base model
-_AUTO_CLASSES = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -70,7 +62,7 @@ def load_adapter_model(path: str, base: Optional[str] = None, dtype: Optional[st
     base = base or config.base_model_name_or_path
     if not base:
         raise ValueError(f"the adapter in {path} does not name its base model; pass --base")
-    auto = getattr(transformers, _AUTO_CLASSES.get(config.task_type or "", "AutoModel"))
+    auto = auto_class(config.task_type)
     kwargs = {"dtype": DTYPES[dtype]} if dtype else {}
     if config.task_type == "SEQ_CLS":
         n = _num_labels_in_adapter(path)

@@ -21,9 +21,11 @@ from typing import Optional
 
 import torch
 
+from .checkpoint_io import CheckpointReader
 from .export_plan import plan_export
 from .latency import default_example_inputs, measure_latency_ms
 from .lookup import find_tuner
+from .quantized import dense_weight, describe, quantization_kind
 from .shrinking import remove_pruned
 
 
@@ -31,7 +33,7 @@ from .shrinking import remove_pruned
 class ExportReport:
     """What export did and what it gained. ``model`` is the exported transformers model."""
 
-    model: torch.nn.Module = field(repr=False)
+    model: Optional[torch.nn.Module] = field(repr=False)
     granularity: str
     removed: dict[str, int] = field(default_factory=dict)  # structure -> groups removed per block
     kept_zeroed: dict[str, int] = field(default_factory=dict)  # structure -> pruned groups left in place (zeros)
@@ -44,6 +46,7 @@ class ExportReport:
     latency_before_ms: Optional[float] = None
     latency_after_ms: Optional[float] = None
     latency_device: str = "cpu"  # where the latency was measured (the example inputs' device type)
+    merged_into: str = "the base model's weights"  # what the adapter was merged into (see dense_base)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -64,6 +67,7 @@ class ExportReport:
             f"  parameters: {self.params_before:,d} -> {self.params_after:,d} "
             f"({self.params_after / max(1, self.params_before):.1%})",
             f"  size:       {self.bytes_before / mib:.1f} MiB -> {self.bytes_after / mib:.1f} MiB",
+            f"  merged into: {self.merged_into}",
         ]
         if self.latency_before_ms is not None:
             lines.append(
@@ -114,6 +118,60 @@ def cast_saved_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
         module._buffers[name] = tensor
 
 
+def dense_base(tuner, base_weights: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> str:
+    """Make a quantized base dense before merging; returns what the adapter will be merged into (for the report).
+
+    Every bitsandbytes layer of the model, adapted or not, becomes a plain ``nn.Linear``: with the tensor of the same
+    name read from ``base_weights`` (a local folder of the original-precision checkpoint, e.g. the model the
+    quantized base was loaded from) when given, else with its dequantized weight. The model's quantization config
+    is removed (transformers' own ``remove_quantization_config``), so ``save_pretrained`` writes a plain model.
+    ``dtype``: of the dense weights (default: the input embedding's dtype, which quantization leaves alone).
+    A float base is left as it is."""
+    model = tuner.model
+    quantized = [(name, module) for name, module in model.named_modules() if quantization_kind(module) is not None]
+    if not quantized:
+        if base_weights is not None:
+            raise ValueError(
+                "base_weights is for an adapter trained on a quantized base; this model's base is not quantized"
+            )
+        return "the base model's weights"
+    reader = CheckpointReader(base_weights) if base_weights is not None else None
+    dtype = dtype or model.get_input_embeddings().weight.dtype
+    kind = describe(quantized[0][1])
+    for name, module in quantized:
+        owner_name = name.removesuffix(".base_layer")
+        owner = model.get_submodule(owner_name)
+        original = None
+        if reader is not None:
+            key = f"{owner_name}.weight"
+            if key not in reader:
+                raise ValueError(
+                    f"base_weights: {base_weights} has no tensor {key!r} for the quantized layer {owner_name}"
+                )
+            original = reader.get(key)
+        if getattr(owner, "quantization", None) is not None:  # a LoRAPrune layer around it
+            owner.use_dense_base(original, dtype)
+            continue
+        parent_name, _, child = name.rpartition(".")
+        dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        weight = original if original is not None else dense_weight(module)
+        dense.weight = torch.nn.Parameter(weight.detach().to(module.weight.device, dtype), requires_grad=False)
+        if module.bias is not None:
+            dense.bias = torch.nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    else:
+        model.config.__dict__.pop("quantization_config", None)
+    if reader is not None:
+        return f"the original-precision weights read from {base_weights}"
+    return (
+        f"dequantized {kind} weights ({str(dtype).removeprefix('torch.')}); give the original-precision checkpoint "
+        "(base_weights=, or --base for the command line) to merge into the weights before quantization"
+    )
+
+
 def export_pruned_model(
     peft_model,
     adapter_name: Optional[str] = None,
@@ -122,12 +180,17 @@ def export_pruned_model(
     save_directory: Optional[str] = None,
     progressbar: bool = True,
     dtype: Optional[torch.dtype] = None,
+    base_weights: Optional[str] = None,
 ) -> ExportReport:
     """Merge the adapter and physically remove what the config can express; see the module docstring.
 
     ``peft_model`` is a LoRAPrune ``PeftModel`` (or its ``LoRAPruneModel``). Like ``merge_and_unload``, this
     consumes it: its base model becomes the exported model. ``dtype`` casts the exported model (e.g.
     ``torch.bfloat16`` halves a float32 file; pruned weights stay exact zeros); latency is measured before the cast.
+
+    An adapter trained on a quantized (bitsandbytes) base is merged into dense weights: the original-precision ones
+    read from ``base_weights`` (a local checkpoint folder) when given, else the dequantized ones (see
+    :func:`dense_base`); ``report.merged_into`` says which.
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}.")
@@ -138,6 +201,7 @@ def export_pruned_model(
         tuner.set_adapter(adapter_name)
     plan = plan_export(tuner, adapter_name)
 
+    merged_into = dense_base(tuner, base_weights, dtype)  # (counted after: a packed 4-bit weight counts half)
     params_before, bytes_before = _parameter_count_and_bytes(tuner.model)
     merged = tuner.merge_and_unload(progressbar=progressbar)
     inputs = example_inputs if example_inputs is not None else default_example_inputs(merged)
@@ -167,6 +231,7 @@ def export_pruned_model(
         latency_before_ms=latency_before,
         latency_after_ms=latency_after,
         latency_device=next((v.device.type for v in inputs.values() if isinstance(v, torch.Tensor)), "cpu"),
+        merged_into=merged_into,
         notes=plan.notes,
     )
     if save_directory is not None:

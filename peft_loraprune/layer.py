@@ -256,9 +256,23 @@ class LoRAPruneLayer(BaseTunerLayer):
             return torch.addmm(w0, b[start:stop].float(), r.float(), alpha=alpha, out=out)
         return out.copy_(w0).addmm_(b[start:stop].float(), r.float(), alpha=alpha)
 
-    def merged_bias(self, adapter_name: str) -> Optional[torch.Tensor]:
-        """The merged bias (``b`` or ``(I + s·B·A)·b``), unmasked, float32; None if the layer has no bias."""
-        bias = self.get_base_layer().bias
+    def masked_merged_weight(self, adapter_name: str, w0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(W0 + s·B·R) ⊙ M`` as a float32 ``(d_out, d_in)`` tensor: what merging writes and export keeps.
+
+        ``w0``: the pretrained weight's values to merge into, ``(d_out, d_in)``; default this layer's own
+        (dequantized for a quantized base). The streaming export passes the tensor it read from the checkpoint,
+        and a quantized-base export the original-precision weight."""
+        factors = None
+        if w0 is not None:
+            a = self.lora_A[adapter_name].weight.detach()
+            b = self.lora_B[adapter_name].weight.detach()
+            factors = ScoringFactors(w0, a, b, self.adaptation[adapter_name].right_factor(a, w0))
+        return self.merged_weight_rows(adapter_name, factors=factors).mul_(self.full_mask(adapter_name))
+
+    def merged_bias(self, adapter_name: str, bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """The merged bias (``b`` or ``(I + s·B·A)·b``), unmasked, float32; None if the layer has no bias.
+        ``bias``: the pretrained bias to merge (default this layer's)."""
+        bias = self.get_base_layer().bias if bias is None else bias
         if bias is None:
             return None
         a = self.lora_A[adapter_name].weight.float()
@@ -407,7 +421,7 @@ class Linear(nn.Module, LoRAPruneLayer):
         base = self.get_base_layer()
         with torch.no_grad():
             mask = self.full_mask(adapter)
-            merged = self.merged_weight_rows(adapter).mul_(mask)
+            merged = self.masked_merged_weight(adapter)
             rows = self.lora_mask_rows[adapter]
             merged_bias = self.merged_bias(adapter)
             if merged_bias is not None:
@@ -464,6 +478,27 @@ class Linear(nn.Module, LoRAPruneLayer):
         delta = self.merged_weight_rows(adapter_name).mul_(self.full_mask(adapter_name)).sub_(w0)
         delta = delta.to(w0.dtype if self.quantization else self.get_base_layer().weight.dtype)
         return delta.t() if self.fan_in_fan_out else delta
+
+    def use_dense_base(self, weight: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None) -> None:
+        """Replace a quantized base layer by a plain ``nn.Linear`` holding ``weight`` (``(d_out, d_in)``, e.g. the
+        original-precision weight read from a checkpoint) or, by default, the dequantized weight; in ``dtype``
+        (default the weight's). Export calls it before merging, so that the adapter merges into dense weights."""
+        base = self.get_base_layer()
+        if self.quantization is None:
+            raise ValueError("use_dense_base: this layer's base is not quantized")
+        weight = self.dense_base_weight() if weight is None else weight
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"use_dense_base: weight of shape {tuple(weight.shape)} does not fit this layer "
+                f"({self.out_features} x {self.in_features})"
+            )
+        dtype = dtype or weight.dtype
+        dense = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, device="meta")
+        dense.weight = nn.Parameter(weight.detach().to(base.weight.device, dtype), requires_grad=False)
+        if base.bias is not None:
+            dense.bias = nn.Parameter(base.bias.detach().to(dtype), requires_grad=False)
+        self.base_layer = dense
+        self.quantization = None
 
     def __repr__(self) -> str:
         return "loraprune." + super().__repr__()

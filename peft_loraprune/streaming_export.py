@@ -1,0 +1,177 @@
+"""Export without loading the model: merge, mask and slice one tensor at a time, from checkpoint to shards.
+
+``peft-loraprune export ADAPTER --out DIR`` goes through here when the base is a local safetensors checkpoint. The
+in-memory export (:func:`~peft_loraprune.export.export_pruned_model`) merges the whole model, then slices it: a 70B
+bfloat16 base needs about 140 GB of memory for that. Here:
+
+1. the adapter is loaded on a weightless copy of its base (:func:`~peft_loraprune.skeleton.load_adapter_skeleton`)
+   and the export is planned from its masks (:func:`~peft_loraprune.export_plan.plan_export`, the same plan as the
+   in-memory export);
+2. every output tensor's name, dtype and shape follow from the plan and the checkpoint's header, so the shard
+   headers are written before any data (:class:`~peft_loraprune.checkpoint_io.StreamingShardWriter`);
+3. each tensor is read from the checkpoint, and for an adapted module merged with its factors and mask
+   (:meth:`~peft_loraprune.layer.LoRAPruneLayer.masked_merged_weight`, the code the in-memory merge runs), sliced,
+   cast, and written; anything else is copied through in row pieces.
+
+Peak memory is one adapted module's weight in float32 (the merge) or one piece of a copied tensor, plus the
+adapter: not the model. The tensors written are exactly those of the in-memory export of the same adapter on the
+same base loaded in the checkpoint's dtype (``tests/test_streaming_export.py`` compares them).
+
+An adapter trained on a quantized base exports the same way: its tensors do not depend on the base's format, so
+pointing ``--base`` at the original-precision checkpoint merges into the original weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint_io import CheckpointReader, StreamingShardWriter, parse_size, planned
+from .export import ExportReport
+from .export_plan import plan_export
+from .skeleton import load_adapter_skeleton
+
+#: files of a model folder copied as they are (tokenizer, generation settings); config.json is rewritten
+_COPIED_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+def _module_edits(plan, layers: dict) -> dict[str, list[tuple[str, torch.Tensor]]]:
+    edits: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for name, axis, index in plan.removals:
+        if name not in layers:
+            raise ValueError(f"the export plan removes from {name!r}, which is not an adapted module")
+        edits.setdefault(name, []).append((axis, index))
+    return edits
+
+
+def _sliced(t: torch.Tensor, edits, is_bias: bool, fan_in_fan_out: bool) -> torch.Tensor:
+    """``t`` (a weight in ``(d_out, d_in)`` form, or a bias) with the removed rows/columns taken out."""
+    for axis, index in edits:
+        if is_bias:
+            if axis == "rows":
+                t = t[index]
+        else:
+            t = t[index, :] if axis == "rows" else t[:, index]
+    return t
+
+
+def stream_export(
+    adapter_path: str,
+    out: str,
+    base: Optional[str] = None,
+    dtype: Optional[torch.dtype] = None,
+    max_shard_size="5GB",
+    progressbar: bool = True,
+) -> ExportReport:
+    """Export the adapter in ``adapter_path`` merged into the safetensors checkpoint folder ``base`` (default the
+    adapter's ``base_model_name_or_path``) to ``out``, tensor by tensor; returns the report (``model`` is None)."""
+    peft_model = load_adapter_skeleton(adapter_path, base)
+    tuner = peft_model.base_model
+    adapter = peft_model.active_adapter
+    config = tuner.peft_config[adapter]
+    base = base or config.base_model_name_or_path
+    if not os.path.isdir(base):
+        raise FileNotFoundError(f"the streaming export reads a local checkpoint folder; {base!r} is not one")
+    reader = CheckpointReader(base)
+    plan = plan_export(tuner, adapter)
+    layers = dict(tuner.prune_layers(adapter))
+    edits = _module_edits(plan, layers)
+    missing = [f"{n}.weight" for n in layers if f"{n}.weight" not in reader]
+    if missing:
+        raise ValueError(
+            f"{base} has no tensor {missing[0]!r} for an adapted module (its names differ from the model's); "
+            "use the in-memory export (--in_memory)"
+        )
+
+    # 1. the plan of every output tensor
+    outputs = []
+    params_before = params_after = bytes_before = 0
+    for key in reader.keys():
+        module, _, leaf = key.rpartition(".")
+        src_dtype, shape = reader.dtype(key), reader.shape(key)
+        out_dtype = dtype if (dtype is not None and src_dtype.is_floating_point) else src_dtype
+        if module in layers and leaf in ("weight", "bias"):
+            layer = layers[module]
+            shape = (layer.out_features, layer.in_features) if leaf == "weight" else shape
+            probe = torch.empty(shape, device="meta")
+            shape = tuple(_sliced(probe, edits.get(module, ()), leaf == "bias", False).shape)
+            if leaf == "weight" and layer.fan_in_fan_out:
+                shape = shape[::-1]
+        outputs.append(planned(key, out_dtype, shape))
+        n_before = int(torch.Size(reader.shape(key)).numel())
+        params_before += n_before
+        bytes_before += n_before * src_dtype.itemsize
+        params_after += int(torch.Size(shape).numel())
+
+    # 2. the data, tensor by tensor
+    os.makedirs(out, exist_ok=True)
+    writer = StreamingShardWriter(out, outputs, parse_size(max_shard_size))
+    try:
+        for target in tqdm(outputs, desc="Exporting tensors", disable=not progressbar):
+            key = target.name
+            module, _, leaf = key.rpartition(".")
+            layer = layers.get(module)
+            if layer is not None and leaf == "weight":
+                w0 = reader.get(key)
+                w0_2d = w0.t() if layer.fan_in_fan_out else w0
+                merged = layer.masked_merged_weight(adapter, w0_2d).to(w0.dtype)  # rounded as merging into it does
+                merged = _sliced(merged, edits.get(module, ()), False, False)
+                merged = merged.t() if layer.fan_in_fan_out else merged
+                writer.write(key, merged.to(target.dtype).contiguous())
+            elif layer is not None and leaf == "bias":
+                b0 = reader.get(key)
+                merged = (layer.merged_bias(adapter, b0) * layer.lora_mask_rows[adapter]).to(b0.dtype)
+                writer.write(key, _sliced(merged, edits.get(module, ()), True, False).to(target.dtype))
+            else:
+                for piece in reader.pieces(key):
+                    writer.write(key, piece.to(target.dtype))
+        files = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+    # 3. the config and the files that travel with the model
+    with open(os.path.join(base, "config.json")) as f:
+        model_config = json.load(f)
+    model_config.pop("quantization_config", None)
+    model_config.update(plan.config_updates)
+    if dtype is not None:
+        model_config["dtype"] = str(dtype).removeprefix("torch.")
+        model_config.pop("torch_dtype", None)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(model_config, f, indent=2, sort_keys=True)
+    for name in _COPIED_FILES:
+        if os.path.isfile(os.path.join(base, name)):
+            shutil.copyfile(os.path.join(base, name), os.path.join(out, name))
+
+    bytes_after = sum(os.path.getsize(os.path.join(out, f)) for f in files if f.endswith(".safetensors"))
+    return ExportReport(
+        model=None,
+        granularity=config.granularity,
+        removed=plan.removed,
+        kept_zeroed=plan.kept_zeroed,
+        config_updates=plan.config_updates,
+        params_before=params_before,
+        params_after=params_after,
+        params_per_layer_widths=params_after - plan.per_layer_savings,
+        bytes_before=bytes_before,
+        bytes_after=bytes_after,
+        merged_into=f"the weights read tensor by tensor from {base} (streaming export)",
+        notes=plan.notes,
+    )
