@@ -36,6 +36,14 @@ from peft_loraprune.environment import machine_info
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(default="smollm2", metadata={"help": "'smollm2' (offline), a path or Hub id"})
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "QLoRA: a bitsandbytes NF4 base (double quantization, bfloat16 compute); export merges "
+            "into the original-precision checkpoint"
+        },
+    )
+    load_in_8bit: bool = field(default=False, metadata={"help": "a bitsandbytes LLM.int8 base"})
 
 
 @dataclass
@@ -120,6 +128,29 @@ def perplexity(model, data: datasets.Dataset, batch_size: int = 8, desc: str = "
     return math.exp(total / count)
 
 
+def load_base(model_path: str, model_args: ModelArguments):
+    """The base model, quantized with bitsandbytes when asked (QLoRA), prepared for k-bit training."""
+    if model_args.load_in_4bit and model_args.load_in_8bit:
+        raise ValueError("--load_in_4bit and --load_in_8bit exclude each other; choose one")
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return AutoModelForCausalLM.from_pretrained(model_path)
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    if model_args.load_in_4bit:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    else:
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+    base = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=quantization, device_map=device_map)
+    return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+
+
 def main():
     parser = HfArgumentParser((ModelArguments, DataArguments, PruningArguments, EvalArguments, TrainingArguments))
     model_args, data_args, prune_args, eval_args, training_args = parser.parse_args_into_dataclasses()
@@ -169,7 +200,7 @@ def main():
             importance=prune_args.importance,
             pruning_interval=prune_args.pruning_interval,
         )
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), config)
+        model = get_peft_model(load_base(model_path, model_args), config)
         run_dir = os.path.join(training_args.output_dir, f"sparsity_{sparsity:g}")
         args = TrainingArguments(**{**training_args.to_dict(), "output_dir": run_dir})
         start = time.time()
@@ -188,7 +219,13 @@ def main():
             report, os.path.join(run_dir, "sparsity_per_layer.png"), title=f"SmolLM2 LoRAPrune {sparsity:.0%}"
         )
         ids = torch.tensor(test[:1]["input_ids"])
-        export = export_pruned_model(model, example_inputs={"input_ids": ids})
+        # a quantized base merges into the original-precision weights it was loaded from
+        quantized = model_args.load_in_4bit or model_args.load_in_8bit
+        export = export_pruned_model(
+            model,
+            example_inputs={"input_ids": ids.to(model.device)},
+            base_weights=model_path if quantized and os.path.isdir(model_path) else None,
+        )
         print(export)
         export_dir = os.path.join(run_dir, "pruned_model")
         export.model.save_pretrained(export_dir)

@@ -98,16 +98,22 @@ def test_half_precision_base_trains_prunes_and_exports(dtype):
     torch.testing.assert_close(model_output(exported, inputs).float(), expected, rtol=0.05, atol=0.05)
 
 
-def test_quantized_base_layer_is_refused_clearly():
-    class Linear8bitLt(torch.nn.Linear):  # stands in for bitsandbytes.nn.Linear8bitLt (a Linear subclass)
+@pytest.mark.parametrize("package", ["hqq.core.quantize", "torchao.quantization", "bitsandbytes.nn.modules"])
+def test_unsupported_quantized_layer_is_refused_naming_what_is_supported(package):
+    """bitsandbytes' own 8-bit and 4-bit layers are supported (tests/test_quantized.py); a quantized layer of
+    another kind, or a bitsandbytes layer whose weight is not one of its parameter classes, is refused."""
+
+    class QuantLinear(torch.nn.Linear):  # stands in for a quantizer's Linear subclass with integer weights
         pass
 
-    Linear8bitLt.__module__ = "bitsandbytes.nn.modules"
+    QuantLinear.__module__ = package
     model = make_model("llama")
     for layer in model.model.layers:
         old = layer.self_attn.q_proj
-        new = Linear8bitLt(old.in_features, old.out_features, bias=False)
+        new = QuantLinear(old.in_features, old.out_features, bias=False)
         new.weight = torch.nn.Parameter(torch.zeros_like(old.weight, dtype=torch.int8), requires_grad=False)
         layer.self_attn.q_proj = new
-    with pytest.raises(TypeError, match="quantized .*bfloat16, float16 or float32"):
+    with pytest.raises(
+        TypeError, match="q_proj' is a quantized layer LoRAPrune does not support.*Supported: .*Linear4bit"
+    ):
         get_peft_model(model, LoRAPruneConfig(task_type="CAUSAL_LM"))

@@ -55,10 +55,17 @@ def test_streaming_export_writes_exactly_the_in_memory_export(base_folder, tmp_p
     model = pruned_model(family, granularity, **cfg)
     model.save_pretrained(tmp_path / "adapter")
 
-    reference = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter")
+    reference = PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter"
+    )
     export_pruned_model(reference, measure_latency=False, save_directory=str(tmp_path / "memory"), dtype=dtype)
     report = stream_export(
-        str(tmp_path / "adapter"), str(tmp_path / "stream"), base, dtype=dtype, max_shard_size=20_000, progressbar=False
+        str(tmp_path / "adapter"),
+        str(tmp_path / "stream"),
+        base,
+        dtype=dtype,
+        max_shard_size=20_000,
+        progressbar=False,
     )
     expected, written = _tensors(tmp_path / "memory"), _tensors(tmp_path / "stream")
     assert sorted(written) == sorted(expected)
@@ -81,7 +88,9 @@ def test_cli_export_streams_by_default_and_loads_in_memory_when_asked(base_folde
     pruned_model("llama").save_pretrained(tmp_path / "adapter")
     assert main(["export", str(tmp_path / "adapter"), "--base", base, "--out", str(tmp_path / "s")]) == 0
     assert "streaming export" in capsys.readouterr().out
-    assert main(["export", str(tmp_path / "adapter"), "--base", base, "--out", str(tmp_path / "m"), "--in_memory"]) == 0
+    assert (
+        main(["export", str(tmp_path / "adapter"), "--base", base, "--out", str(tmp_path / "m"), "--in_memory"]) == 0
+    )
     assert "streaming export" not in capsys.readouterr().out
     s, m = _tensors(tmp_path / "s"), _tensors(tmp_path / "m")
     assert sorted(s) == sorted(m) and all(torch.equal(s[k], m[k]) for k in s)
