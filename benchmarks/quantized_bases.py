@@ -17,13 +17,15 @@ checkpoint that ``examples/local_assets.py`` converts once from the ``llm-smollm
 Cells (``--cells``, ``granularity:sparsity``): LoRAPrune with the package defaults (``importance=None``:
 ``activation`` structured, ``wanda`` unstructured; default schedule), r, alpha, dropout and pruning interval as
 peers.py's ``loraprune-*`` methods. Per row: wall time, median optimizer-step time (``on_step_begin`` to
-``on_step_end``, the first 5 steps left out), peak RSS (one process per run), held-out perplexity of the
-adapter model and of the exported model (``export_pruned_model(..., dtype=torch.bfloat16)``; if export raises,
-the error is recorded and ``perplexity`` is the adapter model's, ``evaluated: "adapter"``), and the masks, saved
-to ``<work_dir>/masks`` so that the driver compares each quantized run with the bf16 run of the same cell and
-seed: ``mask_overlap_with_bf16 = |P_q ∩ P_bf16| / |P_bf16|``, where ``P`` is the set of pruned mask entries
-(structured: the entries of every adapted layer's row and column masks; unstructured: the weights of every
-adapted layer's element mask). Derived ratios: ``step_time_vs_lora`` and ``peak_rss_vs_lora`` (vs plain LoRA on
+``on_step_end``, the first 5 steps left out), peak RSS (one process per run; ``peak_rss_mib`` is the training's
+high-water mark: the kernel's mark is restarted after data and model are loaded and the loader's leftovers freed,
+``peak_rss_load_mib`` is loading's, which for a quantized base includes the float32 checkpoint), held-out
+perplexity of the adapter model and of the exported model (``export_pruned_model(..., dtype=torch.bfloat16)``;
+if export raises, the error is recorded and ``perplexity`` is the adapter model's, ``evaluated: "adapter"``), and
+the masks, saved to ``<work_dir>/masks`` so that the driver compares each quantized run with the bf16 run of the
+same cell and seed: ``mask_overlap_with_bf16 = |P_q ∩ P_bf16| / |P_bf16|``, where ``P`` is the set of pruned
+mask entries (structured: the entries of every adapted layer's row and column masks; unstructured: the weights of
+every adapted layer's element mask). Derived ratios: ``step_time_vs_lora`` and ``peak_rss_vs_lora`` (vs plain LoRA on
 the same base, seed and steps), ``perplexity_vs_bf16`` (vs the bf16 row of the same method, cell, seed, steps).
 
 Order: per seed and cell, bf16, int8, nf4, then the plain-LoRA baselines (once per base, seed and steps). Rows are
@@ -87,7 +89,39 @@ def load_base(task, base: str):
     else:
         raise SystemExit(f"base {base!r}: expected one of {', '.join(BASES)}")
     model = transformers.AutoModelForCausalLM.from_pretrained(task.path, quantization_config=quant, device_map="cpu")
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # transformers hands the unquantized tensors (embeddings, norms) over as views of the checkpoint's memory map,
+    # which keeps every page of the float32 file resident; copies, as the bf16 base gets, free the map
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.dtype.is_floating_point:
+            tensor.data = tensor.data.clone()
+    return model
+
+
+def settle_memory() -> dict:
+    """Free what loading left behind (garbage, glibc's free heap), then restart the kernel's resident-memory
+    high-water mark (``/proc/self/clear_refs``), so that the next peak is the training's own. Returns the peak
+    until now and the resident memory at the reset."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    before = {"peak_rss_load_mib": peak_rss_mib()}
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before["peak_rss_reset"] = True
+    except OSError:  # not Linux: the training peak below then includes loading
+        before["peak_rss_reset"] = False
+    with open("/proc/self/status") as f:
+        status = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in f if line.startswith(("VmRSS", "Rss"))}
+    before["rss_before_training_mib"] = status.get("VmRSS")
+    before["rss_file_before_training_mib"] = status.get("RssFile")  # memory-mapped files (the checkpoint, libraries)
+    return before
 
 
 class StepTimer(transformers.TrainerCallback):
@@ -164,10 +198,10 @@ def run_one(task, base: str, method: str, granularity: str | None, sparsity: flo
     model = load_base(task, base)
     load_seconds = time.time() - start
     target_modules = sorted(get_architecture(model.config.model_type).prunable_modules)  # LoRAPrune's default
-    common = dict(task_type=task.task_type, r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05)
+    lora_kwargs = dict(task_type=task.task_type, r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05)
     if method == "loraprune":
         config = LoRAPruneConfig(
-            **common,
+            **lora_kwargs,
             target_modules=target_modules,
             target_sparsity=sparsity,
             granularity=granularity,
@@ -176,7 +210,7 @@ def run_one(task, base: str, method: str, granularity: str | None, sparsity: flo
             pruning_interval=args.pruning_interval,
         )
     else:
-        config = LoraConfig(**common, target_modules=target_modules)
+        config = LoraConfig(**lora_kwargs, target_modules=target_modules)
     model = get_peft_model(model, config)
     down = model.base_model.model.model.layers[0].mlp.down_proj
     base_layer = getattr(down, "base_layer", down)
@@ -198,6 +232,7 @@ def run_one(task, base: str, method: str, granularity: str | None, sparsity: flo
     if method == "loraprune":
         row["importance"] = config.importance
         row["schedule"] = {k: getattr(config, k) for k in ("schedule", "warmup_ratio", "cooldown_ratio")}
+    row.update(settle_memory())
     timer = StepTimer()
     callbacks = ([LoRAPruneCallback()] if method == "loraprune" else []) + [timer]
     targs = transformers.TrainingArguments(  # as peers.py's run_cell
@@ -212,14 +247,22 @@ def run_one(task, base: str, method: str, granularity: str | None, sparsity: flo
     )
     trainer = task.trainer(model, targs, callbacks)
     train_start = time.time()
+    load_average = os.getloadavg()[0]
     trainer.train()
     row["train_seconds"] = time.time() - train_start
     row["seconds"] = time.time() - start
     row["load_seconds"] = load_seconds
     row["median_step_s"], row["timed_steps"] = timer.median()
-    row["peak_rss_mib"] = peak_rss_mib()  # training's high-water mark (ratios use this one)
+    row["first_steps_s"] = [round(t, 3) for t in timer.times[:8]]  # the first ones: warm-up, first mask rewrites
+    row["load_average_1min"] = [load_average, os.getloadavg()[0]]  # at start and end of training: contention
+    row["peak_rss_mib"] = peak_rss_mib()  # high-water mark of training (from the reset; ratios use this one)
+    row["peak_rss_process_mib"] = max(row["peak_rss_mib"], row["peak_rss_load_mib"])  # ru_maxrss, whole process
 
     eval_start = time.time()
+    # every 4-bit layer evaluated with bitsandbytes' generic kernel, as LoRAPrune's layers are (keep_standard_layout)
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
     row["perplexity_adapter"] = task.evaluate(model, trainer)["perplexity"]
     row["evaluated"] = "adapter"
     row["perplexity"] = row["perplexity_adapter"]
@@ -233,12 +276,13 @@ def run_one(task, base: str, method: str, granularity: str | None, sparsity: flo
         try:
             exported = export_pruned_model(model, measure_latency=False, dtype=torch.bfloat16, progressbar=False)
             row["params_after_export"] = exported.params_after
+            row["merged_into"] = getattr(exported, "merged_into", None)
             row["perplexity"] = task.evaluate(exported.model, None)["perplexity"]
             row["evaluated"] = "exported"
         except Exception as error:  # noqa: BLE001 - recorded in the row; the adapter's perplexity stands
             row["export_error"] = f"{type(error).__name__}: {error}"[:2000]
     row["eval_seconds"] = time.time() - eval_start
-    row["peak_rss_mib_end"] = peak_rss_mib()  # including export and evaluation
+    row["peak_rss_mib_end"] = peak_rss_mib()  # from the reset, including evaluation and export
     return row
 
 
@@ -263,7 +307,7 @@ def derive(rows: list[dict]) -> None:
         r["step_time_vs_lora"] = r["median_step_s"] / lora["median_step_s"] if lora else None
         r["peak_rss_vs_lora"] = r["peak_rss_mib"] / lora["peak_rss_mib"] if lora else None
         if r["base"] != "bf16" and ref and r.get("mask_overlap_with_bf16") is None:
-            if Path(ref["mask_file"]).exists() and Path(r["mask_file"]).exists():
+            if ref.get("mask_file") and Path(ref["mask_file"]).exists() and Path(r["mask_file"]).exists():
                 r.update(mask_overlap(Path(ref["mask_file"]), Path(r["mask_file"])))
                 r["mask_overlap_definition"] = OVERLAP_DEFINITION
 
@@ -335,7 +379,12 @@ def main():
         settings = {k: v for k, v in vars(args).items() if k not in ("cell", "out", "work_dir")}
         write_result(
             NAME,
-            {"settings": settings, "summary": summarise(rows, "perplexity"), "rows": rows},
+            {
+                "settings": settings,
+                "mask_overlap_definition": OVERLAP_DEFINITION,
+                "summary": summarise(rows, "perplexity"),
+                "rows": rows,
+            },
             args.out,
             libraries=LIBRARIES,
         )
