@@ -20,7 +20,8 @@ peers.py's ``loraprune-*`` methods. Per row: wall time, median optimizer-step ti
 ``on_step_end``, the first 5 steps left out), peak RSS (one process per run; ``peak_rss_mib`` is the training's
 high-water mark: the kernel's mark is restarted after data and model are loaded and the loader's leftovers freed,
 ``peak_rss_load_mib`` is loading's, which for a quantized base includes the float32 checkpoint), held-out
-perplexity of the adapter model and of the exported model (``export_pruned_model(..., dtype=torch.bfloat16)``;
+perplexity of the adapter model and of the exported model (``export_pruned_model(..., dtype=torch.bfloat16)``, a
+quantized base's adapter merged into the original float32 checkpoint, ``base_weights=``, as a QLoRA user ships it;
 if export raises, the error is recorded and ``perplexity`` is the adapter model's, ``evaluated: "adapter"``), and
 the masks, saved to ``<work_dir>/masks`` so that the driver compares each quantized run with the bf16 run of the
 same cell and seed: ``mask_overlap_with_bf16 = |P_q ∩ P_bf16| / |P_bf16|``, where ``P`` is the set of pruned
@@ -274,7 +275,16 @@ def run_one(task, base: str, method: str, granularity: str | None, sparsity: flo
         save_masks(model, granularity, path)
         row["mask_file"] = str(path)
         try:
-            exported = export_pruned_model(model, measure_latency=False, dtype=torch.bfloat16, progressbar=False)
+            # what a QLoRA user ships: a quantized base's adapter merged into the original-precision checkpoint it
+            # was loaded from (perplexity_adapter is the model on its quantized base, i.e. merged into the
+            # dequantized weights)
+            exported = export_pruned_model(
+                model,
+                measure_latency=False,
+                dtype=torch.bfloat16,
+                progressbar=False,
+                base_weights=None if base == "bf16" else str(task.path),
+            )
             row["params_after_export"] = exported.params_after
             row["merged_into"] = getattr(exported, "merged_into", None)
             row["perplexity"] = task.evaluate(exported.model, None)["perplexity"]
