@@ -2,7 +2,9 @@
 
 * ``on_train_begin``: finds the LoRAPrune adapter, builds the schedule from the Trainer's total optimizer steps
   (``max_steps``, or the epochs converted by the Trainer), warns when the run is too short for it, and on a
-  resumed run restores the importance averages saved with the checkpoint.
+  resumed run restores the importance averages saved with the checkpoint the Trainer actually loaded, wherever
+  it is (the folder ``load_adapter`` read, see :func:`~peft_loraprune.saving.loaded_from`), and only if they were
+  saved with that checkpoint's adapter file (its SHA-256 is recorded with them).
 * ``on_pre_optimizer_step``: importance from the step's complete gradients (all micro-batches accumulated,
   clipped, unscaled), before the optimizer changes the weights. A step with NaN or infinite gradients is skipped
   (with one warning) and, by default, its gradients are zeroed so the optimizer cannot corrupt the adapter.
@@ -20,11 +22,14 @@ import os
 import warnings
 from typing import Optional
 
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .integrity import WEIGHTS_NAME, file_digest
 from .lookup import find_tuner
+from .saving import adapter_folder, loaded_from
 from .schedule import PruningSchedule
 
 logger = logging.getLogger(__name__)
@@ -102,22 +107,43 @@ class LoRAPruneCallback(TrainerCallback):
         if self.engine is None or not state.is_world_process_zero:
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        weights = os.path.join(adapter_folder(folder, self.engine.adapter), WEIGHTS_NAME)
         if os.path.isdir(folder):
             tmp = os.path.join(folder, STATE_FILE + ".tmp")
-            save_file(self.engine.state_dict(), tmp)
+            # the adapter file's digest ties this state to the weights and masks saved beside it
+            metadata = {"adapter_digest": file_digest(weights) if os.path.isfile(weights) else ""}
+            save_file(self.engine.state_dict(), tmp, metadata=metadata)
             os.replace(tmp, os.path.join(folder, STATE_FILE))
 
     # ------------------------------------------------------------------ helpers
     def _restore(self, args, state) -> None:
-        path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", STATE_FILE)
-        if os.path.isfile(path):
-            self.engine.load_state_dict(load_file(path))
-            logger.info("LoRAPrune: importance state restored from %s", path)
+        """Load the importance state saved with the checkpoint the Trainer resumed from: the folder the adapter was
+        loaded from (not ``output_dir``, which may hold another run's checkpoints), checked against the digest of
+        the adapter file it was saved with."""
+        folder = loaded_from(self.engine.tuner, self.engine.adapter)
+        problem = None
+        if folder is None:
+            problem = "the adapter was not loaded from a checkpoint folder"
         else:
+            # the state sits at the checkpoint's root; a named adapter's files may be in a subfolder of it
+            roots = [d for d in (folder, os.path.dirname(folder)) if os.path.isfile(os.path.join(d, STATE_FILE))]
+            path = os.path.join(roots[0] if roots else folder, STATE_FILE)
+            weights = os.path.join(folder, WEIGHTS_NAME)
+            if not os.path.isfile(path):
+                problem = f"{path} does not exist"
+            else:
+                with safe_open(path, framework="pt") as f:
+                    saved_with = (f.metadata() or {}).get("adapter_digest")
+                    tensors = {key: f.get_tensor(key) for key in f.keys()}
+                if saved_with and os.path.isfile(weights) and saved_with != file_digest(weights):
+                    problem = f"{path} was saved with another adapter file than {weights} (another run's state)"
+                else:
+                    self.engine.load_state_dict(tensors)
+                    logger.info("LoRAPrune: importance state restored from %s", path)
+        if problem:
             warnings.warn(
-                f"LoRAPrune: resuming at step {state.global_step} but {path} does not exist; the masks come from the "
-                "checkpoint, but the importance averages restart from zero, so later masks may differ from an "
-                "uninterrupted run.",
+                f"LoRAPrune: resuming at step {state.global_step} but {problem}; the masks come from the checkpoint, "
+                "but the importance averages restart from zero, so later masks may differ from an uninterrupted run.",
                 stacklevel=2,
             )
 

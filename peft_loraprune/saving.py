@@ -5,6 +5,8 @@ file and ``adapter_config.json``. For LoRAPrune adapters this module wraps it (o
 
 * **before anything is written**, ``safe_serialization=False`` is refused: LoRAPrune adapters are safetensors only
   (a pickle file can run code when loaded), and the folder is left exactly as it was;
+* **when an adapter is loaded** (``from_pretrained``, ``load_adapter``, the Trainer's resume), the folder it came
+  from is recorded on the tuner (:func:`loaded_from`), so the callback finds the importance state saved there;
 * **after PEFT has written the files**, ``adapter_config.json`` gets its ``save_digest`` (SHA-256 over the weights
   file just written and the config's fields, see :mod:`~peft_loraprune.integrity`), rewritten atomically, and
   ``README.md`` gets the LoRAPrune section (method, criterion, sparsity per layer; :mod:`model_card`).
@@ -28,6 +30,7 @@ from .integrity import WEIGHTS_NAME, file_digest, save_digest
 from .model_card import write_model_card
 
 _MARK = "_loraprune_save_wrapper"
+_LOAD_MARK = "_loraprune_load_wrapper"
 
 
 def adapter_folder(save_directory: str, adapter_name: str) -> str:
@@ -89,7 +92,33 @@ def _wrap(save_pretrained):
     return wrapper
 
 
+def _wrap_load(load_adapter):
+    """Record where each LoRAPrune adapter was last loaded from (``PeftModel.from_pretrained`` and the Trainer's
+    resume both go through ``load_adapter``): the callback restores the importance state saved beside those
+    files, from whatever folder the checkpoint is in."""
+
+    @functools.wraps(load_adapter)
+    def wrapper(self, model_id, adapter_name, *args, **kwargs):
+        result = load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        if isinstance(self.peft_config.get(adapter_name), LoRAPruneConfig) and os.path.isdir(os.fspath(model_id)):
+            subfolder = kwargs.get("subfolder")
+            folder = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
+            self.base_model.__dict__.setdefault("_loaded_from", {})[adapter_name] = os.path.abspath(folder)
+        return result
+
+    setattr(wrapper, _LOAD_MARK, True)
+    return wrapper
+
+
+def loaded_from(tuner, adapter_name: str):
+    """The local folder ``adapter_name`` was last loaded from (None if it was created, not loaded)."""
+    return tuner.__dict__.get("_loaded_from", {}).get(adapter_name)
+
+
 def install() -> None:
-    """Wrap ``PeftModel.save_pretrained`` once per process (a re-import leaves the wrapper in place)."""
+    """Wrap ``PeftModel.save_pretrained`` and ``load_adapter`` once per process (a re-import leaves the wrappers
+    in place)."""
     if not getattr(PeftModel.save_pretrained, _MARK, False):
         PeftModel.save_pretrained = _wrap(PeftModel.save_pretrained)
+    if not getattr(PeftModel.load_adapter, _LOAD_MARK, False):
+        PeftModel.load_adapter = _wrap_load(PeftModel.load_adapter)

@@ -135,6 +135,49 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7, msg=key)
 
 
+def test_resume_from_a_moved_checkpoint_with_another_output_dir_equals_uninterrupted_run(tmp_path):
+    """The importance state comes from the checkpoint the Trainer loaded, wherever it is; a state file of another
+    run, in the folder the Trainer would once have looked in, is never read."""
+    import shutil
+    import warnings
+
+    def final_state(model):
+        return {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k} | {
+            f"importance.{k}": v.clone() for k, v in model.base_model.pruning_engine().state_dict().items()
+        }
+
+    straight = training_model("llama", target_sparsity=0.5)
+    trainer_for(straight, "llama", tmp_path / "a", steps=12, save_strategy="steps", save_steps=6).train()
+    first = training_model("llama", target_sparsity=0.5)
+    trainer_for(
+        first, "llama", tmp_path / "b", steps=12, save_strategy="steps", save_steps=6, callbacks=[StopAt(6)]
+    ).train()
+    shutil.move(tmp_path / "b" / "checkpoint-6", tmp_path / "moved" / "checkpoint-6")
+    # a stale checkpoint-6 of another run (other seed) in the new output folder
+    other = training_model("llama", target_sparsity=0.3)
+    trainer_for(
+        other, "llama", tmp_path / "c", steps=12, save_strategy="steps", save_steps=6, callbacks=[StopAt(6)]
+    ).train()
+    resumed = training_model("llama", target_sparsity=0.5)
+    trainer_for(resumed, "llama", tmp_path / "c", steps=12, save_strategy="steps", save_steps=6).train(
+        resume_from_checkpoint=str(tmp_path / "moved" / "checkpoint-6")
+    )
+    a, b = final_state(straight), final_state(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7, msg=key)
+
+    # the state file beside a checkpoint is refused when it was saved with another adapter file
+    shutil.copy(tmp_path / "c" / "checkpoint-6" / "loraprune_state.safetensors", tmp_path / "moved" / "checkpoint-6")
+    again = training_model("llama", target_sparsity=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer_for(again, "llama", tmp_path / "d", steps=12, save_strategy="no").train(
+            resume_from_checkpoint=str(tmp_path / "moved" / "checkpoint-6")
+        )
+    assert any("another run's state" in str(w.message) for w in caught)
+
+
 def test_callback_refuses_other_models_and_warns_on_short_runs(tmp_path):
     plain = make_model("llama")
     with pytest.raises(TypeError, match="LoRAPrune adapter"):
