@@ -123,3 +123,13 @@ def test_writer_checks_order_dtype_and_size_and_leaves_no_partial_shard(tmp_path
     loaded = load_file(tmp_path / "model.safetensors")
     assert torch.equal(loaded["a"], a) and torch.equal(loaded["b"], b)
     assert parse_size("2GB") == 2 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size(123) == 123
+
+
+def test_report_reads_masks_and_config_only(base_folder, tmp_path, capsys):
+    """`peft-loraprune report` never loads the base weights: it works with the weights file gone."""
+    base = base_folder("llama")
+    model = pruned_model("llama")
+    model.save_pretrained(tmp_path / "adapter")
+    os.remove(os.path.join(base, "model.safetensors"))
+    assert main(["report", str(tmp_path / "adapter"), "--base", base, "--summary_only"]) == 0
+    assert capsys.readouterr().out.strip() == model.base_model.sparsity_report().summary()
