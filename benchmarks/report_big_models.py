@@ -78,7 +78,8 @@ def streaming_lines(data: dict) -> list[str]:
 
 def _machine(data: dict) -> str:
     m = data["machine"]
-    return f"{m['cpu_count']} CPUs, torch {m['torch']}, bitsandbytes {m.get('bitsandbytes', 'n/a')}, {m['date'][:10]}"
+    bnb = f", bitsandbytes {m['bitsandbytes']}" if m.get("bitsandbytes") else ""
+    return f"{m['cpu_count']} CPUs, torch {m['torch']}, transformers {m['transformers']}{bnb}, {m['date'][:10]}"
 
 
 def section(lines: list[str]) -> None:
@@ -117,6 +118,16 @@ def readme_lines() -> list[str]:
                 f"{_fmt(r.get('mask_overlap_with_bf16'), '{:.0%}')} of the bf16 run's pruned units pruned too; step "
                 f"{_fmt(r.get('step_time_vs_lora'))}x and peak RSS {_fmt(r.get('peak_rss_vs_lora'))}x plain QLoRA "
                 "on the same base."
+            )
+        lora = [r for r in quantized["rows"] if r["method"] == "lora" and r["base"] != "bf16"]
+        if lora:
+            out.append(
+                "- Plain LoRA without pruning, for scale (what quantizing costs this 135M model by itself): "
+                + ", ".join(
+                    f"{BASE_NAMES[r['base']]} {_fmt(r.get('perplexity_vs_bf16'))}x the bf16 base's perplexity"
+                    for r in sorted(lora, key=lambda r: r["base"])
+                )
+                + "."
             )
         if out:
             out.insert(
