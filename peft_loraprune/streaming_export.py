@@ -60,7 +60,7 @@ def _module_edits(plan, layers: dict) -> dict[str, list[tuple[str, torch.Tensor]
     return edits
 
 
-def _sliced(t: torch.Tensor, edits, is_bias: bool, fan_in_fan_out: bool) -> torch.Tensor:
+def _sliced(t: torch.Tensor, edits, is_bias: bool) -> torch.Tensor:
     """``t`` (a weight in ``(d_out, d_in)`` form, or a bias) with the removed rows/columns taken out."""
     for axis, index in edits:
         if is_bias:
@@ -110,7 +110,7 @@ def stream_export(
             layer = layers[module]
             shape = (layer.out_features, layer.in_features) if leaf == "weight" else shape
             probe = torch.empty(shape, device="meta")
-            shape = tuple(_sliced(probe, edits.get(module, ()), leaf == "bias", False).shape)
+            shape = tuple(_sliced(probe, edits.get(module, ()), leaf == "bias").shape)
             if leaf == "weight" and layer.fan_in_fan_out:
                 shape = shape[::-1]
         outputs.append(planned(key, out_dtype, shape))
@@ -131,13 +131,13 @@ def stream_export(
                 w0 = reader.get(key)
                 w0_2d = w0.t() if layer.fan_in_fan_out else w0
                 merged = layer.masked_merged_weight(adapter, w0_2d).to(w0.dtype)  # rounded as merging into it does
-                merged = _sliced(merged, edits.get(module, ()), False, False)
+                merged = _sliced(merged, edits.get(module, ()), False)
                 merged = merged.t() if layer.fan_in_fan_out else merged
                 writer.write(key, merged.to(target.dtype).contiguous())
             elif layer is not None and leaf == "bias":
                 b0 = reader.get(key)
                 merged = (layer.merged_bias(adapter, b0) * layer.lora_mask_rows[adapter]).to(b0.dtype)
-                writer.write(key, _sliced(merged, edits.get(module, ()), True, False).to(target.dtype))
+                writer.write(key, _sliced(merged, edits.get(module, ()), True).to(target.dtype))
             else:
                 for piece in reader.pieces(key):
                     writer.write(key, piece.to(target.dtype))

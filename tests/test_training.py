@@ -111,12 +111,14 @@ class StopAt(transformers.TrainerCallback):
             control.should_training_stop = True
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    def final_state(model):
-        return {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k} | {
-            f"importance.{k}": v.clone() for k, v in model.base_model.pruning_engine().state_dict().items()
-        }
+def final_state(model):
+    """LoRA weights, masks and importance state: what a resumed run must end with exactly."""
+    return {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k} | {
+        f"importance.{k}": v.clone() for k, v in model.base_model.pruning_engine().state_dict().items()
+    }
 
+
+def test_resume_equals_uninterrupted_run(tmp_path):
     straight = training_model("llama", target_sparsity=0.5)
     trainer_for(straight, "llama", tmp_path / "a", steps=12, save_strategy="steps", save_steps=6).train()
 
@@ -140,11 +142,6 @@ def test_resume_from_a_moved_checkpoint_with_another_output_dir_equals_uninterru
     run, in the folder the Trainer would once have looked in, is never read."""
     import shutil
     import warnings
-
-    def final_state(model):
-        return {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k} | {
-            f"importance.{k}": v.clone() for k, v in model.base_model.pruning_engine().state_dict().items()
-        }
 
     straight = training_model("llama", target_sparsity=0.5)
     trainer_for(straight, "llama", tmp_path / "a", steps=12, save_strategy="steps", save_steps=6).train()
