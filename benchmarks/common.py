@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
-from peft_loraprune.environment import machine_info
-
 ROOT = Path(__file__).resolve().parents[1]
+# the benchmarks train with the examples' code (tasks, local assets, metrics, machine info): one copy of each
 sys.path.insert(0, str(ROOT / "examples"))
+
+from machine import machine_info  # noqa: E402
+
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 

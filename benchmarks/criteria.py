@@ -36,8 +36,8 @@ from transformers import TrainingArguments
 
 import peft_loraprune  # noqa: F401
 from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig
-from peft_loraprune.criteria import ActivationTaylor, LoRAGradientEstimate
-from peft_loraprune.group_ops import sum_over_groups
+from peft_loraprune.kernels.group_ops import sum_over_groups
+from peft_loraprune.pruning.criteria import ActivationTaylor, Criterion, LoRAGradientEstimate, make_criterion
 
 RESULT_NAMES = {"smollm2": "criteria_smollm2_wikipedia", "minilm": "criteria_minilm_rotten_tomatoes"}
 
@@ -60,6 +60,41 @@ class ActivationSquared(ActivationTaylor):
         if axis != "cols" or name not in self.touched:
             return None
         return sum_over_groups(self.sums[name], layout).pow(2)
+
+
+class PerAxis(Criterion):
+    """Producer rows scored by one criterion and consumer columns by another (``lora+activation``: a research variant, not a
+    config value)."""
+
+    def __init__(self, adapter: str, rows: Criterion, cols: Criterion) -> None:
+        super().__init__(adapter)
+        self.rows, self.cols = rows, cols
+        self.name = f"{rows.name}+{cols.name}"
+        self.elementwise = False
+        self.reads_weights = rows.reads_weights or cols.reads_weights
+
+    def attach(self, layers, consumers):
+        consumer_names = {c.name for c in consumers}
+        self.rows.attach([(n, l) for n, l in layers if n not in consumer_names], [])
+        self.cols.attach([(c.name, c.layer) for c in consumers], consumers)
+
+    def detach(self):
+        self.rows.detach()
+        self.cols.detach()
+
+    def synchronize(self):
+        self.rows.synchronize()
+        self.cols.synchronize()
+
+    def finite_inputs(self, name, layer):
+        return self.rows.finite_inputs(name, layer) + self.cols.finite_inputs(name, layer)
+
+    def member_scores(self, name, layer, axis, layout):
+        return (self.rows if axis == "rows" else self.cols).member_scores(name, layer, axis, layout)
+
+    def reset(self):
+        self.rows.reset()
+        self.cols.reset()
 
 
 def build(variant: str, sparsity: float, args, task):
@@ -87,7 +122,9 @@ def build(variant: str, sparsity: float, args, task):
     if criterion == "lora-rows":
         engine.use_criterion(RowsOnly("default"))
     elif criterion == "lora+activation":
-        engine.use_criterion("lora+activation")
+        engine.use_criterion(
+            PerAxis("default", make_criterion("lora", "default"), make_criterion("activation", "default"))
+        )
     elif criterion == "activation^2":
         engine.use_criterion(ActivationSquared("default"))
     engine.normalize_each_step = order != "raw"

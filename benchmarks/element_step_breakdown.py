@@ -4,14 +4,14 @@ The step-cost benchmark gives the whole-model ratio; this one explains it. For t
 (float32, rank 8, 50% random mask) it times, interleaved in one process:
 
 * the layer's forward + backward under plain LoRA (``F.linear`` plus the low-rank path, as PEFT computes it) and
-  under :func:`~peft_loraprune.masked_linear.element_masked_linear`, exact and straight-through, with and without
+  under :func:`~peft_loraprune.kernels.masked_linear.element_masked_linear`, exact and straight-through, with and without
   adapter dropout (dropout gives the adapter path its own input);
 * each weight-sized kernel the masked layer runs, alone, on the whole weight: the product with the activations,
   the product ``G = grad_yᵀ·x``, unpacking the bit-packed mask into 0/1 values, rebuilding ``(W0 + s·B·A) ⊙ M``
   (one ``addmm``, one mask multiply), a mask multiply, and the two thin products that turn ``G ⊙ M`` into the
   factor gradients.
 
-Each variant's kernel counts (:data:`COUNTS`, read off :mod:`peft_loraprune.masked_linear`) times the kernel times,
+Each variant's kernel counts (:data:`COUNTS`, read off :mod:`peft_loraprune.kernels.masked_linear`) times the kernel times,
 plus what plain LoRA spends outside its two weight-sized products, gives a predicted time; the result file keeps
 it beside the measured one, and two floors: **products** (LoRA plus the extra weight-sized products the variant
 cannot avoid) and **eager** (the products plus the elementwise passes over the weight that PyTorch's separate
@@ -31,7 +31,7 @@ import torch
 from common import write_result
 from masked_blocks import SHAPES, layer_inputs
 
-import peft_loraprune.masked_linear as masked_linear
+import peft_loraprune.kernels.masked_linear as masked_linear
 
 SCALE = 2.0
 

@@ -11,7 +11,7 @@ size) and reloaded with plain ``from_pretrained``; CPU latency is the median of 
 
 A ``2:4`` entry exports an N:M adapter (two of every four weights kept, by magnitude). On a GPU that has 2:4 sparse
 kernels (Ampere or newer, float16/bfloat16) its Linear weights are then turned into PyTorch's semi-structured sparse
-tensors (``peft_loraprune.semi_structured.to_semi_structured``) with each of PyTorch's two backends (CUTLASS,
+tensors (``peft_loraprune.kernels.semi_structured.to_semi_structured``) with each of PyTorch's two backends (CUTLASS,
 cuSPARSELt), one row each beside the dense export with its zeros (``semi_structured``: the backend, or None);
 elsewhere only the dense export is timed. On a GPU, latency waits for the device's kernels.
 """
@@ -29,8 +29,8 @@ from peft import get_peft_model
 
 import peft_loraprune  # noqa: F401
 from peft_loraprune import LoRAPruneConfig, export_pruned_model
-from peft_loraprune.latency import measure_latency_ms
-from peft_loraprune.semi_structured import check_semi_structured_support, to_semi_structured
+from peft_loraprune.export.latency import measure_latency_ms
+from peft_loraprune.kernels.semi_structured import check_semi_structured_support, to_semi_structured
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

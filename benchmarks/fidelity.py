@@ -26,8 +26,8 @@ from peft import get_peft_model
 
 import peft_loraprune  # noqa: F401
 from peft_loraprune import LoRAPruneConfig
-from peft_loraprune.criteria import make_criterion
-from peft_loraprune.importance import moving_average_
+from peft_loraprune.kernels.importance import moving_average_
+from peft_loraprune.pruning.criteria import make_criterion
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

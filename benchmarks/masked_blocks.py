@@ -1,4 +1,4 @@
-"""Blocked vs whole-weight passes of the element-masked product (:mod:`peft_loraprune.masked_linear`).
+"""Blocked vs whole-weight passes of the element-masked product (:mod:`peft_loraprune.kernels.masked_linear`).
 
 The masked product builds, in each pass, temporaries the size of the weight (mask values, masked weight, masked
 gradient). Walking the weight in blocks keeps each block's temporaries in cache from the pass that builds them to
@@ -6,7 +6,7 @@ the product that reads them, but every block re-reads the activations. This benc
 backward (the 0.5B model's MLP and attention shapes, float32, 50% random mask, rank 8) with one block per weight
 (the behaviour before blocking) and with fixed block sizes, at several token counts, all in one process and
 interleaved (each repetition runs every variant once), and reports each variant's median time against one block
-measured in the same repetitions. It is what chose :func:`~peft_loraprune.masked_linear.block_elements`.
+measured in the same repetitions. It is what chose :func:`~peft_loraprune.kernels.masked_linear.block_elements`.
 
     python benchmarks/masked_blocks.py --tokens 128,512 --repeats 7
 """
@@ -20,8 +20,8 @@ import time
 import torch
 from common import write_result
 
-import peft_loraprune.masked_linear as masked_linear
-from peft_loraprune.mask_packing import pack_bits
+import peft_loraprune.kernels.masked_linear as masked_linear
+from peft_loraprune.kernels.mask_packing import pack_bits
 
 SHAPES = {"llama-0.5b": [(4096, 1024), (1024, 4096), (1024, 1024)], "tiny": [(64, 48), (48, 64)]}
 WHOLE = 1 << 40  # one block per weight

@@ -57,9 +57,9 @@ from peft import get_peft_model
 
 import peft_loraprune  # noqa: F401
 from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig
-from peft_loraprune.criteria import make_criterion
-from peft_loraprune.group_ops import sum_over_groups
-from peft_loraprune.mask_packing import pack_bits
+from peft_loraprune.kernels.group_ops import sum_over_groups
+from peft_loraprune.kernels.mask_packing import pack_bits
+from peft_loraprune.pruning.criteria import make_criterion
 
 PEERS = ("llm-pruner", "wanda-sp")  # structured one-shot peers
 UNSTRUCTURED_PEERS = ("sparsegpt", "wanda")  # llm-compressor's one-shot pruners
@@ -203,7 +203,7 @@ TASKS = {t.name: t for t in (SmolLM2Wikipedia, MiniLMRottenTomatoes)}
 def plain_groups(model, head_grouping: str):
     """``(GroupSpec, [(member, module name)])`` of every block of a plain (not yet adapted) model, from the
     package's architecture registry: the units and layouts LoRAPrune prunes, so every method removes the same."""
-    from peft_loraprune.architectures import require_architecture
+    from peft_loraprune.pruning.architectures import require_architecture
 
     spec = require_architecture(model.config.model_type)
     by_block = {}

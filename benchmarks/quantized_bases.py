@@ -56,8 +56,8 @@ from peers import SmolLM2Wikipedia
 
 import peft_loraprune  # noqa: F401
 from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig, export_pruned_model
-from peft_loraprune.architectures import get_architecture
-from peft_loraprune.mask_packing import pack_bits, unpack_bits
+from peft_loraprune.kernels.mask_packing import pack_bits, unpack_bits
+from peft_loraprune.pruning.architectures import get_architecture
 
 NAME = "quantized_bases_smollm2"
 BASES = ("bf16", "int8", "nf4")

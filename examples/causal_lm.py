@@ -23,6 +23,7 @@ import datasets
 import local_assets
 import torch
 import transformers
+from machine import machine_info
 from peft import get_peft_model
 from plotting import plot_sparsity_per_layer
 from tqdm.auto import tqdm
@@ -30,7 +31,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 
 import peft_loraprune  # noqa: F401
 from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig, export_pruned_model
-from peft_loraprune.environment import machine_info
 
 
 @dataclass
@@ -82,7 +82,7 @@ def run_lm_eval(model, tokenizer, eval_args, folder: str) -> dict:
     """lm-eval on an in-memory model; local tasks are written to ``folder`` first."""
     import local_tasks
 
-    from peft_loraprune.evaluation import evaluate
+    from peft_loraprune.hub.evaluation import evaluate
 
     tasks = [t.strip() for t in eval_args.lm_eval_tasks.split(",") if t.strip()]
     local = [t for t in tasks if t in local_tasks.TASKS]
@@ -237,8 +237,8 @@ def main():
         generated = reloaded.generate(**prompt, max_new_tokens=20, do_sample=False)
         run["sample"] = tokenizer.decode(generated[0], skip_special_tokens=True)
         if eval_args.lm_eval_tasks:
-            from peft_loraprune.evaluation import eval_results, format_results
-            from peft_loraprune.model_card import write_eval_results
+            from peft_loraprune.hub.evaluation import eval_results, format_results
+            from peft_loraprune.hub.model_card import write_eval_results
 
             run["lm_eval"] = run_lm_eval(
                 reloaded, tokenizer, eval_args, os.path.join(training_args.output_dir, "local_tasks")

@@ -24,6 +24,7 @@ import local_assets
 import numpy as np
 import torch
 import transformers
+from machine import machine_info
 from metrics import accuracy
 from peft import LoraConfig, get_peft_model
 from plotting import plot_sparsity_per_layer
@@ -31,7 +32,6 @@ from transformers import AutoModelForImageClassification, HfArgumentParser, Trai
 
 import peft_loraprune  # noqa: F401
 from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig, export_pruned_model
-from peft_loraprune.environment import machine_info
 
 
 @dataclass

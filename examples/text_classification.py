@@ -25,6 +25,7 @@ from typing import Optional
 import local_assets
 import torch
 import transformers
+from machine import machine_info
 from metrics import accuracy
 from peft import LoraConfig, get_peft_model
 from plotting import plot_sparsity_per_layer
@@ -39,7 +40,6 @@ from transformers import (
 
 import peft_loraprune  # noqa: E402,F401  (registers LoRAPrune with PEFT)
 from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig, export_pruned_model
-from peft_loraprune.environment import machine_info
 
 
 @dataclass
@@ -95,7 +95,7 @@ def build_trainer(model, args, data, tokenizer, callbacks=()):
 
 def same_targets_as_loraprune(model_path: str):
     """The modules LoRAPrune adapts by default, so the dense baseline has the same adapters."""
-    from peft_loraprune.architectures import get_architecture
+    from peft_loraprune.pruning.architectures import get_architecture
 
     spec = get_architecture(transformers.AutoConfig.from_pretrained(model_path).model_type)
     return list(spec.prunable_modules) if spec is not None else "all-linear"

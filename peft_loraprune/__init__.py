@@ -5,7 +5,18 @@ Importing this package registers the method with PEFT (``PeftType.LORAPRUNE``), 
 that loads a LoRAPrune adapter (torchrun workers included) must import it first.
 """
 
-from .architectures import (
+from ._moved import install as _install_moved_paths
+from .callback import LoRAPruneCallback
+from .config import LoRAPruneConfig
+from .distillation import DistillationConfig, DistillationTrainer, Distiller
+from .export.merge import ExportReport, export_pruned_model
+from .hub.integrity import verify_saved_adapter
+from .hub.push import push_to_hub
+from .hub.reporting import SparsityReport
+from .hub.saving import install as _install_saving
+from .layer import LoRAPruneLayer
+from .model import LoRAPruneModel
+from .pruning.architectures import (
     ArchitectureSpec,
     ExportSpec,
     GroupMember,
@@ -15,25 +26,20 @@ from .architectures import (
     supported_model_types,
     unregister_architecture,
 )
-from .callback import LoRAPruneCallback
-from .config import LoRAPruneConfig
-from .export import ExportReport, export_pruned_model
-from .hub import push_to_hub
-from .integrity import verify_saved_adapter
-from .layer import LoRAPruneLayer
-from .model import LoRAPruneModel
 from .registration import LORAPRUNE_PEFT_TYPE, register
-from .reporting import SparsityReport
-from .saving import install as _install_saving
 
 __version__ = "0.4.0"
 
 register(LoRAPruneConfig, LoRAPruneModel)
 _install_saving()
+_install_moved_paths(__name__)
 
 __all__ = [
     "LORAPRUNE_PEFT_TYPE",
     "ArchitectureSpec",
+    "DistillationConfig",
+    "DistillationTrainer",
+    "Distiller",
     "ExportSpec",
     "GroupMember",
     "GroupSpec",

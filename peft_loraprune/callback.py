@@ -3,7 +3,7 @@
 * ``on_train_begin``: finds the LoRAPrune adapter, builds the schedule from the Trainer's total optimizer steps
   (``max_steps``, or the epochs converted by the Trainer), warns when the run is too short for it, and on a
   resumed run restores the importance averages saved with the checkpoint the Trainer actually loaded, wherever
-  it is (the folder ``load_adapter`` read, see :func:`~peft_loraprune.saving.loaded_from`), and only if they were
+  it is (the folder ``load_adapter`` read, see :func:`~peft_loraprune.hub.saving.loaded_from`), and only if they were
   saved with that checkpoint's adapter file (its SHA-256 is recorded with them).
 * ``on_pre_optimizer_step``: importance from the step's complete gradients (all micro-batches accumulated,
   clipped, unscaled), before the optimizer changes the weights. A step with NaN or infinite gradients is skipped
@@ -27,10 +27,10 @@ from safetensors.torch import save_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .integrity import WEIGHTS_NAME, file_digest
+from .hub.integrity import WEIGHTS_NAME, file_digest
+from .hub.saving import adapter_folder, loaded_from
 from .lookup import find_tuner
-from .saving import adapter_folder, loaded_from
-from .schedule import PruningSchedule
+from .pruning.schedule import PruningSchedule
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "loraprune_state.safetensors"

@@ -19,9 +19,11 @@ import os
 import sys
 from typing import Optional
 
-from .checkpoint_io import CheckpointReader, parse_size
 from .config import LoRAPruneConfig
-from .evaluation import (
+from .export.checkpoint_io import CheckpointReader, parse_size
+from .export.merge import export_pruned_model
+from .export.streaming import stream_export
+from .hub.evaluation import (
     DTYPES,
     eval_results,
     evaluate,
@@ -31,10 +33,8 @@ from .evaluation import (
     load_for_evaluation,
     save_results_json,
 )
-from .export import export_pruned_model
-from .model_card import write_eval_results, write_export_card
-from .skeleton import load_adapter_skeleton
-from .streaming_export import stream_export
+from .hub.model_card import write_eval_results, write_export_card
+from .hub.skeleton import load_adapter_skeleton
 
 
 class UsageError(Exception):

@@ -20,7 +20,6 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME
 
-from .integrity import verify_saved_adapter
 from .registration import LORAPRUNE_PEFT_TYPE
 from .validation import check_choice, check_fraction, check_int
 
@@ -82,7 +81,7 @@ class LoRAPruneConfig(PeftConfig):
         granularity: "unstructured", "structured" or an "N:M" pattern such as "2:4" (target_sparsity is then
             ignored: the pattern fixes it at 1 - N/M).
         adaptation: "parallel" (W = W0 + s·B·A, plain LoRA) or "sequential" (W = (I + s·B·A)·W0).
-        importance: how heads, channels or weights are scored (see :mod:`peft_loraprune.criteria`):
+        importance: how heads, channels or weights are scored (see :mod:`peft_loraprune.pruning.criteria`):
             "activation" (structured only; the default there): the first-order Taylor estimate of removing a whole
             head or channel, from its consumer's input activation and that activation's gradient, which the
             backward pass computes anyway (no weight gradient, ``d_in`` floats of state per consumer module);
@@ -120,7 +119,7 @@ class LoRAPruneConfig(PeftConfig):
             code's choice (the first 10% of blocks and the last one).
         save_digest: written by ``save_pretrained`` (SHA-256 over the ``adapter_model.safetensors`` saved with
             this config and the config's other fields) and checked by ``from_pretrained``; not meant to be set by
-            hand (see :mod:`peft_loraprune.integrity`).
+            hand (see :mod:`peft_loraprune.hub.integrity`).
     """
 
     r: int = field(default=8, metadata={"help": "LoRA rank"})
@@ -282,7 +281,7 @@ class LoRAPruneConfig(PeftConfig):
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """Save ``adapter_config.json`` atomically (a temporary file, then a rename), so a killed save never leaves
-        half a config. The save digest and the model card are the saver's business (:mod:`~peft_loraprune.saving`);
+        half a config. The save digest and the model card are the saver's business (:mod:`~peft_loraprune.hub.saving`);
         a config saved on its own carries no digest."""
         os.makedirs(save_directory, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=save_directory, prefix=".config-") as tmp:
@@ -293,9 +292,11 @@ class LoRAPruneConfig(PeftConfig):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
         """Load the config; for a local folder, also check that it and the weights file next to it are the ones
-        saved together (see :func:`peft_loraprune.integrity.verify_saved_adapter`)."""
+        saved together (see :func:`peft_loraprune.hub.integrity.verify_saved_adapter`)."""
         folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
         if os.path.isdir(folder):
+            from .hub.integrity import verify_saved_adapter  # the hub layer sits above the config
+
             verify_saved_adapter(folder)
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 

@@ -12,7 +12,7 @@ The mask ``M`` is stored in the cheapest form its granularity allows:
   two elementwise products and nothing weight-sized.
 * ``lora_mask_elements`` exists for "unstructured" and "N:M" adapters: the per-weight mask, bit-packed
   (``d_out x ceil(d_in / 8)`` uint8). The weight-masked product
-  (:func:`~peft_loraprune.masked_linear.element_masked_linear`) unpacks it inside each pass and frees it there,
+  (:func:`~peft_loraprune.kernels.masked_linear.element_masked_linear`) unpacks it inside each pass and frees it there,
   so an element-pruned adapter holds an eighth of a byte per weight for its mask.
 
 When the registry says that a layer's output rows are coupled to input columns of a consumer layer (a head's
@@ -25,7 +25,7 @@ All three are persistent buffers whose names start with ``lora_`` and contain ``
 ``adapter_model.safetensors`` and restores them on load. The pretrained weight is never modified by training or
 pruning (only by an explicit merge), so ``disable_adapter()`` gives the original, dense base model.
 
-The layer holds no importance state: the pruning engine owns it (see :mod:`~peft_loraprune.engine`). A criterion
+The layer holds no importance state: the pruning engine owns it (see :mod:`~peft_loraprune.pruning.engine`). A criterion
 that must observe the forward and backward pass (the true gradient, activation Taylor scores) installs a *tap*
 with :meth:`LoRAPruneLayer.add_tap`: a function called with the layer's input and output at every forward pass
 of the adapter, which may register gradient hooks on them.
@@ -44,11 +44,11 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
-from .adaptation import adaptation
-from .distributed import full_tensor
-from .mask_packing import packed_shape, unpack_bits
-from .masked_linear import element_masked_linear
-from .quantized import DequantizingWeight, dense_weight, quantization_kind, requantized, restore, snapshot
+from .kernels.adaptation import adaptation
+from .kernels.distributed import full_tensor
+from .kernels.mask_packing import packed_shape, unpack_bits
+from .kernels.masked_linear import element_masked_linear
+from .kernels.quantized import DequantizingWeight, dense_weight, quantization_kind, requantized, restore, snapshot
 
 MASK_NAMES = ("lora_mask_rows", "lora_mask_cols", "lora_mask_elements")
 
@@ -88,6 +88,8 @@ class LoRAPruneLayer(BaseTunerLayer):
         # columns that a consumer layer masks (set from the architecture registry, see structure.py)
         self.rows_masked_downstream: set[str] = set()
         self._disable_adapters = False
+        # True while a distillation teacher reads the adapter without its masks (see distillation/teachers.py)
+        self.ignore_masks = False
         self.merged_adapters: list[str] = []
         self._merge_stash: dict[str, dict[str, torch.Tensor]] = {}
         self._mask_cache: dict[tuple[str, str], tuple[tuple[int, int, torch.device], Any]] = {}
@@ -229,7 +231,7 @@ class LoRAPruneLayer(BaseTunerLayer):
 
     def scoring_factors(self, adapter_name: str) -> ScoringFactors:
         """``W0, A, B`` and ``R`` whole and detached, for scoring: gathered once per layer when FSDP2 shards them
-        (see :mod:`~peft_loraprune.distributed`), the parameters themselves otherwise."""
+        (see :mod:`~peft_loraprune.kernels.distributed`), the parameters themselves otherwise."""
         a = full_tensor(self.lora_A[adapter_name].weight.detach())
         b = full_tensor(self.lora_B[adapter_name].weight.detach())
         w0 = full_tensor(self.dense_base_weight().detach())
@@ -348,6 +350,8 @@ class Linear(nn.Module, LoRAPruneLayer):
         adapter = self._active_adapter_here()
         if adapter is None:
             return self.base_layer(x, *args, **kwargs)
+        if self.ignore_masks:  # the dense adapter, as a teacher sees it: no masks, no taps
+            return self._forward_dense(x, adapter, *args, **kwargs)
 
         cols_pruned = not self._mask_is_full(adapter, "cols")
         if cols_pruned:

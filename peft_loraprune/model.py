@@ -12,6 +12,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -19,16 +20,13 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers.pytorch_utils import Conv1D
 
-from .architectures import block_of, get_architecture
 from .config import LoRAPruneConfig
-from .engine import PruningEngine
-from .evaluation import eval_results
-from .export import export_pruned_model
+from .kernels.quantized import check_supported, keep_standard_layout
 from .layer import Linear, LoRAPruneLayer
-from .quantized import check_supported, keep_standard_layout
+from .pruning.architectures import block_of, get_architecture
+from .pruning.engine import PruningEngine
+from .pruning.structure import find_structured_groups, mark_rows_masked_downstream
 from .registration import PREFIX
-from .reporting import build_sparsity_report
-from .structure import find_structured_groups, mark_rows_masked_downstream
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +43,20 @@ def _candidate_module_names(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
+_UNSET = object()
+
+
+@dataclass
+class _DerivedState:
+    """What the tuner computes from its adapters and keeps: none of it is saved, all of it can be rebuilt."""
+
+    structured_groups: dict = field(default_factory=dict)  # (adapter, include_all) -> groups bound to layers
+    engines: dict = field(default_factory=dict)  # adapter -> PruningEngine
+    eval_results: dict = field(default_factory=dict)  # adapter -> lm-eval results for the model card
+    loaded_from: dict = field(default_factory=dict)  # adapter -> folder it was loaded from (resume reads it)
+    model_type: object = _UNSET  # config.model_type of the wrapped model, read once
+
+
 class LoRAPruneModel(BaseTuner):
     """Tuner of a LoRAPrune adapter (see :class:`~peft_loraprune.LoRAPruneConfig`).
 
@@ -57,6 +69,12 @@ class LoRAPruneModel(BaseTuner):
     is_loraprune_tuner = True  # how lookup.find_tuner recognises it without importing this module
     tuner_layer_cls = LoRAPruneLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def __init__(self, model, peft_config, adapter_name, **kwargs) -> None:
+        # Derived, per-adapter state. Set before BaseTuner injects the adapter, since injection already reads it;
+        # BaseTuner forwards unknown attribute reads to the wrapped model, so every field exists from the start.
+        self.derived = _DerivedState()
+        super().__init__(model, peft_config, adapter_name, **kwargs)
 
     # ------------------------------------------------------------------ injection
     def _prepare_adapter_config(self, peft_config: LoRAPruneConfig, model_config: dict) -> LoRAPruneConfig:
@@ -118,7 +136,7 @@ class LoRAPruneModel(BaseTuner):
         # Structured pruning must know the family and see every member of every group: fail now, not at the
         # first pruning step hours into a run.
         if not config.is_element_granularity:
-            self.__dict__.pop("_structured_groups", None)  # a new adapter: the layers changed
+            self.derived.structured_groups.clear()  # a new adapter: the layers changed
             mark_rows_masked_downstream(self.structured_groups(adapter_name, include_all=True), adapter_name)
             self.structured_groups(adapter_name)  # validates the pruned structures
         if not config.inference_mode:
@@ -175,7 +193,7 @@ class LoRAPruneModel(BaseTuner):
         """The adapter's groups (heads, channels) bound to its layers (:func:`structure.find_structured_groups`),
         computed once per adapter and kept: the engine, reports, logs and export all read them."""
         adapter_name = self.resolve_adapter(adapter_name)
-        cache = self.__dict__.setdefault("_structured_groups", {})
+        cache = self.derived.structured_groups
         key = (adapter_name, include_all)
         if key not in cache:
             cache[key] = find_structured_groups(self, adapter_name, include_all=include_all)
@@ -184,20 +202,20 @@ class LoRAPruneModel(BaseTuner):
     @property
     def model_type(self) -> Optional[str]:
         """``config.model_type`` of the wrapped model (read once)."""
-        if "_model_type" not in self.__dict__:
-            self.__dict__["_model_type"] = self.get_model_config(self.model).get("model_type")
-        return self.__dict__["_model_type"]
+        if self.derived.model_type is _UNSET:
+            self.derived.model_type = self.get_model_config(self.model).get("model_type")
+        return self.derived.model_type
 
     def block_index(self, module_name: str) -> Optional[int]:
         """Index of the transformer block a module belongs to (see :func:`architectures.block_of`)."""
         return block_of(self.model_type, module_name)
 
     def pruning_engine(self, adapter_name: Optional[str] = None):
-        """The :class:`~peft_loraprune.engine.PruningEngine` of an adapter (created once, then reused)."""
+        """The :class:`~peft_loraprune.pruning.engine.PruningEngine` of an adapter (created once, then reused)."""
         adapter_name = self.resolve_adapter(adapter_name)
-        engines = self.__dict__.setdefault("_pruning_engines", {})
+        engines = self.derived.engines
         if adapter_name not in engines:
-            engines[adapter_name] = PruningEngine(self, adapter_name)
+            engines[adapter_name] = PruningEngine.for_adapter(self, adapter_name)
         return engines[adapter_name]
 
     def update_importance(self, adapter_name: Optional[str] = None) -> bool:
@@ -209,8 +227,8 @@ class LoRAPruneModel(BaseTuner):
         return self.pruning_engine(adapter_name).pruning_step(step, total_steps)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self.__dict__.pop("_structured_groups", None)
-        engine = self.__dict__.get("_pruning_engines", {}).pop(adapter_name, None)
+        self.derived.structured_groups.clear()
+        engine = self.derived.engines.pop(adapter_name, None)
         if engine is not None:
             engine.close()
         super().delete_adapter(adapter_name)
@@ -225,6 +243,8 @@ class LoRAPruneModel(BaseTuner):
         """Merge the adapter and physically remove the pruned heads and channels; returns a plain transformers
         model that ``from_pretrained`` reloads. The export report goes to this module's logger (INFO);
         ``peft_loraprune.export_pruned_model`` returns it. Consumes the model, like ``merge_and_unload``."""
+        from .export.merge import export_pruned_model  # export is the layer above the tuner
+
         report = export_pruned_model(
             self, adapter_name, example_inputs=example_inputs, measure_latency=measure_latency, progressbar=progressbar
         )
@@ -232,8 +252,10 @@ class LoRAPruneModel(BaseTuner):
         return report.model
 
     def sparsity_report(self, adapter_name: Optional[str] = None):
-        """Sparsity overall and per layer (see :mod:`peft_loraprune.reporting`)."""
+        """Sparsity overall and per layer (see :mod:`peft_loraprune.hub.reporting`)."""
         adapter_name = self.resolve_adapter(adapter_name)
+        from .hub.reporting import build_sparsity_report  # reports belong to the hub layer, above the tuner
+
         return build_sparsity_report(self, adapter_name)
 
     def print_sparsity(self, adapter_name: Optional[str] = None) -> None:
@@ -247,9 +269,11 @@ class LoRAPruneModel(BaseTuner):
         if not isinstance(results, dict):
             raise TypeError(f"results must be lm-eval's results dict (task -> metrics), got {type(results).__name__}")
         adapter_name = self.resolve_adapter(adapter_name)
-        self.__dict__.setdefault("_eval_results", {}).setdefault(adapter_name, {}).update(results)
+        self.derived.eval_results.setdefault(adapter_name, {}).update(results)
 
     def recorded_eval_results(self, adapter_name: Optional[str] = None):
         """``huggingface_hub.EvalResult`` entries of what :meth:`record_eval_results` kept (empty if nothing)."""
         adapter_name = self.resolve_adapter(adapter_name)
-        return eval_results(self.__dict__.get("_eval_results", {}).get(adapter_name, {}))
+        from .hub.evaluation import eval_results
+
+        return eval_results(self.derived.eval_results.get(adapter_name, {}))

@@ -9,8 +9,8 @@ from conftest import TASK, make_model
 from peft import get_peft_model
 
 from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig
-from peft_loraprune.mask_packing import pack_bits
-from peft_loraprune.structure import find_structured_groups
+from peft_loraprune.kernels.mask_packing import pack_bits
+from peft_loraprune.pruning.structure import find_structured_groups
 
 
 def randomize_adapter(peft_model, seed: int = 0) -> None:

@@ -72,7 +72,7 @@ def test_masked_blocks_smoke(tmp_path):
     rows = load(tmp_path, "masked_blocks_tiny")["rows"]
     assert len(rows) == 8  # two token counts, shared input or not, exact or straight-through
     # "block_elements" is the package's own rule at every setting, not the last size the loop tried
-    from peft_loraprune.masked_linear import block_elements
+    from peft_loraprune.kernels.masked_linear import block_elements
 
     assert all(r["block_elements"] == block_elements(r["tokens"]) for r in rows)
     for r in rows:
@@ -97,7 +97,7 @@ def test_element_step_breakdown_counts_match_the_masked_layer(monkeypatch, dropo
     weight-sized multiply of one forward + backward, recorded at the ATen level, classified by shape."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import peft_loraprune.masked_linear as masked_linear
+    import peft_loraprune.kernels.masked_linear as masked_linear
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(

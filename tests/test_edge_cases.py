@@ -9,7 +9,7 @@ from helpers import randomize_adapter, trainer_for, training_model
 from peft import get_peft_model
 
 from peft_loraprune import LoRAPruneConfig, export_pruned_model
-from peft_loraprune.structure import find_structured_groups
+from peft_loraprune.pruning.structure import find_structured_groups
 
 
 def test_target_sparsity_zero_trains_and_exports_the_dense_model(tmp_path):

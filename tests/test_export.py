@@ -20,7 +20,7 @@ def param_count(model):
 def test_export_reloads_with_plain_from_pretrained(family, budget, tmp_path):
     model = pruned_model(family, budget=budget)
     if budget == "global":  # make the blocks uneven, as a global budget does
-        from peft_loraprune.structure import find_structured_groups
+        from peft_loraprune.pruning.structure import find_structured_groups
 
         for g in find_structured_groups(model.base_model, "default"):
             if g.block == 1 and g.spec.structure == "channels":
@@ -119,7 +119,7 @@ def test_query_head_export_keeps_kv_heads(tmp_path):
         make_model("llama"), LoRAPruneConfig(task_type="CAUSAL_LM", head_grouping="query_head", lora_dropout=0.0)
     )
     randomize_adapter(model)
-    from peft_loraprune.structure import find_structured_groups
+    from peft_loraprune.pruning.structure import find_structured_groups
 
     for g in find_structured_groups(model.base_model, "default"):
         if g.spec.structure == "heads":  # one query head of the two in each KV group, as the selection does
@@ -141,7 +141,7 @@ def test_query_head_export_keeps_kv_heads(tmp_path):
 def test_default_latency_inputs_follow_the_models_device_and_dtype():
     """Example inputs for the export report's latency are made on the model's device, pixels in its dtype (a
     bfloat16 ViT gets bfloat16 pixels; float32 pixels would fail its first convolution)."""
-    from peft_loraprune.latency import default_example_inputs, measure_latency_ms
+    from peft_loraprune.export.latency import default_example_inputs, measure_latency_ms
 
     vit = make_model("vit").to(torch.bfloat16)
     inputs = default_example_inputs(vit, batch_size=2)

@@ -431,7 +431,7 @@ def test_wanda_norm_averages_round_trip_through_the_engine_state():
 def test_column_square_sums_match_a_float64_sum_and_leave_the_input_alone(dtype, chunk_elements):
     """The wanda tap's per-feature sum of squares: equal to the float64 sum of the (dtype-rounded) input, whether
     the rows go in one block or in blocks of a single row, and the input is not squared in place."""
-    from peft_loraprune.importance import column_square_sums
+    from peft_loraprune.kernels.importance import column_square_sums
 
     x = (torch.randn(13, 5, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
     before = x.clone()
@@ -447,7 +447,7 @@ def test_column_square_sums_match_a_float64_sum_and_leave_the_input_alone(dtype,
 def test_element_scores_written_into_a_tensor_chunk_by_chunk_match_the_hand_formula():
     """``into``: the scores land in the caller's tensor row block by row block (here 2 rows per block, the last
     one short), equal to ``|(W0 + s·B·R) ⊙ G|`` with a per-column G broadcast along the rows."""
-    from peft_loraprune.importance import element_scores
+    from peft_loraprune.kernels.importance import element_scores
 
     g = torch.Generator().manual_seed(5)
     w0, b, r = torch.randn(5, 4, generator=g), torch.randn(5, 2, generator=g), torch.randn(2, 4, generator=g)

@@ -14,7 +14,7 @@ from peft_loraprune import (
     supported_model_types,
     unregister_architecture,
 )
-from peft_loraprune.mask_packing import _pack_bits_tensor, _unpack_bits_tensor, pack_bits, unpack_bits
+from peft_loraprune.kernels.mask_packing import _pack_bits_tensor, _unpack_bits_tensor, pack_bits, unpack_bits
 
 TOY = ArchitectureSpec(
     name="toy",

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from peft_loraprune.mask_packing import pack_bits
-from peft_loraprune.masked_linear import element_masked_linear
+from peft_loraprune.kernels.mask_packing import pack_bits
+from peft_loraprune.kernels.masked_linear import element_masked_linear
 
 
 def _inputs(seed=0, d_out=10, d_in=13, r=3):
@@ -35,8 +35,8 @@ def test_outputs_and_every_gradient_match_autograd(shared, block, monkeypatch):
     """Also with blocks of 24 weights: one row per block forward, and column blocks of 8 and 5 backward (the last
     one ending inside a packed byte)."""
     if block is not None:
-        monkeypatch.setattr("peft_loraprune.masked_linear.ELEMENTS_PER_TOKEN", 1)
-        monkeypatch.setattr("peft_loraprune.masked_linear.MIN_BLOCK_ELEMENTS", block)
+        monkeypatch.setattr("peft_loraprune.kernels.masked_linear.ELEMENTS_PER_TOKEN", 1)
+        monkeypatch.setattr("peft_loraprune.kernels.masked_linear.MIN_BLOCK_ELEMENTS", block)
     scaling = 1.7
     ours = {k: v.clone().requires_grad_(k != "keep") for k, v in _inputs().items()}
     ref = {k: v.clone().requires_grad_(k != "keep") for k, v in _inputs().items()}
@@ -110,7 +110,7 @@ def test_straight_through_gives_the_factors_the_unmasked_gradient_and_keeps_the_
 def test_straight_through_forms_nothing_weight_sized_in_backward():
     """Its point is cost: the factor gradients come from rank-r products, so the backward pass asks the workspace
     for no ``gradient`` buffer (the exact path's ``grad_yᵀ·x_lora``)."""
-    from peft_loraprune.workspace import WORKSPACE
+    from peft_loraprune.kernels.workspace import WORKSPACE
 
     d_out, d_in = 96, 80
     t = _inputs(seed=5, d_out=d_out, d_in=d_in)
@@ -143,8 +143,8 @@ def test_nothing_weight_sized_is_saved_for_backward_but_the_weight():
 @pytest.mark.parametrize("block", [None, 200], ids=["one-block", "many-blocks"])
 def test_bfloat16_autocast_runs_the_product_in_bfloat16_and_stays_close(block, monkeypatch):
     if block is not None:
-        monkeypatch.setattr("peft_loraprune.masked_linear.ELEMENTS_PER_TOKEN", 1)
-        monkeypatch.setattr("peft_loraprune.masked_linear.MIN_BLOCK_ELEMENTS", block)
+        monkeypatch.setattr("peft_loraprune.kernels.masked_linear.ELEMENTS_PER_TOKEN", 1)
+        monkeypatch.setattr("peft_loraprune.kernels.masked_linear.MIN_BLOCK_ELEMENTS", block)
     t = _inputs(d_out=32, d_in=40)
     for v in t.values():
         if v.is_floating_point():
@@ -205,7 +205,7 @@ def test_layers_of_different_sizes_share_scratch_buffers_without_corrupting_each
 @pytest.mark.parametrize("cols", [1, 8, 13, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mask_values_unpack_to_the_same_mask(cols, dtype):
-    from peft_loraprune.mask_packing import unpack_bits, unpack_values_into
+    from peft_loraprune.kernels.mask_packing import unpack_bits, unpack_values_into
 
     keep = torch.rand(5, cols, generator=torch.Generator().manual_seed(cols)) > 0.5
     packed = pack_bits(keep)

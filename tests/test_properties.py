@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from peft import get_peft_model
 
 from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig, verify_saved_adapter
-from peft_loraprune.mask_packing import pack_bits, unpack_bits
-from peft_loraprune.schedule import PruningSchedule
-from peft_loraprune.selection import keep_top, keep_top_global, n_m_mask, prune_count
+from peft_loraprune.kernels.mask_packing import pack_bits, unpack_bits
+from peft_loraprune.pruning.schedule import PruningSchedule
+from peft_loraprune.pruning.selection import keep_top, keep_top_global, n_m_mask, prune_count
 
 
 def examples(n: int):

@@ -19,7 +19,7 @@ bnb = pytest.importorskip("bitsandbytes")
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
 
 from peft_loraprune import LoRAPruneConfig, export_pruned_model  # noqa: E402
-from peft_loraprune.quantized import dense_weight  # noqa: E402
+from peft_loraprune.kernels.quantized import dense_weight  # noqa: E402
 
 # widths that are multiples of bitsandbytes' 4-bit block (64): its CPU kernels need them (see DESIGN.md, section 8)
 SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -162,7 +162,7 @@ def test_element_masked_product_on_a_quantized_base_matches_the_float_layer_on_i
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         layer.lora_B["default"].weight.copy_(torch.randn(layer.lora_B["default"].weight.shape, generator=g) * 0.1)
-    from peft_loraprune.mask_packing import pack_bits
+    from peft_loraprune.kernels.mask_packing import pack_bits
 
     keep = torch.rand(layer.out_features, layer.in_features, generator=g) > 0.5
     layer.set_masks("default", elements_packed=pack_bits(keep))

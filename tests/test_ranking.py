@@ -16,7 +16,7 @@ from conftest import make_inputs, make_model
 from peft import get_peft_model
 
 from peft_loraprune import LoRAPruneConfig
-from peft_loraprune.structure import find_structured_groups
+from peft_loraprune.pruning.structure import find_structured_groups
 
 HEAD_DIM = 8
 DEAD_HEADS = (1, 2)  # one query head in each of the two KV groups (query_head grouping removes one per group)

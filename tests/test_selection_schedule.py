@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from peft_loraprune.group_ops import expand_groups, groups_kept, sum_over_groups
-from peft_loraprune.schedule import PruningSchedule
-from peft_loraprune.selection import keep_top, keep_top_global, n_m_mask, prune_count
+from peft_loraprune.kernels.group_ops import expand_groups, groups_kept, sum_over_groups
+from peft_loraprune.pruning.schedule import PruningSchedule
+from peft_loraprune.pruning.selection import keep_top, keep_top_global, n_m_mask, prune_count
 
 
 def test_keep_top_only_chooses_among_kept():
@@ -91,7 +91,7 @@ def test_keep_top_with_infinite_scores_never_revives_pruned_entries(n):
 
 
 def test_keep_top_per_row_on_long_rows_prefers_kept_infinite_scores_to_pruned_entries():
-    from peft_loraprune.selection import keep_top_per_row
+    from peft_loraprune.pruning.selection import keep_top_per_row
 
     scores = torch.tensor([[float("-inf")] * 12])
     kept = torch.tensor([[False, True] * 6])
@@ -140,7 +140,7 @@ def test_n_m_mask_pattern_on_every_row():
 def test_keep_top_per_row_matches_a_stable_sort_with_ties_and_pruned_entries(m):
     """Short rows (N:M blocks) are ranked by pairwise comparison, long rows by topk: both keep the n best of the
     still-kept entries; short rows break ties by position, as a stable descending sort does."""
-    from peft_loraprune.selection import SHORT_ROW, keep_top_per_row
+    from peft_loraprune.pruning.selection import SHORT_ROW, keep_top_per_row
 
     g = torch.Generator().manual_seed(m)
     scores = torch.randint(0, 4, (50, 7, m), generator=g).float()  # few distinct values: many ties

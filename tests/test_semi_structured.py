@@ -7,7 +7,7 @@ from helpers import training_model
 from peft import get_peft_model
 
 from peft_loraprune import LoRAPruneConfig, export_pruned_model
-from peft_loraprune.semi_structured import to_semi_structured, violates_n_m
+from peft_loraprune.kernels.semi_structured import to_semi_structured, violates_n_m
 
 
 def test_pattern_check_finds_the_first_run_with_too_many_non_zeros():
@@ -52,7 +52,7 @@ def test_an_unknown_backend_is_refused_before_any_work():
 def test_cutlass_is_refused_on_a_gpu_newer_than_ampere(monkeypatch):
     """PyTorch's CUTLASS 2:4 product fails at the first call on an H100 (compute capability 9.0, seen with torch
     2.11); the check refuses it up front there and lets it through on 8.x (GPU queries faked: no GPU needed)."""
-    from peft_loraprune.semi_structured import check_semi_structured_support
+    from peft_loraprune.kernels.semi_structured import check_semi_structured_support
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
@@ -68,7 +68,7 @@ def test_cutlass_is_refused_on_a_gpu_newer_than_ampere(monkeypatch):
 
 
 def test_a_weight_that_breaks_the_pattern_is_named_and_nothing_is_converted(monkeypatch):
-    import peft_loraprune.semi_structured as module
+    import peft_loraprune.kernels.semi_structured as module
 
     model = exported_2of4()
     broken = model.model.layers[1].mlp.down_proj

@@ -15,9 +15,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from peft_loraprune import export_pruned_model
-from peft_loraprune.checkpoint_io import StreamingShardWriter, parse_size, planned
 from peft_loraprune.cli import main
-from peft_loraprune.streaming_export import stream_export
+from peft_loraprune.export.checkpoint_io import StreamingShardWriter, parse_size, planned
+from peft_loraprune.export.streaming import stream_export
 
 
 def _tensors(folder) -> dict:

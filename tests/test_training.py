@@ -9,8 +9,8 @@ from conftest import make_model
 from helpers import make_dataset, trainer_for, training_model
 
 from peft_loraprune import LoRAPruneCallback
-from peft_loraprune.selection import prune_count
-from peft_loraprune.structure import find_structured_groups
+from peft_loraprune.pruning.selection import prune_count
+from peft_loraprune.pruning.structure import find_structured_groups
 
 
 class MaskSpy(transformers.TrainerCallback):
@@ -53,7 +53,7 @@ def test_trainer_reaches_target_exactly(family, granularity, budget, tmp_path):
                 ref = g.kept("default")
                 for member, _, layer in g.members:
                     axis = layer.lora_mask_rows if member.axis == "rows" else layer.lora_mask_cols
-                    from peft_loraprune.group_ops import groups_kept
+                    from peft_loraprune.kernels.group_ops import groups_kept
 
                     assert torch.equal(groups_kept(axis["default"], member.layout), ref)
     else:

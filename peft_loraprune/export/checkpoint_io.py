@@ -1,6 +1,6 @@
 """Reading a transformers checkpoint tensor by tensor, and writing one as a stream of tensors.
 
-The streaming export (:mod:`~peft_loraprune.streaming_export`) must never hold the model: it reads each base tensor
+The streaming export (:mod:`~peft_loraprune.export.streaming`) must never hold the model: it reads each base tensor
 from the checkpoint's safetensors shards when it needs it, and writes each exported tensor to its shard as soon as
 it is computed.
 

@@ -89,7 +89,7 @@ def unpack_values_into(packed: torch.Tensor, cols: int, out: torch.Tensor, index
     ``out[:, :cols]`` view. ``index``: an int64 buffer of ``packed.numel()`` entries.
 
     One table look-up per packed byte and nothing allocated: the element-masked product unpacks into reused buffers
-    at every pass (see :mod:`~peft_loraprune.workspace`), as values of its compute dtype because multiplying by a
+    at every pass (see :mod:`~peft_loraprune.kernels.workspace`), as values of its compute dtype because multiplying by a
     mask of the same floating dtype is several times faster than by a bool mask, or than ``masked_fill_``, on the
     CPU; the look-up is about twice as fast as shifting bits out."""
     if packed.dtype != torch.uint8 or packed.dim() != 2:

@@ -14,7 +14,7 @@ from typing import Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .environment import library_versions
+from .versions import library_versions
 
 SECTION_START = "<!-- loraprune:start -->"
 SECTION_END = "<!-- loraprune:end -->"

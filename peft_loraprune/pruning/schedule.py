@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .validation import check_fraction, check_int
+from ..validation import check_fraction, check_int
 
 
 @dataclass(frozen=True)

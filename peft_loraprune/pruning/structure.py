@@ -12,9 +12,9 @@ from typing import Optional
 
 import torch
 
+from ..kernels.group_ops import expand_groups, groups_kept
+from ..layer import LoRAPruneLayer
 from .architectures import GroupMember, GroupSpec, require_architecture
-from .group_ops import expand_groups, groups_kept
-from .layer import LoRAPruneLayer
 
 
 @dataclass

@@ -19,9 +19,9 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from .config import LoRAPruneConfig
+from ..config import LoRAPruneConfig
+from ..layer import LoRAPruneLayer
 from .integrity import WEIGHTS_NAME
-from .layer import LoRAPruneLayer
 
 # task_type of an adapter -> the transformers class that builds its base model
 AUTO_CLASSES = {

@@ -1,14 +1,14 @@
 """Export without loading the model: merge, mask and slice one tensor at a time, from checkpoint to shards.
 
 ``peft-loraprune export ADAPTER --out DIR`` goes through here when the base is a local safetensors checkpoint. The
-in-memory export (:func:`~peft_loraprune.export.export_pruned_model`) merges the whole model, then slices it: a 70B
+in-memory export (:func:`~peft_loraprune.export.merge.export_pruned_model`) merges the whole model, then slices it: a 70B
 bfloat16 base needs about 140 GB of memory for that. Here:
 
-1. the adapter is loaded on a weightless copy of its base (:func:`~peft_loraprune.skeleton.load_adapter_skeleton`)
-   and the export is planned from its masks (:func:`~peft_loraprune.export_plan.plan_export`, the same plan as the
+1. the adapter is loaded on a weightless copy of its base (:func:`~peft_loraprune.hub.skeleton.load_adapter_skeleton`)
+   and the export is planned from its masks (:func:`~peft_loraprune.export.plan.plan_export`, the same plan as the
    in-memory export);
 2. every output tensor's name, dtype and shape follow from the plan and the checkpoint's header, so the shard
-   headers are written before any data (:class:`~peft_loraprune.checkpoint_io.StreamingShardWriter`);
+   headers are written before any data (:class:`~peft_loraprune.export.checkpoint_io.StreamingShardWriter`);
 3. each tensor is read from the checkpoint, and for an adapted module merged with its factors and mask
    (:meth:`~peft_loraprune.layer.LoRAPruneLayer.masked_merged_weight`, the code the in-memory merge runs), sliced,
    cast, and written; anything else is copied through in row pieces.
@@ -31,10 +31,10 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from ..hub.skeleton import load_adapter_skeleton
 from .checkpoint_io import CheckpointReader, StreamingShardWriter, parse_size, planned
-from .export import ExportReport
-from .export_plan import plan_export
-from .skeleton import load_adapter_skeleton
+from .merge import ExportReport
+from .plan import plan_export
 
 #: files of a model folder copied as they are (tokenizer, generation settings); config.json is rewritten
 _COPIED_FILES = (

@@ -43,10 +43,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .distributed import all_reduce_mean_, full_tensor
-from .group_ops import sum_over_groups
-from .importance import column_square_sums, element_scores, lora_gradient_factors
-from .workspace import WORKSPACE
+from ..kernels.distributed import all_reduce_mean_, full_tensor
+from ..kernels.group_ops import sum_over_groups
+from ..kernels.importance import column_square_sums, element_scores, lora_gradient_factors
+from ..kernels.workspace import WORKSPACE
 
 
 def parameter_gradient(param: torch.Tensor) -> Optional[torch.Tensor]:
@@ -63,7 +63,7 @@ def parameter_gradient(param: torch.Tensor) -> Optional[torch.Tensor]:
 
 class Consumer(NamedTuple):
     """A group member scored on its input columns: its full module name and layer, and ``factor``, the layer of
-    its family's registered input factor (see :class:`~peft_loraprune.architectures.GroupSpec`) when adapted."""
+    its family's registered input factor (see :class:`~peft_loraprune.pruning.architectures.GroupSpec`) when adapted."""
 
     name: str
     layer: object
@@ -436,49 +436,12 @@ class ActivationTaylor(FeatureSums):
         return sum_over_groups(self.sums[name], layout).abs()
 
 
-class PerAxis(Criterion):
-    """Producer rows scored by one criterion and consumer columns by another (e.g. ``"lora+activation"``)."""
-
-    def __init__(self, adapter: str, rows: Criterion, cols: Criterion) -> None:
-        super().__init__(adapter)
-        self.rows, self.cols = rows, cols
-        self.name = f"{rows.name}+{cols.name}"
-        self.elementwise = False
-        self.reads_weights = rows.reads_weights or cols.reads_weights
-
-    def attach(self, layers, consumers):
-        consumer_names = {c.name for c in consumers}
-        self.rows.attach([(n, l) for n, l in layers if n not in consumer_names], [])
-        self.cols.attach([(c.name, c.layer) for c in consumers], consumers)
-
-    def detach(self):
-        self.rows.detach()
-        self.cols.detach()
-
-    def synchronize(self):
-        self.rows.synchronize()
-        self.cols.synchronize()
-
-    def finite_inputs(self, name, layer):
-        return self.rows.finite_inputs(name, layer) + self.cols.finite_inputs(name, layer)
-
-    def member_scores(self, name, layer, axis, layout):
-        return (self.rows if axis == "rows" else self.cols).member_scores(name, layer, axis, layout)
-
-    def reset(self):
-        self.rows.reset()
-        self.cols.reset()
-
-
 _ELEMENTWISE = {c.name: c for c in (LoRAGradientEstimate, TrueGradient, Magnitude, InputNormMagnitude)}
 _GROUPWISE = {ActivationTaylor.name: ActivationTaylor}
 
 
 def make_criterion(name: str, adapter: str) -> Criterion:
-    """The criterion object for a ``LoRAPruneConfig.importance`` value (``"a+b"``: rows by a, columns by b)."""
-    if "+" in name:
-        rows, cols = name.split("+", 1)
-        return PerAxis(adapter, make_criterion(rows, adapter), make_criterion(cols, adapter))
+    """The criterion object for a ``LoRAPruneConfig.importance`` value."""
     cls = _ELEMENTWISE.get(name) or _GROUPWISE.get(name)
     if cls is None:
         raise ValueError(

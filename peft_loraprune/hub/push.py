@@ -14,7 +14,7 @@ from typing import Optional
 
 from huggingface_hub import HfApi
 
-from .lookup import find_tuner
+from ..lookup import find_tuner
 
 
 def push_to_hub(

@@ -1,13 +1,13 @@
 """Reusable scratch buffers for the weight-sized temporaries of element-masked layers.
 
-The element-masked product (:mod:`~peft_loraprune.masked_linear`) needs, in each layer's forward and backward pass,
+The element-masked product (:mod:`~peft_loraprune.kernels.masked_linear`) needs, in each layer's forward and backward pass,
 a few temporaries the size of (a block of) that layer's weight: the unpacked mask, the masked weight, the masked
 gradient ``G ⊙ M``. Allocated afresh for every layer they are short-lived, but they interleave with the activations that live
 from the forward to the backward pass, and the C allocator's heap fragments around them: measured on a 0.5B model
 at 1 x 128 tokens (``benchmarks/memory_profile.py``), the process then held 2.1 GB more resident memory than it
 had live. One buffer per purpose, device and dtype, grown to the largest request and reused by every layer in
 turn, costs a few such tensors in all and nothing that fragments. The passes ask for one block of the weight at a
-time (about 1M weights at 128 tokens, see :func:`~peft_loraprune.masked_linear.block_elements`), so the buffers
+time (about 1M weights at 128 tokens, see :func:`~peft_loraprune.kernels.masked_linear.block_elements`), so the buffers
 are block-sized, not layer-sized.
 
 Nothing handed out here may escape the pass that asked for it: outputs and gradients are always fresh tensors.

@@ -5,7 +5,7 @@ Computes ``y = (W0 ⊙ M)·x + s·((B·R) ⊙ M)·x_lora + b`` where ``R`` is ``
 forward or backward: plain autograd would save ``W0 ⊙ M`` and ``B·R`` (two weight-sized tensors per layer) from
 the forward to the backward pass, and a cached unpacked mask costs a byte per weight for the whole run. Here the
 mask travels bit-packed (an eighth of a byte per weight) and is unpacked, used and dropped inside each pass, and
-every weight-sized temporary lives in a buffer reused by all layers (:mod:`~peft_loraprune.workspace`), so
+every weight-sized temporary lives in a buffer reused by all layers (:mod:`~peft_loraprune.kernels.workspace`), so
 nothing fragments the heap between activations.
 
 Work per pass, for a layer of ``n`` weights (the floor for an exact masked update is the extra product
@@ -249,12 +249,12 @@ def element_masked_linear(
         x_lora: input of the adapter path (``x`` after dropout); pass ``x`` itself when there is no dropout so
             one product serves both paths.
         weight: pretrained weight as ``(d_out, d_in)`` (a transposed view is fine), or an object with ``shape`` and
-            ``materialize()`` (:class:`~peft_loraprune.quantized.DequantizingWeight`) that gives it inside each
+            ``materialize()`` (:class:`~peft_loraprune.kernels.quantized.DequantizingWeight`) that gives it inside each
             pass, so that a quantized base is dequantized in the pass and never kept from forward to backward.
         bias: ``(d_out,)`` or None.
         lora_B: ``(d_out, r)``; lora_R: ``(r, d_in)``.
         scaling: the adapter scale s.
-        packed_mask: the mask bit-packed along rows (:func:`~peft_loraprune.mask_packing.pack_bits`), set bits
+        packed_mask: the mask bit-packed along rows (:func:`~peft_loraprune.kernels.mask_packing.pack_bits`), set bits
             where the weight is kept.
         n_cols: ``d_in`` (the packed rows may be padded to a multiple of 8).
         straight_through: give ``lora_B`` and ``lora_R`` the gradients of the unmasked update (see above).

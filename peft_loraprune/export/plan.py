@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .architectures import require_architecture
-from .group_ops import expand_groups
+from ..kernels.group_ops import expand_groups
+from ..pruning.architectures import require_architecture
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Pure tensor operations between a module axis (rows or columns) and the groups laid out along it.
 
 A group axis of length ``L = outer * n_groups * inner`` is viewed as ``(outer, n_groups, inner)``; group ``g``
-is every ``[o, g, i]`` (see :mod:`peft_loraprune.architectures`).
+is every ``[o, g, i]`` (see :mod:`peft_loraprune.pruning.architectures`).
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@
 zeros), then physically removes the pruned heads and channels that the family's config can express, updates the
 config, and reports parameters, size and latency (on the model's device) before and after.
 
-What can be removed is planned by :mod:`~peft_loraprune.export_plan` (configs hold one width per model, so uneven
+What can be removed is planned by :mod:`~peft_loraprune.export.plan` (configs hold one width per model, so uneven
 blocks are widened to the widest; structures a config cannot express, such as BERT's and GPT-2's heads, stay
-zeroed), modules are shrunk by :mod:`~peft_loraprune.shrinking`, latency is timed by
-:mod:`~peft_loraprune.latency`; this module orchestrates and reports.
+zeroed), modules are shrunk by :mod:`~peft_loraprune.export.shrinking`, latency is timed by
+:mod:`~peft_loraprune.export.latency`; this module orchestrates and reports.
 
 Unstructured and N:M adapters export as the merged model with exact zeros (N:M pattern intact): the dense kernels
 of PyTorch do not run faster on zeros; the pattern pays off with sparse kernels (e.g. 2:4 on recent NVIDIA GPUs).
@@ -21,11 +21,11 @@ from typing import Optional
 
 import torch
 
+from ..kernels.quantized import dense_weight, describe, quantization_kind
+from ..lookup import find_tuner
 from .checkpoint_io import CheckpointReader
-from .export_plan import plan_export
 from .latency import default_example_inputs, measure_latency_ms
-from .lookup import find_tuner
-from .quantized import dense_weight, describe, quantization_kind
+from .plan import plan_export
 from .shrinking import remove_pruned
 
 

@@ -8,7 +8,7 @@ file and ``adapter_config.json``. For LoRAPrune adapters this module wraps it (o
 * **when an adapter is loaded** (``from_pretrained``, ``load_adapter``, the Trainer's resume), the folder it came
   from is recorded on the tuner (:func:`loaded_from`), so the callback finds the importance state saved there;
 * **after PEFT has written the files**, ``adapter_config.json`` gets its ``save_digest`` (SHA-256 over the weights
-  file just written and the config's fields, see :mod:`~peft_loraprune.integrity`), rewritten atomically, and
+  file just written and the config's fields, see :mod:`~peft_loraprune.hub.integrity`), rewritten atomically, and
   ``README.md`` gets the LoRAPrune section (method, criterion, sparsity per layer; :mod:`model_card`).
 
 Adapters of other PEFT methods in the same process are saved exactly as PEFT saves them.
@@ -25,7 +25,7 @@ import tempfile
 from peft import PeftModel
 from peft.utils import CONFIG_NAME
 
-from .config import LoRAPruneConfig
+from ..config import LoRAPruneConfig
 from .integrity import WEIGHTS_NAME, file_digest, save_digest
 from .model_card import write_model_card
 
@@ -103,7 +103,7 @@ def _wrap_load(load_adapter):
         if isinstance(self.peft_config.get(adapter_name), LoRAPruneConfig) and os.path.isdir(os.fspath(model_id)):
             subfolder = kwargs.get("subfolder")
             folder = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
-            self.base_model.__dict__.setdefault("_loaded_from", {})[adapter_name] = os.path.abspath(folder)
+            self.base_model.derived.loaded_from[adapter_name] = os.path.abspath(folder)
         return result
 
     setattr(wrapper, _LOAD_MARK, True)
@@ -112,7 +112,7 @@ def _wrap_load(load_adapter):
 
 def loaded_from(tuner, adapter_name: str):
     """The local folder ``adapter_name`` was last loaded from (None if it was created, not loaded)."""
-    return tuner.__dict__.get("_loaded_from", {}).get(adapter_name)
+    return tuner.derived.loaded_from.get(adapter_name)
 
 
 def install() -> None:

@@ -24,7 +24,7 @@ import torch
 import transformers
 from huggingface_hub import EvalResult
 
-from .config import LoRAPruneConfig
+from ..config import LoRAPruneConfig
 from .integrity import WEIGHTS_NAME
 from .skeleton import auto_class
 

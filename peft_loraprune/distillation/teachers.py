@@ -1,0 +1,106 @@
+"""Running the model as its teacher: the same modules and weights, switched for one forward pass.
+
+Nothing is copied. A teacher is a context in which the model's forward pass computes the teacher:
+
+* ``"base"``: PEFT's ``disable_adapter()``: every adapted layer (and ``modules_to_save``) runs its base module;
+* ``"unmasked"``: every LoRAPrune layer runs its active adapter densely (``LoRAPruneLayer.ignore_masks``);
+* an adapter name: every module that holds that adapter (LoRAPrune layers, ``modules_to_save`` wrappers) runs it
+  instead of the active one; ``requires_grad`` is left alone (PEFT's ``set_adapter`` would change it).
+
+Teacher passes run in eval mode (no dropout) and under ``torch.no_grad()``, so criteria taps (which run only with gradients enabled) do not see
+them and the importance of the student is not disturbed.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from ..layer import LoRAPruneLayer
+from .config import TEACHER_KINDS
+
+
+def _peft_model(model):
+    """The PeftModel inside whatever the Trainer or accelerate hands over (DDP, compiled, ...)."""
+    while hasattr(model, "module") and not hasattr(model, "disable_adapter"):
+        model = model.module
+    if not hasattr(model, "disable_adapter") or not hasattr(model, "peft_config"):
+        raise TypeError(
+            f"distillation needs the PeftModel returned by get_peft_model (or one loaded with "
+            f"PeftModel.from_pretrained), got {type(model).__name__}"
+        )
+    return model
+
+
+def check_teacher(model, teacher: str) -> None:
+    """A ``ValueError`` naming ``teacher`` and what is allowed, before any training step runs."""
+    peft_model = _peft_model(model)
+    if teacher in TEACHER_KINDS:
+        if teacher == "base" and getattr(peft_model, "modules_to_save", None):
+            raise ValueError(
+                "teacher='base' runs the pretrained model, whose modules_to_save "
+                f"({sorted(peft_model.modules_to_save)}, e.g. a classifier head) are untrained; use "
+                "teacher='unmasked' or a trained adapter's name."
+            )
+        return
+    if teacher not in peft_model.peft_config:
+        raise ValueError(
+            f"teacher={teacher!r} is neither 'unmasked' nor 'base' nor an adapter of this model "
+            f"(adapters: {sorted(peft_model.peft_config)})"
+        )
+    if teacher in peft_model.active_adapters:
+        raise ValueError(
+            f"teacher={teacher!r} is the adapter being trained; to distil from it without its masks use "
+            "teacher='unmasked'."
+        )
+
+
+@contextmanager
+def teacher_mode(model, teacher: str):
+    """Inside, ``model``'s forward pass computes ``teacher`` (see the module docstring) in eval mode (no dropout:
+    the teacher is deterministic); the adapters, masks and each module's training flag are restored on exit."""
+    peft_model = _peft_model(model)
+    training = [m for m in peft_model.modules() if m.training]
+    peft_model.eval()
+    try:
+        with _switched(peft_model, teacher):
+            yield
+    finally:
+        for module in training:
+            module.training = True
+
+
+@contextmanager
+def _switched(peft_model, teacher: str):
+    if teacher == "base":
+        with peft_model.disable_adapter():
+            yield
+        return
+    layers = [m for m in peft_model.modules() if isinstance(m, LoRAPruneLayer)]
+    if teacher == "unmasked":
+        previous = [layer.ignore_masks for layer in layers]
+        for layer in layers:
+            layer.ignore_masks = True
+        try:
+            yield
+        finally:
+            for layer, value in zip(layers, previous):
+                layer.ignore_masks = value
+        return
+    switched = [
+        (m, m._active_adapter) for m in peft_model.modules() if hasattr(m, "_active_adapter") and _holds(m, teacher)
+    ]
+    for module, previous in switched:
+        module._active_adapter = teacher if isinstance(previous, str) else [teacher]
+    try:
+        yield
+    finally:
+        for module, previous in switched:
+            module._active_adapter = previous
+
+
+def _holds(module, adapter: str) -> bool:
+    for attribute in ("lora_A", "modules_to_save"):
+        store = getattr(module, attribute, None)
+        if store is not None and adapter in store:
+            return True
+    return False

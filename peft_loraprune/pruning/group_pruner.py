@@ -1,0 +1,131 @@
+"""Structured pruning: whole heads and channels, scored and removed as groups.
+
+A group (a head, a KV group, an MLP channel) spans several modules of a block: rows of its producers, columns of
+its consumer (:mod:`~peft_loraprune.pruning.structure`). The state is, per scored group member (one module's rows
+or columns), the moving average of its per-group scores (``n_groups`` floats, float32). By default each step's
+member vector is divided by its L2 norm before it is averaged, as the reference code does, so that a step's
+overall gradient scale (gradient clipping, loss scaling, the spike after a mask rewrite) does not decide how much
+it counts; a group's score is the sum over its members. Selection keeps the best groups per block (``budget=
+"local"``, per KV group with ``head_grouping="query_head"``) or across the model (``"global"``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..kernels.importance import moving_average_, normalized
+from .criteria import Consumer
+from .engine import PruningEngine
+from .selection import keep_top, keep_top_global, keep_top_per_row, prune_count
+from .structure import BlockGroups
+
+
+def _member_key(name: str, axis: str) -> str:
+    return f"{name}.{axis}"
+
+
+class GroupPruner(PruningEngine):
+    """Importance averaging and mask rewriting for heads and channels."""
+
+    #: divide each step's per-member group scores by their L2 norm before averaging (the reference code's
+    #: order); False averages raw sums and normalises when ranking
+    normalize_each_step: bool = True
+
+    def __init__(self, tuner, adapter_name: str) -> None:
+        super().__init__(tuner, adapter_name)
+        self.groups = tuner.structured_groups(adapter_name)
+        if self.config.budget == "global" and any(g.spec.partitions > 1 for g in self.groups):
+            raise ValueError(
+                "budget='global' with head_grouping='query_head' is not supported (each KV group must lose the "
+                "same number of query heads in every layer); use budget='local' or head_grouping='kv_group'."
+            )
+        self.member_averages: dict[str, torch.Tensor] = {}  # float32, n_groups per scored member
+
+    @property
+    def stores(self):
+        return {"member": self.member_averages}
+
+    def _scored_layers(self, criterion):
+        self.scored_members = [
+            (member, name, layer)
+            for g in self.groups
+            for member, name, layer in g.members
+            if criterion.scores_axis(member.axis)
+        ]
+        return list({name: layer for _, name, layer in self.scored_members}.items())
+
+    def consumers(self) -> list[Consumer]:
+        """The scored members read on their input columns, each with its block's registered input factor."""
+        scored = {name for _, name, _ in self.scored_members}
+        consumers = {
+            name: Consumer(name, layer, g.input_factor)
+            for g in self.groups
+            for name, layer in g.consumers()
+            if name in scored
+        }
+        return list(consumers.values())
+
+    # ------------------------------------------------------------------ importance
+    def step_member_scores(self, criterion=None) -> dict[str, torch.Tensor]:
+        """This step's per-member group scores (normalised when :attr:`normalize_each_step`), keyed like
+        :attr:`member_averages`; members whose layer got no gradient this step are absent. ``criterion``: another
+        criterion object to read instead of the engine's (the fidelity benchmark compares two)."""
+        criterion = criterion or self.criterion
+        out = {}
+        for member, name, layer in self.scored_members:
+            if not criterion.scores_axis(member.axis):
+                continue
+            raw = criterion.member_scores(name, layer, member.axis, member.layout)
+            if raw is not None:
+                out[_member_key(name, member.axis)] = normalized(raw) if self.normalize_each_step else raw
+        return out
+
+    def _fold(self, beta: float) -> None:
+        for key, step in self.step_member_scores().items():
+            moving_average_(self._average(self.member_averages, key, step.shape, step.device), step, beta)
+
+    # ------------------------------------------------------------------ masks
+    def group_scores(self, groups: BlockGroups, member_scores: Optional[dict] = None) -> torch.Tensor:
+        """Score of every group of one ``BlockGroups``: the sum over its scored members of their averaged
+        per-group scores (each normalised to unit L2 norm first when steps were averaged raw).
+
+        ``member_scores``: vectors keyed like :attr:`member_averages` to use instead of the averages."""
+        source = self.member_averages if member_scores is None else member_scores
+        total = torch.zeros(groups.spec.n_groups, device=groups.members[0][2].get_base_weight().device)
+        for member, name, _ in groups.members:
+            vector = source.get(_member_key(name, member.axis))
+            if vector is None:
+                continue
+            vector = vector.float().to(total.device)
+            total += vector if self.normalize_each_step else normalized(vector)
+        return total
+
+    def _select(self, sparsity: float) -> None:
+        for structure in sorted({g.spec.structure for g in self.groups}):
+            groups = [g for g in self.groups if g.spec.structure == structure]
+            scores = [self.group_scores(g) for g in groups]
+            kept = [g.kept(self.adapter) for g in groups]
+            if self.config.budget == "local":
+                new = []
+                for g, s, k in zip(groups, scores, kept):
+                    parts = g.spec.partitions
+                    if parts > 1:
+                        per = g.spec.n_groups // parts
+                        n_keep = per - prune_count(per, sparsity)
+                        new.append(keep_top_per_row(s.reshape(parts, per), k.reshape(parts, per), n_keep).flatten())
+                    else:
+                        new.append(keep_top(s, k, g.spec.n_groups - prune_count(g.spec.n_groups, sparsity)))
+            else:
+                total = sum(g.spec.n_groups for g in groups)
+                new = keep_top_global(scores, kept, total - prune_count(total, sparsity, keep_at_least_one=False))
+            for g, mask in zip(groups, new):
+                g.apply(self.adapter, mask)
+
+    # ------------------------------------------------------------------ checkpointing
+    def _state_shapes(self):
+        return {f"member.{_member_key(name, m.axis)}": (m.layout[1],) for m, name, _ in self.scored_members}
+
+    def _device_of(self, kind, key):
+        return dict(self.layers)[key.rsplit(".", 1)[0]].get_base_weight().device
