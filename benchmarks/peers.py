@@ -25,7 +25,16 @@ same fraction in every block, all trained with the same LoRA (rank, alpha, dropo
 * ``wanda-sp``: structured Wanda (An et al., FLAP's baseline): a consumer input column ``j`` (o_proj for a head,
   down_proj for a channel) scores ``‖X_j‖₂ · Σ_i |W_ij|`` with ``X`` its input on calibration batches; a head
   sums its columns. One-shot, then LoRA recovery.
-* ``dense-lora``: LoRA without pruning (the ceiling).
+* ``dense-lora``: LoRA without pruning (the ceiling). Its adapter is saved in ``<work_dir>/dense-lora/`` for
+  the ``kd=dense`` teacher below.
+
+Modifiers, appended to any method with ``+`` (the study of recovery, ``benchmarks/distillation.py``):
+
+* ``+kd=<teacher>/<weight>/<temperature>``: train with :class:`peft_loraprune.DistillationTrainer` toward
+  ``unmasked`` (the adapter with its masks off), ``base`` (adapters off) or ``dense`` (the ``dense-lora`` adapter
+  of the same seed and steps, loaded as a second adapter; its training tokens and seconds are recorded in the row
+  and count in ``total_train_tokens``);
+* ``+r=<rank>``: LoRA rank (alpha stays 2 x rank); ``+lr=<rate>``: learning rate.
 
 ``--granularity unstructured`` (SmolLM2 only): ``sparsegpt`` and ``wanda``, llm-compressor's one-shot pruners
 (``SparseGPTModifier``, ``WandaPruningModifier``, 50% per Linear of the blocks, calibration batches of the training
@@ -38,6 +47,13 @@ One process per cell (method, sparsity, seed), so peak memory is the cell's own;
 
     python benchmarks/peers.py --task smollm2 --steps 1000 --sparsities 0.5,0.2 --seeds 0,1
     python benchmarks/peers.py --task minilm --sparsities 0.5 --seeds 0,1,2
+
+The distillation study (``peers_smollm2_distill.json``; the rows without distillation are in ``peers_smollm2.json``,
+same settings):
+
+    python benchmarks/peers.py --task smollm2 --steps 1000 --bf16 --zero_shot --zero_shot_limit 500 --tag distill \
+        --sparsities 0.2,0.5 --seeds 0 --methods loraprune-activation+kd=unmasked/0.5/2,dense-lora,\
+loraprune-activation+kd=dense/0.5/2,loraprune-activation+kd=base/0.5/2
 """
 
 from __future__ import annotations
@@ -67,6 +83,15 @@ PEER_LIBRARIES = ("torch-pruning", "llmcompressor", "compressed-tensors", "lm_ev
 
 
 # ---------------------------------------------------------------------------------------------------- tasks
+def make_trainer(model, targs, callbacks, distillation, **data):
+    """The HF Trainer, or the package's DistillationTrainer when the method distils."""
+    if distillation is None:
+        return transformers.Trainer(model=model, args=targs, callbacks=callbacks, **data)
+    from peft_loraprune import DistillationTrainer
+
+    return DistillationTrainer(model=model, args=targs, callbacks=callbacks, distillation=distillation, **data)
+
+
 class SmolLM2Wikipedia:
     """Causal LM on Wikipedia leads; metric: held-out perplexity (lower is better)."""
 
@@ -107,8 +132,8 @@ class SmolLM2Wikipedia:
         ids = torch.tensor(self.train.select(order)["input_ids"])
         return [{"input_ids": b, "labels": b} for b in ids.split(self.args.batch)], ids.numel()
 
-    def trainer(self, model, targs, callbacks):
-        return transformers.Trainer(model=model, args=targs, train_dataset=self.train, callbacks=callbacks)
+    def trainer(self, model, targs, callbacks, distillation=None):
+        return make_trainer(model, targs, callbacks, distillation, train_dataset=self.train)
 
     def evaluate(self, model, trainer):
         from causal_lm import perplexity
@@ -177,13 +202,14 @@ class MiniLMRottenTomatoes:
             b["labels"] = b.pop("label") if "label" in b else b["labels"]
         return batches, int(sum(int(b["attention_mask"].sum()) for b in batches))
 
-    def trainer(self, model, targs, callbacks):
-        return transformers.Trainer(
-            model=model,
-            args=targs,
+    def trainer(self, model, targs, callbacks, distillation=None):
+        return make_trainer(
+            model,
+            targs,
+            callbacks,
+            distillation,
             train_dataset=self.data["train"],
             data_collator=transformers.DataCollatorWithPadding(self.tokenizer),
-            callbacks=callbacks,
         )
 
     def evaluate(self, model, trainer):
@@ -323,9 +349,39 @@ def loraprune_method(method: str) -> tuple[str, dict]:
     raise SystemExit(f"method {method!r}: schedule suffix must be 'oneshot' or 'cdNN' (cooldown in percent)")
 
 
+def split_modifiers(method: str) -> tuple[str, dict]:
+    """``loraprune-activation+kd=unmasked/0.5/2+r=32`` -> ("loraprune-activation", {"kd": ..., "r": "32"})."""
+    name, *mods = method.split("+")
+    out = {}
+    for mod in mods:
+        key, sep, value = mod.partition("=")
+        if not sep or key not in ("kd", "r", "lr"):
+            raise SystemExit(
+                f"method {method!r}: modifier {mod!r} must be kd=<teacher>/<weight>/<T>, r=<rank> or lr=<x>"
+            )
+        out[key] = value
+    return name, out
+
+
+def distillation_of(value: str):
+    from peft_loraprune import DistillationConfig
+
+    teacher, weight, temperature = value.split("/")
+    return DistillationConfig(
+        teacher="teacher" if teacher == "dense" else teacher, weight=float(weight), temperature=float(temperature)
+    ), teacher
+
+
+def dense_adapter_dir(args, seed: int) -> Path:
+    return Path(args.work_dir) / "dense-lora" / f"{args.task}-steps{args.steps}-r{args.r}-seed{seed}"
+
+
 def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
     transformers.set_seed(seed)
     start = time.time()
+    full_method = method
+    method, mods = split_modifiers(method)
+    rank = int(mods.get("r", args.r))
     base = task.model()
     criterion, schedule = "magnitude", {}  # peers: masks set once; the criterion is never used
     if method.startswith("loraprune-"):
@@ -334,8 +390,8 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         raise SystemExit("the activation criterion is structured only")
     config = LoRAPruneConfig(
         task_type=task.task_type,
-        r=args.r,
-        lora_alpha=2 * args.r,
+        r=rank,
+        lora_alpha=2 * rank,
         lora_dropout=0.05,
         target_sparsity=0.0 if method == "dense-lora" else sparsity,
         granularity=args.granularity,
@@ -346,11 +402,12 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
     )
     row = {
         "task": task.name,
-        "method": method,
+        "method": full_method,
         "sparsity": sparsity,
         "seed": seed,
         "train_tokens": task.train_tokens(),
         "calibration_tokens": 0,
+        "r": rank,
     }
     if method.startswith("loraprune-"):
         row["schedule"] = {k: getattr(config, k) for k in ("schedule", "warmup_ratio", "cooldown_ratio")}
@@ -383,6 +440,26 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         model = get_peft_model(base, config)
         if method != "dense-lora":
             callbacks = [LoRAPruneCallback()]
+    distillation = None
+    if "kd" in mods:
+        distillation, teacher = distillation_of(mods["kd"])
+        row["distillation"] = {
+            "teacher": teacher,
+            "weight": distillation.weight,
+            "temperature": distillation.temperature,
+        }
+        if teacher == "dense":
+            folder = dense_adapter_dir(args, seed)
+            meta = json.loads((folder / "training.json").read_text())  # written by the dense-lora cell
+            model.load_adapter(str(folder), adapter_name="teacher")
+            model.set_adapter("default")
+            row["teacher_train_tokens"] = meta["train_tokens"]
+            row["teacher_train_seconds"] = meta["seconds"]
+    row["total_train_tokens"] = row["train_tokens"] + row.get("teacher_train_tokens", 0)
+    training = task.training_args(args.work_dir, seed)
+    if "lr" in mods:
+        training["learning_rate"] = float(mods["lr"])
+    row["learning_rate"] = training["learning_rate"]
     targs = transformers.TrainingArguments(
         output_dir=str(Path(args.work_dir) / "run"),
         report_to="none",
@@ -391,12 +468,21 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         disable_tqdm=True,
         logging_steps=50,
         bf16=args.bf16,
-        **task.training_args(args.work_dir, seed),
+        **training,
     )
-    trainer = task.trainer(model, targs, callbacks)
+    trainer = task.trainer(model, targs, callbacks, distillation)
     trainer.train()
     row["seconds"] = time.time() - start
+    row["load_average_1min"] = os.getloadavg()[0]  # > 2 on these 2 cores: another process shared the CPU
     row["peak_rss_mib"] = peak_rss_mib()
+    if distillation is not None:
+        row["teacher_memory_mib"] = trainer.distiller.teacher_bytes / 2**20
+    if method == "dense-lora" and not mods:  # the kd=dense teacher of later cells
+        folder = dense_adapter_dir(args, seed)
+        model.save_pretrained(str(folder))
+        (folder / "training.json").write_text(
+            json.dumps({"train_tokens": row["train_tokens"], "seconds": row["seconds"]})
+        )
     report = model.base_model.sparsity_report()
     row["sparsity_by_unit"] = report.sparsity_by_unit()
     row["weights_kept_in_adapted_modules"] = report.weights_kept
@@ -456,7 +542,7 @@ def main():
     for seed in [int(s) for s in args.seeds.split(",")]:
         for sparsity in [float(s) for s in args.sparsities.split(",")]:
             for method in args.methods.split(","):
-                s = 0.0 if method == "dense-lora" else sparsity
+                s = 0.0 if split_modifiers(method)[0] == "dense-lora" else sparsity
                 if any(r["method"] == method and r["sparsity"] == s and r["seed"] == seed for r in rows):
                     continue
                 cmd = [sys.executable, __file__, *sys.argv[1:], "--cell", f"{method},{s},{seed}"]

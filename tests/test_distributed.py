@@ -43,7 +43,13 @@ def launch(out: Path, *args: str, processes: int = 1, worker: Path = WORKER) -> 
 
 @pytest.mark.parametrize(
     "granularity, importance, accum",
-    [("structured", "lora", 1), ("unstructured", "grad", 2), ("structured", "activation", 2)],
+    [
+        ("structured", "lora", 1),
+        ("unstructured", "grad", 2),
+        ("structured", "activation", 2),
+        ("unstructured", "wanda", 1),
+        ("2:4", "wanda", 2),
+    ],
 )
 def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path, granularity, importance, accum):
     """Masks are recorded at the end of each step, before DDP's next forward broadcasts rank 0's buffers (which
@@ -76,7 +82,16 @@ def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path, granul
 FSDP_WORKER = Path(__file__).parent / "workers" / "fsdp_worker.py"
 
 
-@pytest.mark.parametrize("granularity, importance", [("structured", "lora"), ("unstructured", "grad")])
+@pytest.mark.parametrize(
+    "granularity, importance",
+    [
+        ("structured", "lora"),
+        ("unstructured", "grad"),
+        ("structured", "activation"),
+        ("unstructured", "wanda"),
+        ("2:4", "wanda"),
+    ],
+)
 def test_fsdp2_sharded_parameters_give_the_masks_of_one_process(tmp_path, granularity, importance):
     """FSDP2 on CPU: parameters and gradients are DTensor shards; the engine gathers one layer at a time.
     (The Trainer cannot run FSDP on CPU: transformers/accelerate need an accelerator for it.)"""

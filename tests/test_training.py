@@ -279,20 +279,62 @@ def test_documented_manual_loop_matches_the_callback(tmp_path):
     assert report.sparsity_by_unit() == {"channels": 0.5, "heads": 0.5}
 
 
+def _importance_state(engine) -> dict:
+    return {f"{kind}.{k}": v.float().clone() for kind, store in engine.stores.items() for k, v in store.items()}
+
+
+def _masks(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items() if "mask" in k}
+
+
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_activation_criterion_is_unchanged_by_gradient_checkpointing(tmp_path, reentrant):
-    """The activation taps see each consumer's input and gradient once per micro-batch, whether the block is
-    recomputed in backward (reentrant) or its saved tensors are (non-reentrant)."""
-    states = []
+@pytest.mark.parametrize(
+    "granularity, importance",
+    [("structured", "activation"), ("unstructured", "wanda"), ("2:4", "wanda"), ("structured", "lora")],
+)
+def test_gradient_checkpointing_changes_neither_importance_nor_masks(tmp_path, reentrant, granularity, importance):
+    """Each default criterion (and the paper's estimator) reads the same values whether a block is recomputed in
+    backward (reentrant) or its saved tensors are (non-reentrant): the activation and wanda taps see each input
+    once per micro-batch, and the element-masked product (unstructured, N:M) recomputes to the same output."""
+    states, masks = [], []
     for checkpointing in (False, True):
-        model = training_model("llama", target_sparsity=0.5, importance="activation")
+        model = training_model("llama", target_sparsity=0.5, importance=importance, granularity=granularity)
         kwargs = {}
         if checkpointing:
             kwargs = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": reentrant}}
             model.enable_input_require_grads()
         trainer_for(model, "llama", tmp_path / str(checkpointing), steps=4, **kwargs).train()
         assert model.base_model.model.is_gradient_checkpointing == checkpointing
-        states.append({k: v.clone() for k, v in model.base_model.pruning_engine().member_averages.items()})
+        states.append(_importance_state(model.base_model.pruning_engine()))
+        masks.append(_masks(model))
     assert states[0] and states[0].keys() == states[1].keys()
     for key in states[0]:
-        torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-4, atol=1e-7, msg=key)
+    pruned = [k for k, v in masks[0].items() if v.dtype == torch.bool and not v.all()]
+    assert pruned or any(v.dtype == torch.uint8 for v in masks[0].values())
+    for key in masks[0]:
+        assert torch.equal(masks[0][key], masks[1][key]), key
+
+
+@pytest.mark.parametrize(
+    "granularity, importance", [("structured", "activation"), ("unstructured", "wanda"), ("2:4", "wanda")]
+)
+def test_trainer_with_bf16_prunes_each_granularity_to_target(tmp_path, granularity, importance):
+    """``bf16=True`` (CPU autocast): the defaults score under autocast, keep float32 averages, and reach the
+    target; the kept set stays close to the float32 run's (bfloat16 rounds the scores, so not exactly equal)."""
+    results = []
+    for bf16 in (False, True):
+        model = training_model("llama", target_sparsity=0.5, importance=importance, granularity=granularity)
+        trainer_for(model, "llama", tmp_path / str(bf16), steps=8, bf16=bf16).train()
+        engine = model.base_model.pruning_engine()
+        state = _importance_state(engine)
+        assert state and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values())
+        assert engine.n_updates == 8 and engine.n_skipped == 0
+        report = model.base_model.sparsity_report()
+        results.append((report, _masks(model)))
+    (fp32, masks32), (bf16, masks16) = results
+    expected = 0.5
+    assert bf16.sparsity == pytest.approx(fp32.sparsity) and fp32.sparsity == pytest.approx(expected, abs=0.05)
+    agree = sum(int((masks32[k] == masks16[k]).sum()) for k in masks32)
+    total = sum(masks32[k].numel() for k in masks32)
+    assert agree / total > 0.6

@@ -211,8 +211,9 @@ class FeatureSums(Criterion):
 class InputNormMagnitude(FeatureSums):
     """``|W_ij|·‖x_j‖₂``: the merged weight times the norm of its input feature over the step's tokens (Wanda).
 
-    A tap on each scored layer adds ``Σ_tokens x_j²`` to a ``d_in`` float32 accumulator at every forward pass run
-    with gradients (micro-batches of one step add up; evaluation passes under ``no_grad`` are not seen). The norm
+    A tap on each scored layer computes ``Σ_tokens x_j²`` at every forward pass run with gradients and adds it to a
+    ``d_in`` float32 accumulator when that pass's backward reaches the layer (micro-batches of one step add up;
+    evaluation passes under ``no_grad``, and forward passes never backpropagated, are not seen). The norm
     is the square root of that sum. The criterion is separable: for unstructured and N:M pruning the engine
     averages the norms over steps and multiplies the average by the merged weight of the rewrite step, which
     equals the average of the per-step scores while the weight stays put, and reads no weight between rewrites
@@ -234,9 +235,16 @@ class InputNormMagnitude(FeatureSums):
         def tap(x: torch.Tensor, y: torch.Tensor) -> None:
             if not y.requires_grad:
                 return
-            x2 = x.detach().reshape(-1, x.shape[-1])
-            buffer.add_(column_square_sums(x2))
-            touched.add(name)
+            pending = column_square_sums(x.detach().reshape(-1, x.shape[-1]))  # d_in floats until the backward
+
+            def hook(grad_y: torch.Tensor) -> None:
+                # counted when the output's gradient arrives: once per micro-batch, also under non-reentrant
+                # gradient checkpointing, whose recomputation runs this layer's forward a second time with
+                # gradients enabled (the recomputed output gets no gradient, so its hook never fires)
+                buffer.add_(pending)
+                touched.add(name)
+
+            y.register_hook(hook)
 
         return tap
 
