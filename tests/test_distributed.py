@@ -62,7 +62,8 @@ def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path, granul
     ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world_size"] == 2 for r in ranks)
     assert len(one) == len(ranks[0]["steps"]) == len(ranks[1]["steps"]) == 12
-    assert len({s["masks"] for s in one}) >= 4  # the masks did change during the run
+    # the masks did change during the run (2:4 has three states: none, 1 and 2 of every 4 pruned)
+    assert len({s["masks"] for s in one}) >= (3 if ":" in granularity else 4)
     for s1, s0, s2 in zip(one, ranks[0]["steps"], ranks[1]["steps"]):
         assert s0["masks"] == s2["masks"], f"ranks disagree after step {s0['step']}"
         assert s0["masks"] == s1["masks"], f"DDP and one process disagree after step {s0['step']}"
@@ -101,7 +102,7 @@ def test_fsdp2_sharded_parameters_give_the_masks_of_one_process(tmp_path, granul
     one = json.loads((tmp_path / "one" / "rank0.json").read_text())
     ranks = [json.loads((tmp_path / "fsdp" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert not one["sharded"] and all(r["sharded"] for r in ranks)
-    assert len({s["masks"] for s in one["steps"]}) >= 4
+    assert len({s["masks"] for s in one["steps"]}) >= (3 if ":" in granularity else 4)
     for s1, s0, s2 in zip(one["steps"], ranks[0]["steps"], ranks[1]["steps"]):
         assert s0["masks"] == s2["masks"] == s1["masks"], f"masks differ after step {s0['step']}"
 
