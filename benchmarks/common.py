@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import resource
-import statistics
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the benchmarks train with the examples' code (tasks, local assets, metrics, machine info): one copy of each
 sys.path.insert(0, str(ROOT / "examples"))
 
+import stats  # noqa: E402
 from machine import machine_info  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -32,15 +32,25 @@ def write_result(name: str, payload: dict, out_dir: str | None = None, libraries
 
 def summarise(rows: list[dict], metric: str) -> dict:
     """Mean, sample standard deviation and count of ``metric`` per ``variant``, in first-seen order."""
-    summary = {}
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        values = [r[metric] for r in rows if r["variant"] == variant]
-        summary[variant] = {
-            "mean": statistics.mean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values),
-        }
-    return summary
+    return {
+        variant: stats.summary(r[metric] for r in rows if r["variant"] == variant)._asdict()
+        for variant in dict.fromkeys(r["variant"] for r in rows)
+    }
+
+
+def table(metric: str, direction: str, *, default_method: str | None = None, peers=(), current: bool = True) -> dict:
+    """What a result file's renderer must know and must not guess, stored in the file (``"table"``): the metric
+    its rows are ranked by, whether lower or higher is better, the package's default method among the rows and
+    the peers it is compared with (in table order), and whether the file measures the current defaults."""
+    if direction not in ("lower", "higher"):
+        raise ValueError(f"direction must be 'lower' or 'higher', got {direction!r}")
+    return {
+        "metric": metric,
+        "direction": direction,
+        "default_method": default_method,
+        "peers": list(peers),
+        "current": current,
+    }
 
 
 def previous_rows(name: str, out_dir: str | None, seeds: list[int]) -> list[dict]:

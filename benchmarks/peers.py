@@ -68,7 +68,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from common import RESULTS_DIR, peak_rss_mib, summarise, write_result
+from common import RESULTS_DIR, peak_rss_mib, summarise, table, write_result
 from peft import get_peft_model
 
 import peft_loraprune  # noqa: F401
@@ -97,6 +97,7 @@ class SmolLM2Wikipedia:
 
     name = "smollm2"
     metric = "perplexity"
+    direction = "lower"
     task_type = "CAUSAL_LM"
     head_grouping = "query_head"
 
@@ -166,6 +167,7 @@ class MiniLMRottenTomatoes:
 
     name = "minilm"
     metric = "accuracy"
+    direction = "higher"
     task_type = "SEQ_CLS"
     head_grouping = "kv_group"
 
@@ -494,6 +496,20 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- driver
+DEFAULT_METHOD = {"structured": "loraprune-activation", "unstructured": "loraprune-wanda"}  # the package defaults
+
+
+def table_of(args) -> dict:
+    """The result file's ``table`` block (common.table): metric, direction, default method and its peers."""
+    task = TASKS[args.task]
+    return table(
+        task.metric,
+        task.direction,
+        default_method=DEFAULT_METHOD[args.granularity],
+        peers=PEERS if args.granularity == "structured" else UNSTRUCTURED_PEERS,
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), default="smollm2")
@@ -567,7 +583,12 @@ def main():
                 settings = {k: v for k, v in vars(args).items() if k not in ("cell", "out", "work_dir", "tag")}
                 write_result(
                     name,
-                    {"settings": settings, "summary": summarise(rows, TASKS[args.task].metric), "rows": rows},
+                    {
+                        "settings": settings,
+                        "table": table_of(args),
+                        "summary": summarise(rows, TASKS[args.task].metric),
+                        "rows": rows,
+                    },
                     args.out,
                     libraries=PEER_LIBRARIES,
                 )

@@ -1,16 +1,28 @@
-"""benchmarks/report.py: the sentences it writes into README and RESULTS.md are computed from rows, checked here
-against values worked out by hand."""
+"""benchmarks/report*.py: the sentences it writes into README and RESULTS.md are computed from rows, checked here
+against values worked out by hand; what a table compares is read from its file, and a missing marker raises."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("matplotlib")
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
-report = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(report)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import report_common  # noqa: E402
+import report_cost  # noqa: E402
+import report_peers  # noqa: E402
+import report_readme  # noqa: E402
+
+STRUCTURED = {
+    "metric": "perplexity",
+    "direction": "lower",
+    "default_method": "loraprune-activation",
+    "peers": ["llm-pruner", "wanda-sp"],
+    "current": True,
+}
+UNSTRUCTURED = {**STRUCTURED, "default_method": "loraprune-wanda", "peers": ["sparsegpt", "wanda"]}
 
 
 def rows_of(table):
@@ -25,7 +37,7 @@ def test_unstructured_verdict_compares_the_unstructured_default_with_llm_compres
     rows = rows_of({"loraprune-wanda": [30.0, 32.0], "sparsegpt": [31.0, 33.5], "wanda": [29.0, 34.0]})
     rows += rows_of({"loraprune-lora": [33.0, 35.0], "loraprune-grad": [25.0, 27.0]})  # not the default: no verdict
     rows += rows_of({"wanda-sp": [1.0, 1.0]})  # wanda-sp is no unstructured peer
-    verdicts = report.peers_verdicts(rows, "perplexity", [0.5], "unstructured")
+    verdicts = report_peers.peers_verdicts(rows, UNSTRUCTURED, [0.5])
     # default mean 31 (std sqrt(2) = 1.41); nearest peer wanda (31.5): margin 0.5 inside the spread; seed 0 lost
     # (30 vs 29), seed 1 won (32 vs 34)
     assert verdicts[0] == (
@@ -38,7 +50,7 @@ def test_unstructured_verdict_compares_the_unstructured_default_with_llm_compres
 
 def test_structured_verdict_names_the_peer_that_wins():
     rows = rows_of({"loraprune-activation": [50.0], "llm-pruner": [60.0], "wanda-sp": [45.0], "sparsegpt": [1.0]})
-    (verdict,) = report.peers_verdicts(rows, "perplexity", [0.5], "structured")
+    (verdict,) = report_peers.peers_verdicts(rows, STRUCTURED, [0.5])
     assert verdict == (
         "50%: the default (`activation`) perplexity 50; behind wanda-sp (llm-pruner 60, wanda-sp 45) (one seed: the "
         "margins are not tested against seed noise)."
@@ -94,11 +106,14 @@ def test_step_cost_tables_show_device_memory_on_a_gpu_and_resident_memory_on_a_c
             "settings": {"model": "m", "batch": 1, "seq": 8, "steps": 3, "warmup": 1, "device": device},
             "rows": rows,
         }
-        monkeypatch.setattr(
-            report, "_load", lambda pattern, d=data: {"x": d} if pattern.startswith("step_cost") else {}
-        )
+
+        def load(pattern, d=data):
+            return {"x": d} if pattern.startswith("step_cost") else {}
+
+        monkeypatch.setattr(report_cost, "load", load)
+        monkeypatch.setattr(report_readme, "load", load)
         lines = []
-        report.step_cost_section(lines)
+        report_cost.step_cost_section(lines)
         text = "\n".join(lines)
         assert f"| with rewrites, vs LoRA | {label} (MiB) | vs LoRA | vs grad |" in text
         assert (
@@ -108,7 +123,7 @@ def test_step_cost_tables_show_device_memory_on_a_gpu_and_resident_memory_on_a_c
         stale = " *" if device == "cuda" else ""
         assert f"| loraprune_unstructured | 300.0 | 0.0 | 3.000 | 500{stale} | 3.500 |" in text
         assert ("(*) timed as a rewrite to the sparsity already reached" in text) == (device == "cuda")
-        (summary,) = [x for x in report.readme_summary() if "Step cost" in x]
+        (summary,) = [x for x in report_readme.readme_summary() if "Step cost" in x]
         assert f"grad_structured 2.00x time / {ratio[:4]}x {label}" in summary
         with_rewrites = " (3.50x with mask rewrites)" if device == "cpu" else ""
         assert f"loraprune_unstructured 3.00x time{with_rewrites} / " in summary
@@ -162,7 +177,7 @@ def test_big_models_lines_are_computed_from_the_rows():
             "perplexity_vs_bf16": 1.05,
         },
     ]
-    table = report.report_big_models.quantized_rows({"rows": rows})
+    table = report_readme.report_big_models.quantized_rows({"rows": rows})
     # 33/30 = 1.1 misses the 5% goal and 1.2 misses the 1.15x step goal: both are marked
     assert table[3] == (
         "| structured 20% (seed 0) | NF4, double quant | 33.00 | 1.100 (over the goal) | 35.00 | 75.0% | "
@@ -170,7 +185,7 @@ def test_big_models_lines_are_computed_from_the_rows():
     )
     assert table[2].startswith("| structured 20% (seed 0) | bf16 (float32 weights, bf16 autocast) | 30.00 | n/a |")
     assert table[4].startswith("| plain LoRA, no pruning (seed 0) | NF4, double quant | 20.00 (adapter) | 1.050 |")
-    line = report.report_big_models.streaming_lines(
+    line = report_readme.report_big_models.streaming_lines(
         {
             "parameters": 1.2358e9,
             "model": "random Llama",
@@ -187,3 +202,35 @@ def test_big_models_lines_are_computed_from_the_rows():
         "streaming 693 MiB (0.29x the model) in 22 s, `--in_memory` 5,001 MiB (2.12x) in 50 s; tensors identical."
         in line
     )
+
+
+def test_direction_comes_from_the_file_so_higher_accuracy_wins():
+    rows = [
+        {"method": m, "sparsity": 0.5, "seed": 0, "accuracy": v}
+        for m, v in {"loraprune-activation": 0.80, "llm-pruner": 0.78, "wanda-sp": 0.81}.items()
+    ]
+    table = {**STRUCTURED, "metric": "accuracy", "direction": "higher"}
+    (verdict,) = report_peers.peers_verdicts(rows, table, [0.5])
+    assert "behind wanda-sp" in verdict
+    (verdict,) = report_peers.peers_verdicts(rows, {**table, "direction": "lower"}, [0.5])
+    assert "behind llm-pruner" in verdict
+
+
+def test_a_peers_file_without_its_table_block_raises():
+    with pytest.raises(KeyError, match="peers_x has no 'table' block"):
+        report_peers.table_of({"rows": []}, "peers_x")
+
+
+def test_a_missing_marker_raises_and_nothing_is_written(tmp_path, monkeypatch):
+    start, end = report_readme.markers("cost")
+    assert report_common.replace_block(f"a\n{start}\nold\n{end}\nb", start, end, ["new"]) == (
+        f"a\n{start}\nnew\n{end}\nb"
+    )
+    with pytest.raises(ValueError, match="markers missing"):
+        report_common.replace_block(f"a\n{start}\nold\n", start, end, ["new"])
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    monkeypatch.setattr(report_readme, "README_BLOCKS", (("cost", lambda: ["x"]),))
+    with pytest.raises(ValueError, match="cost:start"):
+        report_readme.update_readme(readme)
+    assert readme.read_text() == "no markers here\n"
