@@ -19,9 +19,13 @@ from machine import machine_info  # noqa: E402
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 
-def write_result(name: str, payload: dict, out_dir: str | None = None, libraries: tuple[str, ...] = ()) -> Path:
+def write_result(
+    name: str, payload: dict, out_dir: str | None = None, libraries: tuple[str, ...] = (), *, table: dict
+) -> Path:
     """Write ``payload`` plus the machine description (with the versions of ``libraries`` beside the usual ones,
-    e.g. a peer's package) to ``<out_dir>/<name>.json``."""
+    e.g. a peer's package) and the ``table`` block (:func:`table`: what the file's rows are ranked by) to
+    ``<out_dir>/<name>.json``."""
+    payload = {"table": table, **{k: v for k, v in payload.items() if k != "table"}}
     directory = Path(out_dir) if out_dir else RESULTS_DIR
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.json"

@@ -29,7 +29,7 @@ import gc
 import time
 
 import transformers
-from common import previous_rows, summarise, write_result
+from common import previous_rows, summarise, table, write_result
 from peers import TASKS
 from peft import get_peft_model
 from transformers import TrainingArguments
@@ -198,7 +198,12 @@ def main():
                     "structures": "heads,channels",
                     "metric": metric,
                 }
-                write_result(name, {"settings": settings, "summary": summarise(rows, metric), "rows": rows}, args.out)
+                write_result(
+                    name,
+                    {"settings": settings, "summary": summarise(rows, metric), "rows": rows},
+                    args.out,
+                    table=table(metric, "lower" if metric == "perplexity" else "higher", default_method="activation"),
+                )
                 del model, trainer
                 gc.collect()
     for variant, s in summarise(rows, metric).items():

@@ -19,9 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, write_result
+from common import ROOT, table, write_result
 
 DEMOS = {"demo": "text_classification", "demo-lm": "causal_lm"}
+DEMO_METRIC = {"demo": ("test_accuracy", "higher"), "demo-lm": ("perplexity", "lower")}
 
 
 def run(target: str, out: Path) -> dict:
@@ -100,7 +101,12 @@ def main():
             result = run(target, Path(d))
             if target == "demo-lm":
                 result["command_line"] = command_line_walkthrough(Path(d), Path(d) / "cli", args.eval_limit)
-        path = write_result(f"demo_{DEMOS[target]}", {"target": f"make {target}", "result": result}, args.out)
+        path = write_result(
+            f"demo_{DEMOS[target]}",
+            {"target": f"make {target}", "result": result},
+            args.out,
+            table=table(*DEMO_METRIC[target]),
+        )
         print(f"written {path}")
 
 

@@ -28,7 +28,7 @@ import time
 from functools import partial
 
 import torch
-from common import write_result
+from common import table, write_result
 from masked_blocks import SHAPES, layer_inputs
 
 import peft_loraprune.kernels.masked_linear as masked_linear
@@ -157,7 +157,12 @@ def main():
                 + ", ".join(f"{k} {ms[k]:.1f}" for k in kernel_names),
                 flush=True,
             )
-    path = write_result(f"element_step_breakdown_{args.shapes}", {"settings": vars(args), "rows": rows}, args.out)
+    path = write_result(
+        f"element_step_breakdown_{args.shapes}",
+        {"settings": vars(args), "rows": rows},
+        args.out,
+        table=table("median_ms", "lower"),
+    )
     print(f"written {path}")
 
 

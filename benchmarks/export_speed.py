@@ -24,7 +24,7 @@ import tempfile
 
 import torch
 import transformers
-from common import load_model, write_result
+from common import load_model, table, write_result
 from peft import get_peft_model
 
 import peft_loraprune  # noqa: F401
@@ -118,7 +118,12 @@ def main():
             row[key.replace("latency_ms", "latency_vs_dense")] = row[key] / dense[key]
         row["params_vs_dense"] = row["params"] / dense["params"]
     suffix = "" if args.device == "cpu" and args.dtype == "float32" else f"_{device.type}_{args.dtype}"
-    path = write_result(f"export_speed_{args.model}{suffix}", {"settings": vars(args), "rows": rows}, args.out)
+    path = write_result(
+        f"export_speed_{args.model}{suffix}",
+        {"settings": vars(args), "rows": rows},
+        args.out,
+        table=table("speedup", "higher"),
+    )
     print(f"written {path}")
 
 

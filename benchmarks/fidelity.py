@@ -21,7 +21,7 @@ import statistics
 
 import torch
 import transformers
-from common import write_result
+from common import table, write_result
 from peft import get_peft_model
 
 import peft_loraprune  # noqa: F401
@@ -165,7 +165,10 @@ def main():
         if k.endswith(("rho", "rho_mean", "rho_averaged"))
     }
     result = write_result(
-        f"fidelity_{args.model}", {"settings": vars(args), "summary_second_half": summary, "steps": rows}, args.out
+        f"fidelity_{args.model}",
+        {"settings": vars(args), "summary_second_half": summary, "steps": rows},
+        args.out,
+        table=table("rho", "higher", default_method="activation"),
     )
     print("mean over the second half of the run:", {k: round(v, 3) for k, v in summary.items()})
     print(f"written {result}")

@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from common import write_result
+from common import table, write_result
 
 import peft_loraprune.kernels.masked_linear as masked_linear
 from peft_loraprune.kernels.mask_packing import pack_bits
@@ -89,7 +89,12 @@ def main():
                 rows.append(row)
                 print(tokens, "dropout" if not shared else "shared", "ste" if straight_through else "exact",
                       {k: round(v, 3) for k, v in row["time_vs_one_block"].items()}, flush=True)  # fmt: skip
-    path = write_result(f"masked_blocks_{args.shapes}", {"settings": vars(args), "rows": rows}, args.out)
+    path = write_result(
+        f"masked_blocks_{args.shapes}",
+        {"settings": vars(args), "rows": rows},
+        args.out,
+        table=table("median_ms", "lower"),
+    )
     print(f"written {path}")
 
 

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 
-from common import write_result
+from common import table, write_result
 from step_cost import build
 
 MIB = 2**20
@@ -178,7 +178,10 @@ def main():
             + "  ".join(f"{k}: +{v['peak_live_above_step_start_mib']:.0f}" for k, v in r["phases"].items())
         )
     path = write_result(
-        f"memory_profile_{args.model}_b{args.batch}x{args.seq}", {"settings": vars(args), "rows": rows}, args.out
+        f"memory_profile_{args.model}_b{args.batch}x{args.seq}",
+        {"settings": vars(args), "rows": rows},
+        args.out,
+        table=table("peak_rss_mib", "lower"),
     )
     print(f"written {path}")
 

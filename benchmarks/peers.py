@@ -583,14 +583,10 @@ def main():
                 settings = {k: v for k, v in vars(args).items() if k not in ("cell", "out", "work_dir", "tag")}
                 write_result(
                     name,
-                    {
-                        "settings": settings,
-                        "table": table_of(args),
-                        "summary": summarise(rows, TASKS[args.task].metric),
-                        "rows": rows,
-                    },
+                    {"settings": settings, "summary": summarise(rows, TASKS[args.task].metric), "rows": rows},
                     args.out,
                     libraries=PEER_LIBRARIES,
+                    table=table_of(args),
                 )
     for variant, s in summarise(rows, TASKS[args.task].metric).items():
         print(f"{variant:32s} {s['mean']:9.4f} ± {s['std']:.4f} (n={s['n']})")

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, previous_rows, summarise, write_result
+from common import ROOT, previous_rows, summarise, table, write_result
 
 VARIANTS = [  # (granularity, importance, schedule, element_mask_gradient)
     ("structured", "lora", "cubic", "exact"),
@@ -142,7 +142,12 @@ def main():
                 "seeds": ",".join(str(s) for s in sorted({r["seed"] for r in rows})),
                 "variants": sorted({r["variant"] for r in rows}),
             }
-            path = write_result(RESULT_NAME, {"settings": settings, "summary": summary, "rows": rows}, args.out)
+            path = write_result(
+                RESULT_NAME,
+                {"settings": settings, "summary": summary, "rows": rows},
+                args.out,
+                table=table("test_accuracy", "higher"),
+            )
     for variant, s in summary.items():
         print(f"{variant:36s} {s['mean']:.4f} ± {s['std']:.4f} (n={s['n']})")
     print(f"written {path}")

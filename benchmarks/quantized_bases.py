@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from common import RESULTS_DIR, peak_rss_mib, summarise, write_result
+from common import RESULTS_DIR, peak_rss_mib, summarise, table, write_result
 from peers import SmolLM2Wikipedia
 
 import peft_loraprune  # noqa: F401
@@ -397,6 +397,7 @@ def main():
             },
             args.out,
             libraries=LIBRARIES,
+            table=table("perplexity", "lower", default_method="loraprune"),
         )
 
 

@@ -32,7 +32,7 @@ import sys
 import time
 
 import torch
-from common import load_model, peak_rss_mib, write_result
+from common import load_model, peak_rss_mib, table, write_result
 
 CONFIGS = {
     "lora": None,  # plain PEFT LoRA, the baseline
@@ -314,7 +314,10 @@ def main():
     suffix = "" if args.device == "cpu" and args.dtype == "float32" else f"_{args.device}_{args.dtype}"
     suffix += f"_{args.tag}" if args.tag else ""
     path = write_result(
-        f"step_cost_{args.model}_b{args.batch}x{args.seq}{suffix}", {"settings": vars(args), "rows": rows}, args.out
+        f"step_cost_{args.model}_b{args.batch}x{args.seq}{suffix}",
+        {"settings": vars(args), "rows": rows},
+        args.out,
+        table=table("time_vs_lora", "lower"),
     )
     print(f"written {path}")
 

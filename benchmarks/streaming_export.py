@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import write_result
+from common import table, write_result
 from safetensors import safe_open
 
 LLAMA_1B = dict(
@@ -137,7 +137,12 @@ print(json.dumps(row))
         "identical_tensors": same,
         "rows": rows,
     }
-    path = write_result("streaming_export_llama-1b", payload, args.out)
+    path = write_result(
+        "streaming_export_llama-1b",
+        payload,
+        args.out,
+        table=table("peak_rss_mib", "lower", default_method="streaming"),
+    )
     print(json.dumps({k: v for k, v in payload.items() if k != "config"}, indent=1, default=str))
     print(f"written {path}")
 

@@ -234,3 +234,13 @@ def test_a_missing_marker_raises_and_nothing_is_written(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="cost:start"):
         report_readme.update_readme(readme)
     assert readme.read_text() == "no markers here\n"
+
+
+def test_every_result_file_states_what_its_rows_are_ranked_by():
+    import json
+
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+        table = json.loads(path.read_text()).get("table")
+        assert table is not None, f"{path.name} has no 'table' block"
+        assert table["direction"] in ("lower", "higher") and table["metric"], path.name
+        assert isinstance(table["current"], bool) and isinstance(table["peers"], list), path.name
