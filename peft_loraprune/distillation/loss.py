@@ -102,7 +102,8 @@ class Distiller:
             if self._use_hidden_states:
 
                 def teacher_rows(index):
-                    return head(flat.index_select(0, index))
+                    # the head's own dtype: the backward pass recomputes outside autocast
+                    return head(flat.index_select(0, index).to(head.weight.dtype))
 
                 self.teacher_bytes = flat.numel() * flat.element_size() + min(chunk, rows.numel()) * vocab * 4
                 loss = chunked_kl_divergence(student_logits, teacher_rows, rows, self.config.temperature, chunk)

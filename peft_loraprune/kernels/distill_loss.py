@@ -8,7 +8,8 @@ For rows ``i`` (token positions, or examples for classification) with student lo
 
 (Hinton et al.'s ``T²`` keeps the gradient's scale independent of ``T``.) The teacher's logits are never held
 whole: ``teacher_rows(index)`` returns them for a chunk of rows (for a causal LM, the output head applied to the
-teacher's last hidden states of those rows), in the forward pass and again in the backward pass. Memory beyond the
+teacher's last hidden states of those rows), in the forward pass and again in the backward pass (when all rows fit
+in one chunk, that chunk's teacher probabilities are kept from the forward pass instead). Memory beyond the
 student's own logits and the gradient autograd already allocates for them: one chunk of teacher logits and a few
 chunk-sized float32 temporaries, ``chunk_rows × V`` each.
 """
@@ -27,11 +28,15 @@ class _ChunkedKL(torch.autograd.Function):
     def forward(ctx, student, rows, teacher_rows, temperature, chunk_rows):
         flat = student.reshape(-1, student.shape[-1])
         total = torch.zeros((), dtype=torch.float32, device=student.device)
+        ctx.teacher_probs = None
         for start in range(0, rows.numel(), chunk_rows):
             index = rows[start : start + chunk_rows]
             log_q = torch.log_softmax(flat.index_select(0, index).float() / temperature, dim=-1)
             log_p = torch.log_softmax(teacher_rows(index).float() / temperature, dim=-1)
-            total += (log_p.exp() * (log_p - log_q)).sum()
+            p = log_p.exp()
+            total += (p * (log_p - log_q)).sum()
+            if rows.numel() <= chunk_rows:  # a single chunk: keep it for backward instead of recomputing it
+                ctx.teacher_probs = p
         ctx.save_for_backward(student, rows)
         ctx.teacher_rows, ctx.temperature, ctx.chunk_rows = teacher_rows, temperature, chunk_rows
         n = max(rows.numel(), 1)
@@ -48,8 +53,11 @@ class _ChunkedKL(torch.autograd.Function):
             for start in range(0, rows.numel(), chunk_rows):
                 index = rows[start : start + chunk_rows]
                 q = torch.softmax(flat.index_select(0, index).float() / temperature, dim=-1)
-                p = torch.softmax(ctx.teacher_rows(index).float() / temperature, dim=-1)
+                p = ctx.teacher_probs
+                if p is None:
+                    p = torch.softmax(ctx.teacher_rows(index).float() / temperature, dim=-1)
                 grad.index_copy_(0, index, ((q - p) * scale).to(grad.dtype))
+        ctx.teacher_probs = None
         return grad.reshape(student.shape), None, None, None, None
 
 
