@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import report_big_models  # noqa: E402
+import report_distill  # noqa: E402
 from report_cost import (  # noqa: E402
     element_breakdown_section,
     export_plot,
@@ -59,6 +60,7 @@ def main():
         quality_section,
         quality_plot,
         report_big_models.section,
+        report_distill.section,
     ):
         section(lines)
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")

@@ -244,3 +244,29 @@ def test_every_result_file_states_what_its_rows_are_ranked_by():
         assert table is not None, f"{path.name} has no 'table' block"
         assert table["direction"] in ("lower", "higher") and table["metric"], path.name
         assert isinstance(table["current"], bool) and isinstance(table["peers"], list), path.name
+
+
+def test_distillation_verdicts_compare_with_dense_lora_and_the_goal():
+    import report_distill
+
+    rows = [
+        {"method": "loraprune-activation", "sparsity": 0.2, "seed": 0, "perplexity": 28.0},
+        {"method": "loraprune-activation+kd=unmasked/0.5/2", "sparsity": 0.2, "seed": 0, "perplexity": 21.0},
+        {"method": "loraprune-activation+kd=base/0.5/2", "sparsity": 0.2, "seed": 0, "perplexity": 24.0},
+        {"method": "loraprune-activation", "sparsity": 0.5, "seed": 0, "perplexity": 48.0},
+        {"method": "loraprune-activation+kd=unmasked/0.5/2", "sparsity": 0.5, "seed": 0, "perplexity": 36.0},
+    ]
+    # dense 16: 28/16 = 1.75x, best 21/16 = 1.31x > 1.30 (missed); 48/16 = 3.00x, 36/16 = 2.25x > 2.0 (missed)
+    assert report_distill.verdicts("smollm2", rows, STRUCTURED, 16.0) == [
+        "20%: default 1.75x dense LoRA; best distillation `loraprune-activation+kd=unmasked/0.5/2` 1.31x (n=1); "
+        "goal at most 1.30x: not met.",
+        "50%: default 3.00x dense LoRA; best distillation `loraprune-activation+kd=unmasked/0.5/2` 2.25x (n=1); "
+        "goal at most 2.00x: not met.",
+    ]
+    accuracy = {**STRUCTURED, "metric": "accuracy", "direction": "higher"}
+    rows = [
+        {"method": "loraprune-activation", "sparsity": 0.5, "seed": 0, "accuracy": 0.806},
+        {"method": "loraprune-activation+kd=unmasked/0.5/2", "sparsity": 0.5, "seed": 0, "accuracy": 0.815},
+    ]
+    (verdict,) = report_distill.verdicts("minilm", rows, accuracy, 0.818)
+    assert verdict.endswith("-0.30 pt (n=1); goal within 0.5 points: met.") and "default -1.20 pt" in verdict

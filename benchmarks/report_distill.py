@@ -1,0 +1,122 @@
+"""The distillation study (issue: recover the pruned model toward a dense teacher): RESULTS.md tables and README
+lines, read from ``peers_<task>_distill.json`` beside the runs without distillation in the task's peers file (same
+settings). Each row is compared with dense LoRA of the same file and seed budget: the perplexity ratio (SmolLM2)
+or the accuracy difference in points (MiniLM), at equal training tokens and with the wall time of each run."""
+
+from __future__ import annotations
+
+from report_common import load, machine
+from stats import summary
+
+# task -> (the file with the runs without distillation, that file's dense LoRA and default method)
+BASELINES = {
+    "smollm2": "peers_smollm2",
+    "minilm": "peers_minilm_full_train",
+}
+#: the issue's goals, shown beside the measurements (a miss is marked, not hidden)
+GOALS = {("smollm2", 0.2): ("ratio", 1.30), ("smollm2", 0.5): ("ratio", 2.0), ("minilm", 0.5): ("points", -0.5)}
+
+
+def _rows_by_variant(rows, metric):
+    out = {}
+    for r in rows:
+        out.setdefault((r["method"], r["sparsity"]), []).append(r)
+    return out
+
+
+def _gap(task, value, dense) -> tuple[str, float]:
+    """("1.75x", 1.75) for a perplexity, ("-1.20 pt", -1.2) for an accuracy."""
+    if task == "smollm2":
+        return f"{value / dense:.2f}x", value / dense
+    points = 100 * (value - dense)
+    return f"{points:+.2f} pt", points
+
+
+def study(task: str):
+    """(rows of both files, metric, dense LoRA mean, distill file data) or None when the study has no rows."""
+    distill = load(f"peers_{task}_distill.json")
+    base = load(f"{BASELINES[task]}.json")
+    if not distill or not base:
+        return None
+    distill_data = next(iter(distill.values()))
+    base_data = next(iter(base.values()))
+    table = base_data["table"]
+    default = table["default_method"]
+    rows = [r for r in base_data["rows"] if r["method"] in (default, "dense-lora")]
+    rows += [r for r in distill_data["rows"] if r["method"] != "dense-lora"]
+    dense_rows = [r for r in base_data["rows"] + distill_data["rows"] if r["method"] == "dense-lora"]
+    dense = summary(r[table["metric"]] for r in dense_rows)
+    return rows, table, dense, distill_data
+
+
+def section(lines):
+    for task in BASELINES:
+        found = study(task)
+        if found is None:
+            continue
+        rows, table, dense, data = found
+        metric = table["metric"]
+        lines += [
+            f"### Distillation study: {task}",
+            "",
+            f"Machine: {machine(data)}. Rows without distillation are the task's peers file (same settings); dense "
+            f"LoRA {metric} {dense.mean:.4g} (n={dense.n}). `vs dense` is the {'perplexity ratio' if task == 'smollm2' else 'accuracy difference in points'} "
+            "to dense LoRA; total tokens include a dense teacher's own training. Wall time is each run's process "
+            "on a shared 2-core machine (load average in the row where recorded).",
+            "",
+            f"| method | sparsity | {metric} (mean ± std, n) | vs dense | total train tokens | wall time (s) | load | teacher MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for (method, sparsity), group in sorted(
+            _rows_by_variant(rows, metric).items(), key=lambda kv: (-kv[0][1], kv[0][0])
+        ):
+            if method == "dense-lora":
+                continue
+            stat = summary(r[metric] for r in group)
+            gap, _ = _gap(task, stat.mean, dense.mean)
+            fmt = "{:.2f}" if table["direction"] == "lower" else "{:.4f}"
+            cell = fmt.format(stat.mean) + (f" ± {fmt.format(stat.std)}" if stat.n > 1 else "") + f" ({stat.n})"
+            tokens = summary(r.get("total_train_tokens", r["train_tokens"]) for r in group).mean
+            seconds = summary(r["seconds"] for r in group).mean
+            load_avg = summary(r.get("load_average_1min") for r in group)
+            teacher = summary(r.get("teacher_memory_mib") for r in group)
+            lines.append(
+                f"| {method} | {sparsity:.0%} | {cell} | {gap} | {tokens:,.0f} | {seconds:.0f} | "
+                f"{'-' if load_avg is None else f'{load_avg.mean:.1f}'} | {'-' if teacher is None else f'{teacher.mean:.0f}'} |"
+            )
+        lines += ["", *[f"- {v}" for v in verdicts(task, rows, table, dense.mean)], ""]
+
+
+def verdicts(task, rows, table, dense) -> list[str]:
+    """Per goal cell: today's default and the best distillation variant against the goal."""
+    out = []
+    metric = table["metric"]
+    groups = _rows_by_variant(rows, metric)
+    for (goal_task, sparsity), (kind, goal) in GOALS.items():
+        if goal_task != task:
+            continue
+        default = groups.get((table["default_method"], sparsity))
+        variants = {m: g for (m, s), g in groups.items() if s == sparsity and "+kd=" in m}
+        if not default or not variants:
+            continue
+        default_gap = _gap(task, summary(r[metric] for r in default).mean, dense)
+        better = min if table["direction"] == "lower" else max
+        best = better(variants, key=lambda m: summary(r[metric] for r in variants[m]).mean)
+        best_gap = _gap(task, summary(r[metric] for r in variants[best]).mean, dense)
+        met = best_gap[1] <= goal if kind == "ratio" else best_gap[1] >= goal
+        goal_words = f"at most {goal:.2f}x" if kind == "ratio" else f"within {-goal:.1f} points"
+        out.append(
+            f"{sparsity:.0%}: default {default_gap[0]} dense LoRA; best distillation `{best}` {best_gap[0]} "
+            f"(n={len(variants[best])}); goal {goal_words}: " + ("met." if met else "not met.")
+        )
+    return out
+
+
+def readme_lines() -> list[str]:
+    out = []
+    for task in BASELINES:
+        found = study(task)
+        if found is not None:
+            rows, table, dense, _ = found
+            out += [f"- {v}" for v in verdicts(task, rows, table, dense.mean)]
+    return out
