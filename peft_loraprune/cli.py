@@ -188,10 +188,15 @@ def cmd_lm_eval(rest: list[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
-        prog="peft-loraprune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="peft-loraprune",
+        description=__doc__.replace("``", ""),  # the docstring's code markup, as plain text
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"peft-loraprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{report,export,eval,lm-eval}")
 
     p = sub.add_parser("report", help="sparsity of a saved adapter, overall and per layer")
     p.add_argument("adapter", help="folder of a saved LoRAPrune adapter")
@@ -200,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_report)
 
     p = sub.add_parser("export", help="merge and physically prune a saved adapter into a plain transformers model")
-    p.add_argument("adapter")
+    p.add_argument("adapter", help="folder of a saved LoRAPrune adapter")
     p.add_argument("--out", required=True, help="folder for the exported model")
     p.add_argument(
         "--base",
@@ -231,10 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--include_path", default=None, help="folder of extra task YAML files (local tasks)")
     p.add_argument("--limit", type=int, default=None, help="documents per task (for quick checks)")
-    p.add_argument("--num_fewshot", type=int, default=None)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--base", default=None)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--num_fewshot", type=int, default=None, help="examples in each prompt (default: the task's)")
+    p.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument(
+        "--base", default=None, help="base model of an adapter (default: the adapter's base_model_name_or_path)"
+    )
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="dtype the model is loaded in (default: as saved)"
+    )
     p.add_argument("--output", default=None, help="write lm-eval's results as JSON here")
     p.add_argument("--card", action="store_true", help="add the results to the folder's README.md (model-index)")
     p.set_defaults(run=cmd_eval)

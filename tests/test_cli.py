@@ -249,3 +249,22 @@ def test_console_script_is_installed():
         [str(Path(sys.executable).parent / "peft-loraprune"), "--help"], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0 and "report" in out.stdout and "export" in out.stdout
+
+
+def test_version_and_plain_text_help_with_every_option_explained(capsys):
+    import argparse
+
+    import peft_loraprune
+    from peft_loraprune.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"peft-loraprune {peft_loraprune.__version__}"
+    parser = build_parser()
+    assert "``" not in parser.format_help()  # plain text, not reStructuredText
+    (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, sub in subparsers.choices.items():
+        if name == "lm-eval":  # lm-eval's own options, documented by lm-eval
+            continue
+        undocumented = [a.dest for a in sub._actions if not a.help and a.dest != "help"]
+        assert not undocumented, f"{name}: options without help: {undocumented}"
