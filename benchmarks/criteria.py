@@ -15,7 +15,7 @@ masked model's quality decides: held-out perplexity for SmolLM2-135M on the Wiki
 * ``magnitude``      ``|W|``
 * ``activation^2``   the activation term squared per step before averaging (Molchanov et al. 2019's rule)
 
-A suffix ``~cdNN`` sets the cool-down (``cooldown_ratio = NN / 100``: the fraction of steps trained after the
+A suffix ``~cdNN`` sets the cool-down (``pruning_end = 1 - NN / 100``: the fraction of steps trained after the
 last mask rewrite), e.g. ``activation~cd40``; ``~global`` ranks units across blocks (``budget="global"``; not with
 query heads inside KV groups).
 
@@ -114,7 +114,7 @@ def build(variant: str, sparsity: float, args, task):
         importance=config_criterion,
         head_grouping=task.head_grouping,
         pruning_interval=args.pruning_interval,
-        cooldown_ratio=cooldown,
+        pruning_end=1 - cooldown,
         budget=budget,
     )
     model = get_peft_model(task.model(), config)

@@ -13,7 +13,7 @@ same fraction in every block, all trained with the same LoRA (rank, alpha, dropo
 * ``loraprune-<criterion>``: LoRAPrune while fine-tuning on the package's default schedule (cubic, pruning from
   10% to 40% of the steps), criterion ``activation`` (the package default), ``lora`` (the paper's estimator),
   ``grad`` (true gradient), ``magnitude``; ``loraprune-<criterion>-oneshot``: all pruning at the warm-up step;
-  ``loraprune-<criterion>-cdNN``: the cubic schedule with ``cooldown_ratio`` NN/100 (``cd10``: the reference
+  ``loraprune-<criterion>-cdNN``: the cubic schedule ending at ``pruning_end = 1 - NN/100`` (``cd10``: the reference
   code's window, pruning until 90% of the steps, the package default before 0.3.0). Every row records its schedule.
 * ``llm-pruner``: LLM-Pruner's recipe: one-shot structured pruning of the pretrained model with first-order
   Taylor group importance (``|W ⊙ G|`` summed over the group's weights in every coupled module, true gradients
@@ -347,7 +347,7 @@ def loraprune_method(method: str) -> tuple[str, dict]:
     if suffix == "oneshot":
         return parts[1], {"schedule": "one_shot"}
     if suffix.startswith("cd") and suffix[2:].isdigit():
-        return parts[1], {"schedule": "cubic", "cooldown_ratio": int(suffix[2:]) / 100}
+        return parts[1], {"schedule": "cubic", "pruning_end": 1 - int(suffix[2:]) / 100}
     raise SystemExit(f"method {method!r}: schedule suffix must be 'oneshot' or 'cdNN' (cooldown in percent)")
 
 
@@ -412,7 +412,7 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         "r": rank,
     }
     if method.startswith("loraprune-"):
-        row["schedule"] = {k: getattr(config, k) for k in ("schedule", "warmup_ratio", "cooldown_ratio")}
+        row["schedule"] = {k: getattr(config, k) for k in ("schedule", "pruning_start", "pruning_end")}
         if config.is_element_granularity:  # separable: per-feature averages, the weight scored at rewrites only
             row["separable_scoring"] = make_criterion(config.importance, "default").separable
     callbacks = []

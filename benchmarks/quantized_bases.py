@@ -232,7 +232,7 @@ def run_one(task, base: str, method: str, granularity: str | None, sparsity: flo
     }
     if method == "loraprune":
         row["importance"] = config.importance
-        row["schedule"] = {k: getattr(config, k) for k in ("schedule", "warmup_ratio", "cooldown_ratio")}
+        row["schedule"] = {k: getattr(config, k) for k in ("schedule", "pruning_start", "pruning_end")}
     row.update(settle_memory())
     timer = StepTimer()
     callbacks = ([LoRAPruneCallback()] if method == "loraprune" else []) + [timer]

@@ -204,9 +204,11 @@ def variant_words(rows) -> str:
     words = []
     schedule = row.get("schedule") or {}
     if schedule.get("schedule") == "one_shot":
-        words.append(f"a one-shot schedule (everything pruned at {schedule.get('warmup_ratio', 0):.0%} of the steps)")
+        start = schedule.get("pruning_start", schedule.get("warmup_ratio", 0))  # the names before 0.5.0 in old rows
+        words.append(f"a one-shot schedule (everything pruned at {start:.0%} of the steps)")
     elif schedule:
-        start, end = schedule.get("warmup_ratio", 0), 1 - schedule.get("cooldown_ratio", 0)
+        start = schedule.get("pruning_start", schedule.get("warmup_ratio", 0))
+        end = schedule.get("pruning_end", 1 - schedule.get("cooldown_ratio", 0))
         words.append(
             f"a {schedule.get('schedule', 'cubic')} schedule pruning from {start:.0%} to {end:.0%} of the steps"
         )

@@ -71,8 +71,12 @@ class PruningArguments:
     lora_alpha: int = field(default=16)
     lora_dropout: float = field(default=0.05)
     pruning_interval: int = field(default=10)
-    warmup_ratio_pruning: float = field(default=LoRAPruneConfig.warmup_ratio)
-    cooldown_ratio_pruning: float = field(default=LoRAPruneConfig.cooldown_ratio)
+    pruning_start: float = field(
+        default=LoRAPruneConfig.pruning_start, metadata={"help": "Fraction of the steps at which pruning starts"}
+    )
+    pruning_end: float = field(
+        default=LoRAPruneConfig.pruning_end, metadata={"help": "Fraction of the steps at which the target is reached"}
+    )
     schedule: str = field(default=LoRAPruneConfig.schedule)
     element_mask_gradient: str = field(
         default="exact", metadata={"help": "'exact' or 'straight_through' (unstructured and N:M only)"}
@@ -176,8 +180,8 @@ def main():
         budget=prune_args.budget,
         prune_structures=[s.strip() for s in prune_args.prune_structures.split(",") if s.strip()],
         pruning_interval=prune_args.pruning_interval,
-        warmup_ratio=prune_args.warmup_ratio_pruning,
-        cooldown_ratio=prune_args.cooldown_ratio_pruning,
+        pruning_start=prune_args.pruning_start,
+        pruning_end=prune_args.pruning_end,
         schedule=prune_args.schedule,
         element_mask_gradient=prune_args.element_mask_gradient,
     )

@@ -28,7 +28,7 @@ from .pruning.architectures import (
 )
 from .registration import LORAPRUNE_PEFT_TYPE, register
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 register(LoRAPruneConfig, LoRAPruneModel)
 _install_saving()

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -104,11 +105,13 @@ class LoRAPruneConfig(PeftConfig):
             the weight at rewrites).
         pruning_interval: optimizer steps between mask rewrites (>= 1).
         budget: "local" (same fraction in every pruned layer) or "global" (ranked across layers).
-        initial_sparsity, warmup_ratio, cooldown_ratio, schedule: the cubic schedule goes from
-            ``initial_sparsity`` to ``target_sparsity`` between ``warmup_ratio`` and ``1 - cooldown_ratio`` of the
-            optimizer steps; ``schedule="one_shot"`` prunes everything at the warm-up step. The default window
-            (10% to 40% of the steps, then 60% at the final structure) was measured against the reference code's
-            (10% to 90%, ``cooldown_ratio=0.1``) and one-shot on SmolLM2 (``benchmarks/peers.py``, two or three
+        initial_sparsity, pruning_start, pruning_end, schedule: the cubic schedule goes from ``initial_sparsity``
+            to ``target_sparsity`` between the fractions ``pruning_start`` and ``pruning_end`` of the optimizer
+            steps (0.1 and 0.4: pruning from 10% to 40% of training, then 60% at the final structure);
+            ``schedule="one_shot"`` prunes everything at ``pruning_start``. (Before 0.5.0 the window was
+            ``warmup_ratio`` and ``cooldown_ratio = 1 - pruning_end``; those names still work, with a
+            ``DeprecationWarning``: ``warmup_ratio`` was also ``TrainingArguments``' learning-rate warm-up.) The
+            default window was measured against the reference code's (10% to 90%) and one-shot on SmolLM2 (``benchmarks/peers.py``, two or three
             seeds; README "Benchmarks"): lower perplexity than both at 20% and 50% on the mean; on MiniLM (50%) the
             reference window was 0.3 points of accuracy better (2 of 3 seeds).
             Pruning late leaves the last units' removal little time to recover.
@@ -153,9 +156,20 @@ class LoRAPruneConfig(PeftConfig):
     pruning_interval: int = field(default=10, metadata={"help": "Optimizer steps between mask rewrites"})
     budget: str = field(default="local", metadata={"help": "'local' or 'global'"})
     initial_sparsity: float = field(default=0.0, metadata={"help": "Sparsity at the end of warm-up"})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of steps before pruning starts"})
-    cooldown_ratio: float = field(
-        default=0.6, metadata={"help": "Fraction of steps after the target is reached (the reference code: 0.1)"}
+    pruning_start: float = field(
+        default=0.1, metadata={"help": "Fraction of the training steps at which pruning starts, in [0, 1)"}
+    )
+    pruning_end: float = field(
+        default=0.4,
+        metadata={
+            "help": "Fraction of the training steps at which target_sparsity is reached (the reference code: 0.9)"
+        },
+    )
+    warmup_ratio: Optional[float] = field(
+        default=None, metadata={"help": "Deprecated (before 0.5.0): use pruning_start"}
+    )
+    cooldown_ratio: Optional[float] = field(
+        default=None, metadata={"help": "Deprecated (before 0.5.0): use pruning_end = 1 - cooldown_ratio"}
     )
     schedule: str = field(default="cubic", metadata={"help": "'cubic' or 'one_shot'"})
     prune_structures: list[str] = field(
@@ -179,12 +193,35 @@ class LoRAPruneConfig(PeftConfig):
         if not isinstance(self.prune_structures, (list, tuple, set)):
             raise ValueError(f"prune_structures must be a list of {list(STRUCTURES)}, got {self.prune_structures!r}.")
         self.prune_structures = list(self.prune_structures)
+        self._adopt_deprecated_window()
         if self.importance is None:
             # the defaults decided by benchmarks/criteria.py (structured) and benchmarks/peers.py --granularity
             # unstructured (per weight); see README, "Benchmarks"
             granularity = self.granularity if isinstance(self.granularity, str) else ""
             self.importance = "activation" if granularity == "structured" else "wanda"
         self.validate()
+
+    def _adopt_deprecated_window(self) -> None:
+        """``warmup_ratio`` / ``cooldown_ratio`` (before 0.5.0, also read from older saved adapters) become
+        ``pruning_start`` / ``pruning_end`` with a ``DeprecationWarning``; the old fields are then cleared, so a
+        save writes the new names only."""
+        old = {"warmup_ratio": self.warmup_ratio, "cooldown_ratio": self.cooldown_ratio}
+        if all(v is None for v in old.values()):
+            return
+        given = ", ".join(f"{k}={v!r}" for k, v in old.items() if v is not None)
+        warnings.warn(
+            f"{given}: LoRAPruneConfig's pruning window is now pruning_start (was warmup_ratio) and pruning_end "
+            "(was 1 - cooldown_ratio), fractions of the training steps; the old names are removed in 0.6.0.",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        if self.warmup_ratio is not None:
+            check_fraction("warmup_ratio", self.warmup_ratio)
+            self.pruning_start = self.warmup_ratio
+        if self.cooldown_ratio is not None:
+            check_fraction("cooldown_ratio", self.cooldown_ratio)
+            self.pruning_end = 1.0 - self.cooldown_ratio
+        self.warmup_ratio = self.cooldown_ratio = None
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -247,12 +284,12 @@ class LoRAPruneConfig(PeftConfig):
                 f"initial_sparsity={self.initial_sparsity!r} exceeds the target sparsity "
                 f"{self.effective_target_sparsity!r}; masks only ever lose entries."
             )
-        check_fraction("warmup_ratio", self.warmup_ratio)
-        check_fraction("cooldown_ratio", self.cooldown_ratio)
-        if self.warmup_ratio + self.cooldown_ratio >= 1.0:
+        check_fraction("pruning_start", self.pruning_start)
+        check_fraction("pruning_end", self.pruning_end, upper_inclusive=True)
+        if self.pruning_end <= self.pruning_start:
             raise ValueError(
-                f"warmup_ratio + cooldown_ratio must be < 1 (got {self.warmup_ratio} + {self.cooldown_ratio}): "
-                "no steps would be left for pruning."
+                f"pruning_end={self.pruning_end!r} must be after pruning_start={self.pruning_start!r} (fractions of "
+                "the training steps): no steps would be left for pruning."
             )
         check_choice("schedule", self.schedule, SCHEDULES)
         if not self.prune_structures:

@@ -296,8 +296,8 @@ def test_peers_smoke(tmp_path):
         "loraprune-activation",
         "loraprune-activation-cd10",
     ]
-    assert rows[2]["schedule"] == {"schedule": "cubic", "warmup_ratio": 0.1, "cooldown_ratio": 0.6}  # the default
-    assert rows[3]["schedule"] == {"schedule": "cubic", "warmup_ratio": 0.1, "cooldown_ratio": 0.1}
+    assert rows[2]["schedule"] == {"schedule": "cubic", "pruning_start": 0.1, "pruning_end": 0.4}  # the default
+    assert rows[3]["schedule"] == {"schedule": "cubic", "pruning_start": 0.1, "pruning_end": 0.9}
     assert all(r["sparsity_by_unit"] == {"channels": 0.5, "heads": 0.5} for r in rows)
     # Torch-Pruning's GroupTaylorImportance and the benchmark's own sum of |W ⊙ G| rank channels alike
     assert rows[0]["torch_pruning_vs_own_channel_corr"] > 0.999

@@ -117,3 +117,29 @@ def test_unsupported_quantized_layer_is_refused_naming_what_is_supported(package
         TypeError, match="q_proj' is a quantized layer LoRAPrune does not support.*Supported: .*Linear4bit"
     ):
         get_peft_model(model, LoRAPruneConfig(task_type="CAUSAL_LM"))
+
+
+def test_the_old_window_names_still_work_with_a_deprecation_warning_and_save_the_new_ones(tmp_path):
+    """``warmup_ratio``/``cooldown_ratio`` (before 0.5.0; ``warmup_ratio`` clashed with TrainingArguments) map to
+    ``pruning_start``/``pruning_end = 1 - cooldown_ratio``; an old adapter_config.json loads the same way."""
+    import json
+
+    import pytest
+
+    from peft_loraprune import LoRAPruneConfig
+
+    with pytest.warns(DeprecationWarning, match="pruning_start"):
+        old = LoRAPruneConfig(task_type="CAUSAL_LM", warmup_ratio=0.2, cooldown_ratio=0.3)
+    assert (old.pruning_start, old.pruning_end) == (0.2, pytest.approx(0.7))
+    assert old.warmup_ratio is None and old.cooldown_ratio is None
+    old.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["pruning_start"] == 0.2 and saved["warmup_ratio"] is None
+    saved.update(warmup_ratio=0.1, cooldown_ratio=0.6, pruning_start=0.1, pruning_end=0.4)  # a 0.4.0 file
+    saved.pop("save_digest", None)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    with pytest.warns(DeprecationWarning):
+        loaded = LoRAPruneConfig.from_pretrained(str(tmp_path))
+    assert (loaded.pruning_start, loaded.pruning_end) == (0.1, pytest.approx(0.4))
+    with pytest.raises(ValueError, match="pruning_end=0.1 must be after pruning_start=0.2"):
+        LoRAPruneConfig(task_type="CAUSAL_LM", pruning_start=0.2, pruning_end=0.1)

@@ -85,6 +85,8 @@ FIELDS = [
     "pruning_interval",
     "budget",
     "initial_sparsity",
+    "pruning_start",
+    "pruning_end",
     "warmup_ratio",
     "cooldown_ratio",
     "schedule",
@@ -237,8 +239,8 @@ def test_schedule_is_monotone_and_ends_on_target(total, target, warmup, cooldown
     s = PruningSchedule(
         total_steps=total,
         target=target,
-        warmup_ratio=warmup,
-        cooldown_ratio=cooldown,
+        start_fraction=warmup,
+        end_fraction=1 - cooldown,
         interval=interval,
         one_shot=one_shot,
     )

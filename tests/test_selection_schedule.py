@@ -187,7 +187,7 @@ def test_group_ops_with_fused_layout():
 
 
 def test_cubic_schedule_values():
-    s = PruningSchedule(total_steps=100, target=0.5, initial=0.0, warmup_ratio=0.1, cooldown_ratio=0.1, interval=10)
+    s = PruningSchedule(total_steps=100, target=0.5, initial=0.0, start_fraction=0.1, end_fraction=0.9, interval=10)
     assert (s.start, s.end) == (10, 90)
     assert s.sparsity_at(9) == 0.0
     assert s.sparsity_at(10) == 0.0
@@ -201,7 +201,7 @@ def test_cubic_schedule_values():
 
 
 def test_one_shot_and_tiny_runs():
-    s = PruningSchedule(total_steps=50, target=0.3, warmup_ratio=0.2, one_shot=True)
+    s = PruningSchedule(total_steps=50, target=0.3, start_fraction=0.2, one_shot=True)
     assert s.pruning_steps() == [10] and s.sparsity_at(10) == 0.3
     tiny = PruningSchedule(total_steps=1, target=0.4)
     assert tiny.pruning_steps() == [1] and tiny.sparsity_at(1) == 0.4

@@ -186,7 +186,7 @@ def test_callback_refuses_other_models_and_warns_on_short_runs(tmp_path):
 
 
 def test_one_shot_prunes_everything_at_one_step(tmp_path):
-    model = training_model("llama", schedule="one_shot", target_sparsity=0.5, warmup_ratio=0.5, cooldown_ratio=0.0)
+    model = training_model("llama", schedule="one_shot", target_sparsity=0.5, pruning_start=0.5, pruning_end=1.0)
     spy = MaskSpy()
     trainer_for(model, "llama", tmp_path, steps=6, callbacks=[spy]).train()
     h = spy.history  # h[i]: masks after optimizer step i + 1

@@ -1,7 +1,7 @@
 """The pruning schedule: which optimizer steps rewrite masks, and to what sparsity. Pure functions.
 
-The reference code's cubic schedule: sparsity goes from ``initial`` to ``target`` between the warm-up step
-``round(warmup_ratio · total)`` and the cool-down step ``round((1 − cooldown_ratio) · total)``::
+The reference code's cubic schedule: sparsity goes from ``initial`` to ``target`` between the step
+``round(start_fraction · total)`` and the step ``round(end_fraction · total)``::
 
     s(t) = target + (initial − target) · (1 − (t − start) / (end − start))³
 
@@ -25,16 +25,17 @@ class PruningSchedule:
     total_steps: int
     target: float
     initial: float = 0.0
-    warmup_ratio: float = 0.1
-    cooldown_ratio: float = 0.1
+    start_fraction: float = 0.1
+    end_fraction: float = 0.9
     interval: int = 10
     one_shot: bool = False
 
     def __post_init__(self):
         check_int("total_steps", self.total_steps, 1)
         check_int("interval", self.interval, 1)
-        for name in ("target", "initial", "warmup_ratio", "cooldown_ratio"):
+        for name in ("target", "initial", "start_fraction"):
             check_fraction(name, getattr(self, name))
+        check_fraction("end_fraction", self.end_fraction, upper_inclusive=True)
         if not isinstance(self.one_shot, bool):
             raise TypeError(f"one_shot must be True or False, got {self.one_shot!r}")
 
@@ -44,8 +45,8 @@ class PruningSchedule:
             total_steps=total_steps,
             target=config.effective_target_sparsity,
             initial=config.initial_sparsity,
-            warmup_ratio=config.warmup_ratio,
-            cooldown_ratio=config.cooldown_ratio,
+            start_fraction=config.pruning_start,
+            end_fraction=config.pruning_end,
             interval=config.pruning_interval,
             one_shot=config.schedule == "one_shot",
         )
@@ -53,14 +54,14 @@ class PruningSchedule:
     @property
     def start(self) -> int:
         """First optimizer step (1-based count of completed steps) that rewrites masks."""
-        return max(1, round(self.warmup_ratio * self.total_steps))
+        return max(1, round(self.start_fraction * self.total_steps))
 
     @property
     def end(self) -> int:
         """The step whose rewrite reaches the target."""
         if self.one_shot:
             return self.start
-        return max(self.start, min(self.total_steps, round((1.0 - self.cooldown_ratio) * self.total_steps)))
+        return max(self.start, min(self.total_steps, round(self.end_fraction * self.total_steps)))
 
     def sparsity_at(self, step: int) -> float:
         """Scheduled sparsity after ``step`` completed optimizer steps (0 before the first rewrite)."""

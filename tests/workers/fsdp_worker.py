@@ -48,7 +48,7 @@ def main():
             importance=args.importance,
             pruning_interval=1,
             lora_dropout=0.0,
-            cooldown_ratio=0.1,  # the reference window: masks change through most of the short run
+            pruning_end=0.9,  # the reference window: masks change through most of the short run
         ),
     )
     micro = [make_inputs("llama", batch=4, seed=10 + r) for r in range(2)]

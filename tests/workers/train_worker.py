@@ -94,7 +94,7 @@ def main():
             importance=args.importance,
             pruning_interval=2,
             lora_dropout=0.0,
-            cooldown_ratio=0.1,  # the reference window: masks change through most of the short run
+            pruning_end=0.9,  # the reference window: masks change through most of the short run
         ),
     )
     g = torch.Generator().manual_seed(0)
