@@ -30,7 +30,20 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
 import peft_loraprune  # noqa: F401
-from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig, export_pruned_model
+from peft_loraprune import (
+    DistillationConfig,
+    DistillationTrainer,
+    LoRAPruneCallback,
+    LoRAPruneConfig,
+    export_pruned_model,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_device() -> str:
+    """Where evaluation runs when no device_map is given: the GPU the Trainer would use, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass
@@ -44,6 +57,19 @@ class ModelArguments:
         },
     )
     load_in_8bit: bool = field(default=False, metadata={"help": "a bitsandbytes LLM.int8 base"})
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype the base is loaded in: float32, bfloat16 or float16 (a quantized base: its compute dtype)"
+        },
+    )
+    device_map: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "where the model lives: None lets the Trainer place it (a GPU when there is one), or 'auto', "
+            "'cpu', 'cuda:0' (accelerate's device_map)"
+        },
+    )
 
 
 @dataclass
@@ -63,6 +89,12 @@ class PruningArguments:
     lora_r: int = field(default=8)
     lora_alpha: int = field(default=16)
     pruning_interval: int = field(default=5)
+    distill_teacher: Optional[str] = field(
+        default=None,
+        metadata={"help": "distil toward 'unmasked' (the adapter without masks) or 'base'; None: no distillation"},
+    )
+    distill_weight: float = field(default=0.5, metadata={"help": "the KL term's share of the loss, in [0, 1]"})
+    distill_temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the KL"})
 
 
 @dataclass
@@ -120,7 +152,7 @@ def perplexity(model, data: datasets.Dataset, batch_size: int = 8, desc: str = "
     model.eval()
     total, count = 0.0, 0
     for start in tqdm(range(0, len(data), batch_size), desc=desc):
-        ids = torch.tensor(data[start : start + batch_size]["input_ids"])
+        ids = torch.tensor(data[start : start + batch_size]["input_ids"], device=model.device)
         loss = model(input_ids=ids, labels=ids).loss
         n = ids.numel() - ids.shape[0]  # predicted tokens
         total += loss.item() * n
@@ -132,8 +164,9 @@ def load_base(model_path: str, model_args: ModelArguments):
     """The base model, quantized with bitsandbytes when asked (QLoRA), prepared for k-bit training."""
     if model_args.load_in_4bit and model_args.load_in_8bit:
         raise ValueError("--load_in_4bit and --load_in_8bit exclude each other; choose one")
+    dtype = DTYPES[model_args.dtype]
     if not (model_args.load_in_4bit or model_args.load_in_8bit):
-        return AutoModelForCausalLM.from_pretrained(model_path)
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map=model_args.device_map)
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
@@ -142,11 +175,11 @@ def load_base(model_path: str, model_args: ModelArguments):
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=torch.bfloat16 if dtype == torch.float32 else dtype,
         )
     else:
         quantization = BitsAndBytesConfig(load_in_8bit=True)
-    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+    device_map = model_args.device_map or ({"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu")
     base = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=quantization, device_map=device_map)
     return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
 
@@ -154,6 +187,8 @@ def load_base(model_path: str, model_args: ModelArguments):
 def main():
     parser = HfArgumentParser((ModelArguments, DataArguments, PruningArguments, EvalArguments, TrainingArguments))
     model_args, data_args, prune_args, eval_args, training_args = parser.parse_args_into_dataclasses()
+    if model_args.dtype not in DTYPES:
+        raise ValueError(f"--dtype {model_args.dtype!r} is not one of {sorted(DTYPES)}")
     transformers.set_seed(training_args.seed)
     os.makedirs(training_args.output_dir, exist_ok=True)
     model_path = local_assets.resolve_model(model_args.model_name_or_path)
@@ -180,7 +215,9 @@ def main():
         "machine": machine_info(),
         "runs": [],
     }
-    base = AutoModelForCausalLM.from_pretrained(model_path)
+    base = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=DTYPES[model_args.dtype], device_map=model_args.device_map or default_device()
+    )
     results["dense_perplexity"] = perplexity(base, test, desc="perplexity (dense base)")
     print(f"dense base perplexity: {results['dense_perplexity']:.2f}")
     if eval_args.lm_eval_tasks:
@@ -204,7 +241,18 @@ def main():
         run_dir = os.path.join(training_args.output_dir, f"sparsity_{sparsity:g}")
         args = TrainingArguments(**{**training_args.to_dict(), "output_dir": run_dir})
         start = time.time()
-        Trainer(model=model, args=args, train_dataset=train, callbacks=[LoRAPruneCallback()]).train()
+        if prune_args.distill_teacher:
+            distillation = DistillationConfig(
+                teacher=prune_args.distill_teacher,
+                weight=prune_args.distill_weight,
+                temperature=prune_args.distill_temperature,
+            )
+            trainer = DistillationTrainer(
+                model=model, args=args, train_dataset=train, callbacks=[LoRAPruneCallback()], distillation=distillation
+            )
+        else:
+            trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[LoRAPruneCallback()])
+        trainer.train()
         report = model.base_model.sparsity_report()
         model.print_sparsity()
         run = {
@@ -218,22 +266,24 @@ def main():
         plot_sparsity_per_layer(
             report, os.path.join(run_dir, "sparsity_per_layer.png"), title=f"SmolLM2 LoRAPrune {sparsity:.0%}"
         )
-        ids = torch.tensor(test[:1]["input_ids"])
+        ids = torch.tensor(test[:1]["input_ids"], device=model.device)
         # a quantized base merges into the original-precision weights it was loaded from
         quantized = model_args.load_in_4bit or model_args.load_in_8bit
         export = export_pruned_model(
             model,
-            example_inputs={"input_ids": ids.to(model.device)},
+            example_inputs={"input_ids": ids},
             base_weights=model_path if quantized and os.path.isdir(model_path) else None,
         )
         print(export)
         export_dir = os.path.join(run_dir, "pruned_model")
         export.model.save_pretrained(export_dir)
         tokenizer.save_pretrained(export_dir)
-        reloaded = AutoModelForCausalLM.from_pretrained(export_dir)
+        reloaded = AutoModelForCausalLM.from_pretrained(
+            export_dir, dtype=DTYPES[model_args.dtype], device_map=model_args.device_map or default_device()
+        )
         run["perplexity_exported_reloaded"] = perplexity(reloaded, test, desc="perplexity (exported)")
         run["export"] = {k: v for k, v in export.to_dict().items()}
-        prompt = tokenizer("The history of", return_tensors="pt")
+        prompt = tokenizer("The history of", return_tensors="pt").to(reloaded.device)
         generated = reloaded.generate(**prompt, max_new_tokens=20, do_sample=False)
         run["sample"] = tokenizer.decode(generated[0], skip_special_tokens=True)
         if eval_args.lm_eval_tasks:

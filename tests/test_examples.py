@@ -121,8 +121,11 @@ def test_causal_lm_example_on_real_smollm2(tmp_path):
         "rt_sentiment,wiki_continuation",
         "--lm_eval_limit",
         "2",
+        "--distill_teacher",
+        "unmasked",
     )
     run = results["runs"][0]
+    assert results["settings"]["distill_teacher"] == "unmasked"  # trained with DistillationTrainer
     # zero-shot scores of the exported model, from lm-eval on the local tasks, land on both cards
     from huggingface_hub import ModelCard
 
