@@ -152,7 +152,7 @@ def cmd_eval(args) -> None:
     if args.include_path and not os.path.isdir(args.include_path):
         raise UsageError(f"--include_path {args.include_path} is not a folder")
     try:
-        model, tokenizer = load_for_evaluation(args.model, args.base, args.dtype)
+        model, tokenizer = load_for_evaluation(args.model, args.base, args.dtype, args.device or _default_device())
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(str(err)) from err
     try:
@@ -185,6 +185,12 @@ def cmd_lm_eval(rest: list[str]) -> None:
         raise UsageError("lm-eval is not installed: pip install 'peft_loraprune[eval]'") from err
     sys.argv = ["lm_eval", *rest]
     cli_evaluate()
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="dtype the model is loaded in (default: as saved)"
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="where the model is loaded and evaluated: cpu, cuda, cuda:1 or auto (accelerate's device_map; "
+        "default: cuda when a GPU is visible, else cpu)",
     )
     p.add_argument("--output", default=None, help="write lm-eval's results as JSON here")
     p.add_argument("--card", action="store_true", help="add the results to the folder's README.md (model-index)")

@@ -49,8 +49,9 @@ def _num_labels_in_adapter(path: str) -> Optional[int]:
     return None
 
 
-def load_adapter_model(path: str, base: Optional[str] = None, dtype: Optional[str] = None):
-    """A saved LoRAPrune adapter on its base model (``base`` overrides the adapter's ``base_model_name_or_path``).
+def load_adapter_model(path: str, base: Optional[str] = None, dtype: Optional[str] = None, device=None):
+    """A saved LoRAPrune adapter on its base model (``base`` overrides the adapter's ``base_model_name_or_path``),
+    loaded in ``dtype`` onto ``device`` (a device or accelerate ``device_map``; None: the CPU).
 
     Raises ``FileNotFoundError``/``ValueError`` with one-line messages: no adapter there, no base model named, a
     base the adapter does not fit."""
@@ -63,7 +64,7 @@ def load_adapter_model(path: str, base: Optional[str] = None, dtype: Optional[st
     if not base:
         raise ValueError(f"the adapter in {path} does not name its base model; pass --base")
     auto = auto_class(config.task_type)
-    kwargs = {"dtype": DTYPES[dtype]} if dtype else {}
+    kwargs = _load_kwargs(dtype, device)
     if config.task_type == "SEQ_CLS":
         n = _num_labels_in_adapter(path)
         if n:
@@ -80,18 +81,25 @@ def load_adapter_model(path: str, base: Optional[str] = None, dtype: Optional[st
         ) from err
 
 
-def load_for_evaluation(path: str, base: Optional[str] = None, dtype: Optional[str] = None):
-    """``(model, tokenizer source)`` for an adapter folder (merged) or a plain transformers model folder."""
+def _load_kwargs(dtype: Optional[str], device) -> dict:
+    kwargs = {"dtype": DTYPES[dtype]} if dtype else {}
+    if device is not None:
+        kwargs["device_map"] = device
+    return kwargs
+
+
+def load_for_evaluation(path: str, base: Optional[str] = None, dtype: Optional[str] = None, device=None):
+    """``(model, tokenizer source)`` for an adapter folder (merged) or a plain transformers model folder, loaded in
+    ``dtype`` onto ``device``: evaluation then runs where the model is."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist")
     if is_adapter_folder(path):
-        peft_model = load_adapter_model(path, base, dtype)
+        peft_model = load_adapter_model(path, base, dtype, device)
         source = base or peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path
         return peft_model.merge_and_unload(), source
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} holds neither an adapter (adapter_config.json) nor a model (config.json)")
-    kwargs = {"dtype": DTYPES[dtype]} if dtype else {}
-    return transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs), path
+    return transformers.AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(dtype, device)), path
 
 
 def evaluate(
