@@ -108,10 +108,10 @@ def test_trains_prunes_reloads_and_merges_on_a_quantized_base(checkpoint, quant,
     before = logits(model)
     assert torch.isfinite(before).all()
 
-    # a fresh process loads the adapter on a freshly quantized base: identical outputs (in this process for the
-    # element granularities on LLM.int8 and FP4, to keep the suite's time)
+    # a fresh process loads the adapter on a freshly quantized base: identical outputs (once per format; in this
+    # process for the element granularities, to keep the suite's time)
     model.save_pretrained(tmp_path / "adapter")
-    if granularity != "structured" and quant != "nf4-double-bf16":
+    if granularity != "structured":
         fresh = PeftModel.from_pretrained(quantized_base(checkpoint, quant), str(tmp_path / "adapter")).eval()
         torch.testing.assert_close(logits(fresh), before, rtol=0, atol=0)
     else:
