@@ -126,8 +126,12 @@ class LoRAPruneConfig(PeftConfig):
     """
 
     r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter path"})
+    lora_alpha: int = field(
+        default=16, metadata={"help": "LoRA scaling numerator (update scaled by alpha / r); LoraConfig's default is 8"}
+    )
+    lora_dropout: float = field(
+        default=0.05, metadata={"help": "Dropout on the adapter path's input; LoraConfig's default is 0.0"}
+    )
     target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to adapt"})
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to skip"})
     fan_in_fan_out: bool = field(default=False, metadata={"help": "True for GPT-2 style Conv1D weights"})
@@ -139,23 +143,53 @@ class LoRAPruneConfig(PeftConfig):
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices"})
     layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name"})
 
-    target_sparsity: float = field(default=0.5, metadata={"help": "Fraction removed by the end"})
+    target_sparsity: float = field(
+        default=0.5,
+        metadata={
+            "help": "Fraction of the prunable units (heads and channels, or weights) removed by the end of training, "
+            "in [0, 1); ignored for N:M, whose pattern fixes it at 1 - N/M"
+        },
+    )
     granularity: str = field(default="structured", metadata={"help": "'unstructured', 'structured' or 'N:M'"})
-    adaptation: str = field(default="parallel", metadata={"help": "'parallel' or 'sequential'"})
+    adaptation: str = field(
+        default="parallel",
+        metadata={
+            "help": "'parallel': W0 + s·B·A (plain LoRA); 'sequential': (I + s·B·A)·W0, the adapter on the output"
+        },
+    )
     importance: Optional[str] = field(
         default=None,
         metadata={
-            "help": "'activation', 'lora', 'grad' or 'magnitude'; None: 'activation' for structured, else 'lora'"
+            "help": "How units are scored: 'activation' (structured), 'wanda', 'lora' (the paper's estimator), 'grad' "
+            "or 'magnitude'; None: 'activation' for structured, 'wanda' for unstructured and N:M"
         },
     )
     element_mask_gradient: str = field(
-        default="exact", metadata={"help": "'exact' or 'straight_through' (unstructured and N:M only)"}
+        default="exact",
+        metadata={
+            "help": "Unstructured and N:M: 'exact' gives the factors the gradient of the masked update (one "
+            "weight-sized product per layer and step); 'straight_through' that of the unmasked update (cheaper, "
+            "an approximation)"
+        },
     )
-    importance_beta: float = field(default=0.9, metadata={"help": "Moving-average factor"})
-    importance_dtype: str = field(default="bfloat16", metadata={"help": "Dtype of per-weight scores"})
-    pruning_interval: int = field(default=10, metadata={"help": "Optimizer steps between mask rewrites"})
-    budget: str = field(default="local", metadata={"help": "'local' or 'global'"})
-    initial_sparsity: float = field(default=0.0, metadata={"help": "Sparsity at the end of warm-up"})
+    importance_beta: float = field(
+        default=0.9,
+        metadata={
+            "help": "Weight of the past in the importance's moving average over steps, in [0, 1) (0: this step only)"
+        },
+    )
+    importance_dtype: str = field(
+        default="bfloat16",
+        metadata={
+            "help": "Storage dtype of per-weight scores ('lora', 'grad', 'magnitude' per weight; 'wanda' keeps none)"
+        },
+    )
+    pruning_interval: int = field(default=10, metadata={"help": "Optimizer steps between mask rewrites (>= 1)"})
+    budget: str = field(
+        default="local",
+        metadata={"help": "'local': the same fraction pruned in every layer; 'global': units ranked across layers"},
+    )
+    initial_sparsity: float = field(default=0.0, metadata={"help": "Sparsity of the first rewrite, at pruning_start"})
     pruning_start: float = field(
         default=0.1, metadata={"help": "Fraction of the training steps at which pruning starts, in [0, 1)"}
     )
@@ -176,7 +210,13 @@ class LoRAPruneConfig(PeftConfig):
         default_factory=lambda: ["heads", "channels"], metadata={"help": "'heads' and/or 'channels'"}
     )
     head_grouping: str = field(default="kv_group", metadata={"help": "'kv_group' or 'query_head'"})
-    dense_layers: Optional[Union[list[int], str]] = field(default=None, metadata={"help": "Blocks kept dense"})
+    dense_layers: Optional[Union[list[int], str]] = field(
+        default=None,
+        metadata={
+            "help": "Transformer block indices never pruned, or 'reference' for the reference code's choice (the first "
+            "10% of blocks and the last one); None: every block is pruned"
+        },
+    )
     save_digest: Optional[str] = field(
         default=None, metadata={"help": "SHA-256 of the weights file and this config (written on save)"}
     )

@@ -28,9 +28,9 @@ def render_section(config, report) -> str:
         "## LoRAPrune",
         "",
         "This adapter was trained with [LoRAPrune](https://arxiv.org/abs/2305.18403) (`peft_loraprune`): LoRA "
-        "fine-tuning that prunes the base model, guided by importance estimated from the adapter's weights and "
-        "gradients. The adapter stores the pruning masks; load it with `import peft_loraprune` and "
-        "`PeftModel.from_pretrained`.",
+        "fine-tuning that prunes the base model while it trains, guided by an importance criterion that needs no "
+        "gradient of a pretrained weight (the one used is named below). The adapter stores the pruning masks; "
+        "load it with `import peft_loraprune` and `PeftModel.from_pretrained`.",
         "",
         f"- Base model: `{config.base_model_name_or_path or 'unknown'}`",
         "- Method: LoRAPrune",

@@ -1,11 +1,12 @@
 """What the pruning engine needs from ``torch.distributed`` so that every rank computes the same masks.
 
-Under DDP (and FSDP, DeepSpeed) every rank runs the engine on its own copy of the adapter. The "lora" criterion
-reads the adapter gradients after the framework has averaged them over ranks, and the mask selection is
-deterministic, so every rank already arrives at the same masks. Two things are rank-local and are made global
-here: the "grad" criterion's full-weight gradients, which the layers accumulate from each rank's own activations
-(averaged over ranks like DDP averages ``p.grad``), and the decision to skip a step whose gradients are not
-finite (all ranks skip if any rank would). With a single process both are no-ops.
+Under DDP (and FSDP, DeepSpeed) every rank runs the engine on its own copy of the adapter. The "lora" and
+"magnitude" criteria read what every rank already shares (adapter gradients after the framework averaged them,
+weights), and the mask selection is deterministic, so every rank arrives at the same masks. What is rank-local is
+made global here: the accumulators that criteria fill from each rank's own activations ("grad": full-weight
+gradients; "activation": ``Σ x·∂L/∂x`` per consumer column; "wanda": ``Σ x²`` per input feature), averaged over
+ranks like DDP averages ``p.grad``, and the decision to skip a step whose gradients are not finite (all ranks skip
+if any rank would). With a single process these are no-ops.
 
 Under FSDP2 (``torch.distributed.fsdp.fully_shard``) parameters and their gradients are ``DTensor`` shards
 between forward passes. The importance of a layer needs its whole weight, factors and factor gradients, so the

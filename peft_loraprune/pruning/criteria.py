@@ -20,7 +20,8 @@ The criteria (``LoRAPruneConfig.importance``):
     adaptation), and a weight scores ``|W ⊙ G_hat|``. A group sums its weights' scores in each member module.
     Since ``dB = s·G·Aᵀ`` and ``dA = s·Bᵀ·G``, ``G_hat`` is the true gradient projected on A's row space and B's
     column space (rank ≤ 2r): good for the rows of producing modules, near noise for the columns of consuming
-    modules while ``B ≈ 0`` (see the design notes, section 6).
+    modules while ``B ≈ 0`` (the columns then see only ``G·AᵀA``, a fixed random mix; the criterion study in
+    ``benchmarks/criteria.py`` measured the consequence).
 ``"grad"``  -- :class:`TrueGradient`: ``|W ⊙ G|`` with the true gradient ``G`` of the merged weight, accumulated
     during backward (one weight-sized float32 buffer per scored layer): the memory-heavy baseline.
 ``"magnitude"`` -- :class:`Magnitude`: ``|W|``.
