@@ -12,7 +12,7 @@ def test_defaults_follow_the_reference_code():
     assert c.peft_type == LORAPRUNE_PEFT_TYPE
     assert (c.r, c.lora_alpha, c.lora_dropout) == (8, 16, 0.05)
     assert (c.target_sparsity, c.pruning_interval, c.importance_beta) == (0.5, 10, 0.9)
-    assert (c.warmup_ratio, c.cooldown_ratio) == (0.1, 0.6)
+    assert (c.pruning_start, c.pruning_end) == (0.1, 0.4)  # pruning from 10% to 40% of the steps
     assert c.granularity == "structured" and c.budget == "local"
     assert c.scaling == 2.0
 
@@ -60,7 +60,8 @@ def test_default_criterion_follows_the_granularity_and_is_saved_resolved(tmp_pat
         ({"init_lora_weights": "pissa"}, "init_lora_weights"),
         ({"init_lora_weights": "loftq"}, "init_lora_weights"),
         ({"initial_sparsity": 0.6, "target_sparsity": 0.5}, "initial_sparsity"),
-        ({"warmup_ratio": 0.6, "cooldown_ratio": 0.4}, "warmup_ratio + cooldown_ratio"),
+        ({"pruning_start": 0.6, "pruning_end": 0.6}, "pruning_end=0.6 must be after pruning_start=0.6"),
+        ({"pruning_end": 1.5}, "pruning_end=1.5 is outside"),
         ({"schedule": "exponential"}, "schedule"),
         ({"prune_structures": ["neurons"]}, "prune_structures"),
         ({"prune_structures": []}, "prune_structures"),
@@ -115,8 +116,8 @@ def test_config_json_round_trip(tmp_path):
         "pruning_interval",
         "budget",
         "initial_sparsity",
-        "warmup_ratio",
-        "cooldown_ratio",
+        "pruning_start",
+        "pruning_end",
         "schedule",
         "prune_structures",
         "head_grouping",
