@@ -1,5 +1,6 @@
 # `make test`: set up a virtual environment from scratch (torch's CPU build first) and run the test suite.
 # `make lint`: ruff check and format check (CI runs it before the tests).
+# `make docs`: the documentation site (mkdocs, strict); CI builds it after the tests.
 # `make demo`: the main job: MiniLM fine-tuned and pruned to 50% on Rotten Tomatoes, offline, on CPU.
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +14,7 @@ LOWEST_PINS ?= peft==0.21.0 transformers==5.9.0
 OUT ?= outputs
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: test lint format test-lowest test-latest setup examples-setup demo demo-lm demo-vision clean
+.PHONY: test lint format docs test-lowest test-latest setup examples-setup demo demo-lm demo-vision clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,14 @@ examples-setup: $(VENV)/.examples
 
 test: examples-setup
 	$(OFFLINE) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the documentation site, built strictly (a warning fails the build); site/ is the output
+$(VENV)/.docs: $(VENV)/.installed setup.cfg
+	$(BIN)/python -m pip install --quiet -e ".[docs]" $(PINS)
+	touch $@
+
+docs: $(VENV)/.docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # ruff, pinned (a newer release may format differently): `make lint` checks, `make format` rewrites
 $(VENV)/.lint: $(BIN)/python setup.cfg

@@ -33,7 +33,7 @@ from report_cost import (  # noqa: E402
 )
 from report_peers import peers_section  # noqa: E402
 from report_quality import criteria_section, fidelity_section, quality_plot, quality_section  # noqa: E402
-from report_readme import update_readme  # noqa: E402
+from report_readme import update_documents  # noqa: E402
 
 
 def main():
@@ -64,7 +64,7 @@ def main():
     ):
         section(lines)
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
-    update_readme()
+    update_documents()
     print((HERE / "RESULTS.md").read_text())
 
 

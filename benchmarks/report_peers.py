@@ -191,8 +191,8 @@ def peers_verdicts(rows, table: dict, sparsities):
             lora, grad = means.get(f"loraprune-lora{suffix}"), means.get(f"loraprune-grad{suffix}")
             if lora is not None and grad is not None:
                 out.append(
-                    f"{sparsity:.0%}: the paper's estimator (`lora{suffix}`) / true gradient (`grad{suffix}`) "
-                    f"{metric}: {lora / grad:.3f}."
+                    f"{sparsity:.0%}: {metric} of the paper's estimator (`lora{suffix}`) {lora:.4g}, of the true "
+                    f"gradient (`grad{suffix}`) {grad:.4g}: ratio {lora / grad:.3f}."
                 )
     return out
 

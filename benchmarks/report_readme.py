@@ -1,15 +1,15 @@
-"""The README's generated blocks: the benchmark bullets, the demos' output, the cost and big-models blocks. Each
-block sits between two markers; a marker missing from the README raises (README_BLOCKS lists them)."""
+"""The generated blocks of the README and the docs: the README's results table, the benchmark, distillation and
+big-models lists, the cost tables. Each block sits between two markers; a missing marker raises
+(GENERATED_BLOCKS lists them). Only result files marked current reach these documents."""
 
 from __future__ import annotations
 
-import re
-
 import report_big_models
+import report_distill
 from report_common import HERE, load, memory_keys, on_gpu, replace_block, with_rewrites_words
 from report_cost import element_breakdown_rows, masked_blocks_rows, memory_profile_rows
 from report_peers import granularity_of, peers_verdicts, table_of, tag_words
-from stats import mean_of
+from stats import mean_of, summary
 
 
 def readme_summary() -> list[str]:
@@ -41,7 +41,9 @@ def readme_summary() -> list[str]:
             + "):"
         )
         out += [f"  - {v}" for v in peers_verdicts(rows, table, sparsities)]
-    for data in load("criteria_*.json").values():
+    for name, data in load("criteria_*.json").items():
+        if not table_of(data, name)["current"]:
+            continue
         summary = data["summary"]
         cells = []
         for p in sorted({v.split("%")[0] for v in summary if "%" in v}, key=float, reverse=True):
@@ -51,7 +53,9 @@ def readme_summary() -> list[str]:
             f"- **Criterion study** (SmolLM2-135M, {data['settings']['train_tokens']:,d} training tokens, seeds "
             f"{data['settings']['seeds']}; held-out perplexity, lower is better): " + "; ".join(cells) + "."
         )
-    for data in load("step_cost_*.json").values():
+    for name, data in load("step_cost_*.json").items():
+        if not table_of(data, name)["current"]:
+            continue
         s = data["settings"]
         rows = {r["config"]: r for r in data["rows"]}
         label, _, vs_lora, _ = memory_keys(data)
@@ -73,92 +77,11 @@ def readme_summary() -> list[str]:
     return out
 
 
-def demo_text_classification(data) -> list[str]:
-    """README block of ``make demo`` from ``demo_text_classification.json``."""
-    r = data["result"]
-    e = r["export"]
-    m = data["machine"]
-    mib = 2**20
-    return [
-        f"What it printed here ({m['cpu_count']} CPU cores, {r['wall_seconds'] / 60:.0f} min for the whole `make demo`, "
-        f"peak RSS {r['peak_rss_mib_children'] / 1024:.1f} GB; peft_loraprune {m.get('peft_loraprune')}, criterion "
-        f"`{r['settings']['importance'] or 'default'}`, {m['date'][:10]}):",
-        "",
-        f"| | test accuracy ({r['sizes']['test']:,d} sentences) |",
-        "|---|---:|",
-        f"| dense LoRA (r={r['settings']['lora_r']}, same steps) | {r['dense_lora']['test_accuracy']:.4f} |",
-        f"| LoRAPrune, {r['loraprune']['sparsity']:.0%} of heads and channels pruned (masked) | "
-        f"{r['loraprune']['test_accuracy']:.4f} |",
-        f"| exported (channels removed, heads zeroed) and reloaded | {e['test_accuracy_after_reload']:.4f} |",
-        "",
-        "| exported model | before | after |",
-        "|---|---:|---:|",
-        f"| parameters | {e['params_before']:,d} | {e['params_after']:,d} |",
-        f"| weights in the adapted encoder linears | {r['loraprune']['weights_in_adapted_modules']:,d} | "
-        f"{r['loraprune']['weights_kept_in_adapted_modules']:,d} kept |",
-        f"| size (fp32) | {e['bytes_before'] / mib:.1f} MiB | {e['bytes_after'] / mib:.1f} MiB |",
-        f"| CPU latency, batch {e['latency_batch'][0]} x {e['latency_batch'][1]} tokens | "
-        f"{e['latency_before_ms']:.1f} ms | {e['latency_after_ms']:.1f} ms (x{e['speedup']:.2f}) |",
-    ] + (["", data["conditions"]] if data.get("conditions") else [])
-
-
-def demo_causal_lm(data) -> list[str]:
-    """README block of ``make demo-lm`` from ``demo_causal_lm.json``."""
-    r = data["result"]
-    m = data["machine"]
-    runs = r["runs"]
-    s = r["settings"]
-    first = runs[0]["export"]
-    lines = [
-        f"What it printed here ({m['cpu_count']} CPU cores, {r['wall_seconds'] / 60:.0f} min for the whole `make "
-        f"demo-lm`; peft_loraprune {m.get('peft_loraprune')}, criterion `{s['importance'] or 'default'}`, "
-        f"{m['date'][:10]}): {s['max_steps']} steps of {s['batch_size']} x {r['block_size']} tokens on "
-        f"{r['train_blocks']:,d} Wikipedia blocks, perplexity on {r['test_blocks']} held-out blocks.",
-        "",
-        "| target | pruned (channels / heads) | perplexity masked | exported + reloaded | parameters | CPU latency |",
-        "|---|---|---:|---:|---:|---:|",
-        f"| dense base | 0 / 0 | {r['dense_perplexity']:.2f} | | {first['params_before'] / 1e6:.1f}M | "
-        f"{first['latency_before_ms']:.1f} ms |",
-    ]
-    for run in runs:
-        e = run["export"]
-        units = run["sparsity_by_unit"]
-        lines.append(
-            f"| {run['target_sparsity']:.0%} | {units.get('channels', 0):.1%} / {units.get('heads', 0):.1%} | "
-            f"{run['perplexity_masked']:.2f} | {run['perplexity_exported_reloaded']:.2f} | "
-            f"{e['params_after'] / 1e6:.1f}M | {e['latency_after_ms']:.1f} ms (x{e['speedup']:.2f}) |"
-        )
-    return lines
-
-
-def demo_command_line(data) -> list[str]:
-    """README block of the Evaluate section: the commands run on ``make demo-lm``'s 50% adapter and their output."""
-    steps = data["result"].get("command_line")
-    if not steps:
-        return []
-    m = data["machine"]
-    lines = [
-        f"What they printed here on `make demo-lm`'s 50% adapter (peft_loraprune {m.get('peft_loraprune')}, "
-        f"{m['date'][:10]}; paths shortened, evaluation limited to the first documents of each local task):",
-        "",
-        "```",
-    ]
-    for step in steps[1:]:  # the first one only writes the local tasks
-        command = step["command"].replace(str(HERE.parent) + "/", "")
-        lines.append("$ " + " ".join(part.rsplit("/", 3)[-1] if "/" in part else part for part in command.split()))
-        output = re.sub(r"/tmp/\w+/cli/", "", step["stdout"])  # the walkthrough's temporary folder
-        lines += [line for line in output.strip().splitlines() if line.strip()][-12:]
-    return [*lines, "```"]
-
-
-def _demo(name: str):
-    found = load(f"demo_{name}.json")
-    return next(iter(found.values())) if found else None
-
-
 def cost_lines() -> list[str]:
     cost = []
-    for data in load("memory_profile_*.json").values():
+    for name, data in load("memory_profile_*.json").items():
+        if not table_of(data, name)["current"]:
+            continue
         s = data["settings"]
         cost += [
             f"Measured with `benchmarks/memory_profile.py` ({s['model']}, batch {s['batch']} x {s['seq']} tokens, "
@@ -169,21 +92,67 @@ def cost_lines() -> list[str]:
             *memory_profile_rows(data),
             "",
         ]
-    for data in load("masked_blocks_*.json").values():
-        cost += [*masked_blocks_rows(data), ""]
-    for data in load("element_step_breakdown_*.json").values():
-        cost += [*element_breakdown_rows(data), ""]
+    for pattern, rows_of in (
+        ("masked_blocks_*.json", masked_blocks_rows),
+        ("element_step_breakdown_*.json", element_breakdown_rows),
+    ):
+        for name, data in load(pattern).items():
+            if table_of(data, name)["current"]:
+                cost += [*rows_of(data), ""]
     return cost
 
 
-# every generated block of the README: (marker name, what renders it); both markers must be present
-README_BLOCKS = (
-    ("benchmarks", readme_summary),
-    ("demo:text_classification", lambda: demo_text_classification(_demo("text_classification"))),
-    ("demo:causal_lm", lambda: demo_causal_lm(_demo("causal_lm"))),
-    ("demo:command_line", lambda: demo_command_line(_demo("causal_lm"))),
-    ("cost", cost_lines),
-    ("big-models", report_big_models.readme_lines),
+def results_table() -> list[str]:
+    """The README's one table: SmolLM2 held-out perplexity, the package default against dense LoRA and the peers,
+    structured at 20% and 50% and unstructured at 50% (means over seeds, from the current peers files)."""
+    columns = [("peers_smollm2", 0.2, "structured 20%"), ("peers_smollm2", 0.5, "structured 50%")]
+    columns += [("peers_smollm2_unstructured", 0.5, "unstructured 50%")]
+    files = load("peers_smollm2*.json")
+    methods, cells = [], {}
+    for name, sparsity, label in columns:
+        data = files.get(name)
+        if data is None or not table_of(data, name)["current"]:
+            continue
+        table = table_of(data, name)
+        rows = data["rows"]
+        wanted = ["dense-lora", table["default_method"], *table["peers"]]
+        for m in wanted:
+            at = [r for r in rows if r["method"] == m and r["sparsity"] == (0.0 if m == "dense-lora" else sparsity)]
+            value = summary(r["perplexity"] for r in at)
+            if value is None:
+                continue
+            key = "LoRAPrune (default)" if m == table["default_method"] else m
+            if key not in methods:
+                methods.append(key)
+            cells[key, label] = f"{value.mean:.2f}" + (f" ± {value.std:.2f}" if value.n > 1 else "") + f" ({value.n})"
+    labels = [label for _, _, label in columns]
+    if not cells:
+        return []
+    machine_line = next(iter(files.values()))["machine"]
+    out = [
+        "| SmolLM2-135M, Wikipedia leads: held-out perplexity (mean ± std, seeds) | " + " | ".join(labels) + " |",
+        "|---|" + "---:|" * len(labels),
+    ]
+    for m in methods:
+        out.append(f"| {m} | " + " | ".join(cells.get((m, label), "-") for label in labels) + " |")
+    tokens = next(iter(files.values()))["rows"][0]["train_tokens"]
+    out += [
+        "",
+        f"{tokens:,d} training tokens per run, LoRA rank 8, bfloat16 autocast, "
+        f"{machine_line['cpu_count']} CPUs, peft_loraprune {machine_line.get('peft_loraprune')} "
+        f"({machine_line['date'][:10]}); lower is better. Peers prune one-shot, then get the same LoRA training. "
+        "Every other table: [docs/benchmarks.md](docs/benchmarks.md) and `benchmarks/RESULTS.md`.",
+    ]
+    return out
+
+
+# every generated block: (document, marker name, what renders it); both markers must be present
+GENERATED_BLOCKS = (
+    ("README.md", "results", results_table),
+    ("docs/benchmarks.md", "benchmarks", readme_summary),
+    ("docs/benchmarks.md", "distillation", report_distill.readme_lines),
+    ("docs/benchmarks.md", "big-models", report_big_models.readme_lines),
+    ("docs/concepts/cost.md", "cost", cost_lines),
 )
 
 
@@ -191,9 +160,18 @@ def markers(name: str) -> tuple[str, str]:
     return f"<!-- {name}:start (generated by benchmarks/report.py) -->", f"<!-- {name}:end -->"
 
 
-def update_readme(readme=HERE.parent / "README.md") -> None:
-    """Regenerate every block of README_BLOCKS in place; a missing marker raises before anything is written."""
-    text = readme.read_text()
-    for name, render in README_BLOCKS:
-        text = replace_block(text, *markers(name), render())
-    readme.write_text(text)
+def rendered(root=HERE.parent) -> dict:
+    """Every document with generated blocks, as it should read: {path: text}. A missing marker raises."""
+    texts = {}
+    for document, name, render in GENERATED_BLOCKS:
+        path = root / document
+        text = texts.get(path, path.read_text())
+        texts[path] = replace_block(text, *markers(name), render())
+    return texts
+
+
+def update_documents(root=HERE.parent) -> None:
+    """Regenerate every block of GENERATED_BLOCKS in place; every marker is checked before anything is written."""
+    for path, text in rendered(root).items():
+        if path.read_text() != text:
+            path.write_text(text)

@@ -45,7 +45,9 @@ def test_unstructured_verdict_compares_the_unstructured_default_with_llm_compres
         "margin, 0.5, is within the default's seed-to-seed spread, std 1.41; better than wanda on 1 of 2 paired "
         "seeds)."
     )
-    assert verdicts[1] == "50%: the paper's estimator (`lora`) / true gradient (`grad`) perplexity: 1.308."  # 34/26
+    assert verdicts[1] == (  # 34/26: a ratio, said to be one
+        "50%: perplexity of the paper's estimator (`lora`) 34, of the true gradient (`grad`) 26: ratio 1.308."
+    )
 
 
 def test_structured_verdict_names_the_peer_that_wins():
@@ -103,6 +105,7 @@ def test_step_cost_tables_show_device_memory_on_a_gpu_and_resident_memory_on_a_c
             step_cost.compare(r, by_name)
         data = {
             "machine": machine,
+            "table": {**STRUCTURED, "metric": "time_vs_lora", "peers": []},
             "settings": {"model": "m", "batch": 1, "seq": 8, "steps": 3, "warmup": 1, "device": device},
             "rows": rows,
         }
@@ -228,12 +231,20 @@ def test_a_missing_marker_raises_and_nothing_is_written(tmp_path, monkeypatch):
     )
     with pytest.raises(ValueError, match="markers missing"):
         report_common.replace_block(f"a\n{start}\nold\n", start, end, ["new"])
-    readme = tmp_path / "README.md"
-    readme.write_text("no markers here\n")
-    monkeypatch.setattr(report_readme, "README_BLOCKS", (("cost", lambda: ["x"]),))
+    (tmp_path / "good.md").write_text(f"{start}\nold\n{end}\n")
+    (tmp_path / "bad.md").write_text("no markers here\n")
+    blocks = (("good.md", "cost", lambda: ["x"]), ("bad.md", "cost", lambda: ["x"]))
+    monkeypatch.setattr(report_readme, "GENERATED_BLOCKS", blocks)
     with pytest.raises(ValueError, match="cost:start"):
-        report_readme.update_readme(readme)
-    assert readme.read_text() == "no markers here\n"
+        report_readme.update_documents(tmp_path)
+    assert (tmp_path / "good.md").read_text() == f"{start}\nold\n{end}\n"  # nothing written before the check
+    assert (tmp_path / "bad.md").read_text() == "no markers here\n"
+
+
+def test_the_generated_blocks_in_readme_and_docs_are_what_the_result_files_give():
+    """CI's check that nobody edited a generated block by hand or forgot to run benchmarks/report.py."""
+    stale = [str(path) for path, text in report_readme.rendered(ROOT).items() if path.read_text() != text]
+    assert not stale, f"run python benchmarks/report.py: generated blocks out of date in {stale}"
 
 
 def test_every_result_file_states_what_its_rows_are_ranked_by():
