@@ -14,7 +14,7 @@ LOWEST_PINS ?= peft==0.21.0 transformers==5.9.0
 OUT ?= outputs
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: test lint format docs test-lowest test-latest setup examples-setup demo demo-lm demo-vision clean
+.PHONY: test test-benchmarks lint format docs test-lowest test-latest setup examples-setup demo demo-lm demo-vision clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,12 @@ $(VENV)/.examples: $(VENV)/.installed
 
 examples-setup: $(VENV)/.examples
 
+# the package's suite (the developer loop, under 8 minutes on 2 cores); the benchmark scripts' smoke runs apart
 test: examples-setup
-	$(OFFLINE) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(OFFLINE) $(BIN)/python -m pytest -m "not benchmarks" $(PYTEST_ARGS)
+
+test-benchmarks: examples-setup
+	$(OFFLINE) $(BIN)/python -m pytest -m benchmarks $(PYTEST_ARGS)
 
 # the documentation site, built strictly (a warning fails the build); site/ is the output
 $(VENV)/.docs: $(VENV)/.installed setup.cfg
