@@ -33,3 +33,8 @@ timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_semi_structured.py t
 (cd benchmarks && timeout 150 $PY export_speed.py --model llama-0.5b --sparsities "$EXPORT_ENTRIES" --device cuda \
     --dtype float16 --batches 1,16 --seq 512 --repeats 20 --out "$RESULTS") \
     2>&1 | tee "$RESULTS/gpu_export_speed.log" | grep -v "it/s" | tail -8
+
+# 4. the user-facing paths on the GPU: Trainer + callback and DistillationTrainer in bfloat16, export with example
+#    inputs on the model's device, the saved adapter through the command line (report, export), the reload
+(cd benchmarks && timeout 200 $PY device_walkthrough.py --device cuda --dtype bfloat16 --out "$RESULTS") \
+    2>&1 | tee "$RESULTS/gpu_walkthrough.log" | grep -v Warning | tail -12

@@ -306,3 +306,15 @@ def test_peers_smoke(tmp_path):
     # Torch-Pruning's GroupTaylorImportance and the benchmark's own sum of |W ⊙ G| rank channels alike
     assert rows[0]["torch_pruning_vs_own_channel_corr"] > 0.999
     assert all(0 <= r["accuracy"] <= 1 and r["peak_rss_mib"] > 0 for r in rows)
+
+
+def test_device_walkthrough_smoke(tmp_path):
+    """What gpu.sh runs on a GPU, here on the CPU in bfloat16: training with and without distillation, export with
+    inputs on the model's device, the command line on the saved adapter, the reload."""
+    run("device_walkthrough.py", tmp_path, "--device", "cpu", "--dtype", "bfloat16", "--steps", "4")
+    data = json.loads((tmp_path / "device_walkthrough_cpu.json").read_text())
+    plain, distilled = data["runs"]
+    assert plain["sparsity"] == distilled["sparsity"] == 0.5 and distilled["teacher_mib"] > 0
+    assert plain["params_after"] < plain["params_before"]
+    assert data["cli_report"].startswith("sparsity: 50.00%")
+    assert data["exported_reloaded"] == {"device": "cpu", "dtype": "torch.bfloat16", "finite": True}
