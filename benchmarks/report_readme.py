@@ -13,7 +13,7 @@ from stats import mean_of, summary
 
 
 def readme_summary() -> list[str]:
-    """Bullets for README's Benchmarks section, computed from the result files like RESULTS.md."""
+    """Bullets for docs/benchmarks.md, computed from the result files like RESULTS.md."""
     out = []
     for file_name, data in load("peers_*.json").items():
         rows = data["rows"]
@@ -152,6 +152,7 @@ GENERATED_BLOCKS = (
     ("docs/benchmarks.md", "benchmarks", readme_summary),
     ("docs/benchmarks.md", "distillation", report_distill.readme_lines),
     ("docs/benchmarks.md", "big-models", report_big_models.readme_lines),
+    ("docs/how-to/quantized.md", "big-models", report_big_models.readme_lines),
     ("docs/concepts/cost.md", "cost", cost_lines),
 )
 

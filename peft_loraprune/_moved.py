@@ -18,6 +18,7 @@ MOVED = {
         m: f"kernels.{m}"
         for m in (
             "adaptation",
+            "distributed",
             "group_ops",
             "importance",
             "mask_packing",
@@ -32,7 +33,6 @@ MOVED = {
         for m in (
             "architectures",
             "criteria",
-            "distributed",
             "engine",
             "schedule",
             "selection",
@@ -48,7 +48,6 @@ MOVED = {
     **{
         m: f"hub.{m}"
         for m in (
-            "environment",
             "evaluation",
             "integrity",
             "model_card",

@@ -90,7 +90,7 @@ class LoRAPruneConfig(PeftConfig):
             its input feature over the step's tokens, Wanda's rule, from the forward pass alone (``d_in`` floats of
             state per layer, the weight scored only when masks are rewritten); on SmolLM2 at 50% unstructured it
             gave lower held-out perplexity than the paper's estimator and than llm-compressor's one-shot Wanda and
-            SparseGPT followed by the same LoRA (README, "Benchmarks"); "lora" (the paper's estimator from the adapter
+            SparseGPT followed by the same LoRA (docs/benchmarks.md); "lora" (the paper's estimator from the adapter
             gradients, ``|W ⊙ G_hat|``, the default for those granularities before 0.4.0); "grad" (true gradient of
             the merged weight; memory-heavy baseline); "magnitude". ``None`` picks the default for the granularity.
         element_mask_gradient: "unstructured" and "N:M" only. "exact" (default): the adapter factors get the
@@ -98,7 +98,7 @@ class LoRAPruneConfig(PeftConfig):
             layer and backward pass. "straight_through" (opt-in approximation, as sparse-training methods use):
             the factors get the gradient of the unmasked update ``B·A``, computed at rank r with nothing
             weight-sized; outputs and input gradients stay exact, but pruned entries of ``B·A`` still steer the
-            factors. Its time and quality cost are in the README's "Cost" section.
+            factors. Its time cost is in docs/concepts/cost.md.
         importance_beta: moving-average factor λ of the importance, in [0, 1).
         importance_dtype: storage dtype of per-weight scores ("lora", "grad" and "magnitude" at the unstructured and
             N:M granularities; "wanda", their default, keeps none: it averages one input norm per feature and scores
@@ -111,9 +111,8 @@ class LoRAPruneConfig(PeftConfig):
             ``schedule="one_shot"`` prunes everything at ``pruning_start``. (Before 0.5.0 the window was
             ``warmup_ratio`` and ``cooldown_ratio = 1 - pruning_end``; those names still work, with a
             ``DeprecationWarning``: ``warmup_ratio`` was also ``TrainingArguments``' learning-rate warm-up.) The
-            default window was measured against the reference code's (10% to 90%) and one-shot on SmolLM2 (``benchmarks/peers.py``, two or three
-            seeds; README "Benchmarks"): lower perplexity than both at 20% and 50% on the mean; on MiniLM (50%) the
-            reference window was 0.3 points of accuracy better (2 of 3 seeds).
+            default window was measured against the reference code's (10% to 90%) and one-shot on SmolLM2 and MiniLM
+            (``benchmarks/peers.py``; docs/benchmarks.md).
             Pruning late leaves the last units' removal little time to recover.
         prune_structures: for "structured": which units to prune, "heads" and/or "channels".
         head_grouping: with grouped-query attention: "kv_group" removes a KV head with all its query heads;
@@ -125,23 +124,44 @@ class LoRAPruneConfig(PeftConfig):
             hand (see :mod:`peft_loraprune.hub.integrity`).
     """
 
-    r: int = field(default=8, metadata={"help": "LoRA rank"})
+    r: int = field(default=8, metadata={"help": "LoRA rank of the adapter factors (> 0)"})
     lora_alpha: int = field(
         default=16, metadata={"help": "LoRA scaling numerator (update scaled by alpha / r); LoraConfig's default is 8"}
     )
     lora_dropout: float = field(
-        default=0.05, metadata={"help": "Dropout on the adapter path's input; LoraConfig's default is 0.0"}
+        default=0.05,
+        metadata={"help": "Dropout probability on the adapter path's input, in [0, 1); LoraConfig's default is 0.0"},
     )
-    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to adapt"})
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to skip"})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names or a regex to adapt; None: every attention and MLP linear of a known family "
+            "(PEFT's LoRA default otherwise)"
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex never adapted"}
+    )
     fan_in_fan_out: bool = field(default=False, metadata={"help": "True for GPT-2 style Conv1D weights"})
-    bias: str = field(default="none", metadata={"help": "'none', 'all' or 'lora_only'"})
+    bias: str = field(
+        default="none", metadata={"help": "Which biases train, as in LoRA: 'none', 'all' or 'lora_only'"}
+    )
     use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha/sqrt(r)"})
     use_dora: bool = field(default=False, metadata={"help": "Not supported; must stay False"})
-    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra trainable modules"})
-    init_lora_weights: Union[bool, str] = field(default=True, metadata={"help": "True, False or 'gaussian'"})
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices"})
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name"})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained and saved whole with the adapter (e.g. a classifier head)"}
+    )
+    init_lora_weights: Union[bool, str] = field(
+        default=True,
+        metadata={"help": "Factor initialisation as in LoRA: True (B = 0), False (random, for tests) or 'gaussian'"},
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt the blocks with these indices (as in LoRA)"}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Name of the module list holding the blocks, for layers_to_transform (as in LoRA)"},
+    )
 
     target_sparsity: float = field(
         default=0.5,
@@ -150,7 +170,13 @@ class LoRAPruneConfig(PeftConfig):
             "in [0, 1); ignored for N:M, whose pattern fixes it at 1 - N/M"
         },
     )
-    granularity: str = field(default="structured", metadata={"help": "'unstructured', 'structured' or 'N:M'"})
+    granularity: str = field(
+        default="structured",
+        metadata={
+            "help": "What is pruned: 'structured' (attention heads and MLP channels), 'unstructured' (single weights) "
+            "or an 'N:M' pattern such as '2:4' (N weights kept in every M)"
+        },
+    )
     adaptation: str = field(
         default="parallel",
         metadata={
@@ -181,7 +207,8 @@ class LoRAPruneConfig(PeftConfig):
     importance_dtype: str = field(
         default="bfloat16",
         metadata={
-            "help": "Storage dtype of per-weight scores ('lora', 'grad', 'magnitude' per weight; 'wanda' keeps none)"
+            "help": "Storage dtype of per-weight scores: 'bfloat16', 'float16' or 'float32' ('lora', 'grad', 'magnitude' per "
+            "weight; 'wanda' keeps none)"
         },
     )
     pruning_interval: int = field(default=10, metadata={"help": "Optimizer steps between mask rewrites (>= 1)"})
@@ -189,14 +216,21 @@ class LoRAPruneConfig(PeftConfig):
         default="local",
         metadata={"help": "'local': the same fraction pruned in every layer; 'global': units ranked across layers"},
     )
-    initial_sparsity: float = field(default=0.0, metadata={"help": "Sparsity of the first rewrite, at pruning_start"})
+    initial_sparsity: float = field(
+        default=0.0,
+        metadata={
+            "help": "Sparsity of the first rewrite, at pruning_start: a fraction in [0, 1), at most the target; "
+            "ignored by the one_shot schedule"
+        },
+    )
     pruning_start: float = field(
         default=0.1, metadata={"help": "Fraction of the training steps at which pruning starts, in [0, 1)"}
     )
     pruning_end: float = field(
         default=0.4,
         metadata={
-            "help": "Fraction of the training steps at which target_sparsity is reached (the reference code: 0.9)"
+            "help": "Fraction of the training steps at which target_sparsity is reached, in (pruning_start, 1] (the "
+            "reference code: 0.9)"
         },
     )
     warmup_ratio: Optional[float] = field(
@@ -205,11 +239,23 @@ class LoRAPruneConfig(PeftConfig):
     cooldown_ratio: Optional[float] = field(
         default=None, metadata={"help": "Deprecated (before 0.5.0): use pruning_end = 1 - cooldown_ratio"}
     )
-    schedule: str = field(default="cubic", metadata={"help": "'cubic' or 'one_shot'"})
-    prune_structures: list[str] = field(
-        default_factory=lambda: ["heads", "channels"], metadata={"help": "'heads' and/or 'channels'"}
+    schedule: str = field(
+        default="cubic",
+        metadata={
+            "help": "'cubic': sparsity ramps from pruning_start to pruning_end; 'one_shot': everything at pruning_start"
+        },
     )
-    head_grouping: str = field(default="kv_group", metadata={"help": "'kv_group' or 'query_head'"})
+    prune_structures: list[str] = field(
+        default_factory=lambda: ["heads", "channels"],
+        metadata={"help": "Structured only: which units are pruned, 'heads' and/or 'channels'"},
+    )
+    head_grouping: str = field(
+        default="kv_group",
+        metadata={
+            "help": "With grouped-query attention: 'kv_group' removes a KV head with all its query heads; 'query_head' "
+            "removes the same number of query heads in every KV group"
+        },
+    )
     dense_layers: Optional[Union[list[int], str]] = field(
         default=None,
         metadata={
@@ -236,7 +282,7 @@ class LoRAPruneConfig(PeftConfig):
         self._adopt_deprecated_window()
         if self.importance is None:
             # the defaults decided by benchmarks/criteria.py (structured) and benchmarks/peers.py --granularity
-            # unstructured (per weight); see README, "Benchmarks"
+            # unstructured (per weight); see docs/benchmarks.md
             granularity = self.granularity if isinstance(self.granularity, str) else ""
             self.importance = "activation" if granularity == "structured" else "wanda"
         self.validate()

@@ -1,4 +1,4 @@
-"""The package's layers import downward only (CONTRIBUTING, "Layout"): checked on every module's top-level imports.
+"""The package's layers import downward only (CONTRIBUTING, "Where things live"): checked on every module's top-level imports.
 
 A module may import its own layer and the layers below it at import time. An upward dependency must be a lazy
 import inside the function that needs it, so that each layer can be imported, read and tested without the ones
@@ -125,3 +125,16 @@ def peft_loraprune_export():
     import peft_loraprune
 
     return peft_loraprune.export_pruned_model
+
+
+@pytest.mark.parametrize("old", sorted(__import__("peft_loraprune._moved", fromlist=["MOVED"]).MOVED))
+def test_every_old_path_resolves_to_an_existing_module(old):
+    import importlib
+    import warnings
+
+    from peft_loraprune._moved import MOVED
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = importlib.import_module(f"peft_loraprune.{old}")
+    assert module is importlib.import_module(f"peft_loraprune.{MOVED[old]}")
