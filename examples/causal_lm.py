@@ -37,8 +37,7 @@ from peft_loraprune import (
     LoRAPruneConfig,
     export_pruned_model,
 )
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from peft_loraprune.hub.evaluation import DTYPES  # the names the command line accepts too
 
 
 def default_device() -> str:
