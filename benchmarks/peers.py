@@ -28,13 +28,17 @@ same fraction in every block, all trained with the same LoRA (rank, alpha, dropo
 * ``dense-lora``: LoRA without pruning (the ceiling). Its adapter is saved in ``<work_dir>/dense-lora/`` for
   the ``kd=dense`` teacher below.
 
-Modifiers, appended to any method with ``+`` (the study of recovery, ``benchmarks/distillation.py``):
+Modifiers, appended to any method with ``+`` (the study of recovery, rendered by ``benchmarks/report_distill.py``):
 
 * ``+kd=<teacher>/<weight>/<temperature>``: train with :class:`peft_loraprune.DistillationTrainer` toward
   ``unmasked`` (the adapter with its masks off), ``base`` (adapters off) or ``dense`` (the ``dense-lora`` adapter
   of the same seed and steps, loaded as a second adapter; its training tokens and seconds are recorded in the row
   and count in ``total_train_tokens``);
-* ``+r=<rank>``: LoRA rank (alpha stays 2 x rank); ``+lr=<rate>``: learning rate.
+* ``+r=<rank>``: LoRA rank (alpha stays 2 x rank); ``+lr=<rate>``: learning rate;
+* ``+norms``: the normalisation layers train too (saved whole through ``modules_to_save``; every module whose
+  class name ends in ``Norm``: Llama's RMSNorms, BERT's LayerNorms);
+* ``+recovery_lr=<factor>``: once the masks are final (from ``pruning_end`` of the steps on), the learning rate
+  is the schedule's times ``factor``: more room for the adapter to recover what the last rewrites removed.
 
 ``--granularity unstructured`` (SmolLM2 only): ``sparsegpt`` and ``wanda``, llm-compressor's one-shot pruners
 (``SparseGPTModifier``, ``WandaPruningModifier``, 50% per Linear of the blocks, calibration batches of the training
@@ -60,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -357,12 +362,38 @@ def split_modifiers(method: str) -> tuple[str, dict]:
     out = {}
     for mod in mods:
         key, sep, value = mod.partition("=")
-        if not sep or key not in ("kd", "r", "lr"):
+        if not (key in ("kd", "r", "lr", "recovery_lr") and sep and value) and not (key == "norms" and not sep):
             raise SystemExit(
-                f"method {method!r}: modifier {mod!r} must be kd=<teacher>/<weight>/<T>, r=<rank> or lr=<x>"
+                f"method {method!r}: modifier {mod!r} must be kd=<teacher>/<weight>/<T>, r=<rank>, lr=<x>, "
+                "norms or recovery_lr=<factor>"
             )
         out[key] = value
     return name, out
+
+
+def norm_module_names(model) -> list[str]:
+    """The last name component of every module whose class name ends in ``Norm`` (``modules_to_save`` keys)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if type(m).__name__.endswith("Norm")})
+
+
+class RecoveryLearningRate(transformers.TrainerCallback):
+    """From ``from_fraction`` of the training steps on, the learning rate is the scheduler's times ``factor``.
+
+    Applied after the scheduler's own step (``on_step_end`` follows ``lr_scheduler.step()`` in the Trainer), so
+    the next optimizer step uses it; the Trainer's schedules recompute every step's rate from the initial rates,
+    so the factor is not compounded. The logged ``learning_rate`` is the scheduler's, without the factor.
+    """
+
+    def __init__(self, factor: float, from_fraction: float):
+        self.factor, self.from_fraction, self.first_step = factor, from_fraction, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.first_step = math.ceil(self.from_fraction * state.max_steps)
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if state.global_step >= self.first_step:
+            for group in optimizer.param_groups:
+                group["lr"] *= self.factor
 
 
 def distillation_of(value: str):
@@ -401,6 +432,7 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         **schedule,
         head_grouping=task.head_grouping,
         pruning_interval=args.pruning_interval,
+        modules_to_save=norm_module_names(base) if "norms" in mods else None,
     )
     row = {
         "task": task.name,
@@ -462,6 +494,14 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
     if "lr" in mods:
         training["learning_rate"] = float(mods["lr"])
     row["learning_rate"] = training["learning_rate"]
+    row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if "norms" in mods:
+        row["modules_to_save"] = config.modules_to_save
+    if "recovery_lr" in mods:
+        final = 0.0 if method in PEERS or method in UNSTRUCTURED_PEERS else config.pruning_end  # masks set once
+        recovery = RecoveryLearningRate(float(mods["recovery_lr"]), final)
+        callbacks = [*callbacks, recovery]
+        row["recovery_lr"] = {"factor": recovery.factor, "from_fraction": recovery.from_fraction}
     targs = transformers.TrainingArguments(
         output_dir=str(Path(args.work_dir) / "run"),
         report_to="none",

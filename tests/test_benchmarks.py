@@ -280,7 +280,8 @@ def test_peers_smoke(tmp_path):
         "--task",
         "minilm",
         "--methods",
-        "llm-pruner,wanda-sp,loraprune-activation,loraprune-activation-cd10+kd=unmasked/0.5/2",
+        "llm-pruner,wanda-sp,loraprune-activation,loraprune-activation-cd10+kd=unmasked/0.5/2,"
+        "wanda-sp+norms+recovery_lr=2",
         "--sparsities",
         "0.5",
         "--max_train_samples",
@@ -296,16 +297,81 @@ def test_peers_smoke(tmp_path):
         "wanda-sp",
         "loraprune-activation",
         "loraprune-activation-cd10+kd=unmasked/0.5/2",
+        "wanda-sp+norms+recovery_lr=2",
     ]
     assert rows[2]["schedule"] == {"schedule": "cubic", "pruning_start": 0.1, "pruning_end": 0.4}  # the default
     assert rows[3]["schedule"] == {"schedule": "cubic", "pruning_start": 0.1, "pruning_end": 0.9}
     # the distillation modifier: DistillationTrainer toward the unmasked adapter, its memory recorded
     assert rows[3]["distillation"] == {"teacher": "unmasked", "weight": 0.5, "temperature": 2.0}
     assert rows[3]["teacher_memory_mib"] > 0 and rows[3]["total_train_tokens"] == rows[3]["train_tokens"]
+    # trainable norms and the recovery rate: BERT's LayerNorms saved whole, the peer's masks final from step 0
+    assert rows[4]["modules_to_save"] == ["LayerNorm"] and rows[4]["trainable_params"] > rows[1]["trainable_params"]
+    assert rows[4]["recovery_lr"] == {"factor": 2.0, "from_fraction": 0.0}
     assert all(r["sparsity_by_unit"] == {"channels": 0.5, "heads": 0.5} for r in rows)
     # Torch-Pruning's GroupTaylorImportance and the benchmark's own sum of |W ⊙ G| rank channels alike
     assert rows[0]["torch_pruning_vs_own_channel_corr"] > 0.999
     assert all(0 <= r["accuracy"] <= 1 and r["peak_rss_mib"] > 0 for r in rows)
+
+
+def load_benchmark(monkeypatch, name):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Regression(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 1)
+
+    def forward(self, x, labels):
+        return {"loss": torch.nn.functional.mse_loss(self.linear(x).squeeze(-1), labels)}
+
+
+def test_recovery_learning_rate_scales_the_rate_each_step_uses_from_the_final_masks_on(monkeypatch, tmp_path):
+    """The rate every optimizer step used, read at the step itself, against the linear schedule computed by hand:
+    times the factor from step ceil(fraction · max_steps) on, and not compounded."""
+    import transformers
+
+    peers = load_benchmark(monkeypatch, "peers")
+    used = []
+
+    class Record(transformers.TrainerCallback):
+        def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            used.append(optimizer.param_groups[0]["lr"])
+
+    steps, base_lr, factor, fraction = 10, 0.01, 3.0, 0.4
+    data = [{"x": torch.randn(4), "labels": torch.randn(())} for _ in range(steps)]
+    targs = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=1, learning_rate=base_lr,
+        lr_scheduler_type="linear", report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    callbacks = [peers.RecoveryLearningRate(factor, fraction), Record()]
+    transformers.Trainer(model=_Regression(), args=targs, train_dataset=data, callbacks=callbacks).train()
+    first = 4  # ceil(0.4 · 10)
+    expected = [base_lr * (1 - k / steps) * (factor if k >= first else 1.0) for k in range(steps)]
+    assert used == pytest.approx(expected, rel=1e-6)
+
+
+def test_norms_modifier_names_every_normalisation_layer(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    peers = load_benchmark(monkeypatch, "peers")
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    names = peers.norm_module_names(LlamaForCausalLM(config))
+    assert names == ["input_layernorm", "norm", "post_attention_layernorm"]
+    assert peers.split_modifiers("loraprune-activation+norms+recovery_lr=2") == (
+        "loraprune-activation",
+        {"norms": "", "recovery_lr": "2"},
+    )
+    for bad in ("loraprune-activation+norms=1", "loraprune-activation+recovery_lr", "x+rank=4"):
+        with pytest.raises(SystemExit, match="modifier"):
+            peers.split_modifiers(bad)
 
 
 def test_device_walkthrough_smoke(tmp_path):
