@@ -49,6 +49,27 @@ class ExportReport:
     merged_into: str = "the base model's weights"  # what the adapter was merged into (see dense_base)
     notes: list[str] = field(default_factory=list)
 
+    @classmethod
+    def from_plan(cls, plan, granularity: str, model, params: tuple[int, int], size: tuple[int, int], **measured):
+        """The report of an export that carried out ``plan`` (an :class:`ExportPlan`): what it removed, kept
+        zeroed and rewrote in the config, with the parameter counts and bytes ``(before, after)``; ``measured``:
+        the latency fields and ``merged_into``. Both exports, in memory and streaming, build their report here."""
+        params_before, params_after = params
+        return cls(
+            model=model,
+            granularity=granularity,
+            removed=plan.removed,
+            kept_zeroed=plan.kept_zeroed,
+            config_updates=plan.config_updates,
+            params_before=params_before,
+            params_after=params_after,
+            params_per_layer_widths=params_after - plan.per_layer_savings,
+            bytes_before=size[0],
+            bytes_after=size[1],
+            notes=plan.notes,
+            **measured,
+        )
+
     @property
     def speedup(self) -> Optional[float]:
         if self.latency_before_ms and self.latency_after_ms:
@@ -217,22 +238,16 @@ def export_pruned_model(
         merged.config.dtype = str(dtype).removeprefix("torch.")
 
     params_after, bytes_after = _parameter_count_and_bytes(merged)
-    report = ExportReport(
-        model=merged,
-        granularity=config.granularity,
-        removed=plan.removed,
-        kept_zeroed=plan.kept_zeroed,
-        config_updates=plan.config_updates,
-        params_before=params_before,
-        params_after=params_after,
-        params_per_layer_widths=params_after - plan.per_layer_savings,
-        bytes_before=bytes_before,
-        bytes_after=bytes_after,
+    report = ExportReport.from_plan(
+        plan,
+        config.granularity,
+        merged,
+        (params_before, params_after),
+        (bytes_before, bytes_after),
         latency_before_ms=latency_before,
         latency_after_ms=latency_after,
         latency_device=next((v.device.type for v in inputs.values() if isinstance(v, torch.Tensor)), "cpu"),
         merged_into=merged_into,
-        notes=plan.notes,
     )
     if save_directory is not None:
         merged.save_pretrained(save_directory)

@@ -161,17 +161,11 @@ def stream_export(
             shutil.copyfile(os.path.join(base, name), os.path.join(out, name))
 
     bytes_after = sum(os.path.getsize(os.path.join(out, f)) for f in files if f.endswith(".safetensors"))
-    return ExportReport(
-        model=None,
-        granularity=config.granularity,
-        removed=plan.removed,
-        kept_zeroed=plan.kept_zeroed,
-        config_updates=plan.config_updates,
-        params_before=params_before,
-        params_after=params_after,
-        params_per_layer_widths=params_after - plan.per_layer_savings,
-        bytes_before=bytes_before,
-        bytes_after=bytes_after,
+    return ExportReport.from_plan(
+        plan,
+        config.granularity,
+        None,
+        (params_before, params_after),
+        (bytes_before, bytes_after),
         merged_into=f"the weights read tensor by tensor from {base} (streaming export)",
-        notes=plan.notes,
     )
