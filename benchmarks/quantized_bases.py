@@ -26,7 +26,8 @@ if export raises, the error is recorded and ``perplexity`` is the adapter model'
 the masks, saved to ``<work_dir>/masks`` so that the driver compares each quantized run with the bf16 run of the
 same cell and seed: ``mask_overlap_with_bf16 = |P_q ∩ P_bf16| / |P_bf16|``, where ``P`` is the set of pruned
 mask entries (structured: the entries of every adapted layer's row and column masks; unstructured: the weights of
-every adapted layer's element mask). Derived ratios: ``step_time_vs_lora`` and ``peak_rss_vs_lora`` (vs plain LoRA on
+every adapted layer's element mask). Its noise floor: ``mask_overlap_with_seed0``, the same fraction between a run
+with seed ≠ 0 and the seed-0 run of the same base and cell (another data order, LoRA init and dropout). Derived ratios: ``step_time_vs_lora`` and ``peak_rss_vs_lora`` (vs plain LoRA on
 the same base, seed and steps), ``perplexity_vs_bf16`` (vs the bf16 row of the same method, cell, seed, steps).
 
 Order: per seed and cell, bf16, int8, nf4, then the plain-LoRA baselines (once per base, seed and steps). Rows are
@@ -172,7 +173,9 @@ def _kept(entry: dict) -> list[torch.Tensor]:
 
 
 def mask_overlap(reference: Path, other: Path) -> dict:
-    """Of the entries pruned in ``reference``, the fraction also pruned in ``other`` (see OVERLAP_DEFINITION)."""
+    """Of the entries pruned in ``reference``, the fraction also pruned in ``other`` (see OVERLAP_DEFINITION);
+    the key names say ``bf16`` because the reference of a quantized run is the bf16 run (see ``derive`` for the
+    seed-to-seed comparison, which uses only the fraction)."""
     ref, oth = torch.load(reference), torch.load(other)
     if ref.keys() != oth.keys():
         raise ValueError(f"{reference} and {other} hold different layers")
@@ -317,9 +320,19 @@ def derive(rows: list[dict]) -> None:
         r["step_time_vs_lora"] = r["median_step_s"] / lora["median_step_s"] if lora else None
         r["peak_rss_vs_lora"] = r["peak_rss_mib"] / lora["peak_rss_mib"] if lora else None
         if r["base"] != "bf16" and ref and r.get("mask_overlap_with_bf16") is None:
-            if ref.get("mask_file") and Path(ref["mask_file"]).exists() and Path(r["mask_file"]).exists():
+            if _masks_exist(ref, r):
                 r.update(mask_overlap(Path(ref["mask_file"]), Path(r["mask_file"])))
                 r["mask_overlap_definition"] = OVERLAP_DEFINITION
+        # the noise floor of the overlap: the same base and cell with seed 0 (other data order, LoRA init, dropout)
+        seed0 = by_key.get(_key(r, seed=0))
+        if r["seed"] != 0 and seed0 and r.get("mask_overlap_with_seed0") is None and _masks_exist(seed0, r):
+            r["mask_overlap_with_seed0"] = mask_overlap(Path(seed0["mask_file"]), Path(r["mask_file"]))[
+                "mask_overlap_with_bf16"
+            ]
+
+
+def _masks_exist(*rows: dict) -> bool:
+    return all(r.get("mask_file") and Path(r["mask_file"]).exists() for r in rows)
 
 
 def plan(args) -> list[tuple]:

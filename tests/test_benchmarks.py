@@ -313,6 +313,67 @@ def test_peers_smoke(tmp_path):
     assert all(0 <= r["accuracy"] <= 1 and r["peak_rss_mib"] > 0 for r in rows)
 
 
+def test_streaming_export_smoke(tmp_path):
+    """The command-line export of a checkpoint, streaming and in memory, each in its own process: identical
+    tensors, each process's peak memory recorded against the model's size."""
+    run("streaming_export.py", tmp_path, "--shape", "tiny", "--work_dir", str(tmp_path / "work"))
+    data = load(tmp_path, "streaming_export_tiny")
+    assert data["identical_tensors"] is True
+    assert [r["in_memory"] for r in data["rows"]] == [False, True]
+    assert all(r["peak_rss_mib"] > 0 and r["peak_rss_vs_bf16_model"] > 0 for r in data["rows"])
+
+
+@pytest.mark.examples
+def test_quantized_bases_smoke(tmp_path):
+    """bf16 and NF4 bases: every run trains, the pruned ones export into the original-precision weights, and the
+    NF4 run reports its mask overlap with the bf16 run."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is installed with the test extra")
+    run(
+        "quantized_bases.py", tmp_path, "--bf16", "--steps", "4", "--max_train_blocks", "16", "--max_eval_blocks",
+        "2", "--pruning_interval", "1", "--bases", "bf16,nf4", "--cells", "structured:0.5", "--seeds", "0",
+        "--work_dir", str(tmp_path / "work"),
+    )  # fmt: skip
+    rows = load(tmp_path, "quantized_bases_smollm2")["rows"]
+    expected = [("loraprune", "bf16"), ("loraprune", "nf4"), ("lora", "bf16"), ("lora", "nf4")]
+    assert [(r["method"], r["base"]) for r in rows] == expected
+    pruned, nf4 = rows[:2], rows[1]
+    assert all(r["sparsity_by_unit"]["channels"] == pytest.approx(0.5) for r in pruned)
+    assert all(r["evaluated"] == "exported" and r["perplexity"] > 1 for r in pruned)
+    assert "original-precision" in nf4["merged_into"] and 0 <= nf4["mask_overlap_with_bf16"] <= 1
+    assert nf4["pruned_entries"] == nf4["pruned_entries_bf16"] >= nf4["pruned_entries_in_both"]
+    assert all(r["step_time_vs_lora"] > 0 and r["peak_rss_vs_lora"] > 0 for r in pruned)
+
+
+def test_quantized_bases_mask_overlaps_against_hand_counted_masks(monkeypatch, tmp_path):
+    """``derive``: the overlap with the bf16 run of the same seed, and with the seed-0 run of the same base (the
+    noise floor), counted by hand on planted masks."""
+    qb = load_benchmark(monkeypatch, "quantized_bases")
+    # 8 rows + 8 columns per layer, two layers; False = pruned
+    masks = {
+        ("bf16", 0): ([0, 1, 2, 3], [0, 1]),
+        ("nf4", 0): ([0, 1, 6, 7], [0, 5]),  # 2 of 4 rows and 1 of 2 columns as bf16 seed 0: 3/6
+        ("bf16", 1): ([0, 1, 2, 4], [0, 1]),  # 5/6 of bf16 seed 0
+        ("nf4", 1): ([5, 6, 7, 4], [2, 3]),  # row 4 in common with bf16 seed 1: 1/6; rows 6, 7 with nf4 seed 0
+    }
+    rows = []
+    for (base, seed), (pruned_rows, pruned_cols) in masks.items():
+        rows_mask, cols_mask = torch.ones(8, dtype=torch.bool), torch.ones(8, dtype=torch.bool)
+        rows_mask[pruned_rows], cols_mask[pruned_cols] = False, False
+        path = tmp_path / f"{base}{seed}.pt"
+        torch.save({"a": {"rows": rows_mask, "cols": torch.ones(8, dtype=torch.bool)}, "b": {
+            "rows": torch.ones(8, dtype=torch.bool), "cols": cols_mask}}, path)  # fmt: skip
+        rows.append(dict(method="loraprune", base=base, granularity="structured", sparsity=0.5, seed=seed, steps=4,
+                         perplexity=10.0, median_step_s=1.0, peak_rss_mib=1.0, mask_file=str(path)))  # fmt: skip
+    qb.derive(rows)
+    by = {(r["base"], r["seed"]): r for r in rows}
+    assert by[("nf4", 0)]["mask_overlap_with_bf16"] == pytest.approx(3 / 6)
+    assert by[("nf4", 1)]["mask_overlap_with_bf16"] == pytest.approx(1 / 6)
+    assert by[("bf16", 1)]["mask_overlap_with_seed0"] == pytest.approx(5 / 6)
+    assert by[("nf4", 1)]["mask_overlap_with_seed0"] == pytest.approx(2 / 6)
+    assert "mask_overlap_with_seed0" not in by[("bf16", 0)] and "mask_overlap_with_bf16" not in by[("bf16", 0)]
+
+
 def load_benchmark(monkeypatch, name):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
