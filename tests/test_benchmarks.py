@@ -345,6 +345,31 @@ def test_quantized_bases_smoke(tmp_path):
     assert all(r["step_time_vs_lora"] > 0 and r["peak_rss_vs_lora"] > 0 for r in pruned)
 
 
+@pytest.mark.examples
+def test_quantized_importance_smoke(tmp_path):
+    """The criterion accumulated on a bf16 and an NF4 base over the same batches, compared with the noise floors."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is installed with the test extra")
+    run("quantized_importance.py", tmp_path, "--bf16", "--batches", "2", "--bases", "nf4",
+        "--work_dir", str(tmp_path / "work"))  # fmt: skip
+    rows = load(tmp_path, "quantized_importance_smollm2")["rows"]
+    assert [r["variant"] for r in rows] == [
+        "bf16 (reference)", "bf16, other batches", "nf4", "bf16, first half vs second half"
+    ]  # fmt: skip
+    for r in rows[1:]:
+        assert -1 <= r["spearman"] <= 1 and 0 <= r["overlap_20%"] <= 1 and 0 <= r["overlap_50%"] <= 1
+
+
+def test_quantized_importance_rank_correlation(monkeypatch):
+    qi = load_benchmark(monkeypatch, "quantized_importance")
+    a = {"x": torch.tensor([3.0, 1.0, 2.0]), "y": torch.tensor([0.5, 0.1])}
+    assert qi.spearman(a, a) == pytest.approx(1.0)
+    reversed_ = {"x": torch.tensor([1.0, 3.0, 2.0]), "y": torch.tensor([0.1, 0.5])}
+    assert qi.spearman(a, reversed_) == pytest.approx(-1.0)
+    # each member ranked on its own: a scale change of one member's scores changes nothing
+    assert qi.spearman(a, {"x": a["x"] * 100, "y": a["y"]}) == pytest.approx(1.0)
+
+
 def test_quantized_bases_mask_overlaps_against_hand_counted_masks(monkeypatch, tmp_path):
     """``derive``: the overlap with the bf16 run of the same seed, and with the seed-0 run of the same base (the
     noise floor), counted by hand on planted masks."""
