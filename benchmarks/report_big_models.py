@@ -38,27 +38,50 @@ def quantized_rows(data: dict) -> list[str]:
     bf16 run, and step time and peak RSS against plain LoRA on the same base; then plain LoRA per base."""
     rows = data["rows"]
     lines = [
-        "| cell | base | exported perplexity | vs bf16 base | on its quantized base | masks shared with bf16 | "
-        "step vs QLoRA | peak RSS vs QLoRA | step (s) | peak RSS (MiB) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| cell | base | tokens | exported perplexity | vs bf16 base | on its quantized base | masks shared with bf16 | "
+        "masks shared with seed 0 | step vs QLoRA | peak RSS vs QLoRA | step (s) | peak RSS (MiB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     loraprune = [r for r in rows if r["method"] == "loraprune"]
     order = {"bf16": 0, "int8": 1, "nf4": 2}
-    for r in sorted(loraprune, key=lambda r: (r["granularity"], r["sparsity"], r["seed"], order[r["base"]])):
+    key = lambda r: (r["tokens"], r["granularity"], r["sparsity"], r["seed"], order[r["base"]])  # noqa: E731
+    for r in sorted(loraprune, key=key):
         ratio = r.get("perplexity_vs_bf16") if r["base"] != "bf16" else None
         lines.append(
-            f"| {_cell(r)} (seed {r['seed']}) | {BASE_NAMES[r['base']]} | {r['perplexity']:.2f} | "
+            f"| {_cell(r)} (seed {r['seed']}) | {BASE_NAMES[r['base']]} | {r['tokens']:,d} | {r['perplexity']:.2f} | "
             f"{_fmt(ratio)}{_mark(ratio, PERPLEXITY_GOAL) if r['granularity'] == 'structured' else ''} | "
             f"{r['perplexity_adapter']:.2f} | {_fmt(r.get('mask_overlap_with_bf16'), '{:.1%}')} | "
+            f"{_fmt(r.get('mask_overlap_with_seed0'), '{:.1%}')} | "
             f"{_fmt(r.get('step_time_vs_lora'))}{_mark(r.get('step_time_vs_lora'), STEP_GOAL)} | "
             f"{_fmt(r.get('peak_rss_vs_lora'))}{_mark(r.get('peak_rss_vs_lora'), MEMORY_GOAL)} | "
             f"{r['median_step_s']:.2f} | {r['peak_rss_mib']:,.0f} |"
         )
-    for r in sorted((r for r in rows if r["method"] == "lora"), key=lambda r: (r["seed"], order[r["base"]])):
+    lora = (r for r in rows if r["method"] == "lora")
+    for r in sorted(lora, key=lambda r: (r["tokens"], r["seed"], order[r["base"]])):
         lines.append(
-            f"| plain LoRA, no pruning (seed {r['seed']}) | {BASE_NAMES[r['base']]} | {r['perplexity']:.2f} (adapter) | "
-            f"{_fmt(r.get('perplexity_vs_bf16') if r['base'] != 'bf16' else None)} | | | 1 | 1 | "
+            f"| plain LoRA, no pruning (seed {r['seed']}) | {BASE_NAMES[r['base']]} | {r['tokens']:,d} | "
+            f"{r['perplexity']:.2f} (adapter) | "
+            f"{_fmt(r.get('perplexity_vs_bf16') if r['base'] != 'bf16' else None)} | | | | 1 | 1 | "
             f"{r['median_step_s']:.2f} | {r['peak_rss_mib']:,.0f} |"
+        )
+    return lines
+
+
+def importance_rows(data: dict) -> list[str]:
+    """The criterion before training on each base against the bf16 base's, beside the noise floors."""
+    rows = data["rows"]
+    levels = sorted(k[len("overlap_") :] for k in rows[1] if k.startswith("overlap_"))
+    lines = [
+        "| against the bf16 base's criterion | batches | rank correlation (Spearman) | "
+        + " | ".join(f"pruned units shared at {level}" for level in levels)
+        + " |",
+        "|---|---:|---:|" + "---:|" * len(levels),
+    ]
+    for r in rows[1:]:
+        lines.append(
+            f"| {r['variant']} | {r['batches']} | {r['spearman']:.3f} | "
+            + " | ".join(f"{r['overlap_' + level]:.1%}" for level in levels)
+            + " |"
         )
     return lines
 
@@ -98,6 +121,19 @@ def section(lines: list[str]) -> None:
             f"{_machine(quantized)}. Mask overlap: {quantized['mask_overlap_definition']}.",
             "",
             *quantized_rows(quantized),
+            "",
+        ]
+    importance = _load("quantized_importance_smollm2")
+    if importance:
+        s = importance["settings"]
+        lines += [
+            "Why the masks differ (`benchmarks/quantized_importance.py`): the default criterion accumulated over the "
+            f"same {s['batches']} training batches of {s['batch']} x {s['block_size']} tokens on each base, with a "
+            "fresh adapter and no training step, so that only the base differs; the rows below the quantized bases "
+            f"are the noise floors of the bf16 base itself (other batches; two halves). {importance['definition']}; "
+            f"{_machine(importance)}.",
+            "",
+            *importance_rows(importance),
             "",
         ]
     if streaming:

@@ -183,11 +183,27 @@ def test_big_models_lines_are_computed_from_the_rows():
     table = report_readme.report_big_models.quantized_rows({"rows": rows})
     # 33/30 = 1.1 misses the 5% goal and 1.2 misses the 1.15x step goal: both are marked
     assert table[3] == (
-        "| structured 20% (seed 0) | NF4, double quant | 33.00 | 1.100 (over the goal) | 35.00 | 75.0% | "
-        "1.200 (over the goal) | 1.000 | 1.20 | 1,600 |"
+        "| structured 20% (seed 0) | NF4, double quant | 64,000 | 33.00 | 1.100 (over the goal) | 35.00 | 75.0% | "
+        "n/a | 1.200 (over the goal) | 1.000 | 1.20 | 1,600 |"
     )
-    assert table[2].startswith("| structured 20% (seed 0) | bf16 (float32 weights, bf16 autocast) | 30.00 | n/a |")
-    assert table[4].startswith("| plain LoRA, no pruning (seed 0) | NF4, double quant | 20.00 (adapter) | 1.050 |")
+    assert table[2].startswith(
+        "| structured 20% (seed 0) | bf16 (float32 weights, bf16 autocast) | 64,000 | 30.00 | n/a |"
+    )
+    assert table[4].startswith(
+        "| plain LoRA, no pruning (seed 0) | NF4, double quant | 64,000 | 20.00 (adapter) | 1.050 |"
+    )
+    importance = report_readme.report_big_models.importance_rows(
+        {
+            "rows": [
+                {"variant": "bf16 (reference)", "batches": 32},
+                {"variant": "bf16, other batches", "batches": 32, "spearman": 0.5, "overlap_20%": 0.4,
+                 "overlap_50%": 0.6},
+                {"variant": "nf4", "batches": 32, "spearman": 0.25, "overlap_20%": 0.3, "overlap_50%": 0.55},
+            ]
+        }
+    )  # fmt: skip
+    assert importance[0].endswith("| pruned units shared at 20% | pruned units shared at 50% |")
+    assert importance[3] == "| nf4 | 32 | 0.250 | 30.0% | 55.0% |"
     line = report_readme.report_big_models.streaming_lines(
         {
             "parameters": 1.2358e9,
