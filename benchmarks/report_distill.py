@@ -43,7 +43,7 @@ def study(task: str):
     table = base_data["table"]
     default = table["default_method"]
     rows = [r for r in base_data["rows"] if r["method"] in (default, "dense-lora")]
-    rows += [r for r in distill_data["rows"] if r["method"] != "dense-lora"]
+    rows += distill_data["rows"]  # its dense LoRA too (the table leaves dense LoRA out; its conditions are listed)
     dense_rows = [r for r in base_data["rows"] + distill_data["rows"] if r["method"] == "dense-lora"]
     dense = summary(r[table["metric"]] for r in dense_rows)
     return rows, table, dense, distill_data
@@ -67,6 +67,11 @@ def section(lines):
             f"| method | sparsity | {metric} (mean ± std, n) | vs dense | total train tokens | wall time (s) | load | teacher MiB |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
+        conditions = [
+            f"dense LoRA seed {r['seed']} ({r['seconds']:.0f} s): {r['conditions']}"
+            for r in rows
+            if r["method"] == "dense-lora" and r.get("conditions")
+        ]
         for (method, sparsity), group in sorted(
             _rows_by_variant(rows, metric).items(), key=lambda kv: (-kv[0][1], kv[0][0])
         ):
@@ -80,15 +85,22 @@ def section(lines):
             seconds = summary(r["seconds"] for r in group).mean
             load_avg = summary(r.get("load_average_1min") for r in group)
             teacher = summary(r.get("teacher_memory_mib") for r in group)
+            shared = [r["conditions"] for r in group if r.get("conditions")]
+            conditions += [
+                f"{method} {sparsity:.0%} seed {r['seed']}: {r['conditions']}" for r in group if r.get("conditions")
+            ]
             lines.append(
-                f"| {method} | {sparsity:.0%} | {cell} | {gap} | {tokens:,.0f} | {seconds:.0f} | "
+                f"| {method} | {sparsity:.0%} | {cell} | {gap} | {tokens:,.0f} | {seconds:.0f}{' *' if shared else ''} | "
                 f"{'-' if load_avg is None else f'{load_avg.mean:.1f}'} | {'-' if teacher is None else f'{teacher.mean:.0f}'} |"
             )
+        if conditions:
+            lines += ["", "\\* Not alone on the machine: " + "; ".join(conditions) + "."]
         lines += ["", *[f"- {v}" for v in verdicts(task, rows, table, dense.mean)], ""]
 
 
 def verdicts(task, rows, table, dense) -> list[str]:
-    """Per goal cell: today's default and the best distillation variant against the goal."""
+    """Per goal cell: today's default and the best recovery variant (any modifier: distillation, rank, norms,
+    learning rate) against the goal."""
     out = []
     metric = table["metric"]
     groups = _rows_by_variant(rows, metric)
@@ -96,7 +108,7 @@ def verdicts(task, rows, table, dense) -> list[str]:
         if goal_task != task:
             continue
         default = groups.get((table["default_method"], sparsity))
-        variants = {m: g for (m, s), g in groups.items() if s == sparsity and "+kd=" in m}
+        variants = {m: g for (m, s), g in groups.items() if s == sparsity and "+" in m}  # any recovery modifier
         if not default or not variants:
             continue
         default_gap = _gap(task, summary(r[metric] for r in default).mean, dense)
@@ -106,7 +118,7 @@ def verdicts(task, rows, table, dense) -> list[str]:
         met = best_gap[1] <= goal if kind == "ratio" else best_gap[1] >= goal
         goal_words = f"at most {goal:.2f}x" if kind == "ratio" else f"within {-goal:.1f} points"
         out.append(
-            f"{sparsity:.0%}: default {default_gap[0]} dense LoRA; best distillation `{best}` {best_gap[0]} "
+            f"{sparsity:.0%}: default {default_gap[0]} dense LoRA; best recovery variant `{best}` {best_gap[0]} "
             f"(n={len(variants[best])}); goal {goal_words}: " + ("met." if met else "not met.")
         )
     return out

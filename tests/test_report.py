@@ -285,9 +285,9 @@ def test_distillation_verdicts_compare_with_dense_lora_and_the_goal():
     ]
     # dense 16: 28/16 = 1.75x, best 21/16 = 1.31x > 1.30 (missed); 48/16 = 3.00x, 36/16 = 2.25x > 2.0 (missed)
     assert report_distill.verdicts("smollm2", rows, STRUCTURED, 16.0) == [
-        "20%: default 1.75x dense LoRA; best distillation `loraprune-activation+kd=unmasked/0.5/2` 1.31x (n=1); "
+        "20%: default 1.75x dense LoRA; best recovery variant `loraprune-activation+kd=unmasked/0.5/2` 1.31x (n=1); "
         "goal at most 1.30x: not met.",
-        "50%: default 3.00x dense LoRA; best distillation `loraprune-activation+kd=unmasked/0.5/2` 2.25x (n=1); "
+        "50%: default 3.00x dense LoRA; best recovery variant `loraprune-activation+kd=unmasked/0.5/2` 2.25x (n=1); "
         "goal at most 2.00x: not met.",
     ]
     accuracy = {**STRUCTURED, "metric": "accuracy", "direction": "higher"}
