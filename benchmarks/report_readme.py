@@ -16,6 +16,8 @@ def readme_summary() -> list[str]:
     """Bullets for docs/benchmarks.md, computed from the result files like RESULTS.md."""
     out = []
     for file_name, data in load("peers_*.json").items():
+        if file_name.endswith("_distill"):
+            continue  # the recovery study has its own lines (report_distill)
         rows = data["rows"]
         task = data["settings"]["task"]
         granularity = granularity_of(data)
