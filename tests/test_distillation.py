@@ -196,6 +196,43 @@ def test_the_distillation_trainer_trains_prunes_and_logs(family, tmp_path):
     assert report.sparsity == pytest.approx(0.5, abs=0.1)
 
 
+def test_a_bf16_trainer_runs_the_teacher_under_its_autocast_from_hidden_states(tmp_path):
+    """accelerate autocasts the model's forward only. The teacher's passes start from the loss, so the trainer
+    enters the same autocast for them: the backbone then computes in bfloat16 like the student (a float32 teacher
+    costs more than the student's forward), and the head on its hidden states matches the model's own bfloat16
+    logits to their rounding, so the chunked path is kept (it was dropped, with a warning, before)."""
+    import warnings
+
+    import transformers
+
+    model = training_model("llama", target_sparsity=0.5)
+    seen = []
+    hook = (
+        model.get_base_model()
+        .model.layers[0]
+        .mlp.down_proj.register_forward_hook(
+            lambda module, args, out: seen.append((torch.is_grad_enabled(), out.dtype))
+        )
+    )
+    args = transformers.TrainingArguments(
+        str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=5e-3, report_to=[], bf16=True,
+        save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = DistillationTrainer(
+        model=model,
+        args=args,
+        train_dataset=make_dataset("llama"),
+        distillation=DistillationConfig(teacher="unmasked", weight=0.5),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the fallback's warning would fail here
+        trainer.train()
+    hook.remove()
+    assert trainer.distiller._use_hidden_states
+    teacher_passes = [dtype for grad, dtype in seen if not grad]
+    assert teacher_passes and all(dtype == torch.bfloat16 for dtype in teacher_passes)
+
+
 # ---------------------------------------------------------------------- refusals
 def test_bad_settings_are_refused_with_their_name():
     with pytest.raises(ValueError, match="weight"):

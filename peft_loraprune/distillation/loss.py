@@ -15,6 +15,7 @@ one chunk of teacher logits in float32.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Optional
 
@@ -29,6 +30,15 @@ IGNORE_INDEX = -100
 
 def _model_inputs(inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
+
+
+def _current_precision(device_type: str):
+    """A context factory that re-enters the autocast in force now (or none): the KL's backward pass recomputes
+    teacher logits outside any autocast, and must compute them as the forward pass did."""
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return lambda: torch.autocast(device_type, dtype=dtype)
+    return contextlib.nullcontext
 
 
 class Distiller:
@@ -100,10 +110,11 @@ class Distiller:
             if not self._head_checked:
                 self._check_head(model, inputs, head, flat)
             if self._use_hidden_states:
+                precision = _current_precision(student_logits.device.type)
 
                 def teacher_rows(index):
-                    # the head's own dtype: the backward pass recomputes outside autocast
-                    return head(flat.index_select(0, index).to(head.weight.dtype))
+                    with precision():
+                        return head(flat.index_select(0, index).to(head.weight.dtype))
 
                 self.teacher_bytes = flat.numel() * flat.element_size() + min(chunk, rows.numel()) * vocab * 4
                 loss = chunked_kl_divergence(student_logits, teacher_rows, rows, self.config.temperature, chunk)
@@ -122,9 +133,16 @@ class Distiller:
         self._head_checked = True
         full = self._teacher_logits(model, inputs)
         n = min(8, flat_hidden.shape[0])
-        from_hidden = head(flat_hidden[:n]).float()
+        from_hidden = head(flat_hidden[:n])
+        # the same product computed on 8 rows instead of all of them may round differently in its last place: a few
+        # units of the logits' precision (bfloat16: 2^-7 of the largest logit) pass, a logit scaling or soft-cap
+        # (a change of the largest logits by a factor) does not
+        device = flat_hidden.device.type
+        computed = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else full.dtype
+        tolerance = max(1e-3, 4 * torch.finfo(computed).eps, 4 * torch.finfo(from_hidden.dtype).eps)
         reference = full.reshape(-1, full.shape[-1])[:n].float()
-        if not torch.allclose(from_hidden, reference, rtol=1e-3, atol=1e-3 * reference.abs().max().item() + 1e-5):
+        from_hidden = from_hidden.float()
+        if not torch.allclose(from_hidden, reference, rtol=tolerance, atol=tolerance * reference.abs().max().item()):
             self._use_hidden_states = False
             warnings.warn(
                 f"{type(self._transformers_model(model)).__name__}: the output head applied to the last hidden "

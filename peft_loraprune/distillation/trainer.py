@@ -40,14 +40,19 @@ class DistillationTrainer(Trainer):
         if not model.training:  # evaluation reports the task loss
             return (task_loss, outputs) if return_outputs else task_loss
         scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-        loss, parts = self.distiller.loss(
-            self.accelerator.unwrap_model(model),
-            inputs,
-            outputs,
-            task_loss,
-            num_items_in_batch=num_items_in_batch if scaled else None,
-            device_scale=self.accelerator.num_processes if scaled and self.args.average_tokens_across_devices else 1,
-        )
+        # accelerate autocasts the model's forward only; the teacher's passes run from here, under the same autocast
+        # (a float32 teacher would cost more than the student's forward, and round its logits differently)
+        with self.accelerator.autocast():
+            loss, parts = self.distiller.loss(
+                self.accelerator.unwrap_model(model),
+                inputs,
+                outputs,
+                task_loss,
+                num_items_in_batch=num_items_in_batch if scaled else None,
+                device_scale=self.accelerator.num_processes
+                if scaled and self.args.average_tokens_across_devices
+                else 1,
+            )
         for key, value in parts.items():
             self._distill_sums[key] = self._distill_sums.get(key, 0.0) + value
         self._distill_count += 1
