@@ -171,6 +171,22 @@ def readme_lines() -> list[str]:
                 f"Measured (`benchmarks/quantized_bases.py`, {_machine(quantized)}, "
                 f"{', '.join(f'{t:,d}' for t in tokens)} training tokens per run; table in RESULTS.md):",
             )
+    importance = _load("quantized_importance_smollm2")
+    if importance:
+        by = {r["variant"]: r for r in importance["rows"]}
+        low = min(k[len("overlap_") :] for k in importance["rows"][1] if k.startswith("overlap_"))
+
+        def pair(r):
+            return f"{r['spearman']:.2f} and {r['overlap_' + low]:.0%}"
+
+        batches = importance["settings"]["batches"]
+        out.append(
+            "- Why the masks differ (`benchmarks/quantized_importance.py`: the criterion over the same "
+            f"{batches} batches before any training step; rank correlation with the bf16 base's scores, and the "
+            f"share of its pruned units also pruned, at {low}): "
+            + "; ".join(f"{BASE_NAMES[b]}: {pair(by[b])}" for b in ("int8", "nf4") if b in by)
+            + f"; {batches} other batches on the bf16 base itself: {pair(by['bf16, other batches'])}."
+        )
     streaming = _load("streaming_export_llama-1b")
     if streaming:
         out += [f"- {streaming_lines(streaming)[0]}"]
