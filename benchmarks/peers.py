@@ -496,7 +496,8 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
     row["learning_rate"] = training["learning_rate"]
     row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if "norms" in mods:
-        row["modules_to_save"] = config.modules_to_save
+        row["trainable_norms"] = norm_module_names(base)
+        row["modules_to_save"] = sorted(config.modules_to_save)  # PEFT adds a classification head's own
     if "recovery_lr" in mods:
         final = 0.0 if method in PEERS or method in UNSTRUCTURED_PEERS else config.pruning_end  # masks set once
         recovery = RecoveryLearningRate(float(mods["recovery_lr"]), final)

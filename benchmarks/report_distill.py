@@ -94,7 +94,10 @@ def section(lines):
                 f"{'-' if load_avg is None else f'{load_avg.mean:.1f}'} | {'-' if teacher is None else f'{teacher.mean:.0f}'} |"
             )
         if conditions:
-            lines += ["", "\\* Wall time not that of the current code alone on the machine: " + "; ".join(conditions) + "."]
+            lines += [
+                "",
+                "\\* Wall time not that of the current code alone on the machine: " + "; ".join(conditions) + ".",
+            ]
         lines += ["", *[f"- {v}" for v in verdicts(task, rows, table, dense.mean)], ""]
 
 

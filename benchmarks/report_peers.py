@@ -221,8 +221,8 @@ def variant_words(rows) -> str:
         words.append(f"rank {row['r']}")
     if "+lr=" in row["method"]:
         words.append(f"learning rate {row['learning_rate']:g}")
-    if row.get("modules_to_save"):
-        words.append(f"trainable {', '.join(row['modules_to_save'])}")
+    if row.get("trainable_norms"):
+        words.append(f"trainable {', '.join(row['trainable_norms'])}")
     if row.get("recovery_lr"):
         words.append(f"the learning rate x{row['recovery_lr']['factor']:g} once the masks are final")
     return ", ".join(words) or "another setting"
