@@ -54,6 +54,19 @@ def step_cost_section(lines):
                 f"{ratio(r, 'time_vs_lora')} | {rewrite} | {ratio(r, 'amortised_time_vs_lora')} | {r[peak]:.0f} | "
                 f"{ratio(r, vs_lora)} | {ratio(r, vs_grad)} |"
             )
+        distilled = [r for r in data["rows"] if r.get("time_vs_default") is not None]
+        if distilled:
+            lines += [
+                "",
+                "Distillation (weight 0.5, temperature 2) added to the default, against `loraprune_structured` of the "
+                "same round: "
+                + "; ".join(
+                    f"`{r['config']}` (teacher: {r['teacher']}) {r['time_vs_default']:.2f}x its step time and "
+                    f"{r['rss_vs_default']:.2f}x its peak memory, teacher outputs {r['teacher_memory_mib']:.1f} MiB"
+                    for r in distilled
+                )
+                + ".",
+            ]
         lines.append("")
         lines.append(
             '"with rewrites": the step plus one mask rewrite spread over the pruning interval '

@@ -65,7 +65,13 @@ CONFIGS = {
     "loraprune_unstructured_wanda_ste_nodrop": dict(
         granularity="unstructured", importance="wanda", element_mask_gradient="straight_through"
     ),
+    # the default with distillation (weight 0.5, T 2), toward the adapter with its masks off, or toward a second,
+    # dense adapter on the same base (the kd=dense teacher of benchmarks/peers.py); ratios also against the default
+    "loraprune_structured_kd": dict(granularity="structured", importance="activation"),
+    "loraprune_structured_kd_adapter": dict(granularity="structured", importance="activation"),
 }
+#: configuration -> its distillation teacher
+DISTILLED = {"loraprune_structured_kd": "unmasked", "loraprune_structured_kd_adapter": "teacher"}
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -78,11 +84,11 @@ def sync(device: str) -> None:
 
 def build(name: str, model_name: str, batch: int, seq: int, seed: int, device: str = "cpu", dtype: str = "float32"):
     """The model of configuration ``name`` in training mode, its pruning engine (None for plain LoRA), an AdamW
-    optimizer over the adapter and one fixed batch of random token ids."""
+    optimizer over the adapter, one fixed batch of random token ids and the configuration's distiller (or None)."""
     from peft import LoraConfig, get_peft_model
 
     import peft_loraprune  # noqa: F401
-    from peft_loraprune import LoRAPruneConfig
+    from peft_loraprune import DistillationConfig, Distiller, LoRAPruneConfig
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = load_model(model_name, seed).to(device=device, dtype=DTYPES[dtype])
@@ -106,12 +112,20 @@ def build(name: str, model_name: str, batch: int, seq: int, seed: int, device: s
         )
         model = get_peft_model(model, config)
         engine = model.base_model.pruning_engine()
+    distiller = None
+    if name in DISTILLED:
+        if DISTILLED[name] == "teacher":
+            model.add_adapter(
+                "teacher", LoRAPruneConfig(r=8, lora_alpha=16, target_modules=targets, target_sparsity=0)
+            )
+            model.set_adapter("default")
+        distiller = Distiller(model, DistillationConfig(teacher=DISTILLED[name], weight=0.5, temperature=2.0))
     model.to(device)  # PEFT creates adapters beside the base weights; this moves anything created elsewhere
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g).to(device)
-    return model, engine, optimizer, ids
+    return model, engine, optimizer, ids, distiller
 
 
 #: the timed mask rewrites, after the measured steps at 50%: each removes 2% more, as a schedule's rewrites do
@@ -129,7 +143,7 @@ def run_one(
     device: str = "cpu",
     dtype: str = "float32",
 ) -> dict:
-    model, engine, optimizer, ids = build(name, model_name, batch, seq, seed, device, dtype)
+    model, engine, optimizer, ids, distiller = build(name, model_name, batch, seq, seed, device, dtype)
     base_rss = peak_rss_mib()
     on_gpu = device.startswith("cuda")
     base_allocated = torch.cuda.memory_allocated() / 2**20 if on_gpu else None
@@ -142,7 +156,12 @@ def run_one(
             engine.prune_to(0.5)  # steady state: the measured steps run with masks in place
         sync(device)
         start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        out = model(input_ids=ids, labels=ids)
+        loss = (
+            out.loss
+            if distiller is None
+            else distiller.loss(model, {"input_ids": ids, "labels": ids}, out, out.loss)[0]
+        )
         loss.backward()
         sync(device)
         t_imp = time.perf_counter()
@@ -177,6 +196,8 @@ def run_one(
         "cuda_max_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
         "cuda_allocated_after_loading_mib": base_allocated,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "teacher": DISTILLED.get(name),
+        "teacher_memory_mib": distiller.teacher_bytes / 2**20 if distiller is not None else None,
     }
 
 
@@ -201,6 +222,8 @@ DERIVED = (
     "rss_vs_grad",
     "gpu_memory_vs_lora",
     "gpu_memory_vs_grad",
+    "time_vs_default",
+    "rss_vs_default",
 )
 
 
@@ -219,6 +242,10 @@ def compare(r: dict, rows: dict) -> None:
             r["gpu_memory_vs_lora"] = r["cuda_max_allocated_mib"] / base["cuda_max_allocated_mib"]
         # memory the training itself added on top of the loaded model
         r["training_rss_mib"] = r["peak_rss_mib"] - r["rss_after_loading_mib"]
+    default = rows.get("loraprune_structured")
+    if r["config"] in DISTILLED and default:  # what distillation adds to the default
+        r["time_vs_default"] = r["median_step_s"] / default["median_step_s"]
+        r["rss_vs_default"] = r["peak_rss_mib"] / default["peak_rss_mib"]
     if grad:
         r["rss_vs_grad"] = r["peak_rss_mib"] / grad["peak_rss_mib"]
         if r.get("cuda_max_allocated_mib") and grad.get("cuda_max_allocated_mib"):

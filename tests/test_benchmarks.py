@@ -39,6 +39,8 @@ def test_step_cost_smoke(tmp_path):
         "lora_nodrop",
         "loraprune_unstructured_nodrop",
         "loraprune_unstructured_ste_nodrop",
+        "loraprune_structured_kd",
+        "loraprune_structured_kd_adapter",
     ]
     run(
         "step_cost.py", tmp_path, "--model", "tiny", "--batch", "1", "--seq", "16", "--warmup", "1", "--steps", "2",
@@ -52,6 +54,12 @@ def test_step_cost_smoke(tmp_path):
     assert by_name["lora"]["time_vs_lora"] == 1.0 and by_name["lora_nodrop"]["time_vs_lora"] == 1.0
     nodrop = by_name["loraprune_unstructured_nodrop"]
     assert nodrop["time_vs_lora"] == nodrop["median_step_s"] / by_name["lora_nodrop"]["median_step_s"]
+    # distillation against the default it is added to, with the teacher's memory
+    for name, teacher in (("loraprune_structured_kd", "unmasked"), ("loraprune_structured_kd_adapter", "teacher")):
+        kd = by_name[name]
+        assert kd["teacher"] == teacher and kd["teacher_memory_mib"] > 0
+        assert kd["time_vs_default"] == kd["median_step_s"] / by_name["loraprune_structured"]["median_step_s"]
+    assert by_name["loraprune_structured"].get("teacher") is None
 
 
 @pytest.mark.examples
