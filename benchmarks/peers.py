@@ -421,6 +421,7 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         criterion, schedule = loraprune_method(method)
     if args.granularity != "structured" and criterion == "activation":
         raise SystemExit("the activation criterion is structured only")
+    norms = norm_module_names(base) if "norms" in mods else None  # before PEFT wraps them
     config = LoRAPruneConfig(
         task_type=task.task_type,
         r=rank,
@@ -432,7 +433,7 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         **schedule,
         head_grouping=task.head_grouping,
         pruning_interval=args.pruning_interval,
-        modules_to_save=norm_module_names(base) if "norms" in mods else None,
+        modules_to_save=list(norms) if norms else None,  # a copy: PEFT appends a classification head to it
     )
     row = {
         "task": task.name,
@@ -496,7 +497,7 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
     row["learning_rate"] = training["learning_rate"]
     row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if "norms" in mods:
-        row["trainable_norms"] = norm_module_names(base)
+        row["trainable_norms"] = norms
         row["modules_to_save"] = sorted(config.modules_to_save)  # PEFT adds a classification head's own
     if "recovery_lr" in mods:
         final = 0.0 if method in PEERS or method in UNSTRUCTURED_PEERS else config.pruning_end  # masks set once
