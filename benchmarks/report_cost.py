@@ -15,6 +15,10 @@ from report_common import (
 )
 
 
+#: step_cost.py's distillation teachers, in words
+TEACHERS = {"unmasked": "the adapter with its masks off", "teacher": "a second, dense adapter"}
+
+
 def step_cost_section(lines):
     for _name, data in load("step_cost_*.json").items():
         s = data["settings"]
@@ -61,7 +65,8 @@ def step_cost_section(lines):
                 "Distillation (weight 0.5, temperature 2) added to the default, against `loraprune_structured` of the "
                 "same round: "
                 + "; ".join(
-                    f"`{r['config']}` (teacher: {r['teacher']}) {r['time_vs_default']:.2f}x its step time and "
+                    f"`{r['config']}` (teacher: {TEACHERS.get(r['teacher'], r['teacher'])}) "
+                    f"{r['time_vs_default']:.2f}x its step time and "
                     f"{r['rss_vs_default']:.2f}x its peak memory, teacher outputs {r['teacher_memory_mib']:.1f} MiB"
                     for r in distilled
                 )
