@@ -14,7 +14,6 @@ from report_common import (
     rewrites_removed_weights,
 )
 
-
 #: step_cost.py's distillation teachers, in words
 TEACHERS = {"unmasked": "the adapter with its masks off", "teacher": "a second, dense adapter"}
 
