@@ -25,7 +25,7 @@ import threading
 import time
 
 from common import table, write_result
-from step_cost import build
+from step_cost import DISTILLED, build
 
 MIB = 2**20
 
@@ -95,7 +95,7 @@ class PhaseSampler:
 
 
 def profile_one(name: str, model_name: str, batch: int, seq: int, warmup: int, seed: int) -> dict:
-    model, engine, optimizer, ids = build(name, model_name, batch, seq, seed)
+    model, engine, optimizer, ids, _distiller = build(name, model_name, batch, seq, seed)
     gc.collect()
     loaded = live_heap_bytes()
 
@@ -156,6 +156,9 @@ def main():
         row = profile_one(args.one, args.model, args.batch, args.seq, args.warmup, args.seed)
         print("RESULT " + json.dumps(row))
         return
+    distilled = [name for name in args.configs.split(",") if name in DISTILLED]
+    if distilled:
+        raise SystemExit(f"--configs: {distilled} distil; this profile runs no teacher (step_cost.py measures them)")
     rows = []
     for name in args.configs.split(","):
         cmd = [sys.executable, __file__, "--one", name] + [
