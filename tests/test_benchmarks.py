@@ -110,12 +110,7 @@ def test_element_step_breakdown_counts_match_the_masked_layer(monkeypatch, dropo
 
     import peft_loraprune.kernels.masked_linear as masked_linear
 
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(
-        "element_step_breakdown", ROOT / "benchmarks" / "element_step_breakdown.py"
-    )
-    breakdown = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(breakdown)
+    breakdown = load_benchmark(monkeypatch, "element_step_breakdown")
     d_out, d_in, tokens, rank = 40, 48, 16, 8  # distinct sizes, so a product's shape says what it is
     weights = d_out * d_in
     monkeypatch.setattr(masked_linear, "MIN_BLOCK_ELEMENTS", 1 << 20)  # one block: each kernel runs once
