@@ -98,6 +98,29 @@ def test_an_adapter_teacher_runs_that_adapter_and_leaves_requires_grad_alone():
     assert all("teacher" not in n for n in trainable)
 
 
+@pytest.mark.parametrize("teacher", ["unmasked", "base", "teacher"])
+def test_a_teacher_pass_is_deterministic_and_training_flags_come_back(teacher):
+    """With dropout 0.5 everywhere, two teacher passes agree and equal the eval-mode model's; afterwards every
+    module is in the training mode it had (a frozen module left in eval mode stays there)."""
+    model = training_model("llama", target_sparsity=0.5, lora_dropout=0.5)
+    model.add_adapter("teacher", LoRAPruneConfig(task_type="CAUSAL_LM", target_sparsity=0.0, lora_dropout=0.5))
+    randomize_adapter(model, seed=3)
+    model.train()
+    frozen = model.base_model.model.model.layers[0].mlp
+    frozen.eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    inputs = make_inputs("llama")
+    with teacher_mode(model, teacher):
+        assert not any(m.training for m in model.modules())
+        first, second = _logits(model, inputs), _logits(model, inputs)
+    torch.testing.assert_close(first, second)
+    assert {name: m.training for name, m in model.named_modules()} == before
+    assert not torch.equal(_logits(model, inputs), _logits(model, inputs))  # dropout is on again for the student
+    model.eval()
+    with teacher_mode(model, teacher):
+        torch.testing.assert_close(_logits(model, inputs), first)
+
+
 # ---------------------------------------------------------------------- the loss
 @pytest.mark.parametrize("teacher", ["unmasked", "base"])
 def test_the_causal_lm_loss_equals_the_hand_computed_one(teacher):
