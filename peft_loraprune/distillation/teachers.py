@@ -88,9 +88,7 @@ def _switched(peft_model, modules: list, teacher: str):
             for layer, value in zip(layers, previous):
                 layer.ignore_masks = value
         return
-    switched = [
-        (m, m._active_adapter) for m in modules if hasattr(m, "_active_adapter") and _holds(m, teacher)
-    ]
+    switched = [(m, m._active_adapter) for m in modules if hasattr(m, "_active_adapter") and _holds(m, teacher)]
     for module, previous in switched:
         module._active_adapter = teacher if isinstance(previous, str) else [teacher]
     try:
