@@ -357,15 +357,20 @@ def loraprune_method(method: str) -> tuple[str, dict]:
 
 
 def split_modifiers(method: str) -> tuple[str, dict]:
-    """``loraprune-activation+kd=unmasked/0.5/2+r=32`` -> ("loraprune-activation", {"kd": ..., "r": "32"})."""
+    """``loraprune-activation+kd=unmasked/0.5/2+r=32`` -> ("loraprune-activation", {"kd": ..., "r": "32"}).
+
+    ``budget=global`` ranks each kind of unit (heads, channels) across layers instead of within each layer: the
+    same number of units is removed, their distribution over the layers is the criterion's.
+    """
     name, *mods = method.split("+")
     out = {}
     for mod in mods:
         key, sep, value = mod.partition("=")
-        if not (key in ("kd", "r", "lr", "recovery_lr") and sep and value) and not (key == "norms" and not sep):
+        valued = key in ("kd", "r", "lr", "recovery_lr") or (key == "budget" and value in ("local", "global"))
+        if not (valued and sep and value) and not (key == "norms" and not sep):
             raise SystemExit(
                 f"method {method!r}: modifier {mod!r} must be kd=<teacher>/<weight>/<T>, r=<rank>, lr=<x>, "
-                "norms or recovery_lr=<factor>"
+                "norms, recovery_lr=<factor> or budget=local|global"
             )
         out[key] = value
     return name, out
@@ -433,6 +438,7 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         **schedule,
         head_grouping=task.head_grouping,
         pruning_interval=args.pruning_interval,
+        budget=mods.get("budget", "local"),
         modules_to_save=list(norms) if norms else None,  # a copy: PEFT appends a classification head to it
     )
     row = {
@@ -491,6 +497,8 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
             row["teacher_train_tokens"] = meta["train_tokens"]
             row["teacher_train_seconds"] = meta["seconds"]
     row["total_train_tokens"] = row["train_tokens"] + row.get("teacher_train_tokens", 0)
+    if "budget" in mods:
+        row["budget"] = config.budget
     training = task.training_args(args.work_dir, seed)
     if "lr" in mods:
         training["learning_rate"] = float(mods["lr"])
@@ -530,6 +538,8 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
     report = model.base_model.sparsity_report()
     row["sparsity_by_unit"] = report.sparsity_by_unit()
     row["weights_kept_in_adapted_modules"] = report.weights_kept
+    if "budget" in mods:  # where a global ranking put the pruning: kept/total per block and unit
+        row["kept_by_block"] = [[layer.block, layer.unit, layer.kept, layer.total] for layer in report.layers]
     row.update(task.evaluate(model, trainer))
     if args.zero_shot:
         merged = model.merge_and_unload()

@@ -284,7 +284,7 @@ def test_peers_smoke(tmp_path):
         "minilm",
         "--methods",
         "llm-pruner,wanda-sp,loraprune-activation,loraprune-activation-cd10+kd=unmasked/0.5/2,"
-        "wanda-sp+norms+recovery_lr=2",
+        "wanda-sp+norms+recovery_lr=2,loraprune-activation+budget=global",
         "--sparsities",
         "0.5",
         "--max_train_samples",
@@ -301,6 +301,7 @@ def test_peers_smoke(tmp_path):
         "loraprune-activation",
         "loraprune-activation-cd10+kd=unmasked/0.5/2",
         "wanda-sp+norms+recovery_lr=2",
+        "loraprune-activation+budget=global",
     ]
     assert rows[2]["schedule"] == {"schedule": "cubic", "pruning_start": 0.1, "pruning_end": 0.4}  # the default
     assert rows[3]["schedule"] == {"schedule": "cubic", "pruning_start": 0.1, "pruning_end": 0.9}
@@ -312,6 +313,12 @@ def test_peers_smoke(tmp_path):
     assert rows[4]["trainable_params"] > rows[1]["trainable_params"]
     assert rows[4]["recovery_lr"] == {"factor": 2.0, "from_fraction": 0.0}
     assert all(r["sparsity_by_unit"] == {"channels": 0.5, "heads": 0.5} for r in rows)
+    # a global budget removes as many units of each kind, spread over the blocks as the criterion ranks them
+    kept = rows[5]["kept_by_block"]
+    assert rows[5]["budget"] == "global" and "budget" not in rows[2]
+    for unit in ("heads", "channels"):
+        assert sum(k for _, u, k, _ in kept if u == unit) * 2 == sum(t for _, u, _, t in kept if u == unit)
+    assert len({k / t for _, u, k, t in kept if u == "channels"}) > 1  # a local budget: 0.5 in every block
     # Torch-Pruning's GroupTaylorImportance and the benchmark's own sum of |W ⊙ G| rank channels alike
     assert rows[0]["torch_pruning_vs_own_channel_corr"] > 0.999
     assert all(0 <= r["accuracy"] <= 1 and r["peak_rss_mib"] > 0 for r in rows)
@@ -455,11 +462,11 @@ def test_norms_modifier_names_every_normalisation_layer(monkeypatch):
     )
     names = peers.norm_module_names(LlamaForCausalLM(config))
     assert names == ["input_layernorm", "norm", "post_attention_layernorm"]
-    assert peers.split_modifiers("loraprune-activation+norms+recovery_lr=2") == (
+    assert peers.split_modifiers("loraprune-activation+norms+recovery_lr=2+budget=global") == (
         "loraprune-activation",
-        {"norms": "", "recovery_lr": "2"},
+        {"norms": "", "recovery_lr": "2", "budget": "global"},
     )
-    for bad in ("loraprune-activation+norms=1", "loraprune-activation+recovery_lr", "x+rank=4"):
+    for bad in ("loraprune-activation+norms=1", "loraprune-activation+recovery_lr", "x+rank=4", "x+budget=layer"):
         with pytest.raises(SystemExit, match="modifier"):
             peers.split_modifiers(bad)
 
