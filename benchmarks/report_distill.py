@@ -64,8 +64,9 @@ def section(lines):
             "to dense LoRA; total tokens include a dense teacher's own training. Wall time is each run's process "
             "on a shared 2-core machine (load average in the row where recorded).",
             "",
-            f"| method | sparsity | {metric} (mean ± std, n) | vs dense | total train tokens | wall time (s) | load | teacher MiB |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            f"| method | sparsity | {metric} (mean ± std, n) | vs dense | total train tokens | wall time (s) | load | "
+            "peak RSS MiB | teacher MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         conditions = [
             f"dense LoRA seed {r['seed']} ({r['seconds']:.0f} s): {r['conditions']}"
@@ -81,17 +82,19 @@ def section(lines):
             gap, _ = _gap(task, stat.mean, dense.mean)
             fmt = "{:.2f}" if table["direction"] == "lower" else "{:.4f}"
             cell = fmt.format(stat.mean) + (f" ± {fmt.format(stat.std)}" if stat.n > 1 else "") + f" ({stat.n})"
-            tokens = summary(r.get("total_train_tokens", r["train_tokens"]) for r in group).mean
+            tokens = _total_tokens(group)
             seconds = summary(r["seconds"] for r in group).mean
             load_avg = summary(r.get("load_average_1min") for r in group)
             teacher = summary(r.get("teacher_memory_mib") for r in group)
+            rss = summary(r.get("peak_rss_mib") for r in group)
             shared = [r["conditions"] for r in group if r.get("conditions")]
             conditions += [
                 f"{method} {sparsity:.0%} seed {r['seed']}: {r['conditions']}" for r in group if r.get("conditions")
             ]
             lines.append(
                 f"| {method} | {sparsity:.0%} | {cell} | {gap} | {tokens:,.0f} | {seconds:.0f}{' *' if shared else ''} | "
-                f"{'-' if load_avg is None else f'{load_avg.mean:.1f}'} | {'-' if teacher is None else f'{teacher.mean:.0f}'} |"
+                f"{'-' if load_avg is None else f'{load_avg.mean:.1f}'} | {'-' if rss is None else f'{rss.mean:,.0f}'} | "
+                f"{'-' if teacher is None else f'{teacher.mean:.0f}'} |"
             )
         if conditions:
             lines += [
@@ -111,7 +114,8 @@ def verdicts(task, rows, table, dense) -> list[str]:
         if goal_task != task:
             continue
         default = groups.get((table["default_method"], sparsity))
-        variants = {m: g for (m, s), g in groups.items() if s == sparsity and "+" in m}  # any recovery modifier
+        # any recovery modifier; ``+steps=`` rows are the default trained longer: the equal-token baselines
+        variants = {m: g for (m, s), g in groups.items() if s == sparsity and "+" in m and "+steps=" not in m}
         if not default or not variants:
             continue
         default_gap = _gap(task, summary(r[metric] for r in default).mean, dense)
@@ -120,11 +124,27 @@ def verdicts(task, rows, table, dense) -> list[str]:
         best_gap = _gap(task, summary(r[metric] for r in variants[best]).mean, dense)
         met = best_gap[1] <= goal if kind == "ratio" else best_gap[1] >= goal
         goal_words = f"at most {goal:.2f}x" if kind == "ratio" else f"within {-goal:.1f} points"
-        out.append(
+        tokens = _total_tokens(variants[best])
+        line = (
             f"{sparsity:.0%}: default {default_gap[0]} dense LoRA; best recovery variant `{best}` {best_gap[0]} "
-            f"(n={len(variants[best])}); goal {goal_words}: " + ("met." if met else "not met.")
+            f"(n={len(variants[best])}, {tokens:,.0f} training tokens in all); goal {goal_words}: "
+            + ("met." if met else "not met.")
         )
+        longer = [
+            g
+            for (m, s), g in groups.items()
+            if s == sparsity and m.startswith(f"{table['default_method']}+steps=") and _total_tokens(g) == tokens
+        ]
+        if tokens != _total_tokens(default) and longer:
+            same = _gap(task, summary(r[metric] for r in longer[0]).mean, dense)
+            line += f" At equal tokens ({tokens:,.0f}) the default trained longer is {same[0]} (n={len(longer[0])})."
+        out.append(line)
     return out
+
+
+def _total_tokens(rows) -> float:
+    """Mean training tokens of the rows, a dense teacher's own training included."""
+    return summary(r.get("total_train_tokens", r["train_tokens"]) for r in rows).mean
 
 
 def readme_lines() -> list[str]:
