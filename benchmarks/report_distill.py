@@ -13,6 +13,7 @@ BASELINES = {
     "smollm2": "peers_smollm2",
     "minilm": "peers_minilm_full_train",
 }
+TASK_WORDS = {"smollm2": "SmolLM2 / Wikipedia", "minilm": "MiniLM / Rotten Tomatoes"}
 #: the issue's goals, shown beside the measurements (a miss is marked, not hidden)
 GOALS = {("smollm2", 0.2): ("ratio", 1.30), ("smollm2", 0.5): ("ratio", 2.0), ("minilm", 0.5): ("points", -0.5)}
 
@@ -126,7 +127,7 @@ def verdicts(task, rows, table, dense) -> list[str]:
         goal_words = f"at most {goal:.2f}x" if kind == "ratio" else f"within {-goal:.1f} points"
         tokens = _total_tokens(variants[best])
         line = (
-            f"{sparsity:.0%}: default {default_gap[0]} dense LoRA; best recovery variant `{best}` {best_gap[0]} "
+            f"{TASK_WORDS[task]}, {sparsity:.0%} structured: default {default_gap[0]} dense LoRA; best recovery variant `{best}` {best_gap[0]} "
             f"(n={len(variants[best])}, {tokens:,.0f} training tokens in all); goal {goal_words}: "
             + ("met." if met else "not met.")
         )
