@@ -128,7 +128,9 @@ def verdicts(task, rows, table, dense) -> list[str]:
         tokens = _total_tokens(variants[best])
         line = (
             f"{TASK_WORDS[task]}, {sparsity:.0%} structured: default {default_gap[0]} dense LoRA; best recovery variant `{best}` {best_gap[0]} "
-            f"(n={len(variants[best])}, {tokens:,.0f} training tokens in all); goal {goal_words}: "
+            f"(n={len(variants[best])}, {tokens:,.0f} training tokens in all"
+            + ("" if _better(best_gap[1], default_gap[1], kind) else ", not better than the default")
+            + f"); goal {goal_words}: "
             + ("met." if met else "not met.")
         )
         longer = [
@@ -141,6 +143,11 @@ def verdicts(task, rows, table, dense) -> list[str]:
             line += f" At equal tokens ({tokens:,.0f}) the default trained longer is {same[0]} (n={len(longer[0])})."
         out.append(line)
     return out
+
+
+def _better(gap: float, other: float, kind: str) -> bool:
+    """A smaller perplexity ratio, or a larger accuracy difference."""
+    return gap < other if kind == "ratio" else gap > other
 
 
 def _total_tokens(rows) -> float:

@@ -152,6 +152,7 @@ def results_table() -> list[str]:
 GENERATED_BLOCKS = (
     ("README.md", "results", results_table),
     ("docs/benchmarks.md", "benchmarks", readme_summary),
+    ("README.md", "distillation", report_distill.readme_lines),
     ("docs/benchmarks.md", "distillation", report_distill.readme_lines),
     ("docs/benchmarks.md", "big-models", report_big_models.readme_lines),
     ("docs/how-to/quantized.md", "big-models", report_big_models.readme_lines),
