@@ -20,11 +20,15 @@ its own round, and the median over rounds is reported (each round's numbers are 
 On a GPU (``--device cuda``) the memory measure is PyTorch's peak allocated device memory
 (``torch.cuda.max_memory_allocated``), and every timer waits for the device (``torch.cuda.synchronize``).
 ``--dtype bfloat16`` loads the pretrained weights in bfloat16 (the adapters stay float32, as PEFT keeps them).
+``--autocast bfloat16`` keeps them float32 and prepares the model as the Trainer's ``bf16=True`` does (accelerate:
+the forward pass under bfloat16 autocast, its outputs converted to float32; the distillation loss under the
+accelerator's autocast): the setting of ``peers.py --bf16``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -142,8 +146,22 @@ def run_one(
     seed: int,
     device: str = "cpu",
     dtype: str = "float32",
+    autocast: str = "none",
 ) -> dict:
     model, engine, optimizer, ids, distiller = build(name, model_name, batch, seq, seed, device, dtype)
+    amp, seen = contextlib.nullcontext, {}
+    if autocast != "none":  # what the Trainer's bf16=True does: accelerate wraps the forward pass (autocast, then
+        # outputs converted to float32); DistillationTrainer enters accelerator.autocast() for the distillation loss
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(mixed_precision="bf16", cpu=not device.startswith("cuda"))
+        model = accelerator.prepare_model(model)
+        amp = accelerator.autocast
+
+    def record_head_dtype(module, args, output):  # returns None: the output is left as it is
+        seen.setdefault("head_output_dtype", str(output.dtype))
+
+    model.get_output_embeddings().register_forward_hook(record_head_dtype)
     base_rss = peak_rss_mib()
     on_gpu = device.startswith("cuda")
     base_allocated = torch.cuda.memory_allocated() / 2**20 if on_gpu else None
@@ -157,11 +175,12 @@ def run_one(
         sync(device)
         start = time.perf_counter()
         out = model(input_ids=ids, labels=ids)
-        loss = (
-            out.loss
-            if distiller is None
-            else distiller.loss(model, {"input_ids": ids, "labels": ids}, out, out.loss)[0]
-        )
+        with amp():
+            loss = (
+                out.loss
+                if distiller is None
+                else distiller.loss(model, {"input_ids": ids, "labels": ids}, out, out.loss)[0]
+            )
         loss.backward()
         sync(device)
         t_imp = time.perf_counter()
@@ -196,6 +215,8 @@ def run_one(
         "cuda_max_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
         "cuda_allocated_after_loading_mib": base_allocated,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "autocast": autocast,
+        "head_output_dtype": seen["head_output_dtype"],  # the output layer's: bfloat16 under bfloat16 autocast
         "teacher": DISTILLED.get(name),
         "teacher_memory_mib": distiller.teacher_bytes / 2**20 if distiller is not None else None,
     }
@@ -205,7 +226,7 @@ def measure(name: str, args) -> dict:
     """One configuration in a fresh process (its resident-memory high-water mark is its own)."""
     cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--batch", str(args.batch)]
     cmd += ["--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps), "--seed", str(args.seed)]
-    cmd += ["--device", args.device, "--dtype", args.dtype]
+    cmd += ["--device", args.device, "--dtype", args.dtype, "--autocast", args.autocast]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
@@ -288,6 +309,9 @@ def main():
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: peak device memory, synchronised timers)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the pretrained weights' dtype")
     parser.add_argument(
+        "--autocast", choices=["none", "bfloat16"], default="none", help="autocast of the forward pass and loss"
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -316,6 +340,7 @@ def main():
                     args.seed,
                     args.device,
                     args.dtype,
+                    args.autocast,
                 )
             )
         )
@@ -339,6 +364,7 @@ def main():
         rounds.append(rows)
     rows = [combine([rows[name] for rows in rounds]) for name in names]
     suffix = "" if args.device == "cpu" and args.dtype == "float32" else f"_{args.device}_{args.dtype}"
+    suffix += "" if args.autocast == "none" else f"_autocast_{args.autocast}"
     suffix += f"_{args.tag}" if args.tag else ""
     path = write_result(
         f"step_cost_{args.model}_b{args.batch}x{args.seq}{suffix}",

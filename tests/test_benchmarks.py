@@ -48,6 +48,7 @@ def test_step_cost_smoke(tmp_path):
     )  # fmt: skip
     rows = load(tmp_path, "step_cost_tiny_b1x16")["rows"]
     assert [r["config"] for r in rows] == configs
+    assert {(r["autocast"], r["head_output_dtype"]) for r in rows} == {("none", "torch.float32")}
     assert all(r["median_step_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
     by_name = {r["config"]: r for r in rows}
     # every configuration against plain LoRA with the same dropout
@@ -60,6 +61,16 @@ def test_step_cost_smoke(tmp_path):
         assert kd["teacher"] == teacher and kd["teacher_memory_mib"] > 0
         assert kd["time_vs_default"] == kd["median_step_s"] / by_name["loraprune_structured"]["median_step_s"]
     assert by_name["loraprune_structured"].get("teacher") is None
+
+
+def test_step_cost_under_the_trainers_bf16_autocast(tmp_path):
+    run(
+        "step_cost.py", tmp_path, "--model", "tiny", "--batch", "1", "--seq", "16", "--warmup", "1", "--steps", "2",
+        "--configs", "lora,loraprune_structured,loraprune_structured_kd_adapter", "--autocast", "bfloat16",
+    )  # fmt: skip
+    rows = load(tmp_path, "step_cost_tiny_b1x16_autocast_bfloat16")["rows"]
+    assert [(r["autocast"], r["head_output_dtype"]) for r in rows] == [("bfloat16", "torch.bfloat16")] * 3
+    assert rows[2]["time_vs_default"] > 0
 
 
 @pytest.mark.examples
