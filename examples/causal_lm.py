@@ -90,7 +90,12 @@ class PruningArguments:
     pruning_interval: int = field(default=5)
     distill_teacher: Optional[str] = field(
         default=None,
-        metadata={"help": "distil toward 'unmasked' (the adapter without masks) or 'base'; None: no distillation"},
+        metadata={
+            "help": "distil toward 'dense' (a dense LoRA adapter trained first here on the same data, saved in "
+            "OUTPUT_DIR/dense_teacher and used for every sparsity: the teacher that has helped in our measurements), "
+            "the folder of such an adapter saved earlier, 'unmasked' (the adapter without masks) or 'base'; None: "
+            "no distillation"
+        },
     )
     distill_weight: float = field(default=0.5, metadata={"help": "the KL term's share of the loss, in [0, 1]"})
     distill_temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the KL"})
@@ -225,8 +230,8 @@ def main():
         )
     del base
 
-    for sparsity in [float(s) for s in prune_args.sparsities.split(",") if s.strip()]:
-        config = LoRAPruneConfig(
+    def lora_prune_config(sparsity: float) -> LoRAPruneConfig:
+        return LoRAPruneConfig(
             task_type="CAUSAL_LM",
             r=prune_args.lora_r,
             lora_alpha=prune_args.lora_alpha,
@@ -236,13 +241,35 @@ def main():
             importance=prune_args.importance,
             pruning_interval=prune_args.pruning_interval,
         )
-        model = get_peft_model(load_base(model_path, model_args), config)
+
+    teacher_dir = None  # a dense adapter to distil from, loaded beside each pruned one
+    if prune_args.distill_teacher == "dense":
+        teacher_dir = os.path.join(training_args.output_dir, "dense_teacher")
+        model = get_peft_model(load_base(model_path, model_args), lora_prune_config(0.0))
+        start = time.time()
+        args = TrainingArguments(**{**training_args.to_dict(), "output_dir": teacher_dir})
+        Trainer(model=model, args=args, train_dataset=train).train()
+        model.save_pretrained(teacher_dir)
+        results["dense_teacher"] = {
+            "folder": teacher_dir,
+            "train_seconds": time.time() - start,
+            "perplexity": perplexity(model, test, desc="perplexity (dense teacher)"),
+        }
+        del model
+    elif prune_args.distill_teacher and os.path.isdir(prune_args.distill_teacher):
+        teacher_dir = prune_args.distill_teacher
+
+    for sparsity in [float(s) for s in prune_args.sparsities.split(",") if s.strip()]:
+        model = get_peft_model(load_base(model_path, model_args), lora_prune_config(sparsity))
         run_dir = os.path.join(training_args.output_dir, f"sparsity_{sparsity:g}")
         args = TrainingArguments(**{**training_args.to_dict(), "output_dir": run_dir})
         start = time.time()
         if prune_args.distill_teacher:
+            if teacher_dir is not None:
+                model.load_adapter(teacher_dir, adapter_name="teacher")
+                model.set_adapter("default")  # the pruned adapter trains; the dense one is only read
             distillation = DistillationConfig(
-                teacher=prune_args.distill_teacher,
+                teacher="teacher" if teacher_dir is not None else prune_args.distill_teacher,
                 weight=prune_args.distill_weight,
                 temperature=prune_args.distill_temperature,
             )
@@ -256,6 +283,7 @@ def main():
         model.print_sparsity()
         run = {
             "target_sparsity": sparsity,
+            "distillation_teacher": trainer.distiller.config.teacher if prune_args.distill_teacher else None,
             "train_seconds": time.time() - start,
             "sparsity_by_unit": report.sparsity_by_unit(),
             "weight_sparsity_in_adapted_modules": report.weight_sparsity,

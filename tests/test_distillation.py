@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from conftest import TASK, make_inputs, make_model
 from helpers import make_dataset, pruned_model, randomize_adapter, training_model
 from peft import get_peft_model
@@ -171,7 +172,8 @@ def test_with_weight_zero_gradients_and_importance_are_those_of_plain_training()
         out = model(**inputs)
         loss = out.loss
         if distil:
-            loss, _ = Distiller(model, DistillationConfig(weight=0.0)).loss(model, inputs, out, out.loss)
+            config = DistillationConfig(teacher="unmasked", weight=0.0)
+            loss, _ = Distiller(model, config).loss(model, inputs, out, out.loss)
         loss.backward()
         engine = model.base_model.pruning_engine()
         engine.update_importance()
@@ -188,7 +190,6 @@ def test_with_weight_zero_gradients_and_importance_are_those_of_plain_training()
 # ---------------------------------------------------------------------- Trainer
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_the_distillation_trainer_trains_prunes_and_logs(family, tmp_path):
-    import transformers
 
     model = training_model(family, target_sparsity=0.5)
     args = transformers.TrainingArguments(
@@ -226,8 +227,6 @@ def test_a_bf16_trainer_runs_the_teacher_under_its_autocast_from_hidden_states(t
     logits to their rounding, so the chunked path is kept (it was dropped, with a warning, before)."""
     import warnings
 
-    import transformers
-
     model = training_model("llama", target_sparsity=0.5)
     seen = []
     hook = (
@@ -258,13 +257,17 @@ def test_a_bf16_trainer_runs_the_teacher_under_its_autocast_from_hidden_states(t
 
 # ---------------------------------------------------------------------- refusals
 def test_bad_settings_are_refused_with_their_name():
+    with pytest.raises(ValueError, match="teacher is required"):
+        DistillationConfig()
     with pytest.raises(ValueError, match="weight"):
-        DistillationConfig(weight=1.5)
+        DistillationConfig(teacher="base", weight=1.5)
     with pytest.raises(ValueError, match="temperature"):
-        DistillationConfig(temperature=0)
+        DistillationConfig(teacher="base", temperature=0)
     with pytest.raises(ValueError, match="chunk_rows"):
-        DistillationConfig(chunk_rows=0)
+        DistillationConfig(teacher="base", chunk_rows=0)
     model = pruned_model("llama")
+    with pytest.raises(TypeError, match="distillation=DistillationConfig"):
+        DistillationTrainer(model=model, args=transformers.TrainingArguments("unused", report_to="none"))
     with pytest.raises(ValueError, match="teacher='nope'.*adapters: \\['default'\\]"):
         Distiller(model, DistillationConfig(teacher="nope"))
     with pytest.raises(ValueError, match="teacher='default' is the adapter being trained"):
@@ -273,4 +276,4 @@ def test_bad_settings_are_refused_with_their_name():
     with pytest.raises(ValueError, match="teacher='base'.*untrained"):
         Distiller(classifier, DistillationConfig(teacher="base"))
     with pytest.raises(TypeError, match="PeftModel"):
-        Distiller(make_model("llama"))
+        Distiller(make_model("llama"), DistillationConfig(teacher="base"))

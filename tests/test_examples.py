@@ -122,10 +122,14 @@ def test_causal_lm_example_on_real_smollm2(tmp_path):
         "--lm_eval_limit",
         "2",
         "--distill_teacher",
-        "unmasked",
+        "dense",
     )
     run = results["runs"][0]
-    assert results["settings"]["distill_teacher"] == "unmasked"  # trained with DistillationTrainer
+    # a dense adapter trained first, then the pruned one with DistillationTrainer toward it
+    assert results["settings"]["distill_teacher"] == "dense" and results["dense_teacher"]["perplexity"] > 0
+    teacher = tmp_path / "out" / "dense_teacher" / "adapter_config.json"
+    assert json.loads(teacher.read_text())["target_sparsity"] == 0.0
+    assert run["distillation_teacher"] == "teacher"
     # zero-shot scores of the exported model, from lm-eval on the local tasks, land on both cards
     from huggingface_hub import ModelCard
 

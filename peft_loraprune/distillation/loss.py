@@ -44,10 +44,10 @@ def _current_precision(device_type: str):
 class Distiller:
     """Distillation toward ``config.teacher`` for one model (see the module docstring)."""
 
-    def __init__(self, model, config: Optional[DistillationConfig] = None) -> None:
-        self.config = config or DistillationConfig()
+    def __init__(self, model, config: DistillationConfig) -> None:
+        self.config = config
         if not isinstance(self.config, DistillationConfig):
-            raise TypeError(f"config must be a DistillationConfig, got {type(self.config).__name__}")
+            raise TypeError(f"config must be a DistillationConfig(teacher=...), got {type(self.config).__name__}")
         check_teacher(model, self.config.teacher)
         self._head_checked = False
         self._use_hidden_states = True

@@ -28,8 +28,13 @@ class DistillationTrainer(Trainer):
     """``transformers.Trainer`` whose loss is ``(1 − weight)·task + weight·T²·KL(teacher ‖ student)``."""
 
     def __init__(self, *args, distillation: Optional[DistillationConfig] = None, **kwargs) -> None:
+        if not isinstance(distillation, DistillationConfig):
+            raise TypeError(
+                "DistillationTrainer needs distillation=DistillationConfig(teacher=...), got "
+                f"{type(distillation).__name__}; for training without distillation use transformers.Trainer"
+            )
         super().__init__(*args, **kwargs)
-        self.distiller = Distiller(self.model, distillation or DistillationConfig())
+        self.distiller = Distiller(self.model, distillation)
         self._distill_sums: dict[str, torch.Tensor] = {}
         self._distill_count = 0
 
