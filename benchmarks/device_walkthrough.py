@@ -55,7 +55,9 @@ def train(path: str, args, distil: bool, out: Path) -> dict:
     )  # fmt: skip
     kwargs = dict(model=model, args=targs, train_dataset=data, callbacks=[LoRAPruneCallback()])
     trainer = (
-        DistillationTrainer(**kwargs, distillation=DistillationConfig(teacher="unmasked")) if distil else transformers.Trainer(**kwargs)
+        DistillationTrainer(**kwargs, distillation=DistillationConfig(teacher="unmasked"))
+        if distil
+        else transformers.Trainer(**kwargs)
     )
     start = time.time()
     trainer.train()
