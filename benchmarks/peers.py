@@ -41,7 +41,10 @@ Modifiers, appended to any method with ``+`` (the study of recovery, rendered by
   is the schedule's times ``factor``: more room for the adapter to recover what the last rewrites removed;
 * ``+budget=global``: each kind of unit (heads, channels) ranked across blocks, the same count removed;
 * ``+steps=<n>`` (SmolLM2): that many optimizer steps instead of ``--steps``: the equal-token baseline of a cell
-  whose teacher's training also counts.
+  whose teacher's training also counts;
+* ``+init=dense``: the pruned adapter starts from the ``dense-lora`` adapter of the same seed (its LoRA factors and
+  saved modules) instead of B = 0: pruning continues from the fine-tuned model; its training counts in
+  ``total_train_tokens`` as for ``kd=dense``.
 
 ``--granularity unstructured`` (SmolLM2 only): ``sparsegpt`` and ``wanda``, llm-compressor's one-shot pruners
 (``SparseGPTModifier``, ``WandaPruningModifier``, 50% per Linear of the blocks, calibration batches of the training
@@ -370,11 +373,13 @@ def split_modifiers(method: str) -> tuple[str, dict]:
     for mod in mods:
         key, sep, value = mod.partition("=")
         valued = key in ("kd", "r", "lr", "recovery_lr") or (key == "budget" and value in ("local", "global"))
-        valued = valued or (key == "steps" and value.isdigit() and int(value) > 0)
+        valued = (
+            valued or (key == "steps" and value.isdigit() and int(value) > 0) or (key == "init" and value == "dense")
+        )
         if not (valued and sep and value) and not (key == "norms" and not sep):
             raise SystemExit(
                 f"method {method!r}: modifier {mod!r} must be kd=<teacher>/<weight>/<T>, r=<rank>, lr=<x>, "
-                "norms, recovery_lr=<factor>, budget=local|global or steps=<optimizer steps>"
+                "norms, recovery_lr=<factor>, budget=local|global, steps=<optimizer steps> or init=dense"
             )
         out[key] = value
     return name, out
@@ -416,6 +421,22 @@ def distillation_of(value: str):
 
 def dense_adapter_dir(args, seed: int) -> Path:
     return Path(args.work_dir) / "dense-lora" / f"{args.task}-steps{args.steps}-r{args.r}-seed{seed}"
+
+
+def load_dense_adapter_into_default(model, args, seed: int) -> tuple[str, float]:
+    """The dense-lora adapter's saved tensors copied into the ``default`` adapter; returns its folder and the
+    largest difference left between a saved tensor and the model's (0.0: every tensor arrived)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = dense_adapter_dir(args, seed)
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, saved, adapter_name="default")
+    if result.unexpected_keys:
+        raise SystemExit(f"init=dense: {folder} has tensors the model lacks: {result.unexpected_keys[:5]}")
+    now = get_peft_model_state_dict(model, adapter_name="default")
+    diff = max((now[k].float() - v.float()).abs().max().item() for k, v in saved.items())
+    return str(folder), diff
 
 
 def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
@@ -505,6 +526,11 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
             model.set_adapter("default")
             row["teacher_train_tokens"] = meta["train_tokens"]
             row["teacher_train_seconds"] = meta["seconds"]
+    if "init" in mods:
+        row["init_from"], row["init_max_abs_diff"] = load_dense_adapter_into_default(model, args, seed)
+        if "teacher_train_tokens" not in row:  # the dense adapter's training counts once
+            meta = json.loads((dense_adapter_dir(args, seed) / "training.json").read_text())
+            row["teacher_train_tokens"], row["teacher_train_seconds"] = meta["train_tokens"], meta["seconds"]
     row["total_train_tokens"] = row["train_tokens"] + row.get("teacher_train_tokens", 0)
     if "budget" in mods:
         row["budget"] = config.budget

@@ -225,6 +225,8 @@ def variant_words(rows) -> str:
         words.append(f"trainable {', '.join(row['trainable_norms'])}")
     if row.get("recovery_lr"):
         words.append(f"the learning rate x{row['recovery_lr']['factor']:g} once the masks are final")
+    if row.get("init_from"):
+        words.append("the pruned adapter starting from the dense LoRA adapter")
     if "+steps=" in row["method"]:
         words.append(f"{row['train_tokens']:,} training tokens ({row['optimizer_steps']} steps)")
     if row.get("budget") == "global":

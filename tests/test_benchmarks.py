@@ -295,7 +295,7 @@ def test_peers_smoke(tmp_path):
         "minilm",
         "--methods",
         "llm-pruner,wanda-sp,loraprune-activation,loraprune-activation-cd10+kd=unmasked/0.5/2,"
-        "wanda-sp+norms+recovery_lr=2,loraprune-activation+budget=global",
+        "wanda-sp+norms+recovery_lr=2,loraprune-activation+budget=global,dense-lora,loraprune-activation+init=dense",
         "--sparsities",
         "0.5",
         "--max_train_samples",
@@ -313,6 +313,8 @@ def test_peers_smoke(tmp_path):
         "loraprune-activation-cd10+kd=unmasked/0.5/2",
         "wanda-sp+norms+recovery_lr=2",
         "loraprune-activation+budget=global",
+        "dense-lora",
+        "loraprune-activation+init=dense",
     ]
     assert rows[2]["schedule"] == {"schedule": "cubic", "pruning_start": 0.1, "pruning_end": 0.4}  # the default
     assert rows[3]["schedule"] == {"schedule": "cubic", "pruning_start": 0.1, "pruning_end": 0.9}
@@ -323,13 +325,17 @@ def test_peers_smoke(tmp_path):
     assert rows[4]["trainable_norms"] == ["LayerNorm"] and "LayerNorm" in rows[4]["modules_to_save"]
     assert rows[4]["trainable_params"] > rows[1]["trainable_params"]
     assert rows[4]["recovery_lr"] == {"factor": 2.0, "from_fraction": 0.0}
-    assert all(r["sparsity_by_unit"] == {"channels": 0.5, "heads": 0.5} for r in rows)
+    assert all(r["sparsity_by_unit"] == {"channels": 0.5, "heads": 0.5} for r in rows if r["method"] != "dense-lora")
     # a global budget removes as many units of each kind, spread over the blocks as the criterion ranks them
     kept = rows[5]["kept_by_block"]
     assert rows[5]["budget"] == "global" and "budget" not in rows[2]
     for unit in ("heads", "channels"):
         assert sum(k for _, u, k, _ in kept if u == unit) * 2 == sum(t for _, u, _, t in kept if u == unit)
     assert len({k / t for _, u, k, t in kept if u == "channels"}) > 1  # a local budget: 0.5 in every block
+    # init=dense: the pruned adapter starts from the dense adapter saved by the dense-lora cell, every tensor
+    init = rows[7]
+    assert init["init_from"].endswith("dense-lora/minilm-steps1000-r8-seed0") and init["init_max_abs_diff"] == 0.0
+    assert init["total_train_tokens"] == 2 * init["train_tokens"]
     # Torch-Pruning's GroupTaylorImportance and the benchmark's own sum of |W ⊙ G| rank channels alike
     assert rows[0]["torch_pruning_vs_own_channel_corr"] > 0.999
     assert all(0 <= r["accuracy"] <= 1 and r["peak_rss_mib"] > 0 for r in rows)
@@ -487,11 +493,11 @@ def test_norms_modifier_names_every_normalisation_layer(monkeypatch):
     )
     names = peers.norm_module_names(LlamaForCausalLM(config))
     assert names == ["input_layernorm", "norm", "post_attention_layernorm"]
-    assert peers.split_modifiers("loraprune-activation+norms+recovery_lr=2+budget=global+steps=20") == (
+    assert peers.split_modifiers("loraprune-activation+norms+recovery_lr=2+budget=global+steps=20+init=dense") == (
         "loraprune-activation",
-        {"norms": "", "recovery_lr": "2", "budget": "global", "steps": "20"},
+        {"norms": "", "recovery_lr": "2", "budget": "global", "steps": "20", "init": "dense"},
     )
-    bad_ones = ("x+norms=1", "x+recovery_lr", "x+rank=4", "x+budget=layer", "x+steps=0", "x+steps=1e3")
+    bad_ones = ("x+norms=1", "x+recovery_lr", "x+rank=4", "x+budget=layer", "x+steps=0", "x+steps=1e3", "x+init=base")
     for bad in bad_ones:
         with pytest.raises(SystemExit, match="modifier"):
             peers.split_modifiers(bad)
