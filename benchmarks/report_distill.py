@@ -126,23 +126,38 @@ def verdicts(task, rows, table, dense) -> list[str]:
         met = best_gap[1] <= goal if kind == "ratio" else best_gap[1] >= goal
         goal_words = f"at most {goal:.2f}x" if kind == "ratio" else f"within {-goal:.1f} points"
         tokens = _total_tokens(variants[best])
+        reruns = _longer(groups, table, sparsity, _total_tokens(default))  # the default again, with today's code
+        rerun = (
+            f" (rerun with the study's code: {_gap(task, summary(r[metric] for r in reruns).mean, dense)[0]}, "
+            f"n={len(reruns)})"
+            if reruns
+            else ""
+        )
         line = (
-            f"{TASK_WORDS[task]}, {sparsity:.0%} structured: default {default_gap[0]} dense LoRA; best recovery variant `{best}` {best_gap[0]} "
+            f"{TASK_WORDS[task]}, {sparsity:.0%} structured: default {default_gap[0]} dense LoRA{rerun}; best "
+            f"recovery variant `{best}` {best_gap[0]} "
             f"(n={len(variants[best])}, {tokens:,.0f} training tokens in all"
             + ("" if _better(best_gap[1], default_gap[1], kind) else ", not better than the default")
             + f"); goal {goal_words}: "
             + ("met." if met else "not met.")
         )
-        longer = [
-            g
-            for (m, s), g in groups.items()
-            if s == sparsity and m.startswith(f"{table['default_method']}+steps=") and _total_tokens(g) == tokens
-        ]
+        longer = _longer(groups, table, sparsity, tokens)
         if tokens != _total_tokens(default) and longer:
-            same = _gap(task, summary(r[metric] for r in longer[0]).mean, dense)
-            line += f" At equal tokens ({tokens:,.0f}) the default trained longer is {same[0]} (n={len(longer[0])})."
+            same = _gap(task, summary(r[metric] for r in longer).mean, dense)
+            line += f" At equal tokens ({tokens:,.0f}) the default trained longer is {same[0]} (n={len(longer)})."
         out.append(line)
     return out
+
+
+def _longer(groups, table, sparsity, tokens) -> list:
+    """Rows of the default run with ``+steps=`` to ``tokens`` training tokens (all such groups together)."""
+    prefix = f"{table['default_method']}+steps="
+    return [
+        r
+        for (m, s), g in groups.items()
+        if s == sparsity and m.startswith(prefix) and _total_tokens(g) == tokens
+        for r in g
+    ]
 
 
 def _better(gap: float, other: float, kind: str) -> bool:
