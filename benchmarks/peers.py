@@ -363,6 +363,19 @@ def loraprune_method(method: str) -> tuple[str, dict]:
     raise SystemExit(f"method {method!r}: schedule suffix must be 'oneshot' or 'cdNN' (cooldown in percent)")
 
 
+#: modifier -> whether a value is allowed (``norms`` takes none)
+MODIFIERS = {
+    "kd": bool,
+    "r": bool,
+    "lr": bool,
+    "recovery_lr": bool,
+    "budget": lambda v: v in ("local", "global"),
+    "steps": lambda v: v.isdigit() and int(v) > 0,
+    "init": lambda v: v == "dense",
+    "norms": lambda v: False,
+}
+
+
 def split_modifiers(method: str) -> tuple[str, dict]:
     """``loraprune-activation+kd=unmasked/0.5/2+r=32`` -> ("loraprune-activation", {"kd": ..., "r": "32"}).
 
@@ -372,11 +385,8 @@ def split_modifiers(method: str) -> tuple[str, dict]:
     out = {}
     for mod in mods:
         key, sep, value = mod.partition("=")
-        valued = key in ("kd", "r", "lr", "recovery_lr") or (key == "budget" and value in ("local", "global"))
-        valued = (
-            valued or (key == "steps" and value.isdigit() and int(value) > 0) or (key == "init" and value == "dense")
-        )
-        if not (valued and sep and value) and not (key == "norms" and not sep):
+        valid = MODIFIERS.get(key)
+        if valid is None or (sep and not (value and valid(value))) or (not sep and key != "norms"):
             raise SystemExit(
                 f"method {method!r}: modifier {mod!r} must be kd=<teacher>/<weight>/<T>, r=<rank>, lr=<x>, "
                 "norms, recovery_lr=<factor>, budget=local|global, steps=<optimizer steps> or init=dense"
@@ -520,17 +530,13 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
             "temperature": distillation.temperature,
         }
         if teacher == "dense":
-            folder = dense_adapter_dir(args, seed)
-            meta = json.loads((folder / "training.json").read_text())  # written by the dense-lora cell
-            model.load_adapter(str(folder), adapter_name="teacher")
+            model.load_adapter(str(dense_adapter_dir(args, seed)), adapter_name="teacher")
             model.set_adapter("default")
-            row["teacher_train_tokens"] = meta["train_tokens"]
-            row["teacher_train_seconds"] = meta["seconds"]
     if "init" in mods:
         row["init_from"], row["init_max_abs_diff"] = load_dense_adapter_into_default(model, args, seed)
-        if "teacher_train_tokens" not in row:  # the dense adapter's training counts once
-            meta = json.loads((dense_adapter_dir(args, seed) / "training.json").read_text())
-            row["teacher_train_tokens"], row["teacher_train_seconds"] = meta["train_tokens"], meta["seconds"]
+    if "init" in mods or mods.get("kd", "").startswith("dense/"):  # the dense adapter's training counts, once
+        meta = json.loads((dense_adapter_dir(args, seed) / "training.json").read_text())  # from the dense-lora cell
+        row["teacher_train_tokens"], row["teacher_train_seconds"] = meta["train_tokens"], meta["seconds"]
     row["total_train_tokens"] = row["train_tokens"] + row.get("teacher_train_tokens", 0)
     if "budget" in mods:
         row["budget"] = config.budget
