@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import hashlib
 import json
 import os
@@ -143,6 +144,12 @@ def main():
     save_file(final, str(out / f"rank{rank}.safetensors"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     (out / f"rank{rank}.json").write_text(json.dumps({"world_size": world, "steps": recorder.steps}))
+    # Teardown in a fixed order. The DDP wrapper (its reducer holds the gloo group) is freed while the group still
+    # exists, then the group is destroyed, then the process ends without running C++ destructors at interpreter
+    # exit: CI once saw rank 0 hang for 150 s after its results were written, in a destructor that ran when
+    # main()'s frame was freed (the faulthandler stack showed only the module line calling main()).
+    del trainer, model
+    gc.collect()
     if torch.distributed.is_initialized():  # a gloo group left open can abort the process at exit
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -150,3 +157,6 @@ def main():
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
