@@ -5,7 +5,8 @@ or the accuracy difference in points (MiniLM), at equal training tokens and with
 
 from __future__ import annotations
 
-from report_common import load, machine
+import matplotlib.pyplot as plt
+from report_common import HERE, load, machine
 from stats import summary
 
 # task -> (the file with the runs without distillation, that file's dense LoRA and default method)
@@ -103,6 +104,42 @@ def section(lines):
                 "\\* Wall time not that of the current code alone on the machine: " + "; ".join(conditions) + ".",
             ]
         lines += ["", *[f"- {v}" for v in verdicts(task, rows, table, dense.mean)], ""]
+        tokens_plot(task, rows, table, dense.mean, lines)
+
+
+def tokens_plot(task, rows, table, dense, lines):
+    """The study's gap to dense LoRA against total training tokens (a dense teacher's included), one panel per
+    sparsity: a variant is only better than training longer when it lies below the default's line."""
+    groups = _rows_by_variant(rows, table["metric"])
+    sparsities = sorted({s for _, s in groups if s > 0}, reverse=True)
+    fig, axes = plt.subplots(1, len(sparsities), figsize=(4.2 * len(sparsities), 3.4), squeeze=False)
+    for ax, sparsity in zip(axes[0], sparsities):
+        default = table["default_method"]
+        line = sorted(
+            (_total_tokens(g), _gap(task, summary(r[table["metric"]] for r in g).mean, dense)[1])
+            for (m, s), g in groups.items()
+            if s == sparsity and (m == default or m.startswith(f"{default}+steps="))
+        )
+        if line:
+            ax.plot(*zip(*line), "k--", marker="o", lw=0.8, label="default (longer: +steps)")
+        for (m, s), g in sorted(groups.items()):
+            if s != sparsity or m == default or m.startswith(f"{default}+steps=") or m == "dense-lora":
+                continue
+            gap = _gap(task, summary(r[table["metric"]] for r in g).mean, dense)[1]
+            ax.scatter([_total_tokens(g)], [gap], label=m.replace(f"{default}+", "+"), s=22)
+        goal = GOALS.get((task, sparsity))
+        if goal:
+            ax.axhline(goal[1], color="red", lw=0.8, ls=":", label="goal")
+        ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:,.0f}k")
+        ax.set_title(f"{sparsity:.0%} structured", fontsize=9)
+        ax.set_xlabel("total training tokens")
+        ax.set_ylabel("perplexity / dense LoRA's" if task == "smollm2" else "accuracy - dense LoRA's (points)")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    name = f"distillation_{task}"
+    fig.savefig(HERE / f"{name}.png", dpi=110)
+    plt.close(fig)
+    lines += [f"![{name}]({name}.png)", ""]
 
 
 def verdicts(task, rows, table, dense) -> list[str]:

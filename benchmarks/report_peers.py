@@ -59,6 +59,8 @@ def granularity_of(data) -> str:
 def peers_section(lines):
     """Side by side with the pruners people use (benchmarks/peers.py)."""
     for name, data in load("peers_*.json").items():
+        if name.endswith("_distill"):
+            continue  # the recovery study's runs: their own table, at each row's total tokens (report_distill)
         s = data["settings"]
         rows = data["rows"]
         task = s["task"]
