@@ -39,9 +39,15 @@ Modifiers, appended to any method with ``+`` (the study of recovery, rendered by
   class name ends in ``Norm``: Llama's RMSNorms, BERT's LayerNorms);
 * ``+recovery_lr=<factor>``: once the masks are final (from ``pruning_end`` of the steps on), the learning rate
   is the schedule's times ``factor``: more room for the adapter to recover what the last rewrites removed;
-* ``+budget=global``: each kind of unit (heads, channels) ranked across blocks, the same count removed;
+* ``+budget=global`` (MiniLM: the package refuses a global budget over query heads in KV groups): each kind of
+  unit (heads, channels) ranked across blocks, the same count removed;
 * ``+steps=<n>`` (SmolLM2): that many optimizer steps instead of ``--steps``: the equal-token baseline of a cell
   whose teacher's training also counts;
+* ``+channels=<fraction>`` (structured): only MLP channels are pruned, to that fraction; heads are kept. With 3
+  query heads per KV group, SmolLM2's 20% removes a third of the heads (1 of 3 per group) and 20% of the
+  channels; ``+channels=0.2832`` removes as many weights from MLP channels alone (both keep 78.8% of the adapted
+  modules' weights, recorded in every row as ``weights_kept_in_adapted_modules``), so the two spend one budget
+  on different units;
 * ``+init=dense``: the pruned adapter starts from the ``dense-lora`` adapter of the same seed (its LoRA factors and
   saved modules) instead of B = 0: pruning continues from the fine-tuned model; its training counts in
   ``total_train_tokens`` as for ``kd=dense``.
@@ -373,7 +379,15 @@ MODIFIERS = {
     "steps": lambda v: v.isdigit() and int(v) > 0,
     "init": lambda v: v == "dense",
     "norms": lambda v: False,
+    "channels": lambda v: _fraction(v),
 }
+
+
+def _fraction(value: str) -> bool:
+    try:
+        return 0.0 < float(value) < 1.0
+    except ValueError:
+        return False
 
 
 def split_modifiers(method: str) -> tuple[str, dict]:
@@ -389,10 +403,23 @@ def split_modifiers(method: str) -> tuple[str, dict]:
         if valid is None or (sep and not (value and valid(value))) or (not sep and key != "norms"):
             raise SystemExit(
                 f"method {method!r}: modifier {mod!r} must be kd=<teacher>/<weight>/<T>, r=<rank>, lr=<x>, "
-                "norms, recovery_lr=<factor>, budget=local|global, steps=<optimizer steps> or init=dense"
+                "norms, recovery_lr=<factor>, budget=local|global, steps=<optimizer steps>, init=dense or "
+                "channels=<fraction between 0 and 1>"
             )
         out[key] = value
     return name, out
+
+
+def check_methods(task: str, methods: list[str], granularity: str = "structured") -> None:
+    """Refuse, before any cell runs, a method whose modifiers the task cannot take."""
+    for method in methods:
+        if "channels" in split_modifiers(method)[1] and granularity != "structured":
+            raise SystemExit(f"method {method!r}: channels=<fraction> prunes MLP channels (--granularity structured)")
+        if split_modifiers(method)[1].get("budget") == "global" and TASKS[task].head_grouping == "query_head":
+            raise SystemExit(
+                f"method {method!r}: budget=global needs head_grouping='kv_group' (task {task} prunes query heads "
+                "inside KV groups, which the package's global ranking refuses); use it with --task minilm"
+            )
 
 
 def norm_module_names(model) -> list[str]:
@@ -467,18 +494,20 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
     if args.granularity != "structured" and criterion == "activation":
         raise SystemExit("the activation criterion is structured only")
     norms = norm_module_names(base) if "norms" in mods else None  # before PEFT wraps them
+    target = float(mods["channels"]) if "channels" in mods else sparsity  # the row keeps the cell's sparsity
     config = LoRAPruneConfig(
         task_type=task.task_type,
         r=rank,
         lora_alpha=2 * rank,
         lora_dropout=0.05,
-        target_sparsity=0.0 if method == "dense-lora" else sparsity,
+        target_sparsity=0.0 if method == "dense-lora" else target,
         granularity=args.granularity,
         importance=criterion,
         **schedule,
         head_grouping=task.head_grouping,
         pruning_interval=args.pruning_interval,
         budget=mods.get("budget", "local"),
+        **({"prune_structures": ["channels"]} if "channels" in mods else {}),
         modules_to_save=list(norms) if norms else None,  # a copy: PEFT appends a classification head to it
     )
     row = {
@@ -490,6 +519,8 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         "calibration_tokens": 0,
         "r": rank,
     }
+    if "channels" in mods:
+        row["prune_structures"] = list(config.prune_structures)
     if method.startswith("loraprune-"):
         row["schedule"] = {k: getattr(config, k) for k in ("schedule", "pruning_start", "pruning_end")}
         if config.is_element_granularity:  # separable: per-feature averages, the weight scored at rewrites only
@@ -508,7 +539,7 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         engine = model.base_model.pruning_engine()
         engine.member_averages.clear()
         engine.member_averages.update(scores)
-        engine.prune_to(sparsity)
+        engine.prune_to(target)
         row["calibration_seconds"] = time.time() - start
     elif method in UNSTRUCTURED_PEERS:
         batches, row["calibration_tokens"] = task.calibration(args.calibration_batches, seed)
@@ -649,6 +680,9 @@ def main():
     name += f"_{args.tag}" if args.tag else ""
     path = (Path(args.out) if args.out else RESULTS_DIR) / f"{name}.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    check_methods(
+        args.task, args.methods.split(","), args.granularity
+    )  # before any cell runs: a queue must not stop half-way
     for seed in [int(s) for s in args.seeds.split(",")]:
         for sparsity in [float(s) for s in args.sparsities.split(",")]:
             for method in args.methods.split(","):

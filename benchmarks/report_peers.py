@@ -233,6 +233,11 @@ def variant_words(rows) -> str:
         words.append(f"{row['train_tokens']:,} training tokens ({row['optimizer_steps']} steps)")
     if row.get("budget") == "global":
         words.append("each kind of unit ranked across blocks (a global budget)")
+    if row.get("prune_structures") == ["channels"]:
+        words.append(
+            f"MLP channels only ({row['sparsity_by_unit']['channels']:.1%} of them, heads kept; "
+            f"{row['weights_kept_in_adapted_modules']:,} weights kept)"
+        )
     return ", ".join(words) or "another setting"
 
 

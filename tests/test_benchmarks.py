@@ -295,7 +295,8 @@ def test_peers_smoke(tmp_path):
         "minilm",
         "--methods",
         "llm-pruner,wanda-sp,loraprune-activation,loraprune-activation-cd10+kd=unmasked/0.5/2,"
-        "wanda-sp+norms+recovery_lr=2,loraprune-activation+budget=global,dense-lora,loraprune-activation+init=dense",
+        "wanda-sp+norms+recovery_lr=2,loraprune-activation+budget=global,dense-lora,loraprune-activation+init=dense,"
+        "wanda-sp+channels=0.3",
         "--sparsities",
         "0.5",
         "--max_train_samples",
@@ -315,6 +316,7 @@ def test_peers_smoke(tmp_path):
         "loraprune-activation+budget=global",
         "dense-lora",
         "loraprune-activation+init=dense",
+        "wanda-sp+channels=0.3",
     ]
     assert rows[2]["schedule"] == {"schedule": "cubic", "pruning_start": 0.1, "pruning_end": 0.4}  # the default
     assert rows[3]["schedule"] == {"schedule": "cubic", "pruning_start": 0.1, "pruning_end": 0.9}
@@ -325,7 +327,13 @@ def test_peers_smoke(tmp_path):
     assert rows[4]["trainable_norms"] == ["LayerNorm"] and "LayerNorm" in rows[4]["modules_to_save"]
     assert rows[4]["trainable_params"] > rows[1]["trainable_params"]
     assert rows[4]["recovery_lr"] == {"factor": 2.0, "from_fraction": 0.0}
-    assert all(r["sparsity_by_unit"] == {"channels": 0.5, "heads": 0.5} for r in rows if r["method"] != "dense-lora")
+    assert all(
+        r["sparsity_by_unit"] == {"channels": 0.5, "heads": 0.5} for r in rows[:-1] if r["method"] != "dense-lora"
+    )
+    # channels=<fraction>: the peer's ranking prunes MLP channels alone, to that fraction (461 of 1,536), heads kept
+    assert rows[8]["prune_structures"] == ["channels"]
+    assert rows[8]["sparsity_by_unit"].get("heads", 0.0) == 0.0
+    assert rows[8]["sparsity_by_unit"]["channels"] == pytest.approx(461 / 1536)
     # a global budget removes as many units of each kind, spread over the blocks as the criterion ranks them
     kept = rows[5]["kept_by_block"]
     assert rows[5]["budget"] == "global" and "budget" not in rows[2]
@@ -497,7 +505,24 @@ def test_norms_modifier_names_every_normalisation_layer(monkeypatch):
         "loraprune-activation",
         {"norms": "", "recovery_lr": "2", "budget": "global", "steps": "20", "init": "dense"},
     )
-    bad_ones = ("x+norms=1", "x+recovery_lr", "x+rank=4", "x+budget=layer", "x+steps=0", "x+steps=1e3", "x+init=base")
+    peers.check_methods("minilm", ["loraprune-activation+budget=global"])
+    with pytest.raises(SystemExit, match="budget=global needs head_grouping='kv_group'"):
+        peers.check_methods("smollm2", ["dense-lora", "loraprune-activation+budget=global"])
+    assert peers.split_modifiers("wanda-sp+channels=0.2832") == ("wanda-sp", {"channels": "0.2832"})
+    with pytest.raises(SystemExit, match="channels=<fraction> prunes MLP channels"):
+        peers.check_methods("smollm2", ["loraprune-wanda+channels=0.3"], "unstructured")
+    bad_ones = (
+        "x+norms=1",
+        "x+channels=1",
+        "x+channels=0",
+        "x+channels=a",
+        "x+recovery_lr",
+        "x+rank=4",
+        "x+budget=layer",
+        "x+steps=0",
+        "x+steps=1e3",
+        "x+init=base",
+    )
     for bad in bad_ones:
         with pytest.raises(SystemExit, match="modifier"):
             peers.split_modifiers(bad)
