@@ -29,6 +29,8 @@ def step_cost_section(lines):
                 "peak allocated device memory; at this size the GPU waits on Python and kernel launches, so step "
                 "times vary by up to 30% from step to step and time ratios are rough)"
             )
+        if s.get("autocast"):  # what Trainer(bf16=True) runs: float32 weights, matmuls under autocast
+            where += f", {s['dtype']} weights under {s['autocast']} autocast (as `Trainer(bf16=True)` runs)"
         note = f" ({s['note']})" if s.get("note") else ""
         lines += [
             f"### Step time and memory: `{s['model']}`, batch {s['batch']} x {s['seq']} tokens{where}{note}",

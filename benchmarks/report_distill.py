@@ -5,6 +5,8 @@ or the accuracy difference in points (MiniLM), at equal training tokens and with
 
 from __future__ import annotations
 
+from typing import Optional
+
 import matplotlib.pyplot as plt
 from report_common import HERE, load, machine
 from stats import summary
@@ -17,6 +19,9 @@ BASELINES = {
 TASK_WORDS = {"smollm2": "SmolLM2 / Wikipedia", "minilm": "MiniLM / Rotten Tomatoes"}
 #: the issue's goals, shown beside the measurements (a miss is marked, not hidden)
 GOALS = {("smollm2", 0.2): ("ratio", 1.30), ("smollm2", 0.5): ("ratio", 2.0), ("minilm", 0.5): ("points", -0.5)}
+#: the cost goals: step time against the default's, peak memory against plain LoRA's
+COST_GOALS = {"time": 1.5, "memory": 1.15}
+TEACHER_WORDS = {"unmasked": "the unmasked adapter", "teacher": "a second, dense adapter"}
 
 
 def _rows_by_variant(rows, metric):
@@ -103,7 +108,13 @@ def section(lines):
                 "",
                 "\\* Wall time not that of the current code alone on the machine: " + "; ".join(conditions) + ".",
             ]
-        lines += ["", *[f"- {v}" for v in verdicts(task, rows, table, dense.mean)], ""]
+        cost = cost_line() if task == "smollm2" else None
+        lines += [
+            "",
+            *[f"- {v}" for v in verdicts(task, rows, table, dense.mean)],
+            *([f"- {cost}"] if cost else []),
+            "",
+        ]
         tokens_plot(task, rows, table, dense.mean, lines)
 
 
@@ -207,6 +218,32 @@ def _total_tokens(rows) -> float:
     return summary(r.get("total_train_tokens", r["train_tokens"]) for r in rows).mean
 
 
+def cost_line() -> Optional[str]:
+    """What a distillation step costs, from the step-cost run under the Trainer's bf16 autocast (the study's
+    setting), against the issue's goals; None when that run is missing."""
+    runs = [d for d in load("step_cost_*_distill.json").values() if d["settings"].get("autocast")]
+    if not runs:
+        return None
+    data = runs[-1]
+    s = data["settings"]
+    distilled = [r for r in data["rows"] if r.get("time_vs_default") is not None]
+    if not distilled:
+        return None
+    parts = "; ".join(
+        f"toward {TEACHER_WORDS.get(r['teacher'], r['teacher'])} {r['time_vs_default']:.2f}x the default's step "
+        f"and {r['rss_vs_lora']:.2f}x plain LoRA's peak memory"
+        for r in distilled
+    )
+    slowest = max(r["time_vs_default"] for r in distilled)
+    heaviest = max(r["rss_vs_lora"] for r in distilled)
+    return (
+        f"Cost of a distillation step ({s['model']}, batch {s['batch']} x {s['seq']} tokens, {s['autocast']} "
+        f"autocast, {s.get('rounds', 1)} rounds): {parts}. Goals at most {COST_GOALS['time']}x the default's time: "
+        f"{'met' if slowest <= COST_GOALS['time'] else 'not met'}; at most {COST_GOALS['memory']}x LoRA's memory: "
+        f"{'met' if heaviest <= COST_GOALS['memory'] else 'not met'}."
+    )
+
+
 def readme_lines() -> list[str]:
     out = []
     for task in BASELINES:
@@ -214,4 +251,5 @@ def readme_lines() -> list[str]:
         if found is not None:
             rows, table, dense, _ = found
             out += [f"- {v}" for v in verdicts(task, rows, table, dense.mean)]
-    return out
+    cost = cost_line()
+    return out + ([f"- {cost}"] if cost else [])

@@ -310,3 +310,26 @@ def test_distillation_verdicts_compare_with_dense_lora_and_the_goal():
     rows[1]["accuracy"] = 0.80  # a variant below the default is said to be
     (verdict,) = report_distill.verdicts("minilm", rows, accuracy, 0.818)
     assert "-1.80 pt (n=1, 256,000 training tokens in all, not better than the default); goal" in verdict
+
+
+def test_distillation_cost_line_reads_the_autocast_run_against_the_goals(monkeypatch):
+    import report_distill
+
+    def run(autocast, time_vs_default):
+        settings = {"model": "smollm2", "batch": 4, "seq": 64, "rounds": 2, "autocast": autocast}
+        rows = [
+            {"config": "loraprune_structured", "time_vs_default": None},
+            {"config": "kd", "teacher": "teacher", "time_vs_default": time_vs_default, "rss_vs_lora": 1.08},
+        ]
+        return {"settings": settings, "rows": rows}
+
+    # the float32 run (no autocast) is not the study's setting and is never read
+    files = {"step_cost_smollm2_b4x64_distill": run(None, 1.20)}
+    monkeypatch.setattr(report_distill, "load", lambda pattern: files)
+    assert report_distill.cost_line() is None
+    files["step_cost_smollm2_b4x64_autocast_bfloat16_distill"] = run("bfloat16", 1.52)
+    line = report_distill.cost_line()
+    assert "toward a second, dense adapter 1.52x the default's step and 1.08x plain LoRA's peak memory" in line
+    assert line.endswith("at most 1.5x the default's time: not met; at most 1.15x LoRA's memory: met.")
+    files["step_cost_smollm2_b4x64_autocast_bfloat16_distill"] = run("bfloat16", 1.49)
+    assert "time: met" in report_distill.cost_line()
