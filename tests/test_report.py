@@ -290,6 +290,10 @@ def test_distillation_verdicts_compare_with_dense_lora_and_the_goal():
         {**t, "method": "loraprune-activation", "sparsity": 0.5, "seed": 0, "perplexity": 48.0},
         {**t, "method": "loraprune-activation+kd=unmasked/0.5/2", "sparsity": 0.5, "seed": 0, "perplexity": 36.0},
     ]  # fmt: skip
+    # a variant is compared with the default rerun by the same code when there is one (the environment moves numbers)
+    rerun_50 = {**t, "method": "loraprune-activation+steps=1000", "sparsity": 0.5, "seed": 0, "perplexity": 30.0}
+    (_, at_50) = report_distill.verdicts("smollm2", rows + [rerun_50], STRUCTURED, 16.0)
+    assert "2.25x (n=1, 256,000 training tokens in all, not better than the default)" in at_50
     # dense 16: 28/16 = 1.75x, best 21/16 = 1.31x > 1.30 (missed), 20/16 = 1.25x at its 512,000 tokens;
     # 48/16 = 3.00x, 36/16 = 2.25x > 2.0 (missed), no longer baseline at 50%
     assert report_distill.verdicts("smollm2", rows, STRUCTURED, 16.0) == [
