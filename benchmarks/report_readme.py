@@ -68,6 +68,7 @@ def readme_summary() -> list[str]:
             if c != "lora" and "time_vs_lora" in r
         ]
         where = f", {data['machine']['cuda']}, {s.get('dtype')}" if on_gpu(data) else ""
+        where += f", {s['autocast']} autocast" if s.get("autocast") else ""
         where += f", {s['note']}" if s.get("note") else ""
         if parts:
             out.append(
