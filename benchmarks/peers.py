@@ -379,7 +379,7 @@ MODIFIERS = {
     "steps": lambda v: v.isdigit() and int(v) > 0,
     "init": lambda v: v == "dense",
     "norms": lambda v: False,
-    "channels": lambda v: _fraction(v),
+    "channels": lambda v: _fraction(v),  # defined below
 }
 
 
@@ -413,9 +413,10 @@ def split_modifiers(method: str) -> tuple[str, dict]:
 def check_methods(task: str, methods: list[str], granularity: str = "structured") -> None:
     """Refuse, before any cell runs, a method whose modifiers the task cannot take."""
     for method in methods:
-        if "channels" in split_modifiers(method)[1] and granularity != "structured":
+        mods = split_modifiers(method)[1]
+        if "channels" in mods and granularity != "structured":
             raise SystemExit(f"method {method!r}: channels=<fraction> prunes MLP channels (--granularity structured)")
-        if split_modifiers(method)[1].get("budget") == "global" and TASKS[task].head_grouping == "query_head":
+        if mods.get("budget") == "global" and TASKS[task].head_grouping == "query_head":
             raise SystemExit(
                 f"method {method!r}: budget=global needs head_grouping='kv_group' (task {task} prunes query heads "
                 "inside KV groups, which the package's global ranking refuses); use it with --task minilm"
@@ -680,9 +681,8 @@ def main():
     name += f"_{args.tag}" if args.tag else ""
     path = (Path(args.out) if args.out else RESULTS_DIR) / f"{name}.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
-    check_methods(
-        args.task, args.methods.split(","), args.granularity
-    )  # before any cell runs: a queue must not stop half-way
+    # before any cell runs: a queue of cells must not stop half-way
+    check_methods(args.task, args.methods.split(","), args.granularity)
     for seed in [int(s) for s in args.seeds.split(",")]:
         for sparsity in [float(s) for s in args.sparsities.split(",")]:
             for method in args.methods.split(","):

@@ -123,9 +123,9 @@ def tokens_plot(task, rows, table, dense, lines):
     sparsity: a variant is only better than training longer when it lies below the default's line."""
     groups = _rows_by_variant(rows, table["metric"])
     sparsities = sorted({s for _, s in groups if s > 0}, reverse=True)
+    default = table["default_method"]
     fig, axes = plt.subplots(1, len(sparsities), figsize=(4.2 * len(sparsities), 3.4), squeeze=False)
     for ax, sparsity in zip(axes[0], sparsities):
-        default = table["default_method"]
         line = sorted(
             (_total_tokens(g), _gap(task, summary(r[table["metric"]] for r in g).mean, dense)[1])
             for (m, s), g in groups.items()
