@@ -48,6 +48,11 @@ Modifiers, appended to any method with ``+`` (the study of recovery, rendered by
   channels; ``+channels=0.2832`` removes as many weights from MLP channels alone (both keep 78.8% of the adapted
   modules' weights, recorded in every row as ``weights_kept_in_adapted_modules``), so the two spend one budget
   on different units;
+* ``+joint=<fraction>`` (structured): ``allocation="joint"``: that fraction of the blocks' head and channel weights
+  is removed, split between heads and channels by the importance (one split for the whole model, chosen again at
+  every rewrite); the peers' one-shot scores choose the split the same way. SmolLM2's default removes 22.66% of
+  those weights at 20% and 46.67% at 50% (a third of the heads plus 20% or 50% of the channels), so
+  ``+joint=0.2266`` and ``+joint=0.4667`` spend the default's budget;
 * ``+init=dense``: the pruned adapter starts from the ``dense-lora`` adapter of the same seed (its LoRA factors and
   saved modules) instead of B = 0: pruning continues from the fine-tuned model; its training counts in
   ``total_train_tokens`` as for ``kd=dense``.
@@ -380,6 +385,7 @@ MODIFIERS = {
     "init": lambda v: v == "dense",
     "norms": lambda v: False,
     "channels": lambda v: _fraction(v),  # defined below
+    "joint": lambda v: _fraction(v),
 }
 
 
@@ -403,8 +409,8 @@ def split_modifiers(method: str) -> tuple[str, dict]:
         if valid is None or (sep and not (value and valid(value))) or (not sep and key != "norms"):
             raise SystemExit(
                 f"method {method!r}: modifier {mod!r} must be kd=<teacher>/<weight>/<T>, r=<rank>, lr=<x>, "
-                "norms, recovery_lr=<factor>, budget=local|global, steps=<optimizer steps>, init=dense or "
-                "channels=<fraction between 0 and 1>"
+                "norms, recovery_lr=<factor>, budget=local|global, steps=<optimizer steps>, init=dense, "
+                "channels=<fraction between 0 and 1> or joint=<fraction between 0 and 1>"
             )
         out[key] = value
     return name, out
@@ -416,6 +422,12 @@ def check_methods(task: str, methods: list[str], granularity: str = "structured"
         mods = split_modifiers(method)[1]
         if "channels" in mods and granularity != "structured":
             raise SystemExit(f"method {method!r}: channels=<fraction> prunes MLP channels (--granularity structured)")
+        if "joint" in mods and granularity != "structured":
+            raise SystemExit(
+                f"method {method!r}: joint=<fraction> shares heads and channels (--granularity structured)"
+            )
+        if "joint" in mods and "channels" in mods:
+            raise SystemExit(f"method {method!r}: joint=<fraction> and channels=<fraction> both set the units pruned")
         if mods.get("budget") == "global" and TASKS[task].head_grouping == "query_head":
             raise SystemExit(
                 f"method {method!r}: budget=global needs head_grouping='kv_group' (task {task} prunes query heads "
@@ -495,7 +507,7 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
     if args.granularity != "structured" and criterion == "activation":
         raise SystemExit("the activation criterion is structured only")
     norms = norm_module_names(base) if "norms" in mods else None  # before PEFT wraps them
-    target = float(mods["channels"]) if "channels" in mods else sparsity  # the row keeps the cell's sparsity
+    target = float(mods.get("channels", mods.get("joint", sparsity)))  # the row keeps the cell's sparsity
     config = LoRAPruneConfig(
         task_type=task.task_type,
         r=rank,
@@ -509,6 +521,7 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         pruning_interval=args.pruning_interval,
         budget=mods.get("budget", "local"),
         **({"prune_structures": ["channels"]} if "channels" in mods else {}),
+        **({"allocation": "joint"} if "joint" in mods else {}),
         modules_to_save=list(norms) if norms else None,  # a copy: PEFT appends a classification head to it
     )
     row = {
@@ -522,6 +535,8 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
     }
     if "channels" in mods:
         row["prune_structures"] = list(config.prune_structures)
+    if "joint" in mods:
+        row["allocation"] = config.allocation
     if method.startswith("loraprune-"):
         row["schedule"] = {k: getattr(config, k) for k in ("schedule", "pruning_start", "pruning_end")}
         if config.is_element_granularity:  # separable: per-feature averages, the weight scored at rewrites only
@@ -540,6 +555,8 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         engine = model.base_model.pruning_engine()
         engine.member_averages.clear()
         engine.member_averages.update(scores)
+        if config.allocation == "joint":  # the peers' scores are raw already: compared across kinds as they are
+            engine.member_scales.update({key: torch.ones(1) for key in scores})
         engine.prune_to(target)
         row["calibration_seconds"] = time.time() - start
     elif method in UNSTRUCTURED_PEERS:

@@ -32,6 +32,7 @@ BUDGETS = ("local", "global")
 SCHEDULES = ("cubic", "one_shot")
 STRUCTURES = ("heads", "channels")
 HEAD_GROUPINGS = ("kv_group", "query_head")
+ALLOCATIONS = ("per_structure", "joint")
 BIAS_OPTIONS = ("none", "all", "lora_only")
 IMPORTANCE_DTYPES = ("bfloat16", "float16", "float32")
 ELEMENT_MASK_GRADIENTS = ("exact", "straight_through")
@@ -117,6 +118,12 @@ class LoRAPruneConfig(PeftConfig):
         prune_structures: for "structured": which units to prune, "heads" and/or "channels".
         head_grouping: with grouped-query attention: "kv_group" removes a KV head with all its query heads;
             "query_head" removes query heads, the same number in every KV group.
+        allocation: for "structured" with several ``prune_structures``: how the target is shared between them.
+            "per_structure" (default): each kind loses ``target_sparsity`` of its units, rounded per block (with 3
+            query heads per KV group, 20% removes 1 of 3). "joint": ``target_sparsity`` is the fraction of the
+            pruned blocks' head and channel weights removed, and how many of each kind go is chosen at every
+            rewrite by the importance, one split for the whole model so every block keeps the same widths (see
+            :func:`~peft_loraprune.pruning.selection.split_weight_budget`). Needs ``budget="local"``.
         dense_layers: transformer block indices never pruned (None: none), or "reference" for the reference
             code's choice (the first 10% of blocks and the last one).
         save_digest: written by ``save_pretrained`` (SHA-256 over the ``adapter_model.safetensors`` saved with
@@ -256,6 +263,13 @@ class LoRAPruneConfig(PeftConfig):
             "removes the same number of query heads in every KV group"
         },
     )
+    allocation: str = field(
+        default="per_structure",
+        metadata={
+            "help": "Structured, several prune_structures: 'per_structure' prunes target_sparsity of each kind's units; "
+            "'joint' removes target_sparsity of the head and channel weights, split between the kinds by importance"
+        },
+    )
     dense_layers: Optional[Union[list[int], str]] = field(
         default=None,
         metadata={
@@ -383,6 +397,18 @@ class LoRAPruneConfig(PeftConfig):
         for s in self.prune_structures:
             check_choice("prune_structures", s, STRUCTURES)
         check_choice("head_grouping", self.head_grouping, HEAD_GROUPINGS)
+        check_choice("allocation", self.allocation, ALLOCATIONS)
+        if self.allocation == "joint" and self.granularity != "structured":
+            raise ValueError(
+                f"allocation='joint' shares the target between heads and channels, which granularity="
+                f"{self.granularity!r} does not prune; use it with granularity='structured' or leave it at "
+                "'per_structure'."
+            )
+        if self.allocation == "joint" and self.budget != "local":
+            raise ValueError(
+                "allocation='joint' chooses one split of the weights between heads and channels for every block; "
+                f"it needs budget='local', got budget={self.budget!r}."
+            )
         if self.dense_layers is not None and self.dense_layers != "reference":
             if isinstance(self.dense_layers, int) and not isinstance(self.dense_layers, bool):
                 self.dense_layers = [self.dense_layers]

@@ -511,8 +511,15 @@ def test_norms_modifier_names_every_normalisation_layer(monkeypatch):
     assert peers.split_modifiers("wanda-sp+channels=0.2832") == ("wanda-sp", {"channels": "0.2832"})
     with pytest.raises(SystemExit, match="channels=<fraction> prunes MLP channels"):
         peers.check_methods("smollm2", ["loraprune-wanda+channels=0.3"], "unstructured")
+    assert peers.split_modifiers("loraprune-activation+joint=0.2266") == ("loraprune-activation", {"joint": "0.2266"})
+    with pytest.raises(SystemExit, match="joint=<fraction> shares heads and channels"):
+        peers.check_methods("smollm2", ["loraprune-wanda+joint=0.3"], "unstructured")
+    with pytest.raises(SystemExit, match="both set the units pruned"):
+        peers.check_methods("smollm2", ["wanda-sp+joint=0.3+channels=0.3"])
     bad_ones = (
         "x+norms=1",
+        "x+joint=1",
+        "x+joint=",
         "x+channels=1",
         "x+channels=0",
         "x+channels=a",

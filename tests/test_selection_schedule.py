@@ -5,7 +5,14 @@ import torch
 
 from peft_loraprune.kernels.group_ops import expand_groups, groups_kept, sum_over_groups
 from peft_loraprune.pruning.schedule import PruningSchedule
-from peft_loraprune.pruning.selection import keep_top, keep_top_global, n_m_mask, prune_count
+from peft_loraprune.pruning.selection import (
+    keep_top,
+    keep_top_global,
+    n_m_mask,
+    prune_count,
+    removal_loss_curve,
+    split_weight_budget,
+)
 
 
 def test_keep_top_only_chooses_among_kept():
@@ -207,3 +214,56 @@ def test_one_shot_and_tiny_runs():
     assert tiny.pruning_steps() == [1] and tiny.sparsity_at(1) == 0.4
     with pytest.raises(ValueError, match="total_steps"):
         PruningSchedule(total_steps=0, target=0.5)
+
+
+def test_removal_loss_curve_takes_pruned_units_first_then_the_cheapest_of_every_partition():
+    # two partitions of three units; unit 1 of the first partition is already pruned (its score is ignored)
+    scores = torch.tensor([5.0, 9.0, 1.0, 2.0, 7.0, 3.0])
+    kept = torch.tensor([True, False, True, True, True, True])
+    curve = removal_loss_curve(scores, kept, partitions=2)
+    # removal 1: pruned unit (0) + 2.0; removal 2: 1.0 + 3.0; the last unit of each partition is never removed
+    assert curve.tolist() == [0.0, 2.0, 6.0]
+    assert removal_loss_curve(torch.tensor([4.0, 1.0, 3.0]), torch.ones(3, dtype=torch.bool)).tolist() == [0, 1, 4]
+
+
+def _brute_force_split(curves, weights, mins, budget):
+    """Every combination of counts, nearest the budget in whole finest units, then cheapest."""
+    import itertools
+
+    finest = min(range(len(weights)), key=lambda k: weights[k])
+    combos = list(itertools.product(*(range(m, len(c)) for c, m in zip(curves, mins))))
+
+    def removed(combo):
+        return sum(n * w for n, w in zip(combo, weights))
+
+    nearest = min(abs(removed(c) - budget) for c in combos)
+    fits = [c for c in combos if abs(removed(c) - budget) <= weights[finest] / 2 + 1e-9]
+    pool = fits or [c for c in combos if abs(removed(c) - budget) == nearest]
+    return min(pool, key=lambda c: sum(float(curve[n]) for curve, n in zip(curves, c)))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_split_weight_budget_is_the_cheapest_split_within_half_a_finest_unit(seed):
+    g = torch.Generator().manual_seed(seed)
+    heads = removal_loss_curve(torch.rand(6, generator=g) * 10, torch.ones(6, dtype=torch.bool), partitions=2)
+    channels = removal_loss_curve(torch.rand(40, generator=g), torch.ones(40, dtype=torch.bool))
+    budget = float(torch.rand(1, generator=g)) * 0.8 * (6 * 50 + 40 * 7)
+    counts = split_weight_budget([heads, channels], [100, 7], [0, 0], budget)
+    expected = _brute_force_split([heads, channels], [100, 7], [0, 0], budget)
+    assert abs(counts[0] * 100 + counts[1] * 7 - budget) <= 3.5
+    cost = float(heads[counts[0]] + channels[counts[1]])
+    assert cost == pytest.approx(float(heads[expected[0]] + channels[expected[1]]))
+
+
+def test_split_weight_budget_follows_the_costs_and_respects_what_is_already_pruned():
+    flat = torch.arange(11, dtype=torch.float32)  # each channel costs 1
+    cheap_heads = torch.tensor([0.0, 0.5, 100.0])  # one head removal (worth 5 channels) costs 0.5
+    assert split_weight_budget([cheap_heads, flat], [5, 1], [0, 0], 6) == [1, 1]
+    dear_heads = torch.tensor([0.0, 50.0, 100.0])
+    assert split_weight_budget([dear_heads, flat], [5, 1], [0, 0], 6) == [0, 6]
+    # a head already removed stays removed, even where channels would be cheaper
+    assert split_weight_budget([dear_heads, flat], [5, 1], [1, 0], 6) == [1, 1]
+    # the budget cannot be met (channels run out): the split nearest to it
+    assert split_weight_budget([dear_heads, flat], [5, 1], [0, 0], 25) == [2, 10]
+    with pytest.raises(ValueError, match="one curve"):
+        split_weight_budget([flat], [1, 2], [0], 3)

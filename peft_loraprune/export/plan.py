@@ -74,11 +74,10 @@ def plan_export(tuner, adapter_name: str) -> ExportPlan:
             plan.removed[structure] = of_kind[0].spec.n_groups // of_kind[0].spec.partitions - widths[structure]
             for g, mask in zip(of_kind, masks[structure]):
                 extra = int(mask.sum()) - int(g.kept(adapter_name).sum())
-                for member, name, layer in g.members:
+                for member, name, _ in g.members:
                     index = expand_groups(mask, member.layout).nonzero().flatten()
                     plan.removals.append((name, member.axis, index))
-                    other = layer.in_features if member.axis == "rows" else layer.out_features
-                    plan.per_layer_savings += extra * (member.layout[0] * member.layout[2]) * other
+                plan.per_layer_savings += extra * g.weights_per_group()
             if any(int(m.sum()) != int(g.kept(adapter_name).sum()) for g, m in zip(of_kind, masks[structure])):
                 plan.notes.append(
                     f"blocks keep different numbers of {structure}; all were widened to {widths[structure]} "

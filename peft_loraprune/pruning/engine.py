@@ -36,6 +36,9 @@ from ..layer import LoRAPruneLayer
 from .criteria import Consumer, make_criterion
 from .schedule import PruningSchedule
 
+#: Prefixes of the importance tensors of every family (a checkpoint of another family must not fit silently).
+STATE_PREFIXES = ("member.", "scale.", "element.", "feature.")
+
 
 class PruningEngine:
     """What every granularity family shares; a subclass adds its importance state and its selection.
@@ -222,8 +225,8 @@ class PruningEngine:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Counters and importance averages (``member.<module>.<axis>``, ``element.<module>``,
-        ``feature.<module>``), for a checkpoint."""
+        """Counters and importance averages (``member.<module>.<axis>``, ``scale.<module>.<axis>``,
+        ``element.<module>``, ``feature.<module>``), for a checkpoint."""
         state = {
             "n_updates": torch.tensor(self.n_updates),
             "n_skipped": torch.tensor(self.n_skipped),
@@ -239,7 +242,7 @@ class PruningEngine:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` returned; a ``ValueError`` names any tensor that does not fit."""
         expected = self._state_shapes()
-        tensors = {k: v for k, v in state.items() if k.startswith(("member.", "element.", "feature."))}
+        tensors = {k: v for k, v in state.items() if k.startswith(STATE_PREFIXES)}
         for key, value in tensors.items():
             if key not in expected or tuple(value.shape) != expected[key]:
                 raise ValueError(

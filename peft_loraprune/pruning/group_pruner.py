@@ -7,6 +7,12 @@ member vector is divided by its L2 norm before it is averaged, as the reference 
 overall gradient scale (gradient clipping, loss scaling, the spike after a mask rewrite) does not decide how much
 it counts; a group's score is the sum over its members. Selection keeps the best groups per block (``budget=
 "local"``, per KV group with ``head_grouping="query_head"``) or across the model (``"global"``).
+
+Normalised vectors rank the groups of one member, not heads against channels. ``allocation="joint"`` compares
+them, so it also keeps, per member, the moving average of each step's L2 norm (one float, ``scale.<member>``):
+``average × scale`` is the group's estimate back in the criterion's units (for ``"activation"``, the first-order
+loss change of removing it), and one split of the weight budget between the kinds is chosen for the whole model
+(:func:`~peft_loraprune.pruning.selection.split_weight_budget`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,14 @@ import torch
 from ..kernels.importance import moving_average_, normalized
 from .criteria import Consumer
 from .engine import PruningEngine
-from .selection import keep_top, keep_top_global, keep_top_per_row, prune_count
+from .selection import (
+    keep_top,
+    keep_top_global,
+    keep_top_per_row,
+    prune_count,
+    removal_loss_curve,
+    split_weight_budget,
+)
 from .structure import BlockGroups
 
 
@@ -42,10 +55,13 @@ class GroupPruner(PruningEngine):
                 "same number of query heads in every layer); use budget='local' or head_grouping='kv_group'."
             )
         self.member_averages: dict[str, torch.Tensor] = {}  # float32, n_groups per scored member
+        #: allocation="joint" only: per scored member, the moving average of each step's raw L2 norm (1 float)
+        self.member_scales: dict[str, torch.Tensor] = {}
+        self.joint = self.config.allocation == "joint"
 
     @property
     def stores(self):
-        return {"member": self.member_averages}
+        return {"member": self.member_averages, "scale": self.member_scales}
 
     def _scored_layers(self, criterion):
         self.scored_members = [
@@ -83,8 +99,23 @@ class GroupPruner(PruningEngine):
         return out
 
     def _fold(self, beta: float) -> None:
-        for key, step in self.step_member_scores().items():
+        steps = self.step_member_scores()
+        for key, step in steps.items():
             moving_average_(self._average(self.member_averages, key, step.shape, step.device), step, beta)
+        if self.joint and self.normalize_each_step:
+            for key, norm in self._step_norms(steps).items():
+                moving_average_(self._average(self.member_scales, key, (1,), norm.device), norm, beta)
+
+    def _step_norms(self, steps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The raw L2 norm of each member's step vector (the criterion caches its per-step sums, so this reads
+        them again rather than recomputing them)."""
+        norms = {}
+        for member, name, layer in self.scored_members:
+            key = _member_key(name, member.axis)
+            if key in steps:
+                raw = self.criterion.member_scores(name, layer, member.axis, member.layout)
+                norms[key] = raw.float().norm().reshape(1)
+        return norms
 
     # ------------------------------------------------------------------ masks
     def group_scores(self, groups: BlockGroups, member_scores: Optional[dict] = None) -> torch.Tensor:
@@ -102,7 +133,26 @@ class GroupPruner(PruningEngine):
             total += vector if self.normalize_each_step else normalized(vector)
         return total
 
+    def comparable_scores(self, groups: BlockGroups) -> torch.Tensor:
+        """Score of every group in the criterion's own units, comparable across kinds and blocks: each member's
+        average times its :attr:`member_scales` (the raw averages as they are when steps are not normalised)."""
+        total = torch.zeros(groups.spec.n_groups, device=groups.members[0][2].get_base_weight().device)
+        for member, name, _ in groups.members:
+            key = _member_key(name, member.axis)
+            vector = self.member_averages.get(key)
+            if vector is None:
+                continue
+            vector = vector.float().to(total.device)
+            if self.normalize_each_step:
+                scale = self.member_scales.get(key)
+                vector = vector * (scale.float().to(total.device) if scale is not None else 0.0)
+            total += vector
+        return total
+
     def _select(self, sparsity: float) -> None:
+        if self.joint:
+            self._select_joint(sparsity)
+            return
         for structure in sorted({g.spec.structure for g in self.groups}):
             groups = [g for g in self.groups if g.spec.structure == structure]
             scores = [self.group_scores(g) for g in groups]
@@ -123,9 +173,41 @@ class GroupPruner(PruningEngine):
             for g, mask in zip(groups, new):
                 g.apply(self.adapter, mask)
 
+    def _select_joint(self, sparsity: float) -> None:
+        """``allocation="joint"``: remove ``sparsity`` of every pruned block's head and channel weights, the same
+        number of each kind in every block, split between the kinds where the summed estimates cost least."""
+        structures = sorted({g.spec.structure for g in self.groups})
+        curves, unit_weights, min_counts, per_kind = [], [], [], []
+        block_weights = 0
+        for structure in structures:
+            groups = [g for g in self.groups if g.spec.structure == structure]
+            parts = groups[0].spec.partitions
+            kept = [g.kept(self.adapter) for g in groups]
+            curve = sum(
+                removal_loss_curve(self.comparable_scores(g).cpu(), k.cpu(), parts) for g, k in zip(groups, kept)
+            )
+            per = groups[0].spec.n_groups // parts
+            curves.append(curve)
+            unit_weights.append(parts * groups[0].weights_per_group())
+            min_counts.append(max(per - int(k.reshape(parts, per).sum(dim=1).min()) for k in kept))
+            block_weights += groups[0].spec.n_groups * groups[0].weights_per_group()
+            per_kind.append((groups, kept, parts, per))
+        counts = split_weight_budget(curves, unit_weights, min_counts, sparsity * block_weights)
+        for (groups, kept, parts, per), n_remove in zip(per_kind, counts):
+            for g, k in zip(groups, kept):
+                s = self.comparable_scores(g)
+                if parts > 1:
+                    new = keep_top_per_row(s.reshape(parts, per), k.reshape(parts, per), per - n_remove).flatten()
+                else:
+                    new = keep_top(s, k, per - n_remove)
+                g.apply(self.adapter, new)
+
     # ------------------------------------------------------------------ checkpointing
     def _state_shapes(self):
-        return {f"member.{_member_key(name, m.axis)}": (m.layout[1],) for m, name, _ in self.scored_members}
+        shapes = {f"member.{_member_key(name, m.axis)}": (m.layout[1],) for m, name, _ in self.scored_members}
+        if self.joint:
+            shapes.update({f"scale.{_member_key(name, m.axis)}": (1,) for m, name, _ in self.scored_members})
+        return shapes
 
     def _device_of(self, kind, key):
         return dict(self.layers)[key.rsplit(".", 1)[0]].get_base_weight().device

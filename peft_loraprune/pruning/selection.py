@@ -7,6 +7,7 @@ by position (stable sort), so identical inputs give identical masks on every pro
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Optional
 
@@ -189,3 +190,51 @@ def keep_top_global(
         out.append(r | chosen[offset : offset + n].reshape(r.shape).to(r.device))
         offset += n
     return out
+
+
+def removal_loss_curve(scores: torch.Tensor, kept: torch.Tensor, partitions: int = 1) -> torch.Tensor:
+    """The estimated cost of removing ``n`` units from every partition of one block, for ``n = 0 .. per - 1``.
+
+    ``scores`` (``partitions * per`` entries, non-negative) estimate what removing each unit costs; units already
+    pruned cost nothing and go first, then the cheapest kept ones. With several partitions (the KV groups of
+    ``head_grouping="query_head"``) the ``n``-th removal takes the ``n``-th cheapest unit of every partition, as the
+    local selection does. Entry ``n`` of the result is the summed cost of the first ``n`` removals; the last unit of
+    each partition is never removed, so the curve has ``per`` entries.
+    """
+    s = scores.float().reshape(partitions, -1).masked_fill(~kept.reshape(partitions, -1), 0.0)
+    order = torch.where(kept.reshape(partitions, -1), s, torch.full_like(s, -1.0))  # pruned units first
+    ranked = s.gather(1, order.argsort(dim=1, stable=True))
+    per_removal = ranked.sum(dim=0)[:-1]
+    return torch.cat([per_removal.new_zeros(1), per_removal.cumsum(0)])
+
+
+def split_weight_budget(
+    curves: list[torch.Tensor], unit_weights: list[int], min_counts: list[int], budget: float
+) -> list[int]:
+    """How many units of each kind every block loses so that about ``budget`` weights go, at the least cost.
+
+    Kind ``k`` removes ``n_k`` units per partition from every block; one such removal takes ``unit_weights[k]``
+    weights of a block (all partitions together) and ``curves[k][n]`` is the summed estimated cost of removing
+    ``n`` (:func:`removal_loss_curve`, added over blocks). At least ``min_counts[k]`` are removed (units already
+    pruned stay pruned) and at most ``len(curves[k]) - 1``. The kind with the smallest units takes the rounding:
+    every count of the other kinds is tried, the finest kind's count is the nearest integer to what the budget
+    leaves (halves rounded down), and the cheapest feasible combination wins (ties: the first tried, fewer of the
+    coarse units). When no combination fits the bounds, the one nearest the budget wins.
+    """
+    if not (len(curves) == len(unit_weights) == len(min_counts)) or not curves:
+        raise ValueError("split_weight_budget needs one curve, unit weight and minimum count per kind")
+    finest = min(range(len(curves)), key=lambda k: unit_weights[k])
+    others = [k for k in range(len(curves)) if k != finest]
+    best = None  # (infeasible distance, cost, counts)
+    for combo in itertools.product(*(range(min_counts[k], len(curves[k])) for k in others)):
+        counts = dict(zip(others, combo))
+        left = budget - sum(n * unit_weights[k] for k, n in counts.items())
+        wanted = math.ceil(left / unit_weights[finest] - 0.5)
+        n_fine = min(max(wanted, min_counts[finest]), len(curves[finest]) - 1)
+        counts[finest] = n_fine
+        removed = sum(n * unit_weights[k] for k, n in counts.items())
+        distance = 0.0 if n_fine == wanted else abs(removed - budget)
+        cost = sum(float(curves[k][n]) for k, n in counts.items())
+        if best is None or (distance, cost) < best[:2]:
+            best = (distance, cost, [counts[k] for k in range(len(curves))])
+    return best[2]

@@ -36,6 +36,13 @@ class BlockGroups:  # noqa: D101 (documented below)
         member, full_name, _ = self.members[0]
         return full_name[: -len(member.module) - 1]
 
+    def weights_per_group(self) -> int:
+        """Weights one group holds in this block: its rows or columns in every member module."""
+        return sum(
+            member.layout[0] * member.layout[2] * (layer.in_features if member.axis == "rows" else layer.out_features)
+            for member, _, layer in self.members
+        )
+
     def kept(self, adapter_name: str) -> torch.Tensor:
         """Per-group bool: kept in the first member (every member holds the same group mask)."""
         member, _, layer = self.members[0]
