@@ -71,9 +71,9 @@ def section(lines):
             "to dense LoRA; total tokens include a dense teacher's own training. Wall time is each run's process "
             "on a shared 2-core machine (load average in the row where recorded).",
             "",
-            f"| method | sparsity | {metric} (mean ± std, n) | vs dense | total train tokens | wall time (s) | load | "
-            "peak RSS MiB | teacher MiB |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| method | sparsity | heads / channels removed | {metric} (mean ± std, n) | vs dense | total train tokens | "
+            "wall time (s) | load | peak RSS MiB | teacher MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         conditions = [
             f"dense LoRA seed {r['seed']} ({r['seconds']:.0f} s): {r['conditions']}"
@@ -99,7 +99,7 @@ def section(lines):
                 f"{method} {sparsity:.0%} seed {r['seed']}: {r['conditions']}" for r in group if r.get("conditions")
             ]
             lines.append(
-                f"| {method} | {sparsity:.0%} | {cell} | {gap} | {tokens:,.0f} | {seconds:.0f}{' *' if shared else ''} | "
+                f"| {method} | {sparsity:.0%} | {_units_removed(group)} | {cell} | {gap} | {tokens:,.0f} | {seconds:.0f}{' *' if shared else ''} | "
                 f"{'-' if load_avg is None else f'{load_avg.mean:.1f}'} | {'-' if rss is None else f'{rss.mean:,.0f}'} | "
                 f"{'-' if teacher is None else f'{teacher.mean:.0f}'} |"
             )
@@ -213,6 +213,15 @@ def _longer(groups, table, sparsity, tokens) -> list:
 def _better(gap: float, other: float, kind: str) -> bool:
     """A smaller perplexity ratio, or a larger accuracy difference."""
     return gap < other if kind == "ratio" else gap > other
+
+
+def _units_removed(rows) -> str:
+    """``"33% / 20%"``: the fraction of heads and of channels removed (mean over the rows), ``-`` where unknown."""
+    parts = []
+    for unit in ("heads", "channels"):
+        found = summary((r.get("sparsity_by_unit") or {}).get(unit, 0.0) for r in rows if r.get("sparsity_by_unit"))
+        parts.append("-" if found is None else f"{found.mean:.0%}")
+    return " / ".join(parts)
 
 
 def _total_tokens(rows) -> float:
