@@ -84,6 +84,12 @@ class PruningArguments:
     sparsities: str = field(default="0.2,0.5", metadata={"help": "comma-separated target sparsities"})
     prune_structures: str = field(default="heads,channels")
     head_grouping: str = field(default="query_head")
+    allocation: str = field(
+        default="per_structure",
+        metadata={
+            "help": "'per_structure' or 'joint' (the importance splits one weight budget between heads and channels)"
+        },
+    )
     importance: Optional[str] = field(default=None, metadata={"help": "None: the package default for the granularity"})
     lora_r: int = field(default=8)
     lora_alpha: int = field(default=16)
@@ -238,6 +244,7 @@ def main():
             target_sparsity=sparsity,
             prune_structures=[s.strip() for s in prune_args.prune_structures.split(",")],
             head_grouping=prune_args.head_grouping,
+            allocation=prune_args.allocation,
             importance=prune_args.importance,
             pruning_interval=prune_args.pruning_interval,
         )

@@ -70,6 +70,12 @@ class PruningArguments:
     importance: Optional[str] = field(default=None, metadata={"help": "None: the package default for the granularity"})
     budget: str = field(default="local")
     prune_structures: str = field(default="heads,channels", metadata={"help": "comma-separated"})
+    allocation: str = field(
+        default="per_structure",
+        metadata={
+            "help": "'per_structure' or 'joint' (the importance splits one weight budget between heads and channels)"
+        },
+    )
     lora_r: int = field(default=8)
     lora_alpha: int = field(default=16)
     lora_dropout: float = field(default=0.05)
@@ -186,6 +192,7 @@ def main():
         importance=prune_args.importance,
         budget=prune_args.budget,
         prune_structures=[s.strip() for s in prune_args.prune_structures.split(",") if s.strip()],
+        allocation=prune_args.allocation,
         pruning_interval=prune_args.pruning_interval,
         pruning_start=prune_args.pruning_start,
         pruning_end=prune_args.pruning_end,
