@@ -61,7 +61,7 @@ class GroupPruner(PruningEngine):
 
     @property
     def stores(self):
-        return {"member": self.member_averages, "scale": self.member_scales}
+        return {"member": self.member_averages, **({"scale": self.member_scales} if self.joint else {})}
 
     def _scored_layers(self, criterion):
         self.scored_members = [
