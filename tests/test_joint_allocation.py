@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import make_inputs, make_model
 from peft import get_peft_model
+from test_ranking import importance_steps
 
 from peft_loraprune import LoRAPruneConfig
 from peft_loraprune.pruning.structure import find_structured_groups
@@ -62,12 +63,7 @@ def joint_model(base, sparsity: float, importance=None, **extra):
 
 def score(model, steps: int = 2) -> None:
     """Importance from a few backward passes with B = 0 (the merged weight is W0: dead units score exactly 0)."""
-    model.train()
-    for step in range(steps):
-        inputs = make_inputs("llama", batch=4, seed=step)
-        model(**inputs, labels=inputs["input_ids"]).loss.backward()
-        assert model.base_model.update_importance()
-        model.zero_grad()
+    importance_steps(model, steps)
 
 
 def pruned_sets(model) -> dict[str, list[set]]:

@@ -58,6 +58,16 @@ def planted_model(granularity: str, seed: int = 0):
     return model, dead
 
 
+def importance_steps(model, steps: int) -> None:
+    """``steps`` backward passes of the tiny Llama on fixed batches, each folded into the importance."""
+    model.train()
+    for step in range(steps):
+        inputs = make_inputs("llama", batch=4, seed=step)
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        assert model.base_model.update_importance()
+        model.zero_grad()
+
+
 def score_and_prune(model, steps: int = 2, b_scale: float = 0.01):
     """Importance from a few backward passes, then one rewrite to the target. ``b_scale``: the adapter's B is made
     random at this scale first, so the paper's estimator sees non-zero factors; 0 keeps B zero, so that the merged
@@ -67,12 +77,7 @@ def score_and_prune(model, steps: int = 2, b_scale: float = 0.01):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * b_scale)
-    model.train()
-    for step in range(steps):
-        inputs = make_inputs("llama", batch=4, seed=step)
-        model(**inputs, labels=inputs["input_ids"]).loss.backward()
-        assert model.base_model.update_importance()
-        model.zero_grad()
+    importance_steps(model, steps)
     engine = model.base_model.pruning_engine()
     engine.prune_to(model.base_model.peft_config["default"].target_sparsity)
 

@@ -84,38 +84,32 @@ class GroupPruner(PruningEngine):
         return list(consumers.values())
 
     # ------------------------------------------------------------------ importance
+    def _raw_step_scores(self, criterion) -> dict[str, torch.Tensor]:
+        """This step's raw per-member group scores, keyed like :attr:`member_averages`; members whose layer got
+        no gradient this step are absent."""
+        out = {}
+        for member, name, layer in self.scored_members:
+            if criterion.scores_axis(member.axis):
+                raw = criterion.member_scores(name, layer, member.axis, member.layout)
+                if raw is not None:
+                    out[_member_key(name, member.axis)] = raw
+        return out
+
     def step_member_scores(self, criterion=None) -> dict[str, torch.Tensor]:
         """This step's per-member group scores (normalised when :attr:`normalize_each_step`), keyed like
         :attr:`member_averages`; members whose layer got no gradient this step are absent. ``criterion``: another
         criterion object to read instead of the engine's (the fidelity benchmark compares two)."""
-        criterion = criterion or self.criterion
-        out = {}
-        for member, name, layer in self.scored_members:
-            if not criterion.scores_axis(member.axis):
-                continue
-            raw = criterion.member_scores(name, layer, member.axis, member.layout)
-            if raw is not None:
-                out[_member_key(name, member.axis)] = normalized(raw) if self.normalize_each_step else raw
-        return out
+        raw = self._raw_step_scores(criterion or self.criterion)
+        return {key: normalized(v) if self.normalize_each_step else v for key, v in raw.items()}
 
     def _fold(self, beta: float) -> None:
-        steps = self.step_member_scores()
-        for key, step in steps.items():
+        keep_scales = self.joint and self.normalize_each_step
+        for key, raw in self._raw_step_scores(self.criterion).items():
+            step = normalized(raw) if self.normalize_each_step else raw
             moving_average_(self._average(self.member_averages, key, step.shape, step.device), step, beta)
-        if self.joint and self.normalize_each_step:
-            for key, norm in self._step_norms(steps).items():
+            if keep_scales:
+                norm = raw.float().norm().reshape(1)
                 moving_average_(self._average(self.member_scales, key, (1,), norm.device), norm, beta)
-
-    def _step_norms(self, steps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The raw L2 norm of each member's step vector (the criterion caches its per-step sums, so this reads
-        them again rather than recomputing them)."""
-        norms = {}
-        for member, name, layer in self.scored_members:
-            key = _member_key(name, member.axis)
-            if key in steps:
-                raw = self.criterion.member_scores(name, layer, member.axis, member.layout)
-                norms[key] = raw.float().norm().reshape(1)
-        return norms
 
     # ------------------------------------------------------------------ masks
     def group_scores(self, groups: BlockGroups, member_scores: Optional[dict] = None) -> torch.Tensor:
@@ -183,19 +177,17 @@ class GroupPruner(PruningEngine):
             groups = [g for g in self.groups if g.spec.structure == structure]
             parts = groups[0].spec.partitions
             kept = [g.kept(self.adapter) for g in groups]
-            curve = sum(
-                removal_loss_curve(self.comparable_scores(g).cpu(), k.cpu(), parts) for g, k in zip(groups, kept)
-            )
+            scores = [self.comparable_scores(g) for g in groups]
+            curve = sum(removal_loss_curve(s.cpu(), k.cpu(), parts) for s, k in zip(scores, kept))
             per = groups[0].spec.n_groups // parts
             curves.append(curve)
             unit_weights.append(parts * groups[0].weights_per_group())
             min_counts.append(max(per - int(k.reshape(parts, per).sum(dim=1).min()) for k in kept))
             block_weights += groups[0].spec.n_groups * groups[0].weights_per_group()
-            per_kind.append((groups, kept, parts, per))
+            per_kind.append((groups, scores, kept, parts, per))
         counts = split_weight_budget(curves, unit_weights, min_counts, sparsity * block_weights)
-        for (groups, kept, parts, per), n_remove in zip(per_kind, counts):
-            for g, k in zip(groups, kept):
-                s = self.comparable_scores(g)
+        for (groups, scores, kept, parts, per), n_remove in zip(per_kind, counts):
+            for g, s, k in zip(groups, scores, kept):
                 if parts > 1:
                     new = keep_top_per_row(s.reshape(parts, per), k.reshape(parts, per), per - n_remove).flatten()
                 else:
