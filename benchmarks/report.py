@@ -61,6 +61,7 @@ def main():
         quality_plot,
         report_big_models.section,
         report_distill.section,
+        report_distill.split_cost_section,
     ):
         section(lines)
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")

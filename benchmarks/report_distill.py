@@ -255,6 +255,46 @@ def cost_line() -> Optional[str]:
     )
 
 
+def split_cost_section(lines) -> None:
+    """``split_cost_smollm2.json``: for each split of the default's weight budget between heads and channels, the
+    joint allocation's first-order estimate beside the held-out loss measured with those units masked (untrained
+    adapter), with and without mean-input compensation; the split the estimate picks and the default's marked."""
+    found = load("split_cost_smollm2.json")
+    if not found:
+        return
+    data = next(iter(found.values()))
+    rows = data["rows"]
+    dense = next(r for r in rows if "budget_fraction" not in r)
+    s = data["settings"]
+    lines += [
+        "### Splitting one weight budget between heads and channels, before training",
+        "",
+        f"Machine: {machine(data)}. SmolLM2-135M, fresh adapter, `activation` importance over {s['batches']} "
+        f"training batches of {s['batch']} x {s['block_size']} tokens{', bf16 autocast' if s['bf16'] else ''}; "
+        f"held-out loss on {s['eval_blocks']} test blocks (dense: {dense['held_out_loss']:.3f}); "
+        f'{data["seconds"]:.0f} s{" (" + data["conditions"] + ")" if data.get("conditions") else ""}. The estimate is what `allocation="joint"` minimises; the compensated loss folds '
+        "each removed unit's mean input into its consumer as a bias (FLAP's bias compensation).",
+        "",
+        "| weights removed | heads removed / KV group | channels removed | first-order estimate | held-out loss | "
+        "with compensation | |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        if "budget_fraction" not in r:
+            continue
+        marks = ", ".join(
+            word
+            for flag, word in ((r["is_default_split"], "the default"), (r["is_joint_choice"], "estimate's choice"))
+            if flag
+        )
+        lines.append(
+            f"| {r['budget_fraction']:.2%} | {r['heads_removed_per_kv_group']} of {data['heads_per_kv_group']} | "
+            f"{r['channels_removed']} of {data['channels_per_block']} | {r['first_order_estimate']:.2f} | "
+            f"{r['held_out_loss']:.3f} | {r['held_out_loss_compensated']:.3f} | {marks} |"
+        )
+    lines.append("")
+
+
 def readme_lines() -> list[str]:
     out = []
     for task in BASELINES:

@@ -545,3 +545,64 @@ def test_device_walkthrough_smoke(tmp_path):
     assert plain["params_after"] < plain["params_before"]
     assert data["cli_report"].startswith("sparsity: 50.00%")
     assert data["exported_reloaded"] == {"device": "cpu", "dtype": "torch.bfloat16", "finite": True}
+
+
+@pytest.mark.examples
+def test_split_cost_smoke(tmp_path):
+    """Every split of the default's 20% budget on SmolLM2: estimate, measured loss, compensated loss."""
+    run("split_cost.py", tmp_path, "--batches", "2", "--eval_blocks", "4", "--sparsities", "0.2")
+    data = load(tmp_path, "split_cost_smollm2")
+    dense, *splits = data["rows"]
+    assert [r["heads_removed_per_kv_group"] for r in splits] == [0, 1, 2]
+    assert sum(r["is_default_split"] for r in splits) == 1 and splits[1]["is_default_split"]  # 1 of 3 heads
+    assert sum(r["is_joint_choice"] for r in splits) == 1
+    # by hand: a query head is 64 rows of q_proj and 64 columns of o_proj (576 wide), 9 per block, 3 KV groups; a
+    # channel is a row of gate_proj and up_proj and a column of down_proj, 1536 per block
+    head, channel = 2 * 64 * 576, 3 * 576
+    weights = [r["heads_removed_per_kv_group"] * 3 * head + r["channels_removed"] * channel for r in splits]
+    budget = splits[0]["budget_fraction"] * (9 * head + 1536 * channel)
+    assert weights[1] == budget  # the default's split spends the budget exactly
+    assert all(abs(w - budget) <= channel / 2 for w in weights)  # the others within half a channel
+    assert all(r["held_out_loss"] > dense["held_out_loss"] for r in splits)
+
+
+def test_split_cost_compensation_is_exact_when_the_removed_inputs_are_constant(monkeypatch):
+    """A removed input column that always holds the same value contributes ``W[:, j] * value``: folding the measured
+    mean into a bias must give back the dense model's logits exactly; masking alone must not."""
+    from helpers import training_model
+
+    sc = load_benchmark(monkeypatch, "split_cost")
+    model = training_model("llama", lora_dropout=0.0).eval()
+    engine = model.base_model.pruning_engine()
+    consumers = engine.consumers()
+    torch.manual_seed(0)
+    removed = {c.name: torch.rand(c.layer.in_features) < 0.4 for c in consumers}
+    constants = {c.name: torch.randn(c.layer.in_features) for c in consumers}
+
+    def force_constant(name):
+        def hook(module, args):
+            x = args[0].clone()
+            x[..., removed[name]] = constants[name][removed[name]].to(x.dtype)
+            return (x, *args[1:])
+
+        return hook
+
+    forcing = [c.layer.register_forward_pre_hook(force_constant(c.name)) for c in consumers]
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        means = sc.InputMeans(consumers)
+        dense = model(input_ids=ids).logits
+        means = means.close()
+        for c in consumers:
+            assert torch.allclose(means[c.name][removed[c.name]], constants[c.name][removed[c.name]], atol=1e-6)
+            c.layer.set_masks(engine.adapter, cols=~removed[c.name])
+        masked = model(input_ids=ids).logits
+        compensation = sc.Compensation(consumers, means, engine.adapter)
+        compensated = model(input_ids=ids).logits
+        compensation.close()
+        after = model(input_ids=ids).logits
+    for h in forcing:
+        h.remove()
+    assert not torch.allclose(masked, dense, atol=1e-3)
+    torch.testing.assert_close(compensated, dense, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(after, masked)  # the hooks are gone once closed

@@ -17,7 +17,7 @@ loss change of removing it), and one split of the weight budget between the kind
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -33,6 +33,15 @@ from .selection import (
     split_weight_budget,
 )
 from .structure import BlockGroups
+
+
+class RemovalCost(NamedTuple):
+    """One kind of unit under ``allocation="joint"`` (see :meth:`GroupPruner.removal_costs`)."""
+
+    curve: torch.Tensor  #: entry n: summed estimated cost of removing n units per partition from every block
+    unit_weights: int  #: weights of one block that one removal per partition takes
+    min_count: int  #: units per partition already removed in some block (they stay removed)
+    block_weights: int  #: this kind's weights in one block
 
 
 def _member_key(name: str, axis: str) -> str:
@@ -170,28 +179,49 @@ class GroupPruner(PruningEngine):
     def _select_joint(self, sparsity: float) -> None:
         """``allocation="joint"``: remove ``sparsity`` of every pruned block's head and channel weights, the same
         number of each kind in every block, split between the kinds where the summed estimates cost least."""
-        structures = sorted({g.spec.structure for g in self.groups})
-        curves, unit_weights, min_counts, per_kind = [], [], [], []
-        block_weights = 0
-        for structure in structures:
+        costs = self.removal_costs()
+        block_weights = sum(c.block_weights for c in costs.values())
+        counts = split_weight_budget(
+            [c.curve for c in costs.values()],
+            [c.unit_weights for c in costs.values()],
+            [c.min_count for c in costs.values()],
+            sparsity * block_weights,
+        )
+        self.remove_per_block(dict(zip(costs, counts)))
+
+    def removal_costs(self) -> dict[str, RemovalCost]:
+        """Per kind of unit (``"heads"``, ``"channels"``), what removing ``n`` of them from every block (per
+        partition) costs by the estimates in the criterion's units (:meth:`comparable_scores`), the weights one such
+        removal takes from a block, and how many are already removed."""
+        out = {}
+        for structure in sorted({g.spec.structure for g in self.groups}):
             groups = [g for g in self.groups if g.spec.structure == structure]
             parts = groups[0].spec.partitions
+            per = groups[0].spec.n_groups // parts
             kept = [g.kept(self.adapter) for g in groups]
             scores = [self.comparable_scores(g) for g in groups]
-            curve = sum(removal_loss_curve(s.cpu(), k.cpu(), parts) for s, k in zip(scores, kept))
-            per = groups[0].spec.n_groups // parts
-            curves.append(curve)
-            unit_weights.append(parts * groups[0].weights_per_group())
-            min_counts.append(max(per - int(k.reshape(parts, per).sum(dim=1).min()) for k in kept))
-            block_weights += groups[0].spec.n_groups * groups[0].weights_per_group()
-            per_kind.append((groups, scores, kept, parts, per))
-        counts = split_weight_budget(curves, unit_weights, min_counts, sparsity * block_weights)
-        for (groups, scores, kept, parts, per), n_remove in zip(per_kind, counts):
-            for g, s, k in zip(groups, scores, kept):
+            out[structure] = RemovalCost(
+                curve=sum(removal_loss_curve(s.cpu(), k.cpu(), parts) for s, k in zip(scores, kept)),
+                unit_weights=parts * groups[0].weights_per_group(),
+                min_count=max(per - int(k.reshape(parts, per).sum(dim=1).min()) for k in kept),
+                block_weights=groups[0].spec.n_groups * groups[0].weights_per_group(),
+            )
+        return out
+
+    def remove_per_block(self, counts: dict[str, int]) -> None:
+        """Remove ``counts[kind]`` units of each kind from every block (per KV group for query heads), the ones
+        :meth:`comparable_scores` rates cheapest; units already removed count and stay removed."""
+        for structure, n_remove in counts.items():
+            for g in (g for g in self.groups if g.spec.structure == structure):
+                parts = g.spec.partitions
+                per = g.spec.n_groups // parts
+                scores, kept = self.comparable_scores(g), g.kept(self.adapter)
                 if parts > 1:
-                    new = keep_top_per_row(s.reshape(parts, per), k.reshape(parts, per), per - n_remove).flatten()
+                    new = keep_top_per_row(
+                        scores.reshape(parts, per), kept.reshape(parts, per), per - n_remove
+                    ).flatten()
                 else:
-                    new = keep_top(s, k, per - n_remove)
+                    new = keep_top(scores, kept, per - n_remove)
                 g.apply(self.adapter, new)
 
     # ------------------------------------------------------------------ checkpointing
