@@ -195,6 +195,7 @@ def verdicts(task, rows, table, dense) -> list[str]:
         if tokens != _total_tokens(default) and longer:
             same = _gap(task, summary(r[metric] for r in longer).mean, dense)
             line += f" At equal tokens ({tokens:,.0f}) the default trained longer is {same[0]} (n={len(longer)})."
+        line += _equal_wall_time(task, groups, table, sparsity, variants[best], dense)
         out.append(line)
     return out
 
@@ -208,6 +209,40 @@ def _longer(groups, table, sparsity, tokens) -> list:
         if s == sparsity and m.startswith(prefix) and _total_tokens(g) == tokens
         for r in g
     ]
+
+
+def _total_seconds(rows) -> float:
+    """Mean wall time of the rows, a dense teacher's own training included."""
+    return summary(r["seconds"] + r.get("teacher_train_seconds", 0.0) for r in rows).mean
+
+
+def _equal_wall_time(task, groups, table, sparsity, variant_rows, dense) -> str:
+    """`` At equal wall time ...``: the default (trained to any ``+steps=``) with the most tokens whose wall time
+    does not exceed the variant's own plus its teacher's; empty when that adds nothing to the equal-token line (no
+    teacher, no longer run fits)."""
+    if not all("seconds" in r for r in variant_rows):
+        return ""
+    wall = _total_seconds(variant_rows)
+    default = table["default_method"]
+    fitting = [
+        g
+        for (m, s), g in groups.items()
+        if s == sparsity
+        and (m == default or m.startswith(f"{default}+steps="))
+        and all("seconds" in r for r in g)
+        and _total_seconds(g) <= wall
+    ]
+    if not fitting:
+        return ""
+    longest = max(fitting, key=_total_tokens)
+    teacher = any("teacher_train_seconds" in r for r in variant_rows)
+    if _total_tokens(longest) <= _total_tokens(variant_rows) and not teacher:
+        return ""  # nothing the equal-token comparison does not say
+    gap = _gap(task, summary(r[table["metric"]] for r in longest).mean, dense)[0]
+    return (
+        f" At equal wall time ({wall:,.0f} s with any teacher's training), the default trained to "
+        f"{_total_tokens(longest):,.0f} tokens ({_total_seconds(longest):,.0f} s, n={len(longest)}) is {gap}."
+    )
 
 
 def _better(gap: float, other: float, kind: str) -> bool:

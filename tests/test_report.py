@@ -316,6 +316,34 @@ def test_distillation_verdicts_compare_with_dense_lora_and_the_goal():
     assert "-1.80 pt (n=1, 256,000 training tokens in all, not better than the default); goal" in verdict
 
 
+def test_distillation_verdict_at_equal_wall_time_counts_the_teachers_training():
+    import report_distill
+
+    t = {"train_tokens": 256_000}
+    rows = [
+        {**t, "method": "loraprune-activation", "sparsity": 0.2, "seed": 0, "perplexity": 28.0, "seconds": 1000},
+        # 900 s of its own + 1,500 s of its teacher = 2,400 s
+        {**t, "method": "loraprune-activation+kd=dense/1.0/1", "sparsity": 0.2, "seed": 0, "perplexity": 24.0,
+         "seconds": 900, "teacher_train_seconds": 1500, "total_train_tokens": 512_000},
+        {"method": "loraprune-activation+steps=2000", "sparsity": 0.2, "seed": 0, "perplexity": 22.0,
+         "train_tokens": 512_000, "seconds": 2000},
+        {"method": "loraprune-activation+steps=3000", "sparsity": 0.2, "seed": 0, "perplexity": 20.0,
+         "train_tokens": 768_000, "seconds": 2300},
+        {"method": "loraprune-activation+steps=4000", "sparsity": 0.2, "seed": 0, "perplexity": 18.0,
+         "train_tokens": 1_024_000, "seconds": 2500},  # longer than the variant with its teacher
+    ]  # fmt: skip
+    (verdict,) = report_distill.verdicts("smollm2", rows, STRUCTURED, 16.0)
+    assert verdict.endswith(
+        "At equal tokens (512,000) the default trained longer is 1.38x (n=1). At equal wall time (2,400 s with any "
+        "teacher's training), the default trained to 768,000 tokens (2,300 s, n=1) is 1.25x."
+    )
+    # without a teacher and with no longer run inside its time, nothing is added
+    rows[1] = {**t, "method": "loraprune-activation+r=32", "sparsity": 0.2, "seed": 0, "perplexity": 24.0,
+               "seconds": 1500}  # fmt: skip
+    (verdict,) = report_distill.verdicts("smollm2", rows, STRUCTURED, 16.0)
+    assert verdict.endswith("goal at most 1.30x: not met.")
+
+
 def test_distillation_cost_line_reads_the_autocast_run_against_the_goals(monkeypatch):
     import report_distill
 
