@@ -127,6 +127,7 @@ def section(lines):
         lines += [
             "",
             *[f"- {v}" for v in verdicts(task, rows, table, dense.mean)],
+            *[f"- {v}" for v in peer_recovery_lines(task, rows, table, dense.mean)],
             *([f"- {cost}"] if cost else []),
             "",
         ]
@@ -220,6 +221,43 @@ def verdicts(task, rows, table, dense) -> list[str]:
             line += f" At equal tokens ({tokens:,.0f}) the default trained longer is {same[0]} (n={len(longer)})."
         line += _equal_wall_time(task, groups, table, sparsity, variants[best], dense)
         out.append(line)
+    return out
+
+
+def peer_recovery_lines(task, rows, table, dense) -> list[str]:
+    """The peers given the same recovery as LoRAPrune: per peer modifier row (``wanda-sp+kd=...``), the peer
+    without it (its ``+steps=`` rerun with the study's code when there is one) beside LoRAPrune's default with and
+    without the same modifier, and which of the two ends ahead."""
+    out = []
+    metric = table["metric"]
+    groups = _rows_by_variant(rows, metric)
+    default = table["default_method"]
+
+    def mean_gap(group):
+        return _gap(task, summary(r[metric] for r in group).mean, dense)
+
+    def without(method, sparsity, tokens):
+        reruns = [r for (m, s), g in groups.items() if s == sparsity and m.startswith(f"{method}+steps=") for r in g]
+        reruns = [r for r in reruns if _total_tokens([r]) == tokens]
+        return reruns or groups.get((method, sparsity))
+
+    for (method, sparsity), group in sorted(groups.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
+        peer, _, modifier = method.partition("+")
+        if peer not in table["peers"] or not modifier or modifier.startswith("steps="):
+            continue
+        base_tokens = summary(r["train_tokens"] for r in group).mean
+        plain = without(peer, sparsity, base_tokens)
+        ours, ours_plain = groups.get((f"{default}+{modifier}", sparsity)), without(default, sparsity, base_tokens)
+        if not plain or not ours or not ours_plain:
+            continue
+        peer_gap, our_gap = mean_gap(group), mean_gap(ours)
+        ahead = _better(our_gap[1], peer_gap[1], "ratio" if table["direction"] == "lower" else "points")
+        out.append(
+            f"{TASK_WORDS[task]}, {sparsity:.0%} {_granularity(task)}, the same recovery for a peer (`+{modifier}`): "
+            f"{peer} {mean_gap(plain)[0]} without it, {peer_gap[0]} with it (n={len(group)}); LoRAPrune "
+            f"{mean_gap(ours_plain)[0]} without it, {our_gap[0]} with it (n={len(ours)}): "
+            + ("LoRAPrune still ahead." if ahead else f"{peer} ahead.")
+        )
     return out
 
 
@@ -366,5 +404,6 @@ def readme_lines() -> list[str]:
         if found is not None:
             rows, table, dense, _ = found
             out += [f"- {v}" for v in verdicts(task, rows, table, dense.mean)]
+            out += [f"- {v}" for v in peer_recovery_lines(task, rows, table, dense.mean)]
     cost = cost_line()
     return out + ([f"- {cost}"] if cost else [])

@@ -344,6 +344,32 @@ def test_distillation_verdict_at_equal_wall_time_counts_the_teachers_training():
     assert verdict.endswith("goal at most 1.30x: not met.")
 
 
+def test_peers_given_the_same_recovery_are_compared_with_loraprune_given_it():
+    import report_distill
+
+    t = {"train_tokens": 256_000}
+    row = {**t, "sparsity": 0.2, "seed": 0}
+    rows = [
+        {**row, "method": "loraprune-activation", "perplexity": 28.0},  # an older default run
+        {**row, "method": "loraprune-activation+steps=1000", "perplexity": 29.0},  # today's code: the one compared
+        {**row, "method": "loraprune-activation+kd=dense/1.0/1", "perplexity": 26.0, "total_train_tokens": 512_000},
+        {**row, "method": "wanda-sp", "perplexity": 28.8},
+        {**row, "method": "wanda-sp+steps=1000", "perplexity": 30.4},
+        {**row, "method": "wanda-sp+kd=dense/1.0/1", "perplexity": 25.6, "total_train_tokens": 512_000},
+        {**row, "method": "llm-pruner+kd=dense/1.0/1", "perplexity": 27.0},  # no LoRAPrune... peer without: none
+    ]  # fmt: skip
+    table = {**STRUCTURED, "peers": ["wanda-sp", "llm-pruner"]}
+    lines = report_distill.peer_recovery_lines("smollm2", rows, table, 16.0)
+    assert lines == [
+        "SmolLM2 / Wikipedia, 20% structured, the same recovery for a peer (`+kd=dense/1.0/1`): wanda-sp 1.90x "
+        "without it, 1.60x with it (n=1); LoRAPrune 1.81x without it, 1.62x with it (n=1): wanda-sp ahead."
+    ]
+    rows[5]["perplexity"] = 27.0
+    assert report_distill.peer_recovery_lines("smollm2", rows, table, 16.0)[0].endswith(
+        "1.69x with it (n=1); LoRAPrune 1.81x without it, 1.62x with it (n=1): LoRAPrune still ahead."
+    )
+
+
 def test_distillation_cost_line_reads_the_autocast_run_against_the_goals(monkeypatch):
     import report_distill
 
