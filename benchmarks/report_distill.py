@@ -220,6 +220,7 @@ def verdicts(task, rows, table, dense) -> list[str]:
             same = _gap(task, summary(r[metric] for r in longer).mean, dense)
             line += f" At equal tokens ({tokens:,.0f}) the default trained longer is {same[0]} (n={len(longer)})."
         line += _equal_wall_time(task, groups, table, sparsity, variants[best], dense)
+        line += _against_dense_with_the_same_change(task, groups, table, best, variants[best])
         out.append(line)
     return out
 
@@ -259,6 +260,19 @@ def peer_recovery_lines(task, rows, table, dense) -> list[str]:
             + ("LoRAPrune still ahead." if ahead else f"{peer} ahead.")
         )
     return out
+
+
+def _against_dense_with_the_same_change(task, groups, table, variant, variant_rows) -> str:
+    """`` Against dense LoRA with the same +lr=...``: when dense LoRA was also run with the variant's modifiers
+    (a learning rate, a rank: changes that may help any LoRA, not the pruned model only), the gap to that run."""
+    modifiers = variant[len(table["default_method"]) + 1 :]
+    same = groups.get((f"dense-lora+{modifiers}", 0.0))
+    if not same:
+        return ""
+    metric = table["metric"]
+    dense = summary(r[metric] for r in same).mean
+    gap = _gap(task, summary(r[metric] for r in variant_rows).mean, dense)[0]
+    return f" Against dense LoRA with the same `+{modifiers}` ({dense:.4g}, n={len(same)}): {gap}."
 
 
 def _granularity(task: str) -> str:

@@ -344,6 +344,23 @@ def test_distillation_verdict_at_equal_wall_time_counts_the_teachers_training():
     assert verdict.endswith("goal at most 1.30x: not met.")
 
 
+def test_a_variant_is_also_compared_with_dense_lora_given_the_same_change():
+    import report_distill
+
+    t = {"train_tokens": 256_000, "seed": 0}
+    rows = [
+        {**t, "method": "loraprune-activation", "sparsity": 0.2, "perplexity": 28.0},
+        {**t, "method": "loraprune-activation+lr=0.001", "sparsity": 0.2, "perplexity": 24.0},
+        {**t, "method": "dense-lora+lr=0.001", "sparsity": 0.0, "perplexity": 15.0},
+    ]
+    (verdict,) = report_distill.verdicts("smollm2", rows, STRUCTURED, 16.0)
+    # 24/16 = 1.50x against the study's dense LoRA; 24/15 = 1.60x against dense LoRA at the same learning rate
+    assert "`loraprune-activation+lr=0.001` 1.50x" in verdict
+    assert verdict.endswith("Against dense LoRA with the same `+lr=0.001` (15, n=1): 1.60x.")
+    rows[2]["method"] = "dense-lora+r=32"  # another change: nothing to compare with
+    assert report_distill.verdicts("smollm2", rows, STRUCTURED, 16.0)[0].endswith("not met.")
+
+
 def test_peers_given_the_same_recovery_are_compared_with_loraprune_given_it():
     import report_distill
 
