@@ -181,3 +181,21 @@ def test_joint_allocation_config_errors_name_the_argument(extra, message):
     kwargs = {"task_type": "CAUSAL_LM", "allocation": "joint", **extra}
     with pytest.raises(ValueError, match=message):
         LoRAPruneConfig(**kwargs)
+
+
+def test_removal_costs_need_the_joint_allocation_and_remove_per_block_ranks_by_the_engines_scores():
+    """Without ``allocation="joint"`` the cross-kind costs have no scales: a clear error, not zeros; removing a
+    given count per block keeps the best-scored units of every block (hand-planted scores)."""
+    model = get_peft_model(make_model("llama"), LoRAPruneConfig(task_type="CAUSAL_LM", target_sparsity=0.5))
+    engine = model.base_model.pruning_engine()
+    with pytest.raises(ValueError, match="allocation='joint'"):
+        engine.removal_costs()
+    channels = [g for g in engine.groups if g.spec.structure == "channels"]
+    for g in channels:  # channel j of every block scores j: the 12 lowest are 0..11
+        for member, name, _ in g.members:
+            key = f"{name}.{member.axis}"
+            if key in engine.member_averages or member.axis == "cols":
+                engine.member_averages[key] = torch.arange(g.spec.n_groups, dtype=torch.float32)
+    engine.remove_per_block({"channels": 12})
+    for g in channels:
+        assert g.kept(engine.adapter).tolist() == [False] * 12 + [True] * (g.spec.n_groups - 12)

@@ -192,7 +192,13 @@ class GroupPruner(PruningEngine):
     def removal_costs(self) -> dict[str, RemovalCost]:
         """Per kind of unit (``"heads"``, ``"channels"``), what removing ``n`` of them from every block (per
         partition) costs by the estimates in the criterion's units (:meth:`comparable_scores`), the weights one such
-        removal takes from a block, and how many are already removed."""
+        removal takes from a block, and how many are already removed. Needs ``allocation="joint"`` (the per-member
+        scales that put heads and channels in one unit are kept only then)."""
+        if not self.joint:
+            raise ValueError(
+                "removal_costs compares heads with channels and needs the per-member scales that only "
+                "allocation='joint' keeps; got allocation=" + repr(self.config.allocation)
+            )
         out = {}
         for structure in sorted({g.spec.structure for g in self.groups}):
             groups = [g for g in self.groups if g.spec.structure == structure]
@@ -210,12 +216,14 @@ class GroupPruner(PruningEngine):
 
     def remove_per_block(self, counts: dict[str, int]) -> None:
         """Remove ``counts[kind]`` units of each kind from every block (per KV group for query heads), the ones
-        :meth:`comparable_scores` rates cheapest; units already removed count and stay removed."""
+        rated cheapest (:meth:`comparable_scores` under ``allocation="joint"``, else :meth:`group_scores`); units
+        already removed count and stay removed."""
+        score = self.comparable_scores if self.joint else self.group_scores
         for structure, n_remove in counts.items():
             for g in (g for g in self.groups if g.spec.structure == structure):
                 parts = g.spec.partitions
                 per = g.spec.n_groups // parts
-                scores, kept = self.comparable_scores(g), g.kept(self.adapter)
+                scores, kept = score(g), g.kept(self.adapter)
                 if parts > 1:
                     new = keep_top_per_row(
                         scores.reshape(parts, per), kept.reshape(parts, per), per - n_remove
