@@ -95,7 +95,7 @@ from common import RESULTS_DIR, peak_rss_mib, summarise, table, write_result
 from peft import get_peft_model
 
 import peft_loraprune  # noqa: F401
-from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig
+from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig, norm_module_names
 from peft_loraprune.kernels.group_ops import sum_over_groups
 from peft_loraprune.kernels.mask_packing import pack_bits
 from peft_loraprune.pruning.criteria import make_criterion
@@ -433,11 +433,6 @@ def check_methods(task: str, methods: list[str], granularity: str = "structured"
                 f"method {method!r}: budget=global needs head_grouping='kv_group' (task {task} prunes query heads "
                 "inside KV groups, which the package's global ranking refuses); use it with --task minilm"
             )
-
-
-def norm_module_names(model) -> list[str]:
-    """The last name component of every module whose class name ends in ``Norm`` (``modules_to_save`` keys)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if type(m).__name__.endswith("Norm")})
 
 
 class RecoveryLearningRate(transformers.TrainerCallback):

@@ -28,7 +28,7 @@ from peers import SmolLM2Wikipedia
 from peft import get_peft_model
 
 from peft_loraprune import LoRAPruneConfig
-from peft_loraprune.pruning.selection import prune_count, split_weight_budget
+from peft_loraprune.pruning.selection import prune_count
 
 NAME = "split_cost_smollm2"
 
@@ -142,17 +142,7 @@ def main() -> None:
     for sparsity in (float(s) for s in args.sparsities.split(",")):
         default_counts, fraction = default_budget(costs, sparsity)
         budget = fraction * sum(c.block_weights for c in costs.values())
-        joint = dict(
-            zip(
-                costs,
-                split_weight_budget(
-                    [c.curve for c in costs.values()],
-                    [c.unit_weights for c in costs.values()],
-                    [0] * len(costs),
-                    budget,
-                ),
-            )
-        )
+        joint = engine.joint_counts(fraction, costs)
         for n_heads in range(len(costs[heads].curve)):
             n_channels = round((budget - n_heads * costs[heads].unit_weights) / costs[channels].unit_weights)
             if not 0 <= n_channels < len(costs[channels].curve):

@@ -36,6 +36,7 @@ from peft_loraprune import (
     LoRAPruneCallback,
     LoRAPruneConfig,
     export_pruned_model,
+    norm_module_names,
 )
 from peft_loraprune.hub.evaluation import DTYPES  # the names the command line accepts too
 
@@ -93,6 +94,13 @@ class PruningArguments:
     importance: Optional[str] = field(default=None, metadata={"help": "None: the package default for the granularity"})
     lora_r: int = field(default=8)
     lora_alpha: int = field(default=16)
+    train_norms: bool = field(
+        default=False,
+        metadata={
+            "help": "train the normalisation layers too (PEFT modules_to_save, saved whole in the adapter): with "
+            "rank 32 and learning rate 1e-3, the best recovery measured (benchmarks/RESULTS.md)"
+        },
+    )
     pruning_interval: int = field(default=5)
     distill_teacher: Optional[str] = field(
         default=None,
@@ -234,6 +242,7 @@ def main():
         results["dense_lm_eval"] = run_lm_eval(
             base, tokenizer, eval_args, os.path.join(training_args.output_dir, "local_tasks")
         )
+    norms = norm_module_names(base) if prune_args.train_norms else None
     del base
 
     def lora_prune_config(sparsity: float) -> LoRAPruneConfig:
@@ -247,6 +256,7 @@ def main():
             allocation=prune_args.allocation,
             importance=prune_args.importance,
             pruning_interval=prune_args.pruning_interval,
+            modules_to_save=list(norms) if norms else None,
         )
 
     teacher_dir = None  # a dense adapter to distil from, loaded beside each pruned one

@@ -16,6 +16,7 @@ from .hub.reporting import SparsityReport
 from .hub.saving import install as _install_saving
 from .layer import LoRAPruneLayer
 from .model import LoRAPruneModel
+from .norms import norm_module_names
 from .pruning.architectures import (
     ArchitectureSpec,
     ExportSpec,
@@ -49,6 +50,7 @@ __all__ = [
     "LoRAPruneLayer",
     "LoRAPruneModel",
     "multi_head_groups",
+    "norm_module_names",
     "SparsityReport",
     "export_pruned_model",
     "push_to_hub",

@@ -22,7 +22,7 @@ from typing import Optional
 from .config import LoRAPruneConfig
 from .export.checkpoint_io import CheckpointReader, parse_size
 from .export.merge import export_pruned_model
-from .export.streaming import stream_export
+from .export.streaming import replacement_mismatch, saved_module_tensors, stream_export
 from .hub.evaluation import (
     DTYPES,
     eval_results,
@@ -59,12 +59,9 @@ def cmd_report(args) -> None:
 
 
 def _skeleton(path: str, base: Optional[str]):
-    """The adapter on a weightless base (masks and config only); the full load where the adapter saves whole
-    modules (a classification head)."""
+    """The adapter on a weightless base (its factors, masks and whole saved modules only)."""
     if not os.path.exists(path):
         raise UsageError(f"{path} does not exist")
-    if LoRAPruneConfig.from_pretrained(path).modules_to_save if is_adapter_folder(path) else False:
-        return _adapter(path, base)
     try:
         return load_adapter_skeleton(path, base)
     except (FileNotFoundError, ValueError) as err:
@@ -73,20 +70,21 @@ def _skeleton(path: str, base: Optional[str]):
 
 def _streamable(adapter: str, base: Optional[str]) -> Optional[str]:
     """Why the streaming export cannot run (None when it can): it needs a local safetensors checkpoint that is not
-    pre-quantized, and an adapter without whole saved modules."""
+    pre-quantized and holds every tensor the adapter saves whole (trained norms, a head), shaped alike."""
     config = LoRAPruneConfig.from_pretrained(adapter)
     base = base or config.base_model_name_or_path
-    if config.modules_to_save:
-        return "the adapter saves whole modules"
     if not base or not os.path.isdir(base):
         return f"the base {base!r} is not a local folder"
     try:
         with open(os.path.join(base, "config.json")) as f:
             if "quantization_config" in json.load(f):
                 return "the base checkpoint is pre-quantized"
-        CheckpointReader(base)
+        reader = CheckpointReader(base)
     except (OSError, ValueError) as err:
         return str(err)
+    if config.modules_to_save:
+        skeleton = _skeleton(adapter, base)
+        return replacement_mismatch(saved_module_tensors(skeleton.base_model.model, skeleton.active_adapter), reader)
     return None
 
 
@@ -233,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="load the whole model and export it in memory (default: stream a local safetensors base tensor by "
         "tensor, peak memory about one module; the in-memory path is taken anyway for a Hub id, a pre-quantized "
-        "base or an adapter that saves whole modules)",
+        "base or a module the adapter saves whole that the base checkpoint lacks, such as a new head)",
     )
     p.set_defaults(run=cmd_export)
 

@@ -123,8 +123,11 @@ def test_causal_lm_example_on_real_smollm2(tmp_path):
         "2",
         "--distill_teacher",
         "dense",
+        "--train_norms",
     )
     run = results["runs"][0]
+    saved = json.loads((tmp_path / "out" / "sparsity_0.5" / "adapter" / "adapter_config.json").read_text())
+    assert set(saved["modules_to_save"]) == {"input_layernorm", "norm", "post_attention_layernorm"}
     # a dense adapter trained first, then the pruned one with DistillationTrainer toward it
     assert results["settings"]["distill_teacher"] == "dense" and results["dense_teacher"]["perplexity"] > 0
     teacher = tmp_path / "out" / "dense_teacher" / "adapter_config.json"

@@ -23,6 +23,7 @@ LAYERS = [
             "peft_loraprune.registration",
             "peft_loraprune.layer",
             "peft_loraprune.config",
+            "peft_loraprune.norms",
         ],
     ),
     ("pruning", ["peft_loraprune.pruning"]),

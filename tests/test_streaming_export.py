@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from peft_loraprune import export_pruned_model
 from peft_loraprune.cli import main
-from peft_loraprune.export.checkpoint_io import StreamingShardWriter, parse_size, planned
-from peft_loraprune.export.streaming import stream_export
+from peft_loraprune.export.checkpoint_io import CheckpointReader, StreamingShardWriter, parse_size, planned
+from peft_loraprune.export.streaming import replacement_mismatch, stream_export
 
 
 def _tensors(folder) -> dict:
@@ -133,3 +133,44 @@ def test_report_reads_masks_and_config_only(base_folder, tmp_path, capsys):
     os.remove(os.path.join(base, "model.safetensors"))
     assert main(["report", str(tmp_path / "adapter"), "--base", base, "--summary_only"]) == 0
     assert capsys.readouterr().out.strip() == model.base_model.sparsity_report().summary()
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_streaming_export_writes_the_trained_copies_of_whole_saved_modules(base_folder, tmp_path, capsys, dtype):
+    """Trained norms (``modules_to_save``) replace the base's in the streamed export, as in the in-memory one."""
+    base = base_folder("llama")
+    model = pruned_model("llama", modules_to_save=["input_layernorm", "post_attention_layernorm", "norm"])
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".modules_to_save." in name:
+                p.add_(torch.randn(p.shape, generator=g))  # trained: no longer the base's values
+    model.save_pretrained(tmp_path / "adapter")
+    reference = PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter"
+    )
+    export_pruned_model(reference, measure_latency=False, save_directory=str(tmp_path / "memory"), dtype=dtype)
+    argv = ["export", str(tmp_path / "adapter"), "--base", base, "--out", str(tmp_path / "stream")]
+    assert main(argv + (["--dtype", "bfloat16"] if dtype else [])) == 0
+    assert "streaming export" in capsys.readouterr().out
+    expected, written = _tensors(tmp_path / "memory"), _tensors(tmp_path / "stream")
+    assert sorted(written) == sorted(expected)
+    for key, tensor in expected.items():
+        assert written[key].dtype == tensor.dtype and torch.equal(written[key], tensor), key
+    trained = model.base_model.model.model.norm.modules_to_save["default"].weight
+    base_norm = load_file(os.path.join(base, "model.safetensors"))["model.norm.weight"]
+    assert torch.equal(written["model.norm.weight"], trained.to(written["model.norm.weight"].dtype))
+    assert not torch.equal(written["model.norm.weight"].float(), base_norm.float())
+    # the report reads the adapter without the base weights
+    assert main(["report", str(tmp_path / "adapter"), "--base", base, "--summary_only"]) == 0
+
+
+def test_saved_modules_that_do_not_replace_a_checkpoint_tensor_one_for_one_are_named(base_folder):
+    reader = CheckpointReader(base_folder("llama"))
+    assert replacement_mismatch({"model.norm.weight": torch.ones(32)}, reader) is None
+    assert "'score.weight', which the base checkpoint does not hold" in replacement_mismatch(
+        {"score.weight": torch.ones(2, 32)}, reader
+    )
+    assert "with shape (16,), the base checkpoint holds (32,)" in replacement_mismatch(
+        {"model.norm.weight": torch.ones(16)}, reader
+    )

@@ -11,7 +11,8 @@ bfloat16 base needs about 140 GB of memory for that. Here:
    headers are written before any data (:class:`~peft_loraprune.export.checkpoint_io.StreamingShardWriter`);
 3. each tensor is read from the checkpoint, and for an adapted module merged with its factors and mask
    (:meth:`~peft_loraprune.layer.LoRAPruneLayer.masked_merged_weight`, the code the in-memory merge runs), sliced,
-   cast, and written; anything else is copied through in row pieces.
+   cast, and written; a tensor of a module the adapter saves whole (``modules_to_save``: trained norms) is the
+   adapter's copy; anything else is copied through in row pieces.
 
 Peak memory is one adapted module's weight in float32 (the merge) or one piece of a copied tensor, plus the
 adapter: not the model. The tensors written are exactly those of the in-memory export of the same adapter on the
@@ -31,7 +32,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..hub.skeleton import load_adapter_skeleton
+from ..hub.skeleton import load_adapter_skeleton, saved_module_wrappers
 from .checkpoint_io import CheckpointReader, StreamingShardWriter, parse_size, planned
 from .merge import ExportReport
 from .plan import plan_export
@@ -71,6 +72,31 @@ def _sliced(t: torch.Tensor, edits, is_bias: bool) -> torch.Tensor:
     return t
 
 
+def saved_module_tensors(model: torch.nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """The tensors of the modules the adapter saves whole (``modules_to_save``), by the checkpoint name of the
+    base tensor each replaces (``model``: the tuner's model, whose module names are the checkpoint's)."""
+    out = {}
+    for name, wrapper in saved_module_wrappers(model):
+        for tensor_name, tensor in wrapper.modules_to_save[adapter].state_dict().items():
+            out[f"{name}.{tensor_name}"] = tensor
+    return out
+
+
+def replacement_mismatch(replaced: dict[str, torch.Tensor], reader: CheckpointReader) -> Optional[str]:
+    """Why the saved modules cannot replace checkpoint tensors one for one (None when they can): every tensor must
+    be in the checkpoint with the same shape (a head the base checkpoint lacks, or a tied one it stores once, is
+    written by the in-memory export)."""
+    for key, tensor in replaced.items():
+        if key not in reader:
+            return f"the adapter saves {key!r}, which the base checkpoint does not hold"
+        if tuple(reader.shape(key)) != tuple(tensor.shape):
+            return (
+                f"the adapter saves {key!r} with shape {tuple(tensor.shape)}, the base checkpoint holds "
+                f"{tuple(reader.shape(key))}"
+            )
+    return None
+
+
 def stream_export(
     adapter_path: str,
     out: str,
@@ -98,6 +124,10 @@ def stream_export(
             f"{base} has no tensor {missing[0]!r} for an adapted module (its names differ from the model's); "
             "use the in-memory export (--in_memory)"
         )
+    replaced = saved_module_tensors(tuner.model, adapter)
+    why_not = replacement_mismatch(replaced, reader)
+    if why_not:
+        raise ValueError(f"{why_not}; use the in-memory export (--in_memory)")
 
     # 1. the plan of every output tensor
     outputs = []
@@ -138,6 +168,8 @@ def stream_export(
                 b0 = reader.get(key)
                 merged = (layer.merged_bias(adapter, b0) * layer.lora_mask_rows[adapter]).to(b0.dtype)
                 writer.write(key, _sliced(merged, edits.get(module, ()), True).to(target.dtype))
+            elif key in replaced:  # a module the adapter saves whole: its trained copy replaces the base's
+                writer.write(key, replaced[key].to(target.dtype))
             else:
                 for piece in reader.pieces(key):
                     writer.write(key, piece.to(target.dtype))

@@ -7,7 +7,8 @@ weights. :func:`load_adapter_skeleton` builds the base model from its ``config.j
 adapter's config, and puts the adapter's saved tensors in place on the CPU. PEFT's own loader would move them to
 the base layer's device, the meta device, so they are assigned here by name: PEFT saves a layer's tensor
 ``<module>.<tensor>.<adapter>`` under ``<module>.<tensor>`` (the adapter name removed), and that is the only
-mapping needed.
+mapping needed. Modules the adapter saves whole (``modules_to_save``: trained norms, a classification head) are
+put in place the same way, as real CPU tensors; the originals they replace stay weightless.
 """
 
 from __future__ import annotations
@@ -60,11 +61,6 @@ def load_adapter_skeleton(path: str, base: Optional[str] = None):
         raise FileNotFoundError(f"cannot read the base model's config {base!r}: {str(err).splitlines()[0]}") from err
     base_config.__dict__.pop("quantization_config", None)  # the structure is the same; nothing is loaded
     saved = load_file(weights)
-    if config.modules_to_save:
-        raise ValueError(
-            f"the adapter in {path} saves whole modules ({sorted(config.modules_to_save)}); load it with its base "
-            "model's weights instead of a weightless skeleton"
-        )
     with torch.device("meta"):
         skeleton = auto_class(config.task_type).from_config(base_config)
     config.inference_mode = True
@@ -92,10 +88,31 @@ def load_adapter_skeleton(path: str, base: Optional[str] = None):
             if tuple(tensor.shape) != tuple(buffers[adapter].shape) or tensor.dtype != buffers[adapter].dtype:
                 raise ValueError(f"the adapter in {path} does not fit the base model {base!r}: {name}.{mask_name}")
             buffers[adapter] = tensor
+    for name, wrapper in saved_module_wrappers(peft_model):
+        trained = wrapper.modules_to_save[adapter]
+        for tensor_name, param in list(trained.named_parameters()):
+            key = f"{name}.{tensor_name}"
+            tensor = _take(saved, key, used, path)
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"the adapter in {path} does not fit the base model {base!r}: {key} has shape "
+                    f"{tuple(tensor.shape)}, the base model expects {tuple(param.shape)}"
+                )
+            owner, _, leaf = tensor_name.rpartition(".")
+            setattr(trained.get_submodule(owner), leaf, torch.nn.Parameter(tensor, requires_grad=False))
     unused = sorted(set(saved) - used)
     if unused:
         raise ValueError(f"the adapter in {path} does not fit the base model {base!r}: no layer takes {unused[0]!r}")
     return peft_model
+
+
+def saved_module_wrappers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``(name, wrapper)`` of every module an adapter saves whole (``modules_to_save``: trained norms, a
+    classification head), named as in ``model``. PEFT saves the trained copy's tensor ``<tensor>`` under
+    ``<name>.<tensor>`` with names from the ``PeftModel``."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
 
 
 def _take(saved: dict, key: str, used: set, path: str) -> torch.Tensor:

@@ -179,15 +179,21 @@ class GroupPruner(PruningEngine):
     def _select_joint(self, sparsity: float) -> None:
         """``allocation="joint"``: remove ``sparsity`` of every pruned block's head and channel weights, the same
         number of each kind in every block, split between the kinds where the summed estimates cost least."""
-        costs = self.removal_costs()
+        self.remove_per_block(self.joint_counts(sparsity))
+
+    def joint_counts(self, fraction: float, costs: Optional[dict[str, RemovalCost]] = None) -> dict[str, int]:
+        """How many units of each kind every block loses so that ``fraction`` of its head and channel weights go,
+        split where the estimates (:meth:`removal_costs`, or ``costs`` when given) cost least
+        (:func:`~peft_loraprune.pruning.selection.split_weight_budget`)."""
+        costs = self.removal_costs() if costs is None else costs
         block_weights = sum(c.block_weights for c in costs.values())
         counts = split_weight_budget(
             [c.curve for c in costs.values()],
             [c.unit_weights for c in costs.values()],
             [c.min_count for c in costs.values()],
-            sparsity * block_weights,
+            fraction * block_weights,
         )
-        self.remove_per_block(dict(zip(costs, counts)))
+        return dict(zip(costs, counts))
 
     def removal_costs(self) -> dict[str, RemovalCost]:
         """Per kind of unit (``"heads"``, ``"channels"``), what removing ``n`` of them from every block (per
