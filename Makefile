@@ -81,7 +81,7 @@ demo: examples-setup
 
 demo-lm: examples-setup
 	$(OFFLINE) $(BIN)/python examples/causal_lm.py --output_dir $(OUT)/causal_lm --use_cpu --report_to none \
-		--max_steps 200 --per_device_train_batch_size 4 --block_size 64 --learning_rate 5e-4 --logging_steps 20 \
+		--max_steps 200 --per_device_train_batch_size 4 --block_size 64 --logging_steps 20 \
 		--save_strategy no
 
 demo-vision: examples-setup
