@@ -336,14 +336,21 @@ def _masks_exist(*rows: dict) -> bool:
 
 
 def plan(args) -> list[tuple]:
-    """(base, method, granularity, sparsity, seed): per seed and cell, the bases in order, then plain LoRA."""
+    """(base, method, granularity, sparsity, seed): per seed and cell, the bases in order, then plain LoRA (each of
+    the two only where ``--methods`` names it)."""
     bases = [b for b in BASES if b in args.bases.split(",")]
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - {"loraprune", "lora"})
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; allowed: loraprune, lora")
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for cell in args.cells.split(","):
             granularity, sparsity = cell.split(":")
-            runs += [(b, "loraprune", granularity, float(sparsity), seed) for b in bases]
-            runs += [(b, "lora", None, 0.0, seed) for b in bases if (b, "lora", None, 0.0, seed) not in runs]
+            if "loraprune" in methods:
+                runs += [(b, "loraprune", granularity, float(sparsity), seed) for b in bases]
+            if "lora" in methods:
+                runs += [(b, "lora", None, 0.0, seed) for b in bases if (b, "lora", None, 0.0, seed) not in runs]
     return runs
 
 
@@ -353,6 +360,9 @@ def main():
     parser.add_argument("--bases", default=",".join(BASES))
     parser.add_argument("--cells", default="structured:0.2,structured:0.5,unstructured:0.5")
     parser.add_argument("--seeds", default="0")
+    parser.add_argument(
+        "--methods", default="loraprune,lora", help="loraprune (the cells), lora (plain QLoRA per base), or both"
+    )
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps of batch x block_size tokens")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--block_size", type=int, default=64)

@@ -406,6 +406,26 @@ def test_quantized_importance_rank_correlation(monkeypatch):
     assert qi.spearman(a, {"x": a["x"] * 100, "y": a["y"]}) == pytest.approx(1.0)
 
 
+def test_quantized_bases_plan_runs_only_the_methods_named(monkeypatch):
+    """``--methods``: the pruned cells per base, then plain LoRA once per base; either alone; a clear error else."""
+    import argparse
+
+    qb = load_benchmark(monkeypatch, "quantized_bases")
+
+    def plan(methods):
+        return qb.plan(argparse.Namespace(bases="nf4,bf16", cells="structured:0.2,unstructured:0.5", seeds="0",
+                                          methods=methods))  # fmt: skip
+
+    both = plan("loraprune,lora")
+    assert both == [("bf16", "loraprune", "structured", 0.2, 0), ("nf4", "loraprune", "structured", 0.2, 0),
+                    ("bf16", "lora", None, 0.0, 0), ("nf4", "lora", None, 0.0, 0),
+                    ("bf16", "loraprune", "unstructured", 0.5, 0), ("nf4", "loraprune", "unstructured", 0.5, 0)]  # fmt: skip
+    assert plan("loraprune") == [r for r in both if r[1] == "loraprune"]
+    assert plan("lora") == [("bf16", "lora", None, 0.0, 0), ("nf4", "lora", None, 0.0, 0)]
+    with pytest.raises(SystemExit, match="--methods: unknown \\['qlora'\\]"):
+        plan("lora,qlora")
+
+
 def test_quantized_bases_mask_overlaps_against_hand_counted_masks(monkeypatch, tmp_path):
     """``derive``: the overlap with the bf16 run of the same seed, and with the seed-0 run of the same base (the
     noise floor), counted by hand on planted masks."""
