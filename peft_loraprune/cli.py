@@ -68,24 +68,29 @@ def _skeleton(path: str, base: Optional[str]):
         raise UsageError(str(err)) from err
 
 
-def _streamable(adapter: str, base: Optional[str]) -> Optional[str]:
-    """Why the streaming export cannot run (None when it can): it needs a local safetensors checkpoint that is not
-    pre-quantized and holds every tensor the adapter saves whole (trained norms, a head), shaped alike."""
+def _streaming_skeleton(adapter: str, base: Optional[str]):
+    """``(why the streaming export cannot run, None)``, or ``(None, the adapter's skeleton)`` when it can: it needs
+    a local safetensors checkpoint that is not pre-quantized and holds every tensor the adapter saves whole (trained
+    norms, a head), shaped alike. The skeleton is built once and serves the check, the export and its card."""
     config = LoRAPruneConfig.from_pretrained(adapter)
     base = base or config.base_model_name_or_path
     if not base or not os.path.isdir(base):
-        return f"the base {base!r} is not a local folder"
+        return f"the base {base!r} is not a local folder", None
     try:
         with open(os.path.join(base, "config.json")) as f:
             if "quantization_config" in json.load(f):
-                return "the base checkpoint is pre-quantized"
+                return "the base checkpoint is pre-quantized", None
         reader = CheckpointReader(base)
     except (OSError, ValueError) as err:
-        return str(err)
+        return str(err), None
+    skeleton = _skeleton(adapter, base)
     if config.modules_to_save:
-        skeleton = _skeleton(adapter, base)
-        return replacement_mismatch(saved_module_tensors(skeleton.base_model.model, skeleton.active_adapter), reader)
-    return None
+        why_not = replacement_mismatch(
+            saved_module_tensors(skeleton.base_model.model, skeleton.active_adapter), reader
+        )
+        if why_not:
+            return why_not, None
+    return None, skeleton
 
 
 def cmd_export(args) -> None:
@@ -97,14 +102,16 @@ def cmd_export(args) -> None:
         parse_size(args.max_shard_size)
     except ValueError as err:
         raise UsageError(str(err)) from err
-    why_not = None if args.in_memory else _streamable(args.adapter, args.base)
-    if args.in_memory or args.latency or why_not:
-        if why_not and not args.in_memory and not args.latency:
-            print(f"exporting in memory: {why_not}")
+    if args.in_memory or args.latency:
+        _export_in_memory(args)
+        return
+    why_not, skeleton = _streaming_skeleton(args.adapter, args.base)
+    if why_not:
+        print(f"exporting in memory: {why_not}")
         _export_in_memory(args)
         return
     config = LoRAPruneConfig.from_pretrained(args.adapter)
-    sparsity = _skeleton(args.adapter, args.base).base_model.sparsity_report()
+    sparsity = skeleton.base_model.sparsity_report()
     try:
         report = stream_export(
             args.adapter,
@@ -113,6 +120,7 @@ def cmd_export(args) -> None:
             dtype=DTYPES[args.dtype] if args.dtype else None,
             max_shard_size=args.max_shard_size,
             progressbar=False,
+            skeleton=skeleton,
         )
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(str(err)) from err

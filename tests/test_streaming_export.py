@@ -18,6 +18,7 @@ from peft_loraprune import export_pruned_model
 from peft_loraprune.cli import main
 from peft_loraprune.export.checkpoint_io import CheckpointReader, StreamingShardWriter, parse_size, planned
 from peft_loraprune.export.streaming import replacement_mismatch, stream_export
+from peft_loraprune.hub.skeleton import load_adapter_skeleton
 
 
 def _tensors(folder) -> dict:
@@ -136,8 +137,11 @@ def test_report_reads_masks_and_config_only(base_folder, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-def test_streaming_export_writes_the_trained_copies_of_whole_saved_modules(base_folder, tmp_path, capsys, dtype):
-    """Trained norms (``modules_to_save``) replace the base's in the streamed export, as in the in-memory one."""
+def test_streaming_export_writes_the_trained_copies_of_whole_saved_modules(
+    base_folder, tmp_path, capsys, dtype, monkeypatch
+):
+    """Trained norms (``modules_to_save``) replace the base's in the streamed export, as in the in-memory one; the
+    command line builds the adapter's weightless skeleton once for its check, the export and the card."""
     base = base_folder("llama")
     model = pruned_model("llama", modules_to_save=["input_layernorm", "post_attention_layernorm", "norm"])
     g = torch.Generator().manual_seed(1)
@@ -150,9 +154,21 @@ def test_streaming_export_writes_the_trained_copies_of_whole_saved_modules(base_
         transformers.AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter"
     )
     export_pruned_model(reference, measure_latency=False, save_directory=str(tmp_path / "memory"), dtype=dtype)
+    import peft_loraprune.cli as cli
+    import peft_loraprune.export.streaming as streaming
+
+    builds = []
+
+    def counted(*args, **kwargs):
+        builds.append(args)
+        return load_adapter_skeleton(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "load_adapter_skeleton", counted)
+    monkeypatch.setattr(streaming, "load_adapter_skeleton", counted)
     argv = ["export", str(tmp_path / "adapter"), "--base", base, "--out", str(tmp_path / "stream")]
     assert main(argv + (["--dtype", "bfloat16"] if dtype else [])) == 0
     assert "streaming export" in capsys.readouterr().out
+    assert len(builds) == 1
     expected, written = _tensors(tmp_path / "memory"), _tensors(tmp_path / "stream")
     assert sorted(written) == sorted(expected)
     for key, tensor in expected.items():

@@ -104,10 +104,14 @@ def stream_export(
     dtype: Optional[torch.dtype] = None,
     max_shard_size="5GB",
     progressbar: bool = True,
+    skeleton=None,
 ) -> ExportReport:
     """Export the adapter in ``adapter_path`` merged into the safetensors checkpoint folder ``base`` (default the
-    adapter's ``base_model_name_or_path``) to ``out``, tensor by tensor; returns the report (``model`` is None)."""
-    peft_model = load_adapter_skeleton(adapter_path, base)
+    adapter's ``base_model_name_or_path``) to ``out``, tensor by tensor; returns the report (``model`` is None).
+
+    ``skeleton``: ``load_adapter_skeleton(adapter_path, base)`` when the caller has already built it (the command
+    line does, to check the checkpoint and write the card); built here otherwise."""
+    peft_model = skeleton if skeleton is not None else load_adapter_skeleton(adapter_path, base)
     tuner = peft_model.base_model
     adapter = peft_model.active_adapter
     config = tuner.peft_config[adapter]
