@@ -62,7 +62,8 @@ def study(task: str):
     base_data = next(iter(base.values()))
     table = base_data["table"]
     default = table["default_method"]
-    rows = [r for r in base_data["rows"] if r["method"] in (default, "dense-lora")]
+    # marked, so that costs compare runs of the study's own code and environment (``_cost``)
+    rows = [{**r, "from_peers_file": True} for r in base_data["rows"] if r["method"] in (default, "dense-lora")]
     rows += distill_data["rows"]  # its dense LoRA too (the table leaves dense LoRA out; its conditions are listed)
     dense_rows = [r for r in base_data["rows"] + distill_data["rows"] if r["method"] == "dense-lora"]
     for name in DENSE_FROM.get(task, ()) if not dense_rows else ():
@@ -220,6 +221,7 @@ def verdicts(task, rows, table, dense) -> list[str]:
             same = _gap(task, summary(r[metric] for r in longer).mean, dense)
             line += f" At equal tokens ({tokens:,.0f}) the default trained longer is {same[0]} (n={len(longer)})."
         line += _equal_wall_time(task, groups, table, sparsity, variants[best], dense)
+        line += _cost(groups, variants[best], reruns or default)
         line += _against_dense_with_the_same_change(task, groups, table, best, variants[best])
         out.append(line)
     return out
@@ -318,6 +320,39 @@ def _equal_wall_time(task, groups, table, sparsity, variant_rows, dense) -> str:
     return (
         f" At equal wall time ({wall:,.0f} s with any teacher's training), the default trained to "
         f"{_total_tokens(longest):,.0f} tokens ({_total_seconds(longest):,.0f} s, n={len(longest)}) is {gap}."
+    )
+
+
+def _cost(groups, variant_rows, default_rows) -> str:
+    """`` Its cost: ...``: the variant's fastest run (with any teacher's training) against the default's fastest
+    (the least disturbed of each on a shared machine) and its mean peak RSS against dense LoRA's run with the study's
+    code (the peers file's, measured with older code, only when the study has none), with the issue's cost goals
+    (:data:`COST_GOALS`); empty where a side has no wall time or memory recorded."""
+
+    def fastest(rows):
+        timed = [r["seconds"] + r.get("teacher_train_seconds", 0.0) for r in rows if "seconds" in r]
+        return min(timed) if timed else None
+
+    def rss(rows):
+        found = summary(r["peak_rss_mib"] for r in rows or () if r.get("peak_rss_mib"))
+        return found.mean if found else None
+
+    ours, theirs = fastest(variant_rows), fastest(default_rows)
+    dense_rows = groups.get(("dense-lora", 0.0)) or []
+    memory = rss(variant_rows)
+    dense_memory = rss([r for r in dense_rows if not r.get("from_peers_file")]) or rss(dense_rows)
+    if ours is None or theirs is None or memory is None or dense_memory is None:
+        return ""
+
+    def verdict(ratio, goal):
+        return "met" if ratio <= goal else "not met"
+
+    time_ratio, memory_ratio = ours / theirs, memory / dense_memory
+    return (
+        f" Its cost: fastest run {ours:,.0f} s against the default's {theirs:,.0f} s ({time_ratio:.2f}x; goal at most "
+        f"{COST_GOALS['time']}x: {verdict(time_ratio, COST_GOALS['time'])}), peak RSS {memory:,.0f} MiB against "
+        f"dense LoRA's {dense_memory:,.0f} ({memory_ratio:.2f}x; goal at most {COST_GOALS['memory']}x: "
+        f"{verdict(memory_ratio, COST_GOALS['memory'])})."
     )
 
 

@@ -344,6 +344,36 @@ def test_distillation_verdict_at_equal_wall_time_counts_the_teachers_training():
     assert verdict.endswith("goal at most 1.30x: not met.")
 
 
+def test_distillation_verdict_states_the_best_variants_cost_against_the_goals():
+    """The fastest run of the variant against the fastest rerun of the default, and the variant's mean peak RSS
+    against dense LoRA run by the study's code (not the peers file's older run)."""
+    import report_distill
+
+    t = {"train_tokens": 256_000, "sparsity": 0.2}
+    rows = [
+        {**t, "method": "loraprune-activation", "seed": 0, "perplexity": 28.0, "seconds": 800, "peak_rss_mib": 1},
+        {**t, "method": "loraprune-activation+steps=1000", "seed": 0, "perplexity": 28.4, "seconds": 1300},
+        {**t, "method": "loraprune-activation+steps=1000", "seed": 1, "perplexity": 28.8, "seconds": 1200},
+        {**t, "method": "loraprune-activation+r=32", "seed": 0, "perplexity": 24.0, "seconds": 1500,
+         "peak_rss_mib": 2300},
+        {**t, "method": "loraprune-activation+r=32", "seed": 1, "perplexity": 24.4, "seconds": 2000,
+         "peak_rss_mib": 2500},
+        {"method": "dense-lora", "sparsity": 0.0, "seed": 0, "perplexity": 16.0, "peak_rss_mib": 2000},
+        {"method": "dense-lora", "sparsity": 0.0, "seed": 0, "perplexity": 16.0, "peak_rss_mib": 100,
+         "from_peers_file": True},
+    ]  # fmt: skip
+    (verdict,) = report_distill.verdicts("smollm2", rows, STRUCTURED, 16.0)
+    # 1500 / 1200 = 1.25x; (2300 + 2500) / 2 = 2400 against 2000: 1.20x
+    assert verdict.endswith(
+        "Its cost: fastest run 1,500 s against the default's 1,200 s (1.25x; goal at most 1.5x: met), peak RSS "
+        "2,400 MiB against dense LoRA's 2,000 (1.20x; goal at most 1.15x: not met)."
+    )
+    rows[3]["seconds"] = 1900  # the fastest is now 1,900 s: 1.58x
+    assert "(1.58x; goal at most 1.5x: not met)" in report_distill.verdicts("smollm2", rows, STRUCTURED, 16.0)[0]
+    del rows[5]  # only the peers file's dense LoRA: read, for want of the study's own
+    assert "against dense LoRA's 100 (24.00x" in report_distill.verdicts("smollm2", rows, STRUCTURED, 16.0)[0]
+
+
 def test_a_variant_is_also_compared_with_dense_lora_given_the_same_change():
     import report_distill
 
