@@ -9,7 +9,7 @@ from typing import Optional
 
 import matplotlib.pyplot as plt
 from report_common import HERE, load, machine
-from stats import summary
+from stats import paired_wins, summary
 
 # task -> (the file with the runs without distillation, that file's dense LoRA and default method)
 BASELINES = {
@@ -255,11 +255,21 @@ def peer_recovery_lines(task, rows, table, dense) -> list[str]:
             continue
         peer_gap, our_gap = mean_gap(group), mean_gap(ours)
         ahead = _better(our_gap[1], peer_gap[1], "ratio" if table["direction"] == "lower" else "points")
+        verdict = "LoRAPrune still ahead" if ahead else f"{peer} ahead"
+        # a lead smaller than the seed-to-seed spread of either side (where it was measured) is not one
+        mine, theirs = summary(r[metric] for r in ours), summary(r[metric] for r in group)
+        spread = max(x.std for x in (mine, theirs) if x.n > 1) if max(mine.n, theirs.n) > 1 else None
+        if spread is not None and abs(mine.mean - theirs.mean) <= spread:
+            verdict = (
+                f"a tie: {abs(mine.mean - theirs.mean):.3g} {metric} apart, within the seed-to-seed spread "
+                f"({spread:.3g})"
+            )
+        wins, both = paired_wins(ours + group, metric, table["direction"], sparsity, ours[0]["method"], method)
+        seeds = f"; paired by seed, LoRAPrune ahead on {wins} of {both}" if both else ""
         out.append(
             f"{TASK_WORDS[task]}, {sparsity:.0%} {_granularity(task)}, the same recovery for a peer (`+{modifier}`): "
             f"{peer} {mean_gap(plain)[0]} without it, {peer_gap[0]} with it (n={len(group)}); LoRAPrune "
-            f"{mean_gap(ours_plain)[0]} without it, {our_gap[0]} with it (n={len(ours)}): "
-            + ("LoRAPrune still ahead." if ahead else f"{peer} ahead.")
+            f"{mean_gap(ours_plain)[0]} without it, {our_gap[0]} with it (n={len(ours)}): {verdict}{seeds}."
         )
     return out
 

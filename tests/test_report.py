@@ -409,11 +409,24 @@ def test_peers_given_the_same_recovery_are_compared_with_loraprune_given_it():
     lines = report_distill.peer_recovery_lines("smollm2", rows, table, 16.0)
     assert lines == [
         "SmolLM2 / Wikipedia, 20% structured, the same recovery for a peer (`+kd=dense/1.0/1`): wanda-sp 1.90x "
-        "without it, 1.60x with it (n=1); LoRAPrune 1.81x without it, 1.62x with it (n=1): wanda-sp ahead."
+        "without it, 1.60x with it (n=1); LoRAPrune 1.81x without it, 1.62x with it (n=1): wanda-sp ahead; paired "
+        "by seed, LoRAPrune ahead on 0 of 1."
     ]
     rows[5]["perplexity"] = 27.0
     assert report_distill.peer_recovery_lines("smollm2", rows, table, 16.0)[0].endswith(
-        "1.69x with it (n=1); LoRAPrune 1.81x without it, 1.62x with it (n=1): LoRAPrune still ahead."
+        "1.69x with it (n=1); LoRAPrune 1.81x without it, 1.62x with it (n=1): LoRAPrune still ahead; paired by seed, "
+        "LoRAPrune ahead on 1 of 1."
+    )
+    # a second LoRAPrune seed: mean 26.5, std 0.707 (26, 27); the peer's 27.0 is 0.5 away: within the spread
+    rows.append({**row, "seed": 1, "method": "loraprune-activation+kd=dense/1.0/1", "perplexity": 27.0,
+                 "total_train_tokens": 512_000})  # fmt: skip
+    assert report_distill.peer_recovery_lines("smollm2", rows, table, 16.0)[0].endswith(
+        "(n=2): a tie: 0.5 perplexity apart, within the seed-to-seed spread (0.707); paired by seed, "
+        "LoRAPrune ahead on 1 of 1."
+    )
+    rows[5]["perplexity"] = 28.0  # 1.5 away: a lead
+    assert (
+        "(n=2): LoRAPrune still ahead; paired" in report_distill.peer_recovery_lines("smollm2", rows, table, 16.0)[0]
     )
 
 
