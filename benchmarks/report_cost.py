@@ -59,7 +59,20 @@ def step_cost_section(lines):
                 f"{ratio(r, 'time_vs_lora')} | {rewrite} | {ratio(r, 'amortised_time_vs_lora')} | {r[peak]:.0f} | "
                 f"{ratio(r, vs_lora)} | {ratio(r, vs_grad)} |"
             )
-        distilled = [r for r in data["rows"] if r.get("time_vs_default") is not None]
+        distilled = [r for r in data["rows"] if r.get("time_vs_default") is not None and r.get("teacher")]
+        recipe = [r for r in data["rows"] if r.get("time_vs_default") is not None and r.get("recipe_of")]
+        if recipe:
+            lines += [
+                "",
+                "The recovery recipe (rank 32, alpha 64, the normalisation layers trained), against the same "
+                "configuration at rank 8 of the same round: "
+                + "; ".join(
+                    f"`{r['config']}` {r['time_vs_default']:.2f}x `{r['recipe_of']}`'s step time and "
+                    f"{r['rss_vs_default']:.2f}x its peak memory"
+                    for r in recipe
+                )
+                + ".",
+            ]
         if distilled:
             lines += [
                 "",

@@ -395,7 +395,7 @@ def cost_line() -> Optional[str]:
         return None
     data = runs[-1]
     s = data["settings"]
-    distilled = [r for r in data["rows"] if r.get("time_vs_default") is not None]
+    distilled = [r for r in data["rows"] if r.get("time_vs_default") is not None and r.get("teacher")]
     if not distilled:
         return None
     parts = "; ".join(

@@ -76,6 +76,14 @@ CONFIGS = {
 }
 #: configuration -> its distillation teacher
 DISTILLED = {"loraprune_structured_kd": "unmasked", "loraprune_structured_kd_adapter": "teacher"}
+#: the recovery recipe of the quickstart (rank 32, alpha 64, the normalisation layers trained through
+#: ``modules_to_save``) -> the rank-8 configuration it changes, measured against it in the same round
+RECIPE = {
+    "lora_recipe": "lora",
+    "loraprune_structured_recipe": "loraprune_structured",
+    "loraprune_unstructured_wanda_recipe": "loraprune_unstructured_wanda",
+}
+CONFIGS.update({name: CONFIGS[changed] for name, changed in RECIPE.items()})
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -92,22 +100,32 @@ def build(name: str, model_name: str, batch: int, seq: int, seed: int, device: s
     from peft import LoraConfig, get_peft_model
 
     import peft_loraprune  # noqa: F401
-    from peft_loraprune import DistillationConfig, Distiller, LoRAPruneConfig
+    from peft_loraprune import DistillationConfig, Distiller, LoRAPruneConfig, norm_module_names
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = load_model(model_name, seed).to(device=device, dtype=DTYPES[dtype])
     options = CONFIGS[name]
     dropout = 0.0 if name.endswith("_nodrop") else 0.05
+    rank, saved = (32, norm_module_names(model)) if name in RECIPE else (8, None)
     if options is None:
         # same rank, alpha and dropout as the LoRAPrune configurations (dropout costs an input-sized copy per layer)
         model = get_peft_model(
-            model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+            model,
+            LoraConfig(
+                r=rank,
+                lora_alpha=2 * rank,
+                lora_dropout=dropout,
+                target_modules=targets,
+                modules_to_save=saved,
+                task_type="CAUSAL_LM",
+            ),
         )
         engine = None
     else:
         config = LoRAPruneConfig(
-            r=8,
-            lora_alpha=16,
+            r=rank,
+            lora_alpha=2 * rank,
+            modules_to_save=saved,
             target_modules=targets,
             task_type="CAUSAL_LM",
             lora_dropout=dropout,
@@ -217,6 +235,8 @@ def run_one(
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "autocast": autocast,
         "head_output_dtype": seen["head_output_dtype"],  # the output layer's: bfloat16 under bfloat16 autocast
+        "lora_rank": 32 if name in RECIPE else 8,
+        "recipe_of": RECIPE.get(name),  # the rank-8 configuration the recipe changes (time_vs_default: against it)
         "teacher": DISTILLED.get(name),
         "teacher_memory_mib": distiller.teacher_bytes / 2**20 if distiller is not None else None,
     }
@@ -263,8 +283,9 @@ def compare(r: dict, rows: dict) -> None:
             r["gpu_memory_vs_lora"] = r["cuda_max_allocated_mib"] / base["cuda_max_allocated_mib"]
         # memory the training itself added on top of the loaded model
         r["training_rss_mib"] = r["peak_rss_mib"] - r["rss_after_loading_mib"]
-    default = rows.get("loraprune_structured")
-    if r["config"] in DISTILLED and default:  # what distillation adds to the default
+    # what distillation adds to the default; what the recipe adds to the configuration it changes
+    default = rows.get(RECIPE[r["config"]] if r["config"] in RECIPE else "loraprune_structured")
+    if (r["config"] in DISTILLED or r["config"] in RECIPE) and default:
         r["time_vs_default"] = r["median_step_s"] / default["median_step_s"]
         r["rss_vs_default"] = r["peak_rss_mib"] / default["peak_rss_mib"]
     if grad:

@@ -73,6 +73,26 @@ def test_step_cost_under_the_trainers_bf16_autocast(tmp_path):
     assert rows[2]["time_vs_default"] > 0
 
 
+def test_step_cost_recipe_configurations_train_rank_32_and_the_norms_against_their_rank_8_twins(tmp_path):
+    configs = ["lora", "loraprune_unstructured_wanda", "lora_recipe", "loraprune_unstructured_wanda_recipe"]
+    run(
+        "step_cost.py", tmp_path, "--model", "tiny", "--batch", "1", "--seq", "16", "--warmup", "1", "--steps", "2",
+        "--configs", ",".join(configs),
+    )  # fmt: skip
+    by_name = {r["config"]: r for r in load(tmp_path, "step_cost_tiny_b1x16")["rows"]}
+    lora, lora32 = by_name["lora"], by_name["lora_recipe"]
+    pruned, pruned32 = by_name["loraprune_unstructured_wanda"], by_name["loraprune_unstructured_wanda_recipe"]
+    assert (lora["lora_rank"], lora32["lora_rank"], pruned32["lora_rank"]) == (8, 32, 32)
+    # the tiny Llama (hidden 64; 2 blocks of 2 RMSNorms + the final one = 5 x 64 norm weights): rank 32's factors
+    # are 4x rank 8's, and the norms train on top
+    assert lora32["trainable_params"] == 4 * lora["trainable_params"] + 5 * 64
+    assert pruned32["recipe_of"] == "loraprune_unstructured_wanda" and lora32["recipe_of"] == "lora"
+    assert pruned32["time_vs_default"] == pruned32["median_step_s"] / pruned["median_step_s"]
+    assert pruned32["rss_vs_default"] == pruned32["peak_rss_mib"] / pruned["peak_rss_mib"]
+    assert pruned32["time_vs_lora"] == pruned32["median_step_s"] / lora["median_step_s"]  # plain LoRA at rank 8
+    assert pruned.get("recipe_of") is None and "time_vs_default" not in pruned
+
+
 @pytest.mark.examples
 def test_step_cost_rounds_report_medians_of_ratios_taken_within_each_round(tmp_path):
     configs = ["lora", "loraprune_unstructured"]
