@@ -147,13 +147,23 @@ def readme_lines() -> list[str]:
     if quantized:
         rows = [r for r in quantized["rows"] if r["method"] == "loraprune" and r["base"] != "bf16"]
         tokens = sorted({r["tokens"] for r in quantized["rows"]})
-        for r in sorted(rows, key=lambda r: (r["base"], r["granularity"], r["sparsity"], r["seed"])):
+        for r in sorted(rows, key=lambda r: (r["base"], r["granularity"], r["sparsity"], r["tokens"], r["seed"])):
+            # each clause only where its reference run exists (a longer run may have no plain-QLoRA twin, and the
+            # bf16 run's masks may not have been kept)
+            clauses = [
+                f"exported perplexity {r['perplexity']:.2f}, {_fmt(r.get('perplexity_vs_bf16'))}x the bf16 base's"
+            ]
+            if r.get("mask_overlap_with_bf16") is not None:
+                clauses.append(f"{r['mask_overlap_with_bf16']:.0%} of the bf16 run's pruned units pruned too")
+            if r.get("step_time_vs_lora") is not None:
+                clauses.append(
+                    f"step {r['step_time_vs_lora']:.3f}x and peak RSS {r['peak_rss_vs_lora']:.3f}x plain QLoRA on the "
+                    "same base"
+                )
             out.append(
                 f"- {BASE_NAMES[r['base']]} base, {_cell(r)} (SmolLM2-135M, {r['tokens']:,d} tokens, seed {r['seed']}): "
-                f"exported perplexity {r['perplexity']:.2f}, {_fmt(r.get('perplexity_vs_bf16'))}x the bf16 base's; "
-                f"{_fmt(r.get('mask_overlap_with_bf16'), '{:.0%}')} of the bf16 run's pruned units pruned too; step "
-                f"{_fmt(r.get('step_time_vs_lora'))}x and peak RSS {_fmt(r.get('peak_rss_vs_lora'))}x plain QLoRA "
-                "on the same base."
+                + "; ".join(clauses)
+                + "."
             )
         lora = [r for r in quantized["rows"] if r["method"] == "lora" and r["base"] != "bf16"]
         if lora:

@@ -133,7 +133,7 @@ def test_step_cost_tables_show_device_memory_on_a_gpu_and_resident_memory_on_a_c
         assert ("NVIDIA H100" in summary) == (device == "cuda")
 
 
-def test_big_models_lines_are_computed_from_the_rows():
+def test_big_models_lines_are_computed_from_the_rows(monkeypatch):
     rows = [
         {
             "method": "loraprune",
@@ -191,6 +191,24 @@ def test_big_models_lines_are_computed_from_the_rows():
     )
     assert table[4].startswith(
         "| plain LoRA, no pruning (seed 0) | NF4, double quant | 64,000 | 20.00 (adapter) | 1.050 |"
+    )
+    # README bullets: a clause only where its reference exists (a longer run without a plain-QLoRA twin or the bf16
+    # run's masks)
+    longer = {**rows[1], "tokens": 256000, "perplexity": 31.5, "perplexity_vs_bf16": 1.05}
+    for key in ("step_time_vs_lora", "peak_rss_vs_lora", "mask_overlap_with_bf16"):
+        del longer[key]
+    big = report_readme.report_big_models
+    monkeypatch.setattr(big, "_load", lambda name: {"rows": rows + [longer], "machine": {"cpu_count": 2, "torch": "t", "transformers": "5", "date": "2026-12-06"}}
+                        if name == "quantized_bases_smollm2" else None)  # fmt: skip
+    bullets = big.readme_lines()
+    assert bullets[1] == (
+        "- NF4, double quant base, structured 20% (SmolLM2-135M, 64,000 tokens, seed 0): exported perplexity 33.00, "
+        "1.100x the bf16 base's; 75% of the bf16 run's pruned units pruned too; step 1.200x and peak RSS 1.000x "
+        "plain QLoRA on the same base."
+    )
+    assert bullets[2] == (
+        "- NF4, double quant base, structured 20% (SmolLM2-135M, 256,000 tokens, seed 0): exported perplexity "
+        "31.50, 1.050x the bf16 base's."
     )
     importance = report_readme.report_big_models.importance_rows(
         {
