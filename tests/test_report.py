@@ -133,6 +133,24 @@ def test_step_cost_tables_show_device_memory_on_a_gpu_and_resident_memory_on_a_c
         assert ("NVIDIA H100" in summary) == (device == "cuda")
 
 
+def test_step_cost_recipe_sentence_gives_each_rounds_ratio_against_the_rank_8_twin():
+    import report_cost
+
+    def row(config, steps, rss, **extra):
+        return {"config": config, "median_step_s": sum(steps) / 2, "peak_rss_mib": rss,
+                "rounds": [{"median_step_s": s} for s in steps], **extra}  # fmt: skip
+
+    rows = [
+        row("loraprune_structured", [1.0, 2.0], 2000.0),
+        # 1.2 / 1.0 and 1.6 / 2.0 per round; the median ratio as step_cost.py reports it
+        row("loraprune_structured_recipe", [1.2, 1.6], 2200.0, recipe_of="loraprune_structured",
+            time_vs_default=1.0, rss_vs_default=1.1),
+    ]  # fmt: skip
+    assert report_cost._per_round(rows[1], rows[0]) == " (per round: 1.20x, 0.80x)"
+    assert report_cost._per_round({**rows[1], "rounds": rows[1]["rounds"][:1]}, rows[0]) == ""
+    assert report_cost._per_round(rows[1], None) == ""
+
+
 def test_big_models_lines_are_computed_from_the_rows(monkeypatch):
     rows = [
         {
