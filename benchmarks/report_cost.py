@@ -61,6 +61,7 @@ def step_cost_section(lines):
             )
         distilled = [r for r in data["rows"] if r.get("time_vs_default") is not None and r.get("teacher")]
         recipe = [r for r in data["rows"] if r.get("time_vs_default") is not None and r.get("recipe_of")]
+        by_config = {r["config"]: r for r in data["rows"]}
         if recipe:
             lines += [
                 "",
@@ -68,7 +69,7 @@ def step_cost_section(lines):
                 "configuration at rank 8 of the same round: "
                 + "; ".join(
                     f"`{r['config']}` {r['time_vs_default']:.2f}x `{r['recipe_of']}`'s step time"
-                    + _per_round(r, {x["config"]: x for x in data["rows"]}.get(r["recipe_of"]))
+                    + _per_round(r, by_config.get(r["recipe_of"]))
                     + f" and {r['rss_vs_default']:.2f}x its peak memory"
                     for r in recipe
                 )

@@ -9,7 +9,7 @@ from typing import Optional
 
 import matplotlib.pyplot as plt
 from report_common import HERE, load, machine
-from stats import paired_wins, summary
+from stats import mean_of, paired_wins, summary
 
 # task -> (the file with the runs without distillation, that file's dense LoRA and default method)
 BASELINES = {
@@ -343,14 +343,11 @@ def _cost(groups, variant_rows, default_rows) -> str:
         timed = [r["seconds"] + r.get("teacher_train_seconds", 0.0) for r in rows if "seconds" in r]
         return min(timed) if timed else None
 
-    def rss(rows):
-        found = summary(r["peak_rss_mib"] for r in rows or () if r.get("peak_rss_mib"))
-        return found.mean if found else None
-
     ours, theirs = fastest(variant_rows), fastest(default_rows)
     dense_rows = groups.get(("dense-lora", 0.0)) or []
-    memory = rss(variant_rows)
-    dense_memory = rss([r for r in dense_rows if not r.get("from_peers_file")]) or rss(dense_rows)
+    memory = mean_of(variant_rows, "peak_rss_mib")
+    own = [r for r in dense_rows if not r.get("from_peers_file")]
+    dense_memory = mean_of(own, "peak_rss_mib") or mean_of(dense_rows, "peak_rss_mib")
     if ours is None or theirs is None or memory is None or dense_memory is None:
         return ""
 
