@@ -11,7 +11,7 @@ from conftest import TASK, make_inputs, make_model
 from helpers import make_dataset, pruned_model, randomize_adapter, training_model
 from peft import get_peft_model
 
-from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig
+from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig, norm_module_names
 from peft_loraprune.distillation import DistillationConfig, DistillationTrainer, Distiller
 from peft_loraprune.distillation.teachers import teacher_mode
 from peft_loraprune.kernels.distill_loss import chunked_kl_divergence
@@ -77,6 +77,21 @@ def test_the_unmasked_teacher_is_the_adapter_with_full_masks(family):
 def test_the_base_teacher_is_the_pretrained_model():
     base_logits = _logits(make_model("llama"), make_inputs("llama"))
     model = pruned_model("llama")
+    with teacher_mode(model, "base"):
+        torch.testing.assert_close(_logits(model, make_inputs("llama")), base_logits)
+    assert not torch.allclose(_logits(model, make_inputs("llama")), base_logits)
+
+
+def test_the_base_teacher_runs_the_original_norms_when_the_adapter_trains_them():
+    base = make_model("llama")
+    base_logits = _logits(base, make_inputs("llama"))
+    config = LoRAPruneConfig(task_type="CAUSAL_LM", target_sparsity=0.0, modules_to_save=norm_module_names(base))
+    model = get_peft_model(base, config)
+    with torch.no_grad():  # the adapter's copies of the norms move away from the pretrained ones
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name:
+                param.mul_(1.5)
+    Distiller(model, DistillationConfig(teacher="base"))  # accepted: the norms are pretrained modules
     with teacher_mode(model, "base"):
         torch.testing.assert_close(_logits(model, make_inputs("llama")), base_logits)
     assert not torch.allclose(_logits(model, make_inputs("llama")), base_logits)
@@ -273,7 +288,7 @@ def test_bad_settings_are_refused_with_their_name():
     with pytest.raises(ValueError, match="teacher='default' is the adapter being trained"):
         Distiller(model, DistillationConfig(teacher="default"))
     classifier = get_peft_model(make_model("bert"), LoRAPruneConfig(task_type=TASK["bert"]))
-    with pytest.raises(ValueError, match="teacher='base'.*untrained"):
+    with pytest.raises(ValueError, match="teacher='base'.*task_type='SEQ_CLS'.*untrained"):
         Distiller(classifier, DistillationConfig(teacher="base"))
     with pytest.raises(TypeError, match="PeftModel"):
         Distiller(make_model("llama"), DistillationConfig(teacher="base"))

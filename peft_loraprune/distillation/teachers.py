@@ -2,7 +2,8 @@
 
 Nothing is copied. A teacher is a context in which the model's forward pass computes the teacher:
 
-* ``"base"``: PEFT's ``disable_adapter()``: every adapted layer (and ``modules_to_save``) runs its base module;
+* ``"base"``: PEFT's ``disable_adapter()``: every adapted layer (and ``modules_to_save``) runs its base module
+  (refused for a classification task, whose head is new and untrained);
 * ``"unmasked"``: every LoRAPrune layer runs its active adapter densely (``LoRAPruneLayer.ignore_masks``);
 * an adapter name: every module that holds that adapter (LoRAPrune layers, ``modules_to_save`` wrappers) runs it
   instead of the active one; ``requires_grad`` is left alone (PEFT's ``set_adapter`` would change it).
@@ -17,6 +18,11 @@ from contextlib import contextmanager
 
 from ..layer import LoRAPruneLayer
 from .config import TEACHER_KINDS
+
+#: PEFT task types whose head comes new with the task (PEFT adds it to ``modules_to_save``): the pretrained model has
+#: no trained head, so it cannot teach. Other ``modules_to_save`` (trainable norms of a causal LM) are pretrained
+#: modules: the base teacher runs their original weights.
+HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
 
 def _peft_model(model):
@@ -35,10 +41,11 @@ def check_teacher(model, teacher: str) -> None:
     """A ``ValueError`` naming ``teacher`` and what is allowed, before any training step runs."""
     peft_model = _peft_model(model)
     if teacher in TEACHER_KINDS:
-        if teacher == "base" and getattr(peft_model, "modules_to_save", None):
+        task_type = getattr(peft_model.peft_config[peft_model.active_adapter], "task_type", None)
+        if teacher == "base" and task_type in HEAD_TASK_TYPES:
             raise ValueError(
-                "teacher='base' runs the pretrained model, whose modules_to_save "
-                f"({sorted(peft_model.modules_to_save)}, e.g. a classifier head) are untrained; use "
+                f"teacher='base' runs the pretrained model, whose task head (task_type={getattr(task_type, 'value', task_type)!r}, "
+                f"modules_to_save {sorted(peft_model.modules_to_save or [])}) is untrained; use "
                 "teacher='unmasked' or a trained adapter's name."
             )
         return
