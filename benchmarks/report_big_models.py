@@ -140,6 +140,18 @@ def section(lines: list[str]) -> None:
         lines += [*streaming_lines(streaming), f"({_machine(streaming)})", ""]
 
 
+def _on_its_base(r: dict) -> str:
+    """`` (the adapter on its own <base> base: <ppl>, <ratio>x)``: the model as trained, before the export merges the
+    adapter into the original-precision weights; the ratio is to the bf16 run's exported perplexity."""
+    if r.get("perplexity_adapter") is None or not r.get("perplexity_vs_bf16"):
+        return ""
+    bf16 = r["perplexity"] / r["perplexity_vs_bf16"]
+    return (
+        f" (the adapter on its own {BASE_NAMES[r['base']]} base: {r['perplexity_adapter']:.2f}, "
+        f"{_fmt(r['perplexity_adapter'] / bf16)}x)"
+    )
+
+
 def readme_lines() -> list[str]:
     """README bullets for the "Big models" section."""
     out = []
@@ -152,6 +164,7 @@ def readme_lines() -> list[str]:
             # bf16 run's masks may not have been kept)
             clauses = [
                 f"exported perplexity {r['perplexity']:.2f}, {_fmt(r.get('perplexity_vs_bf16'))}x the bf16 base's"
+                + _on_its_base(r)
             ]
             if r.get("mask_overlap_with_bf16") is not None:
                 clauses.append(f"{r['mask_overlap_with_bf16']:.0%} of the bf16 run's pruned units pruned too")

@@ -221,12 +221,12 @@ def test_big_models_lines_are_computed_from_the_rows(monkeypatch):
     bullets = big.readme_lines()
     assert bullets[1] == (
         "- NF4, double quant base, structured 20% (SmolLM2-135M, 64,000 tokens, seed 0): exported perplexity 33.00, "
-        "1.100x the bf16 base's; 75% of the bf16 run's pruned units pruned too; step 1.200x and peak RSS 1.000x "
-        "plain QLoRA on the same base."
+        "1.100x the bf16 base's (the adapter on its own NF4, double quant base: 35.00, 1.167x); 75% of the bf16 "
+        "run's pruned units pruned too; step 1.200x and peak RSS 1.000x plain QLoRA on the same base."
     )
     assert bullets[2] == (
         "- NF4, double quant base, structured 20% (SmolLM2-135M, 256,000 tokens, seed 0): exported perplexity "
-        "31.50, 1.050x the bf16 base's."
+        "31.50, 1.050x the bf16 base's (the adapter on its own NF4, double quant base: 35.00, 1.167x)."
     )
     importance = report_readme.report_big_models.importance_rows(
         {
