@@ -3,6 +3,7 @@
     peft-loraprune report ADAPTER                       # sparsity overall and per layer
     peft-loraprune export ADAPTER --out DIR [--base ORIGINAL] [--dtype bfloat16]   # a plain transformers model,
                                                         # pruned units removed, streamed tensor by tensor
+                                  [--quantized_as nf4-dq]  # a QLoRA adapter: into the weights it was trained on
     peft-loraprune eval MODEL_OR_ADAPTER --tasks T1,T2 [--include_path DIR] [--card]   # lm-eval zero-shot
     peft-loraprune lm-eval --model hf --model_args pretrained=BASE,peft=ADAPTER --tasks ...   # lm-eval's own CLI
 
@@ -35,6 +36,7 @@ from .hub.evaluation import (
 )
 from .hub.model_card import write_eval_results, write_export_card
 from .hub.skeleton import load_adapter_skeleton
+from .kernels.quantized import ROUNDING_FORMATS
 
 
 class UsageError(Exception):
@@ -102,10 +104,17 @@ def cmd_export(args) -> None:
         parse_size(args.max_shard_size)
     except ValueError as err:
         raise UsageError(str(err)) from err
+    if args.quantized_as and (args.in_memory or args.latency):
+        raise UsageError(
+            "--quantized_as rounds the checkpoint's weights in the streaming export; drop --in_memory/--latency (in "
+            "Python, export_pruned_model on the quantized model merges into its dequantized weights)"
+        )
     if args.in_memory or args.latency:
         _export_in_memory(args)
         return
     why_not, skeleton = _streaming_skeleton(args.adapter, args.base)
+    if why_not and args.quantized_as:
+        raise UsageError(f"--quantized_as needs the streaming export, which cannot run here: {why_not}")
     if why_not:
         print(f"exporting in memory: {why_not}")
         _export_in_memory(args)
@@ -121,8 +130,9 @@ def cmd_export(args) -> None:
             max_shard_size=args.max_shard_size,
             progressbar=False,
             skeleton=skeleton,
+            quantized_as=args.quantized_as,
         )
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, ImportError) as err:
         raise UsageError(str(err)) from err
     write_export_card(args.out, config, sparsity, report, source_adapter=args.adapter)
     print(report)
@@ -233,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max_shard_size", default="5GB", help="largest safetensors shard written, e.g. 5GB or 500MB (default 5GB)"
+    )
+    p.add_argument(
+        "--quantized_as",
+        choices=ROUNDING_FORMATS,
+        default=None,
+        help="the adapter was trained on a bitsandbytes base of this format (int8: load_in_8bit; nf4/fp4: "
+        "load_in_4bit with that quant type; -dq: double quantization): merge into the checkpoint's Linear weights "
+        "rounded as that base held them, the model the adapter was trained with (default: the original-precision "
+        "values; compare both on held-out data)",
     )
     p.add_argument(
         "--in_memory",

@@ -19,7 +19,7 @@ bnb = pytest.importorskip("bitsandbytes")
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
 
 from peft_loraprune import LoRAPruneConfig, export_pruned_model  # noqa: E402
-from peft_loraprune.kernels.quantized import dense_weight  # noqa: E402
+from peft_loraprune.kernels.quantized import dense_weight, rounded_as  # noqa: E402
 
 # widths that are multiples of bitsandbytes' 4-bit block (64): its CPU kernels need them (see DESIGN.md, section 8)
 SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -275,3 +275,51 @@ def test_trainer_with_callback_on_a_4bit_base_reaches_the_target_and_resumes(che
     for (n, a), (_, b) in zip(full.named_buffers(), resumed.named_buffers()):
         if "lora_mask" in n:
             assert torch.equal(a, b), n
+
+
+def _folder_tensors(folder) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+@pytest.mark.parametrize(
+    "quant, fmt, granularity, targets",
+    [
+        ("nf4-double-bf16", "nf4-dq", "structured", None),
+        # element masks on two modules: the other Linear layers are quantized in training but not adapted
+        ("int8", "int8", "unstructured", ["q_proj", "down_proj"]),
+    ],
+)
+def test_streaming_export_quantized_as_writes_the_in_memory_export_of_the_quantized_model(
+    checkpoint, quant, fmt, granularity, targets, tmp_path, capsys
+):
+    from peft_loraprune.cli import main
+
+    torch.manual_seed(0)
+    config = LoRAPruneConfig(
+        task_type="CAUSAL_LM", target_sparsity=0.5, lora_dropout=0.0, granularity=granularity, target_modules=targets
+    )
+    model = train(get_peft_model(quantized_base(checkpoint, quant), config))
+    model.save_pretrained(tmp_path / "adapter")
+    export_pruned_model(model, measure_latency=False, save_directory=str(tmp_path / "in_memory"))  # dequantized
+    assert main(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "rounded"), "--quantized_as", fmt]) == 0
+    assert f"rounded as bitsandbytes {fmt} stores them (streaming export)" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "original")]) == 0
+    expected, rounded = _folder_tensors(tmp_path / "in_memory"), _folder_tensors(tmp_path / "rounded")
+    original = _folder_tensors(tmp_path / "original")
+    assert rounded.keys() == expected.keys() == original.keys()
+    for key in expected:
+        torch.testing.assert_close(rounded[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    layer = "model.layers.0.self_attn.k_proj.weight"  # adapted (nf4) or not (int8): rounded either way
+    assert not torch.allclose(rounded[layer], original[layer])
+    assert torch.equal(rounded["lm_head.weight"], original["lm_head.weight"])  # the output layer stays as it was
+    # refusals: the in-memory path does not round; an unknown format names the allowed ones
+    argv = ["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "x"), "--quantized_as", fmt, "--in_memory"]
+    assert main(argv) == 2
+    assert "--quantized_as rounds the checkpoint's weights in the streaming export" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="quantized_as='nf5': allowed int8, nf4, nf4-dq, fp4, fp4-dq"):
+        rounded_as(torch.zeros(64, 64), "nf5")

@@ -19,7 +19,12 @@ adapter: not the model. The tensors written are exactly those of the in-memory e
 same base loaded in the checkpoint's dtype (``tests/test_streaming_export.py`` compares them).
 
 An adapter trained on a quantized base exports the same way: its tensors do not depend on the base's format, so
-pointing ``--base`` at the original-precision checkpoint merges into the original weights.
+pointing ``--base`` at the original-precision checkpoint merges into the original weights. With ``quantized_as``
+(``--quantized_as nf4-dq``) every Linear weight but the output layer's (what transformers' bitsandbytes integration
+quantizes by default) is first rounded as that format stores it (:func:`~peft_loraprune.kernels.quantized.rounded_as`):
+the export is then the model the adapter was trained with, as the in-memory export of the quantized model
+computes it, without loading that model. Measured on SmolLM2 at structured 50% (``benchmarks/RESULTS.md``, quantized
+bases) the original-precision merge scored worse than the model as trained.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..hub.skeleton import load_adapter_skeleton, saved_module_wrappers
+from ..kernels.quantized import ROUNDING_FORMATS, rounded_as
 from .checkpoint_io import CheckpointReader, StreamingShardWriter, parse_size, planned
 from .merge import ExportReport
 from .plan import plan_export
@@ -97,6 +103,16 @@ def replacement_mismatch(replaced: dict[str, torch.Tensor], reader: CheckpointRe
     return None
 
 
+def quantized_linear_names(model: torch.nn.Module, adapted) -> set[str]:
+    """The modules whose weights a bitsandbytes base holds quantized: every ``torch.nn.Linear`` and adapted layer,
+    except the output layer (``get_output_embeddings``), as transformers' integration converts them by default."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = set(adapted)
+    names.update(n for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not output)
+    names.discard(next((n for n, m in model.named_modules() if m is output), None))
+    return names
+
+
 def stream_export(
     adapter_path: str,
     out: str,
@@ -105,12 +121,17 @@ def stream_export(
     max_shard_size="5GB",
     progressbar: bool = True,
     skeleton=None,
+    quantized_as: Optional[str] = None,
 ) -> ExportReport:
     """Export the adapter in ``adapter_path`` merged into the safetensors checkpoint folder ``base`` (default the
     adapter's ``base_model_name_or_path``) to ``out``, tensor by tensor; returns the report (``model`` is None).
 
     ``skeleton``: ``load_adapter_skeleton(adapter_path, base)`` when the caller has already built it (the command
-    line does, to check the checkpoint and write the card); built here otherwise."""
+    line does, to check the checkpoint and write the card); built here otherwise. ``quantized_as`` (one of
+    ``ROUNDING_FORMATS``): merge into the checkpoint's Linear weights as a bitsandbytes base of that format held them
+    (see the module docstring), not into the original-precision values."""
+    if quantized_as is not None and quantized_as not in ROUNDING_FORMATS:
+        raise ValueError(f"quantized_as={quantized_as!r}: allowed {', '.join(ROUNDING_FORMATS)}")
     peft_model = skeleton if skeleton is not None else load_adapter_skeleton(adapter_path, base)
     tuner = peft_model.base_model
     adapter = peft_model.active_adapter
@@ -128,6 +149,7 @@ def stream_export(
             f"{base} has no tensor {missing[0]!r} for an adapted module (its names differ from the model's); "
             "use the in-memory export (--in_memory)"
         )
+    rounded = quantized_linear_names(tuner.model, layers) if quantized_as else set()
     replaced = saved_module_tensors(tuner.model, adapter)
     why_not = replacement_mismatch(replaced, reader)
     if why_not:
@@ -164,6 +186,8 @@ def stream_export(
             if layer is not None and leaf == "weight":
                 w0 = reader.get(key)
                 w0_2d = w0.t() if layer.fan_in_fan_out else w0
+                if quantized_as:  # the values the adapter was trained on, in the checkpoint's dtype
+                    w0_2d = rounded_as(w0_2d, quantized_as).to(w0.dtype)
                 merged = layer.masked_merged_weight(adapter, w0_2d).to(w0.dtype)  # rounded as merging into it does
                 merged = _sliced(merged, edits.get(module, ()), False)
                 merged = merged.t() if layer.fan_in_fan_out else merged
@@ -174,6 +198,9 @@ def stream_export(
                 writer.write(key, _sliced(merged, edits.get(module, ()), True).to(target.dtype))
             elif key in replaced:  # a module the adapter saves whole: its trained copy replaces the base's
                 writer.write(key, replaced[key].to(target.dtype))
+            elif module in rounded and leaf == "weight":  # a quantized Linear the adapter does not adapt
+                w0 = reader.get(key)
+                writer.write(key, rounded_as(w0, quantized_as).to(target.dtype))
             else:
                 for piece in reader.pieces(key):
                     writer.write(key, piece.to(target.dtype))
@@ -203,5 +230,7 @@ def stream_export(
         None,
         (params_before, params_after),
         (bytes_before, bytes_after),
-        merged_into=f"the weights read tensor by tensor from {base} (streaming export)",
+        merged_into=f"the weights read tensor by tensor from {base}"
+        + (f", rounded as bitsandbytes {quantized_as} stores them" if quantized_as else "")
+        + " (streaming export)",
     )

@@ -133,6 +133,34 @@ def dense_weight(module: torch.nn.Module, out: Optional[torch.Tensor] = None) ->
     return dense if out is None else out.copy_(dense)
 
 
+#: what ``rounded_as`` can round to: bitsandbytes' storage of a base loaded with ``BitsAndBytesConfig(load_in_8bit=True)``
+#: (``int8``) or ``load_in_4bit=True`` with that ``bnb_4bit_quant_type`` (``-dq``: ``bnb_4bit_use_double_quant=True``)
+ROUNDING_FORMATS = ("int8", "nf4", "nf4-dq", "fp4", "fp4-dq")
+
+
+def rounded_as(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    """``weight`` (dense, ``(d_out, d_in)``) quantized the way bitsandbytes stores a base loaded in ``fmt`` (one of
+    :data:`ROUNDING_FORMATS`; 4-bit blocks of 64, bitsandbytes' default), then dequantized as :func:`dense_weight`
+    reads it: the values a QLoRA adapter was trained on. Float32 for ``int8``, ``weight``'s dtype for 4-bit."""
+    if fmt not in ROUNDING_FORMATS:
+        raise ValueError(f"quantized_as={fmt!r}: allowed {', '.join(ROUNDING_FORMATS)}")
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise ImportError(
+            f"quantized_as={fmt!r} rounds with bitsandbytes: pip install 'peft_loraprune[quantized]'"
+        ) from err
+    data = weight.detach().to("cpu").contiguous()
+    if fmt == "int8":
+        q = bnb.nn.Int8Params(data.clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
+        return q.data.float().mul_(q.SCB.float().div(127.0)[:, None])
+    quant_type, _, double = fmt.partition("-")
+    q = bnb.nn.Params4bit(
+        data.clone(), requires_grad=False, quant_type=quant_type, compress_statistics=bool(double), blocksize=64
+    ).to("cpu")
+    return bnb.functional.dequantize_4bit(q.data, q.quant_state)
+
+
 def keep_standard_layout(module: torch.nn.Module) -> None:
     """Stop bitsandbytes from repacking a 4-bit weight for its CPU inference kernel.
 
