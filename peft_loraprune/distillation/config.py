@@ -21,7 +21,7 @@ class DistillationConfig:
             another adapter the model holds, for example a dense LoRAPrune adapter (``target_sparsity=0``)
             trained beforehand on the same data and loaded with ``load_adapter(path, adapter_name="teacher")``.
             Measured (``benchmarks/RESULTS.md``, distillation study): only the dense adapter has helped so far;
-            ``"unmasked"`` made the pruned model worse on both tasks measured.
+            ``"unmasked"`` made the pruned model worse on both tasks measured, ``"base"`` on the one measured.
         weight: the KL term's share of the loss, in [0, 1]: ``(1 − weight)·task + weight·T²·KL``. 1.0 trains on
             the teacher alone (labels then only select the positions that count).
         temperature: softmax temperature ``T`` of both distributions (> 0).
