@@ -22,7 +22,9 @@ high-water mark: the kernel's mark is restarted after data and model are loaded 
 ``peak_rss_load_mib`` is loading's, which for a quantized base includes the float32 checkpoint), held-out
 perplexity of the adapter model and of the exported model (``export_pruned_model(..., dtype=torch.bfloat16)``, a
 quantized base's adapter merged into the original float32 checkpoint, ``base_weights=``, as a QLoRA user ships it;
-if export raises, the error is recorded and ``perplexity`` is the adapter model's, ``evaluated: "adapter"``), and
+if export raises, the error is recorded and ``perplexity`` is the adapter model's, ``evaluated: "adapter"``), for a
+quantized base also ``perplexity_export_as_trained`` (the command line's ``--quantized_as`` export: the model the
+adapter was trained with, merged into the checkpoint's weights rounded as the quantized base held them), and
 the masks, saved to ``<work_dir>/masks`` so that the driver compares each quantized run with the bf16 run of the
 same cell and seed: ``mask_overlap_with_bf16 = |P_q ∩ P_bf16| / |P_bf16|``, where ``P`` is the set of pruned
 mask entries (structured: the entries of every adapted layer's row and column masks; unstructured: the weights of
@@ -277,6 +279,8 @@ def run_one(task, base: str, method: str, granularity: str | None, sparsity: flo
         path = mask_file(args.work_dir, base, granularity, sparsity, seed, args.steps)
         save_masks(model, granularity, path)
         row["mask_file"] = str(path)
+        if base != "bf16":
+            row.update(export_as_trained(model, task, base, args.work_dir))
         try:
             # what a QLoRA user ships: a quantized base's adapter merged into the original-precision checkpoint it
             # was loaded from (perplexity_adapter is the model on its quantized base, i.e. merged into the
@@ -297,6 +301,38 @@ def run_one(task, base: str, method: str, granularity: str | None, sparsity: flo
     row["eval_seconds"] = time.time() - eval_start
     row["peak_rss_mib_end"] = peak_rss_mib()  # from the reset, including evaluation and export
     return row
+
+
+#: ``peft-loraprune export --quantized_as`` format of each quantized base
+QUANTIZED_AS = {"int8": "int8", "nf4": "nf4-dq"}
+
+
+def export_as_trained(model, task, base: str, work_dir: str) -> dict:
+    """The model as trained, exported as the command line does it: the adapter saved, then streamed from the
+    original checkpoint with ``--quantized_as`` (its Linear weights rounded as the quantized base held them),
+    reloaded with plain ``from_pretrained`` and evaluated: ``perplexity_export_as_trained``."""
+    import tempfile
+
+    from peft_loraprune.export.streaming import stream_export
+
+    try:
+        with tempfile.TemporaryDirectory(dir=work_dir) as folder:
+            model.save_pretrained(f"{folder}/adapter")
+            stream_export(
+                f"{folder}/adapter",
+                f"{folder}/export",
+                base=str(task.path),
+                dtype=torch.bfloat16,
+                progressbar=False,
+                quantized_as=QUANTIZED_AS[base],
+            )
+            exported = transformers.AutoModelForCausalLM.from_pretrained(f"{folder}/export")
+            return {
+                "perplexity_export_as_trained": task.evaluate(exported, None)["perplexity"],
+                "export_as_trained": f"peft-loraprune export --quantized_as {QUANTIZED_AS[base]} --dtype bfloat16",
+            }
+    except Exception as error:  # noqa: BLE001 - recorded in the row; the other perplexities stand
+        return {"export_as_trained_error": f"{type(error).__name__}: {error}"[:2000]}
 
 
 # ---------------------------------------------------------------------------------------------------- summary
