@@ -422,14 +422,14 @@ def split_modifiers(method: str) -> tuple[str, dict]:
 def check_methods(task: str, methods: list[str], granularity: str = "structured") -> None:
     """Refuse, before any cell runs, a method whose modifiers the task cannot take."""
     for method in methods:
-        mods = split_modifiers(method)[1]
+        name, mods = split_modifiers(method)
         if "channels" in mods and granularity != "structured":
             raise SystemExit(f"method {method!r}: channels=<fraction> prunes MLP channels (--granularity structured)")
         if "joint" in mods and granularity != "structured":
             raise SystemExit(
                 f"method {method!r}: joint=<fraction> shares heads and channels (--granularity structured)"
             )
-        if split_modifiers(method)[0] == "pretrained" and (mods or TASKS[task].task_type != "CAUSAL_LM"):
+        if name == "pretrained" and (mods or TASKS[task].task_type != "CAUSAL_LM"):
             raise SystemExit(
                 f"method {method!r}: pretrained evaluates the causal LM as it is (--task smollm2, no modifiers); a "
                 "classifier's head is untrained"

@@ -42,7 +42,7 @@ def check_teacher(model, teacher: str) -> None:
     peft_model = _peft_model(model)
     if teacher in TEACHER_KINDS:
         task_type = getattr(peft_model.peft_config[peft_model.active_adapter], "task_type", None)
-        if teacher == "base" and task_type in HEAD_TASK_TYPES:
+        if teacher == "base" and task_type in HEAD_TASK_TYPES:  # a str enum: compares with the names
             raise ValueError(
                 f"teacher='base' runs the pretrained model, whose task head (task_type={getattr(task_type, 'value', task_type)!r}, "
                 f"modules_to_save {sorted(peft_model.modules_to_save or [])}) is untrained; use "

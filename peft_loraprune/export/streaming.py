@@ -108,8 +108,11 @@ def quantized_linear_names(model: torch.nn.Module, adapted) -> set[str]:
     except the output layer (``get_output_embeddings``), as transformers' integration converts them by default."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = set(adapted)
-    names.update(n for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not output)
-    names.discard(next((n for n, m in model.named_modules() if m is output), None))
+    for name, module in model.named_modules():
+        if module is output:
+            names.discard(name)
+        elif type(module) is torch.nn.Linear:
+            names.add(name)
     return names
 
 

@@ -107,6 +107,11 @@ def _int8_scales(module: torch.nn.Module) -> torch.Tensor:
     return scb
 
 
+def _int8_row_scales(scb: torch.Tensor, device) -> torch.Tensor:
+    """LLM.int8's per-row factors: ``int8 · SCB / 127`` is the dequantized weight."""
+    return scb.to(device).float().div(127.0)[:, None]
+
+
 def dense_weight(module: torch.nn.Module, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The layer's weight as a dense float ``(d_out, d_in)`` tensor (``weight`` itself for an unquantized layer).
 
@@ -118,7 +123,7 @@ def dense_weight(module: torch.nn.Module, out: Optional[torch.Tensor] = None) ->
         return module.weight if out is None else out.copy_(module.weight)
     if kind == "int8":
         weight = module.weight
-        scale = _int8_scales(module).to(weight.device).float().div(127.0)[:, None]
+        scale = _int8_row_scales(_int8_scales(module), weight.device)
         if out is None:
             return weight.data.float().mul_(scale)
         return (
@@ -153,7 +158,7 @@ def rounded_as(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     data = weight.detach().to("cpu").contiguous()
     if fmt == "int8":
         q = bnb.nn.Int8Params(data.clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
-        return q.data.float().mul_(q.SCB.float().div(127.0)[:, None])
+        return q.data.float().mul_(_int8_row_scales(q.SCB, q.device))
     quant_type, _, double = fmt.partition("-")
     q = bnb.nn.Params4bit(
         data.clone(), requires_grad=False, quant_type=quant_type, compress_statistics=bool(double), blocksize=64
