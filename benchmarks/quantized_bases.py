@@ -16,7 +16,9 @@ checkpoint that ``examples/local_assets.py`` converts once from the ``llm-smollm
 
 Cells (``--cells``, ``granularity:sparsity``): LoRAPrune with the package defaults (``importance=None``:
 ``activation`` structured, ``wanda`` unstructured; default schedule), r, alpha, dropout and pruning interval as
-peers.py's ``loraprune-*`` methods. Per row: wall time, median optimizer-step time (``on_step_begin`` to
+peers.py's ``loraprune-*`` methods; ``--element_mask_gradient straight_through`` sets that option for the
+unstructured and N:M cells (rows and mask files record it; the default ``exact`` is what rows without the field ran).
+Per row: wall time, median optimizer-step time (``on_step_begin`` to
 ``on_step_end``, the first 5 steps left out), peak RSS (one process per run; ``peak_rss_mib`` is the training's
 high-water mark: the kernel's mark is restarted after data and model are loaded and the loader's leftovers freed,
 ``peak_rss_load_mib`` is loading's, which for a quantized base includes the float32 checkpoint), held-out
@@ -59,6 +61,7 @@ from peers import SmolLM2Wikipedia
 
 import peft_loraprune  # noqa: F401
 from peft_loraprune import LoRAPruneCallback, LoRAPruneConfig, export_pruned_model
+from peft_loraprune.config import ELEMENT_MASK_GRADIENTS
 from peft_loraprune.kernels.mask_packing import pack_bits, unpack_bits
 from peft_loraprune.pruning.architectures import get_architecture
 
@@ -148,8 +151,17 @@ class StepTimer(transformers.TrainerCallback):
         return statistics.median(timed), len(timed)
 
 
-def mask_file(work_dir: str, base: str, granularity: str, sparsity: float, seed: int, steps: int) -> Path:
-    return Path(work_dir) / "masks" / f"{base}_{granularity}_{sparsity}_seed{seed}_steps{steps}.pt"
+def mask_file(
+    work_dir: str, base: str, granularity: str, sparsity: float, seed: int, steps: int, gradient: str = "exact"
+) -> Path:
+    suffix = "" if gradient == "exact" else f"_{gradient}"
+    return Path(work_dir) / "masks" / f"{base}_{granularity}_{sparsity}_seed{seed}_steps{steps}{suffix}.pt"
+
+
+def element_mask_gradient(method: str, granularity: str | None, args) -> str | None:
+    """``--element_mask_gradient`` where it applies (LoRAPrune with element masks: unstructured and N:M), else
+    None: structured masks and plain LoRA have no element-masked product."""
+    return args.element_mask_gradient if method == "loraprune" and granularity != "structured" else None
 
 
 def save_masks(model, granularity: str, path: Path) -> None:
@@ -205,6 +217,7 @@ def run_one(task, base: str, method: str, granularity: str | None, sparsity: flo
     load_seconds = time.time() - start
     target_modules = sorted(get_architecture(model.config.model_type).prunable_modules)  # LoRAPrune's default
     lora_kwargs = dict(task_type=task.task_type, r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05)
+    gradient = element_mask_gradient(method, granularity, args)
     if method == "loraprune":
         config = LoRAPruneConfig(
             **lora_kwargs,
@@ -214,6 +227,7 @@ def run_one(task, base: str, method: str, granularity: str | None, sparsity: flo
             importance=None,
             head_grouping=task.head_grouping,
             pruning_interval=args.pruning_interval,
+            **({"element_mask_gradient": gradient} if gradient else {}),
         )
     else:
         config = LoraConfig(**lora_kwargs, target_modules=target_modules)
@@ -238,6 +252,8 @@ def run_one(task, base: str, method: str, granularity: str | None, sparsity: flo
     if method == "loraprune":
         row["importance"] = config.importance
         row["schedule"] = {k: getattr(config, k) for k in ("schedule", "pruning_start", "pruning_end")}
+    if gradient:
+        row["element_mask_gradient"] = gradient
     row.update(settle_memory())
     timer = StepTimer()
     callbacks = ([LoRAPruneCallback()] if method == "loraprune" else []) + [timer]
@@ -276,7 +292,7 @@ def run_one(task, base: str, method: str, granularity: str | None, sparsity: flo
         report = model.base_model.sparsity_report()
         row["sparsity_by_unit"] = report.sparsity_by_unit()
         row["weights_kept_in_adapted_modules"] = report.weights_kept
-        path = mask_file(args.work_dir, base, granularity, sparsity, seed, args.steps)
+        path = mask_file(args.work_dir, base, granularity, sparsity, seed, args.steps, gradient or "exact")
         save_masks(model, granularity, path)
         row["mask_file"] = str(path)
         if base != "bf16":
@@ -338,21 +354,24 @@ def export_as_trained(model, task, base: str, work_dir: str) -> dict:
 # ---------------------------------------------------------------------------------------------------- summary
 def _key(r: dict, **overrides) -> tuple:
     r = {**r, **overrides}
-    return (r["method"], r["base"], r["granularity"], r["sparsity"], r["seed"], r["steps"])
+    gradient = r.get("element_mask_gradient") or "exact"  # rows before the option ran the exact product
+    return (r["method"], r["base"], r["granularity"], r["sparsity"], r["seed"], r["steps"], gradient)
 
 
 def derive(rows: list[dict]) -> None:
     """Ratios against plain LoRA on the same base and against the bf16 base, and mask overlaps, in place."""
     by_key = {_key(r): r for r in rows}
     for r in rows:
-        r["variant"] = f"{r['method']} {r['base']}" + (
-            f" {r['granularity']} {r['sparsity']:.0%}" if r["method"] == "loraprune" else ""
+        r["variant"] = (
+            f"{r['method']} {r['base']}"
+            + (f" {r['granularity']} {r['sparsity']:.0%}" if r["method"] == "loraprune" else "")
+            + (f" {r['element_mask_gradient']}" if (r.get("element_mask_gradient") or "exact") != "exact" else "")
         )
         ref = by_key.get(_key(r, base="bf16"))
         r["perplexity_vs_bf16"] = r["perplexity"] / ref["perplexity"] if ref else None
         if r["method"] != "loraprune":
             continue
-        lora = by_key.get(_key(r, method="lora", granularity=None, sparsity=0.0))
+        lora = by_key.get(_key(r, method="lora", granularity=None, sparsity=0.0, element_mask_gradient=None))
         r["step_time_vs_lora"] = r["median_step_s"] / lora["median_step_s"] if lora else None
         r["peak_rss_vs_lora"] = r["peak_rss_mib"] / lora["peak_rss_mib"] if lora else None
         if r["base"] != "bf16" and ref and r.get("mask_overlap_with_bf16") is None:
@@ -407,6 +426,12 @@ def main():
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--pruning_interval", type=int, default=5)
+    parser.add_argument(
+        "--element_mask_gradient",
+        choices=ELEMENT_MASK_GRADIENTS,
+        default="exact",
+        help="LoRAPruneConfig.element_mask_gradient of the unstructured and N:M cells (structured cells have none)",
+    )
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training (every run)")
     parser.add_argument("--work_dir", default="/tmp/quantized_bases", help="masks of every run are kept here")
     parser.add_argument("--out", default=None, help="result directory (default benchmarks/results)")
@@ -425,6 +450,7 @@ def main():
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     for base, method, granularity, sparsity, seed in plan(args):
         run = dict(method=method, base=base, granularity=granularity, sparsity=sparsity, seed=seed, steps=args.steps)
+        run["element_mask_gradient"] = element_mask_gradient(method, granularity, args)
         if any(_key(r) == _key(run) for r in rows):
             continue
         cell = f"{base},{method},{granularity or '-'},{sparsity},{seed}"

@@ -22,7 +22,8 @@ def _load(name: str):
 
 
 def _cell(r: dict) -> str:
-    return f"{r['granularity']} {r['sparsity']:.0%}"
+    gradient = r.get("element_mask_gradient") or "exact"
+    return f"{r['granularity']} {r['sparsity']:.0%}" + ("" if gradient == "exact" else f" ({gradient} gradient)")
 
 
 def _fmt(value, pattern: str = "{:.3f}") -> str:
@@ -44,7 +45,7 @@ def quantized_rows(data: dict) -> list[str]:
     ]
     loraprune = [r for r in rows if r["method"] == "loraprune"]
     order = {"bf16": 0, "int8": 1, "nf4": 2}
-    key = lambda r: (r["tokens"], r["granularity"], r["sparsity"], r["seed"], order[r["base"]])  # noqa: E731
+    key = lambda r: (r["tokens"], _cell(r), r["seed"], order[r["base"]])  # noqa: E731
     for r in sorted(loraprune, key=key):
         ratio = r.get("perplexity_vs_bf16") if r["base"] != "bf16" else None
         lines.append(
@@ -146,9 +147,11 @@ def _on_its_base(r: dict) -> str:
     if r.get("perplexity_adapter") is None or not r.get("perplexity_vs_bf16"):
         return ""
     bf16 = r["perplexity"] / r["perplexity_vs_bf16"]
+    as_trained = r.get("perplexity_export_as_trained")
+    exported = f"; exported with `--quantized_as`: {as_trained:.2f}, {_fmt(as_trained / bf16)}x" if as_trained else ""
     return (
         f" (the adapter on its own {BASE_NAMES[r['base']]} base: {r['perplexity_adapter']:.2f}, "
-        f"{_fmt(r['perplexity_adapter'] / bf16)}x)"
+        f"{_fmt(r['perplexity_adapter'] / bf16)}x{exported})"
     )
 
 
@@ -159,7 +162,7 @@ def readme_lines() -> list[str]:
     if quantized:
         rows = [r for r in quantized["rows"] if r["method"] == "loraprune" and r["base"] != "bf16"]
         tokens = sorted({r["tokens"] for r in quantized["rows"]})
-        for r in sorted(rows, key=lambda r: (r["base"], r["granularity"], r["sparsity"], r["tokens"], r["seed"])):
+        for r in sorted(rows, key=lambda r: (r["base"], _cell(r), r["tokens"], r["seed"])):
             # each clause only where its reference run exists (a longer run may have no plain-QLoRA twin, and the
             # bf16 run's masks may not have been kept)
             clauses = [
@@ -182,9 +185,10 @@ def readme_lines() -> list[str]:
         if lora:
             out.append(
                 "- Plain LoRA without pruning, for scale (what quantizing costs this 135M model by itself): "
-                + ", ".join(
-                    f"{BASE_NAMES[r['base']]} {_fmt(r.get('perplexity_vs_bf16'))}x the bf16 base's perplexity"
-                    for r in sorted(lora, key=lambda r: r["base"])
+                + "; ".join(
+                    f"{BASE_NAMES[r['base']]} {_fmt(r.get('perplexity_vs_bf16'))}x the bf16 base's perplexity "
+                    f"({r['tokens']:,d} tokens, seed {r['seed']})"
+                    for r in sorted(lora, key=lambda r: (r["base"], r["tokens"], r["seed"]))
                 )
                 + "."
             )

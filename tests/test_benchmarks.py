@@ -484,6 +484,32 @@ def test_quantized_bases_mask_overlaps_against_hand_counted_masks(monkeypatch, t
     assert "mask_overlap_with_seed0" not in by[("bf16", 0)] and "mask_overlap_with_bf16" not in by[("bf16", 0)]
 
 
+def test_quantized_bases_straight_through_rows_are_their_own_cell(monkeypatch, tmp_path):
+    """``--element_mask_gradient straight_through``: set on element-mask cells only, a row and a mask file apart
+    from the exact run of the same cell, compared with the same plain-QLoRA run as the exact one."""
+    import argparse
+
+    qb = load_benchmark(monkeypatch, "quantized_bases")
+    args = argparse.Namespace(element_mask_gradient="straight_through")
+    assert qb.element_mask_gradient("loraprune", "unstructured", args) == "straight_through"
+    assert qb.element_mask_gradient("loraprune", "2:4", args) == "straight_through"
+    assert qb.element_mask_gradient("loraprune", "structured", args) is None
+    assert qb.element_mask_gradient("lora", None, args) is None
+    exact_file = qb.mask_file(str(tmp_path), "nf4", "unstructured", 0.5, 0, 4)
+    assert qb.mask_file(str(tmp_path), "nf4", "unstructured", 0.5, 0, 4, "straight_through") != exact_file
+    cell = dict(base="nf4", granularity="unstructured", sparsity=0.5, seed=0, steps=4, perplexity=10.0,
+                peak_rss_mib=100.0)  # fmt: skip
+    rows = [
+        dict(cell, method="loraprune", median_step_s=1.5),
+        dict(cell, method="loraprune", median_step_s=1.1, element_mask_gradient="straight_through"),
+        dict(cell, method="lora", granularity=None, sparsity=0.0, median_step_s=1.0),
+    ]
+    qb.derive(rows)
+    assert [r["step_time_vs_lora"] for r in rows[:2]] == [pytest.approx(1.5), pytest.approx(1.1)]
+    assert rows[1]["variant"] == "loraprune nf4 unstructured 50% straight_through"
+    assert qb._key(rows[0]) != qb._key(rows[1])
+
+
 def load_benchmark(monkeypatch, name):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     monkeypatch.syspath_prepend(str(ROOT / "examples"))

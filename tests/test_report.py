@@ -212,7 +212,8 @@ def test_big_models_lines_are_computed_from_the_rows(monkeypatch):
     )
     # README bullets: a clause only where its reference exists (a longer run without a plain-QLoRA twin or the bf16
     # run's masks)
-    longer = {**rows[1], "tokens": 256000, "perplexity": 31.5, "perplexity_vs_bf16": 1.05}
+    longer = {**rows[1], "tokens": 256000, "perplexity": 31.5, "perplexity_vs_bf16": 1.05,
+              "perplexity_export_as_trained": 34.5}  # fmt: skip
     for key in ("step_time_vs_lora", "peak_rss_vs_lora", "mask_overlap_with_bf16"):
         del longer[key]
     big = report_readme.report_big_models
@@ -226,8 +227,18 @@ def test_big_models_lines_are_computed_from_the_rows(monkeypatch):
     )
     assert bullets[2] == (
         "- NF4, double quant base, structured 20% (SmolLM2-135M, 256,000 tokens, seed 0): exported perplexity "
-        "31.50, 1.050x the bf16 base's (the adapter on its own NF4, double quant base: 35.00, 1.167x)."
+        "31.50, 1.050x the bf16 base's (the adapter on its own NF4, double quant base: 35.00, 1.167x; exported with "
+        "`--quantized_as`: 34.50, 1.150x)."
     )
+    # plain QLoRA's own cost, one clause per token budget and seed
+    assert bullets[3] == (
+        "- Plain LoRA without pruning, for scale (what quantizing costs this 135M model by itself): NF4, double quant "
+        "1.050x the bf16 base's perplexity (64,000 tokens, seed 0)."
+    )
+    # a run with the straight-through element-mask gradient is its own cell, beside the exact one
+    through = {**rows[1], "granularity": "unstructured", "sparsity": 0.5, "element_mask_gradient": "straight_through"}
+    assert any(line.startswith("| unstructured 50% (straight_through gradient) (seed 0) | NF4, double quant |")
+               for line in big.quantized_rows({"rows": [*rows, through]}))  # fmt: skip
     importance = report_readme.report_big_models.importance_rows(
         {
             "rows": [
