@@ -39,6 +39,9 @@ Modifiers, appended to any method with ``+`` (the study of recovery, rendered by
 * ``+r=<rank>``: LoRA rank (alpha stays 2 x rank); ``+lr=<rate>``: learning rate;
 * ``+norms``: the normalisation layers train too (saved whole through ``modules_to_save``; every module whose
   class name ends in ``Norm``: Llama's RMSNorms, BERT's LayerNorms);
+* ``+bias`` (``loraprune-*``, structured, without ``--zero_shot``): a bias on every consumer layer, FLAP's
+  compensation for the removed inputs' mean plus a trained part (``benchmarks/consumer_bias.py``; a probe: the
+  package has no such bias and export drops it, so the adapter model is what is evaluated);
 * ``+recovery_lr=<factor>``: once the masks are final (from ``pruning_end`` of the steps on), the learning rate
   is the schedule's times ``factor``: more room for the adapter to recover what the last rewrites removed;
 * ``+budget=global`` (MiniLM: the package refuses a global budget over query heads in KV groups): each kind of
@@ -94,6 +97,7 @@ from pathlib import Path
 import torch
 import transformers
 from common import RESULTS_DIR, peak_rss_mib, summarise, table, write_result
+from consumer_bias import ConsumerBias
 from peft import get_peft_model
 
 import peft_loraprune  # noqa: F401
@@ -377,7 +381,7 @@ def loraprune_method(method: str) -> tuple[str, dict]:
     raise SystemExit(f"method {method!r}: schedule suffix must be 'oneshot' or 'cdNN' (cooldown in percent)")
 
 
-#: modifier -> whether a value is allowed (``norms`` takes none)
+#: modifier -> whether a value is allowed (the flags take none)
 MODIFIERS = {
     "kd": bool,
     "r": bool,
@@ -387,9 +391,14 @@ MODIFIERS = {
     "steps": lambda v: v.isdigit() and int(v) > 0,
     "init": lambda v: v == "dense",
     "norms": lambda v: False,
+    "bias": lambda v: False,
     "channels": lambda v: _fraction(v),  # defined below
     "joint": lambda v: _fraction(v),
 }
+
+
+#: modifiers without a value
+FLAGS = ("norms", "bias")
 
 
 def _fraction(value: str) -> bool:
@@ -409,10 +418,10 @@ def split_modifiers(method: str) -> tuple[str, dict]:
     for mod in mods:
         key, sep, value = mod.partition("=")
         valid = MODIFIERS.get(key)
-        if valid is None or (sep and not (value and valid(value))) or (not sep and key != "norms"):
+        if valid is None or (sep and not (value and valid(value))) or (not sep and key not in FLAGS):
             raise SystemExit(
                 f"method {method!r}: modifier {mod!r} must be kd=<teacher>/<weight>/<T>, r=<rank>, lr=<x>, "
-                "norms, recovery_lr=<factor>, budget=local|global, steps=<optimizer steps>, init=dense, "
+                "norms, bias, recovery_lr=<factor>, budget=local|global, steps=<optimizer steps>, init=dense, "
                 "channels=<fraction between 0 and 1> or joint=<fraction between 0 and 1>"
             )
         out[key] = value
@@ -433,6 +442,11 @@ def check_methods(task: str, methods: list[str], granularity: str = "structured"
             raise SystemExit(
                 f"method {method!r}: pretrained evaluates the causal LM as it is (--task smollm2, no modifiers); a "
                 "classifier's head is untrained"
+            )
+        if "bias" in mods and (not name.startswith("loraprune-") or granularity != "structured"):
+            raise SystemExit(
+                f"method {method!r}: bias adds a bias to the layers whose input columns LoRAPrune's structured "
+                "pruning removes (loraprune-* methods, --granularity structured)"
             )
         if "joint" in mods and "channels" in mods:
             raise SystemExit(f"method {method!r}: joint=<fraction> and channels=<fraction> both set the units pruned")
@@ -598,6 +612,14 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
     if "lr" in mods:
         training["learning_rate"] = float(mods["lr"])
     row["learning_rate"] = training["learning_rate"]
+    consumer_bias = None
+    if "bias" in mods:
+        if args.zero_shot:
+            raise SystemExit(
+                f"method {full_method!r}: bias lives in hooks that merging drops; run it without --zero_shot"
+            )
+        consumer_bias = ConsumerBias(model)
+        callbacks = [*callbacks, consumer_bias]  # after LoRAPruneCallback: it sees the masks just rewritten
     row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if "norms" in mods:
         row["trainable_norms"] = norms
@@ -623,6 +645,8 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
     row["seconds"] = time.time() - start
     row["load_average_1min"] = os.getloadavg()[0]  # > 2 on these 2 cores: another process shared the CPU
     row["peak_rss_mib"] = peak_rss_mib()
+    if consumer_bias is not None:
+        row["consumer_bias"] = consumer_bias.summary()
     if distillation is not None:
         row["teacher_memory_mib"] = trainer.distiller.teacher_bytes / 2**20
     if method == "dense-lora" and not mods:  # the kd=dense teacher of later cells

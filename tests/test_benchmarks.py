@@ -510,6 +510,57 @@ def test_quantized_bases_straight_through_rows_are_their_own_cell(monkeypatch, t
     assert qb._key(rows[0]) != qb._key(rows[1])
 
 
+def test_consumer_bias_compensation_gives_back_the_dense_output_when_the_removed_inputs_are_constant(monkeypatch):
+    """``+bias`` (consumer_bias.py): the input means are observed while training, the compensation is recomputed only
+    when a column mask changed and uses the merged weight ``W0 + s·B·A`` (B set non-zero here), so that removed
+    inputs holding constant values give back the unpruned logits; the learned part gets a gradient."""
+    from helpers import training_model
+
+    cb_module = load_benchmark(monkeypatch, "consumer_bias")
+    peers = load_benchmark(monkeypatch, "peers")
+    assert peers.split_modifiers("loraprune-activation+r=32+bias") == ("loraprune-activation", {"r": "32", "bias": ""})
+    with pytest.raises(SystemExit, match="bias adds a bias"):
+        peers.check_methods("smollm2", ["wanda-sp+bias"])
+    model = training_model("llama", lora_dropout=0.0)
+    engine = model.base_model.pruning_engine()
+    torch.manual_seed(0)
+    for _, layer in model.base_model.prune_layers():
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    consumers = engine.consumers()
+    removed = {c.name: torch.rand(c.layer.in_features) < 0.4 for c in consumers}
+    constants = {c.name: torch.randn(c.layer.in_features) for c in consumers}
+
+    def force_constant(name):
+        def hook(module, args):
+            x = args[0].clone()
+            x[..., removed[name]] = constants[name][removed[name]].to(x.dtype)
+            return (x, *args[1:])
+
+        return hook
+
+    for c in consumers:  # before the probe's own hooks, which then observe the forced inputs
+        c.layer.register_forward_pre_hook(force_constant(c.name))
+    bias = cb_module.ConsumerBias(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()  # a training forward: the means are observed
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in bias.learned.values())
+    assert bias.refresh() == 0  # no mask changed yet: no compensation
+    model.eval()
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        for c in consumers:
+            c.layer.set_masks(engine.adapter, cols=~removed[c.name])
+        assert bias.refresh() == len(consumers) and bias.refresh() == 0
+        compensated = model(input_ids=ids).logits
+        for name in bias.compensation:
+            bias.compensation[name].zero_()
+        masked = model(input_ids=ids).logits
+    assert bias.counts[consumers[0].name] == ids.numel()  # the evaluation forwards observed nothing
+    torch.testing.assert_close(compensated, dense, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(masked, dense, atol=1e-3)
+
+
 def load_benchmark(monkeypatch, name):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
