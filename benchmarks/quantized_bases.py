@@ -32,7 +32,8 @@ same cell and seed: ``mask_overlap_with_bf16 = |P_q ∩ P_bf16| / |P_bf16|``, wh
 mask entries (structured: the entries of every adapted layer's row and column masks; unstructured: the weights of
 every adapted layer's element mask). Its noise floor: ``mask_overlap_with_seed0``, the same fraction between a run
 with seed ≠ 0 and the seed-0 run of the same base and cell (another data order, LoRA init and dropout). Derived ratios: ``step_time_vs_lora`` and ``peak_rss_vs_lora`` (vs plain LoRA on
-the same base, seed and steps), ``perplexity_vs_bf16`` (vs the bf16 row of the same method, cell, seed, steps).
+the same base, seed and steps; the step-time ratio only where neither run's ``conditions`` records that another
+process shared the CPU), ``perplexity_vs_bf16`` (vs the bf16 row of the same method, cell, seed, steps).
 
 Order: per seed and cell, bf16, int8, nf4, then the plain-LoRA baselines (once per base, seed and steps). Rows are
 merged into ``benchmarks/results/quantized_bases_smollm2.json`` after every run; runs already there are skipped.
@@ -372,7 +373,9 @@ def derive(rows: list[dict]) -> None:
         if r["method"] != "loraprune":
             continue
         lora = by_key.get(_key(r, method="lora", granularity=None, sparsity=0.0, element_mask_gradient=None))
-        r["step_time_vs_lora"] = r["median_step_s"] / lora["median_step_s"] if lora else None
+        # a step-time ratio only between runs that had the CPU to themselves (``conditions`` records sharing)
+        alone = lora is not None and not r.get("conditions") and not lora.get("conditions")
+        r["step_time_vs_lora"] = r["median_step_s"] / lora["median_step_s"] if alone else None
         r["peak_rss_vs_lora"] = r["peak_rss_mib"] / lora["peak_rss_mib"] if lora else None
         if r["base"] != "bf16" and ref and r.get("mask_overlap_with_bf16") is None:
             if _masks_exist(ref, r):

@@ -508,6 +508,13 @@ def test_quantized_bases_straight_through_rows_are_their_own_cell(monkeypatch, t
     assert [r["step_time_vs_lora"] for r in rows[:2]] == [pytest.approx(1.5), pytest.approx(1.1)]
     assert rows[1]["variant"] == "loraprune nf4 unstructured 50% straight_through"
     assert qb._key(rows[0]) != qb._key(rows[1])
+    # a run that shared the CPU (its ``conditions`` say so) gets no step-time ratio; its memory ratio stands
+    rows[1]["conditions"] = "tests shared the 2 cores"
+    qb.derive(rows)
+    assert rows[1]["step_time_vs_lora"] is None and rows[1]["peak_rss_vs_lora"] == pytest.approx(1.0)
+    rows[1].pop("conditions"), rows[2].update(conditions="tests shared the 2 cores")
+    qb.derive(rows)
+    assert rows[0]["step_time_vs_lora"] is None and rows[1]["step_time_vs_lora"] is None
 
 
 def test_consumer_bias_compensation_gives_back_the_dense_output_when_the_removed_inputs_are_constant(monkeypatch):
