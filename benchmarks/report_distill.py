@@ -63,7 +63,10 @@ def study(task: str):
     table = base_data["table"]
     default = table["default_method"]
     # marked, so that costs compare runs of the study's own code and environment (``_cost``)
-    rows = [{**r, "from_peers_file": True} for r in base_data["rows"] if r["method"] in (default, "dense-lora")]
+    # and the peers given a recovery modifier in the study, as they were without it (where the study has no rerun)
+    recovered_peers = {r["method"].partition("+")[0] for r in distill_data["rows"] if "+" in r["method"]}
+    kept = {default, "dense-lora", *(recovered_peers & set(table.get("peers", ())))}
+    rows = [{**r, "from_peers_file": True} for r in base_data["rows"] if r["method"] in kept]
     rows += distill_data["rows"]  # its dense LoRA too (the table leaves dense LoRA out; its conditions are listed)
     dense_rows = [r for r in base_data["rows"] + distill_data["rows"] if r["method"] == "dense-lora"]
     for name in DENSE_FROM.get(task, ()) if not dense_rows else ():
@@ -141,6 +144,7 @@ def tokens_plot(task, rows, table, dense, lines):
     groups = _rows_by_variant(rows, table["metric"])
     sparsities = sorted({s for _, s in groups if s > 0}, reverse=True)
     default = table["default_method"]
+    peers = table.get("peers", ())  # their rows without recovery, read from the peers file: not the study's points
     fig, axes = plt.subplots(1, len(sparsities), figsize=(4.2 * len(sparsities), 3.4), squeeze=False)
     for ax, sparsity in zip(axes[0], sparsities):
         line = sorted(
@@ -151,7 +155,7 @@ def tokens_plot(task, rows, table, dense, lines):
         if line:
             ax.plot(*zip(*line), "k--", marker="o", lw=0.8, label="default (longer: +steps)")
         for (m, s), g in sorted(groups.items()):
-            if s != sparsity or m == default or m.startswith(f"{default}+steps=") or m == "dense-lora":
+            if s != sparsity or m == default or m.startswith(f"{default}+steps=") or m in ("dense-lora", *peers):
                 continue
             gap = _gap(task, summary(r[table["metric"]] for r in g).mean, dense)[1]
             ax.scatter([_total_tokens(g)], [gap], label=m.replace(f"{default}+", "+"), s=22)
@@ -182,10 +186,12 @@ def verdicts(task, rows, table, dense) -> list[str]:
         if goal_task != task:
             continue
         default = groups.get((table["default_method"], sparsity))
-        # any recovery modifier; ``+steps=`` rows are the default trained longer: the equal-token baselines
-        prefix = f"{table['default_method']}+"
+        # any recovery modifier, on the default or on one of its schedules (``-cd10+...``); ``+steps=`` rows are the
+        # default trained longer: the equal-token baselines
         variants = {
-            m: g for (m, s), g in groups.items() if s == sparsity and m.startswith(prefix) and "+steps=" not in m
+            m: g
+            for (m, s), g in groups.items()
+            if s == sparsity and _is_variant(m, table["default_method"]) and "+steps=" not in m
         }
         if not default or not variants:
             continue
@@ -277,7 +283,7 @@ def peer_recovery_lines(task, rows, table, dense) -> list[str]:
 def _against_dense_with_the_same_change(task, groups, table, variant, variant_rows) -> str:
     """`` Against dense LoRA with the same +lr=...``: when dense LoRA was also run with the variant's modifiers
     (a learning rate, a rank: changes that may help any LoRA, not the pruned model only), the gap to that run."""
-    modifiers = variant[len(table["default_method"]) + 1 :]
+    modifiers = variant.partition("+")[2]
     same = groups.get((f"dense-lora+{modifiers}", 0.0))
     if not same:
         return ""
@@ -285,6 +291,12 @@ def _against_dense_with_the_same_change(task, groups, table, variant, variant_ro
     dense = summary(r[metric] for r in same).mean
     gap = _gap(task, summary(r[metric] for r in variant_rows).mean, dense)[0]
     return f" Against dense LoRA with the same `+{modifiers}` ({dense:.4g}, n={len(same)}): {gap}."
+
+
+def _is_variant(method: str, default: str) -> bool:
+    """``default+<modifiers>`` or ``default-<schedule>+<modifiers>``: the default given a recovery change."""
+    name, plus, _ = method.partition("+")
+    return bool(plus) and (name == default or name.startswith(f"{default}-"))
 
 
 def _granularity(task: str) -> str:

@@ -475,6 +475,51 @@ def test_peers_given_the_same_recovery_are_compared_with_loraprune_given_it():
     assert (
         "(n=2): LoRAPrune still ahead; paired" in report_distill.peer_recovery_lines("smollm2", rows, table, 16.0)[0]
     )
+    # without the study's own rerun, the peer's row of the peers file is what it got without the recovery
+    del rows[4]
+    assert (
+        "wanda-sp 1.80x without it, 1.75x with it (n=1)"
+        in report_distill.peer_recovery_lines("smollm2", rows, table, 16.0)[0]
+    )
+
+
+def test_the_study_reads_the_peers_file_rows_of_the_peers_it_gave_a_recovery(monkeypatch):
+    """``study``: from the peers file the default, dense LoRA and the peers that have a recovery row in the study
+    (their run without it); other peers stay out of the study's table."""
+    import report_distill
+
+    t = {"train_tokens": 256_000, "seed": 0, "perplexity": 30.0}
+    peers_file = {"rows": [{**t, "method": m, "sparsity": 0.5} for m in ("loraprune-activation", "wanda-sp",
+                                                                         "llm-pruner")]
+                  + [{**t, "method": "dense-lora", "sparsity": 0.0}],
+                  "table": {**STRUCTURED, "peers": ["wanda-sp", "llm-pruner"]}}  # fmt: skip
+    distill = {"rows": [{**t, "method": "wanda-sp+r=32", "sparsity": 0.5}]}
+    files = {"peers_smollm2_distill.json": {"x": distill}, "peers_smollm2.json": {"x": peers_file}}
+    monkeypatch.setattr(report_distill, "load", lambda name: files.get(name))
+    rows, _, dense, _ = report_distill.study("smollm2")
+    assert sorted(r["method"] for r in rows) == ["dense-lora", "loraprune-activation", "wanda-sp", "wanda-sp+r=32"]
+    assert dense.mean == 30.0
+
+
+def test_a_recovery_change_on_one_of_the_defaults_schedules_is_a_variant():
+    """``loraprune-activation-cd10+r=32+norms``: the default on another schedule given a recovery change competes
+    as a variant (and is compared with dense LoRA given ``+r=32+norms``); a schedule alone, a peer or a longer run
+    does not."""
+    import report_distill
+
+    t = {"train_tokens": 256_000, "seed": 0, "sparsity": 0.5}
+    rows = [
+        {**t, "method": "loraprune-activation", "accuracy": 0.806},
+        {**t, "method": "loraprune-activation-cd10", "accuracy": 0.812},
+        {**t, "method": "loraprune-activation+r=32+norms", "accuracy": 0.811},
+        {**t, "method": "loraprune-activation-cd10+r=32+norms", "accuracy": 0.815},
+        {**t, "method": "loraprune-activationx+r=32", "accuracy": 0.9},  # another criterion's name: not the default
+        {**t, "method": "dense-lora+r=32+norms", "sparsity": 0.0, "accuracy": 0.82},
+    ]
+    accuracy = {**STRUCTURED, "metric": "accuracy", "direction": "higher"}
+    (verdict,) = report_distill.verdicts("minilm", rows, accuracy, 0.818)
+    assert "best recovery variant `loraprune-activation-cd10+r=32+norms` -0.30 pt (n=1" in verdict
+    assert verdict.endswith("Against dense LoRA with the same `+r=32+norms` (0.82, n=1): -0.50 pt.")
 
 
 def test_distillation_cost_line_reads_the_autocast_run_against_the_goals(monkeypatch):
