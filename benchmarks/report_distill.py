@@ -293,9 +293,17 @@ def _against_dense_with_the_same_change(task, groups, table, variant, variant_ro
     return f" Against dense LoRA with the same `+{modifiers}` ({dense:.4g}, n={len(same)}): {gap}."
 
 
+#: modifiers of probes: measured in the study's table, never a "best recovery variant" (nothing a user can ship:
+#: ``+bias`` lives in benchmark hooks that export drops)
+PROBES = ("bias",)
+
+
 def _is_variant(method: str, default: str) -> bool:
-    """``default+<modifiers>`` or ``default-<schedule>+<modifiers>``: the default given a recovery change."""
-    name, plus, _ = method.partition("+")
+    """``default+<modifiers>`` or ``default-<schedule>+<modifiers>``: the default given a recovery change (not a
+    probe)."""
+    name, plus, modifiers = method.partition("+")
+    if any(m.partition("=")[0] in PROBES for m in modifiers.split("+")):
+        return False
     return bool(plus) and (name == default or name.startswith(f"{default}-"))
 
 

@@ -30,10 +30,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from common import load_model, peak_rss_mib, table, write_result
@@ -94,16 +96,64 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build(name: str, model_name: str, batch: int, seq: int, seed: int, device: str = "cpu", dtype: str = "float32"):
+#: ``--quantization`` -> the bitsandbytes config of the base (the QLoRA comparison; ``none``: the plain base)
+QUANTIZATION = {
+    "int8": dict(load_in_8bit=True),
+    "nf4": dict(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    ),
+}
+
+
+def quantized_model(model_name: str, seed: int, device: str, dtype: str, quantization: str):
+    """The model of ``load_model`` on a bitsandbytes base, as a QLoRA user loads one: saved once as a checkpoint
+    (in the temporary folder, per model, seed and dtype; random weights are never downloaded), then
+    ``from_pretrained(..., quantization_config=...)`` onto ``device`` and ``prepare_model_for_kbit_training``."""
+    import tempfile
+
+    import transformers
+    from peft import prepare_model_for_kbit_training
+
+    folder = Path(tempfile.gettempdir()) / f"step_cost_{model_name}_seed{seed}_{dtype}"
+    if not (folder / "config.json").exists():
+        partial = folder.with_name(folder.name + f".partial{os.getpid()}")
+        load_model(model_name, seed).to(DTYPES[dtype]).save_pretrained(partial)
+        partial.rename(folder)  # whole or absent: a run stopped while saving leaves no half checkpoint behind
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder,
+        quantization_config=transformers.BitsAndBytesConfig(**QUANTIZATION[quantization]),
+        device_map={"": device},
+        dtype=DTYPES[dtype],
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def build(
+    name: str,
+    model_name: str,
+    batch: int,
+    seq: int,
+    seed: int,
+    device: str = "cpu",
+    dtype: str = "float32",
+    quantization: str = "none",
+):
     """The model of configuration ``name`` in training mode, its pruning engine (None for plain LoRA), an AdamW
-    optimizer over the adapter, one fixed batch of random token ids and the configuration's distiller (or None)."""
+    optimizer over the adapter, one fixed batch of random token ids and the configuration's distiller (or None).
+    ``quantization``: ``int8`` or ``nf4`` puts the pretrained weights on a bitsandbytes base (QLoRA)."""
     from peft import LoraConfig, get_peft_model
 
     import peft_loraprune  # noqa: F401
     from peft_loraprune import DistillationConfig, Distiller, LoRAPruneConfig, norm_module_names
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = load_model(model_name, seed).to(device=device, dtype=DTYPES[dtype])
+    if quantization == "none":
+        model = load_model(model_name, seed).to(device=device, dtype=DTYPES[dtype])
+    else:
+        model = quantized_model(model_name, seed, device, dtype, quantization)
     options = CONFIGS[name]
     dropout = 0.0 if name.endswith("_nodrop") else 0.05
     rank, saved = (32, norm_module_names(model)) if name in RECIPE else (8, None)
@@ -142,7 +192,8 @@ def build(name: str, model_name: str, batch: int, seq: int, seed: int, device: s
             )
             model.set_adapter("default")
         distiller = Distiller(model, DistillationConfig(teacher=DISTILLED[name], weight=0.5, temperature=2.0))
-    model.to(device)  # PEFT creates adapters beside the base weights; this moves anything created elsewhere
+    if quantization == "none":  # (bitsandbytes refuses .to on a quantized model; its adapters sit on its device)
+        model.to(device)  # PEFT creates adapters beside the base weights; this moves anything created elsewhere
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(seed)
@@ -165,8 +216,9 @@ def run_one(
     device: str = "cpu",
     dtype: str = "float32",
     autocast: str = "none",
+    quantization: str = "none",
 ) -> dict:
-    model, engine, optimizer, ids, distiller = build(name, model_name, batch, seq, seed, device, dtype)
+    model, engine, optimizer, ids, distiller = build(name, model_name, batch, seq, seed, device, dtype, quantization)
     amp, seen = contextlib.nullcontext, {}
     if autocast != "none":  # what the Trainer's bf16=True does: accelerate wraps the forward pass (autocast, then
         # outputs converted to float32); DistillationTrainer enters accelerator.autocast() for the distillation loss
@@ -234,6 +286,10 @@ def run_one(
         "cuda_allocated_after_loading_mib": base_allocated,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "autocast": autocast,
+        "quantization": quantization,
+        "base_layer": next(  # what the adapted layers wrap: torch's Linear or a bitsandbytes layer
+            type(m.get_base_layer()).__name__ for m in model.modules() if hasattr(m, "get_base_layer")
+        ),
         "head_output_dtype": seen["head_output_dtype"],  # the output layer's: bfloat16 under bfloat16 autocast
         "lora_rank": 32 if name in RECIPE else 8,
         "recipe_of": RECIPE.get(name),  # the rank-8 configuration the recipe changes (time_vs_default: against it)
@@ -247,6 +303,7 @@ def measure(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--batch", str(args.batch)]
     cmd += ["--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps), "--seed", str(args.seed)]
     cmd += ["--device", args.device, "--dtype", args.dtype, "--autocast", args.autocast]
+    cmd += ["--quantization", args.quantization]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
@@ -345,6 +402,12 @@ def main():
         "--note", default=None, help="what differs from the current code (shown in the report), e.g. an older commit"
     )
     parser.add_argument("--tag", default=None, help="appended to the result file's name (keeps a variant apart)")
+    parser.add_argument(
+        "--quantization",
+        choices=["none", *QUANTIZATION],
+        default="none",
+        help="a bitsandbytes base (int8: LLM.int8; nf4: NF4, double quant, bf16 compute): LoRA is then QLoRA",
+    )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one config, print JSON
     args = parser.parse_args()
     if args.one:
@@ -362,6 +425,7 @@ def main():
                     args.device,
                     args.dtype,
                     args.autocast,
+                    args.quantization,
                 )
             )
         )
@@ -386,6 +450,7 @@ def main():
     rows = [combine([rows[name] for rows in rounds]) for name in names]
     suffix = "" if args.device == "cpu" and args.dtype == "float32" else f"_{args.device}_{args.dtype}"
     suffix += "" if args.autocast == "none" else f"_autocast_{args.autocast}"
+    suffix += "" if args.quantization == "none" else f"_{args.quantization}"
     suffix += f"_{args.tag}" if args.tag else ""
     path = write_result(
         f"step_cost_{args.model}_b{args.batch}x{args.seq}{suffix}",

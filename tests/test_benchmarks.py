@@ -65,6 +65,22 @@ def test_step_cost_smoke(tmp_path):
     assert by_name["loraprune_structured"].get("teacher") is None
 
 
+def test_step_cost_on_a_quantized_base_compares_with_qlora(tmp_path):
+    """``--quantization nf4``: every configuration, plain LoRA included (QLoRA), trains on bitsandbytes 4-bit layers
+    loaded from a checkpoint of the random model, and the ratios are against QLoRA on the same base."""
+    configs = ["lora", "loraprune_structured", "loraprune_unstructured_wanda"]
+    run(
+        "step_cost.py", tmp_path, "--model", "tiny", "--batch", "1", "--seq", "16", "--warmup", "1", "--steps", "2",
+        "--configs", ",".join(configs), "--quantization", "nf4",
+    )  # fmt: skip
+    rows = load(tmp_path, "step_cost_tiny_b1x16_nf4")["rows"]
+    assert [r["config"] for r in rows] == configs
+    assert {(r["quantization"], r["base_layer"]) for r in rows} == {("nf4", "Linear4bit")}
+    by_name = {r["config"]: r for r in rows}
+    structured = by_name["loraprune_structured"]
+    assert structured["time_vs_lora"] == structured["median_step_s"] / by_name["lora"]["median_step_s"]
+
+
 def test_step_cost_under_the_trainers_bf16_autocast(tmp_path):
     run(
         "step_cost.py", tmp_path, "--model", "tiny", "--batch", "1", "--seq", "16", "--warmup", "1", "--steps", "2",
