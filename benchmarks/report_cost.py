@@ -31,6 +31,8 @@ def step_cost_section(lines):
             )
         if s.get("autocast"):  # what Trainer(bf16=True) runs: float32 weights, matmuls under autocast
             where += f", {s['dtype']} weights under {s['autocast']} autocast (as `Trainer(bf16=True)` runs)"
+        if s.get("quantization", "none") != "none":  # bitsandbytes base: plain LoRA is QLoRA
+            where += f", {s['quantization']} base (bitsandbytes; LoRA is QLoRA on the same base)"
         note = f" ({s['note']})" if s.get("note") else ""
         lines += [
             f"### Step time and memory: `{s['model']}`, batch {s['batch']} x {s['seq']} tokens{where}{note}",

@@ -69,6 +69,7 @@ def readme_summary() -> list[str]:
         ]
         where = f", {data['machine']['cuda']}, {s.get('dtype')}" if on_gpu(data) else ""
         where += f", {s['autocast']} autocast" if s.get("autocast") else ""
+        where += f", {s['quantization']} base (vs QLoRA)" if s.get("quantization", "none") != "none" else ""
         where += f", {s['note']}" if s.get("note") else ""
         if parts:
             out.append(

@@ -131,6 +131,14 @@ def test_step_cost_tables_show_device_memory_on_a_gpu_and_resident_memory_on_a_c
         with_rewrites = " (3.50x with mask rewrites)" if device == "cpu" else ""
         assert f"loraprune_unstructured 3.00x time{with_rewrites} / " in summary
         assert ("NVIDIA H100" in summary) == (device == "cuda")
+        assert "QLoRA" not in text + summary
+        # a bitsandbytes base: the title and the README line say the baseline is QLoRA on it
+        data["settings"]["quantization"] = "nf4"
+        lines = []
+        report_cost.step_cost_section(lines)
+        assert "nf4 base (bitsandbytes; LoRA is QLoRA on the same base)" in lines[0]
+        (summary,) = [x for x in report_readme.readme_summary() if "Step cost" in x]
+        assert "nf4 base (vs QLoRA)" in summary
 
 
 def test_step_cost_recipe_sentence_gives_each_rounds_ratio_against_the_rank_8_twin():
