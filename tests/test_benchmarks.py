@@ -550,17 +550,7 @@ def test_consumer_bias_compensation_gives_back_the_dense_output_when_the_removed
     for _, layer in model.base_model.prune_layers():
         torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
     consumers = engine.consumers()
-    removed = {c.name: torch.rand(c.layer.in_features) < 0.4 for c in consumers}
-    constants = {c.name: torch.randn(c.layer.in_features) for c in consumers}
-
-    def force_constant(name):
-        def hook(module, args):
-            x = args[0].clone()
-            x[..., removed[name]] = constants[name][removed[name]].to(x.dtype)
-            return (x, *args[1:])
-
-        return hook
-
+    removed, constants, force_constant = _constant_removed_inputs(consumers)
     for c in consumers:  # before the probe's own hooks, which then observe the forced inputs
         c.layer.register_forward_pre_hook(force_constant(c.name))
     bias = cb_module.ConsumerBias(model)
@@ -582,6 +572,23 @@ def test_consumer_bias_compensation_gives_back_the_dense_output_when_the_removed
     assert bias.counts[consumers[0].name] == ids.numel()  # the evaluation forwards observed nothing
     torch.testing.assert_close(compensated, dense, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(masked, dense, atol=1e-3)
+
+
+def _constant_removed_inputs(consumers):
+    """Random removed input columns per consumer (40%), a constant value for each, and ``force_constant(name)``: a
+    forward pre-hook that writes those constants into the removed columns of that consumer's input."""
+    removed = {c.name: torch.rand(c.layer.in_features) < 0.4 for c in consumers}
+    constants = {c.name: torch.randn(c.layer.in_features) for c in consumers}
+
+    def force_constant(name):
+        def hook(module, args):
+            x = args[0].clone()
+            x[..., removed[name]] = constants[name][removed[name]].to(x.dtype)
+            return (x, *args[1:])
+
+        return hook
+
+    return removed, constants, force_constant
 
 
 def load_benchmark(monkeypatch, name):
@@ -758,17 +765,7 @@ def test_split_cost_compensation_is_exact_when_the_removed_inputs_are_constant(m
     engine = model.base_model.pruning_engine()
     consumers = engine.consumers()
     torch.manual_seed(0)
-    removed = {c.name: torch.rand(c.layer.in_features) < 0.4 for c in consumers}
-    constants = {c.name: torch.randn(c.layer.in_features) for c in consumers}
-
-    def force_constant(name):
-        def hook(module, args):
-            x = args[0].clone()
-            x[..., removed[name]] = constants[name][removed[name]].to(x.dtype)
-            return (x, *args[1:])
-
-        return hook
-
+    removed, constants, force_constant = _constant_removed_inputs(consumers)
     forcing = [c.layer.register_forward_pre_hook(force_constant(c.name)) for c in consumers]
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
     with torch.no_grad():
