@@ -280,10 +280,18 @@ def peer_recovery_lines(task, rows, table, dense) -> list[str]:
     return out
 
 
+#: modifiers that change how any LoRA trains, pruned or not: the ones dense LoRA can be given too
+LORA_MODIFIERS = ("lr", "r", "norms")
+
+
 def _against_dense_with_the_same_change(task, groups, table, variant, variant_rows) -> str:
-    """`` Against dense LoRA with the same +lr=...``: when dense LoRA was also run with the variant's modifiers
-    (a learning rate, a rank: changes that may help any LoRA, not the pruned model only), the gap to that run."""
-    modifiers = variant.partition("+")[2]
+    """`` Against dense LoRA with the same +lr=...``: when dense LoRA was also run with the variant's LoRA
+    modifiers (a learning rate, a rank, trainable norms: changes that may help any LoRA, not the pruned model only;
+    what only pruning has, such as ``+channels=`` or a teacher, is left out), the gap to that run."""
+    lora = [m for m in variant.split("+")[1:] if m.partition("=")[0] in LORA_MODIFIERS]
+    modifiers = "+".join(lora)
+    if not modifiers:
+        return ""
     same = groups.get((f"dense-lora+{modifiers}", 0.0))
     if not same:
         return ""

@@ -442,6 +442,10 @@ def test_a_variant_is_also_compared_with_dense_lora_given_the_same_change():
     # 24/16 = 1.50x against the study's dense LoRA; 24/15 = 1.60x against dense LoRA at the same learning rate
     assert "`loraprune-activation+lr=0.001` 1.50x" in verdict
     assert verdict.endswith("Against dense LoRA with the same `+lr=0.001` (15, n=1): 1.60x.")
+    # what only a pruned run has (the units it prunes) is left out: dense LoRA with the same learning rate
+    rows[1]["method"] = "loraprune-activation+lr=0.001+channels=0.2832"
+    (verdict,) = report_distill.verdicts("smollm2", rows, STRUCTURED, 16.0)
+    assert verdict.endswith("Against dense LoRA with the same `+lr=0.001` (15, n=1): 1.60x.")
     rows[2]["method"] = "dense-lora+r=32"  # another change: nothing to compare with
     assert report_distill.verdicts("smollm2", rows, STRUCTURED, 16.0)[0].endswith("not met.")
 
