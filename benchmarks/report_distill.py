@@ -196,8 +196,7 @@ def verdicts(task, rows, table, dense) -> list[str]:
         if not default or not variants:
             continue
         default_gap = _gap(task, summary(r[metric] for r in default).mean, dense)
-        better = min if table["direction"] == "lower" else max
-        best = better(variants, key=lambda m: summary(r[metric] for r in variants[m]).mean)
+        best = _best_variant(variants, metric, table["direction"])
         best_gap = _gap(task, summary(r[metric] for r in variants[best]).mean, dense)
         if goal is None:
             goal_clause = "no goal set for this cell."
@@ -231,6 +230,25 @@ def verdicts(task, rows, table, dense) -> list[str]:
         line += _against_dense_with_the_same_change(task, groups, table, best, variants[best])
         out.append(line)
     return out
+
+
+def _best_variant(variants: dict, metric: str, direction: str) -> str:
+    """The best variant, chosen pair by pair on the seeds both ran: a variant replaces the best so far when its mean
+    over the seeds they share is better (over all their seeds when they share none). So a variant run on one seed
+    does not win over one run on two only because the other's second seed was harder. Ties keep the first found."""
+
+    def ahead(a, b) -> bool:
+        seeds = {r["seed"] for r in variants[a]} & {r["seed"] for r in variants[b]}
+        mean_a, mean_b = (
+            summary(r[metric] for r in variants[m] if not seeds or r["seed"] in seeds).mean for m in (a, b)
+        )
+        return mean_a < mean_b if direction == "lower" else mean_a > mean_b
+
+    best = None
+    for name in variants:
+        if best is None or ahead(name, best):
+            best = name
+    return best
 
 
 def peer_recovery_lines(task, rows, table, dense) -> list[str]:

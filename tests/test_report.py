@@ -371,6 +371,27 @@ def test_distillation_verdicts_compare_with_dense_lora_and_the_goal():
     assert "-1.80 pt (n=1, 256,000 training tokens in all, not better than the default); goal" in verdict
 
 
+def test_the_best_variant_is_chosen_on_the_seeds_both_variants_ran():
+    import report_distill
+
+    t = {"train_tokens": 256_000, "sparsity": 0.2}
+    rows = [
+        {**t, "method": "loraprune-activation", "seed": 0, "perplexity": 28.0},
+        {**t, "method": "loraprune-activation+r=32", "seed": 0, "perplexity": 24.5},
+        {**t, "method": "loraprune-activation+r=32", "seed": 1, "perplexity": 25.0},  # mean 24.75
+        # a lower mean from seed 0 alone, yet worse than +r=32 on that seed
+        {**t, "method": "loraprune-activation+r=32+channels=0.3", "seed": 0, "perplexity": 24.7},
+    ]
+    (verdict,) = report_distill.verdicts("smollm2", rows, STRUCTURED, 16.0)
+    assert "best recovery variant `loraprune-activation+r=32` 1.55x (n=2," in verdict
+    rows[3]["perplexity"] = 24.3  # ahead on the seed both ran
+    (verdict,) = report_distill.verdicts("smollm2", rows, STRUCTURED, 16.0)
+    assert "best recovery variant `loraprune-activation+r=32+channels=0.3` 1.52x (n=1," in verdict
+    rows[3]["seed"] = 2  # no seed in common: the means decide
+    (verdict,) = report_distill.verdicts("smollm2", rows, STRUCTURED, 16.0)
+    assert "`loraprune-activation+r=32+channels=0.3` 1.52x" in verdict
+
+
 def test_distillation_verdict_at_equal_wall_time_counts_the_teachers_training():
     import report_distill
 
