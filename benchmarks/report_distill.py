@@ -9,7 +9,7 @@ from typing import Optional
 
 import matplotlib.pyplot as plt
 from report_common import HERE, load, machine
-from stats import mean_of, paired_wins, summary
+from stats import better, mean_of, paired_wins, summary
 
 # task -> (the file with the runs without distillation, that file's dense LoRA and default method)
 BASELINES = {
@@ -242,7 +242,7 @@ def _best_variant(variants: dict, metric: str, direction: str) -> str:
         mean_a, mean_b = (
             summary(r[metric] for r in variants[m] if not seeds or r["seed"] in seeds).mean for m in (a, b)
         )
-        return mean_a < mean_b if direction == "lower" else mean_a > mean_b
+        return better(mean_a, mean_b, direction)
 
     best = None
     for name in variants:
