@@ -25,6 +25,9 @@ same fraction in every block, all trained with the same LoRA (rank, alpha, dropo
 * ``wanda-sp``: structured Wanda (An et al., FLAP's baseline): a consumer input column ``j`` (o_proj for a head,
   down_proj for a channel) scores ``‖X_j‖₂ · Σ_i |W_ij|`` with ``X`` its input on calibration batches; a head
   sums its columns. One-shot, then LoRA recovery.
+* ``shortgpt``: ShortGPT's layer removal (Men et al., 2024): every block scores its Block Influence, ``1 -`` the
+  mean cosine similarity between its input and output hidden states over calibration batches; the blocks with the
+  lowest influence are deleted one-shot (as many as ``layers`` at the cell's fraction removes), then LoRA recovery.
 * ``dense-lora``: LoRA without pruning (the ceiling). Its adapter is saved in ``<work_dir>/dense-lora/`` for
   the ``kd=dense`` teacher below.
 * ``pretrained`` (SmolLM2): the pretrained model itself, evaluated without training (no adapter): what the
@@ -58,6 +61,9 @@ Modifiers, appended to any method with ``+`` (the study of recovery, rendered by
   every rewrite); the peers' one-shot scores choose the split the same way. SmolLM2's default removes 22.66% of
   those weights at 20% and 46.67% at 50% (a third of the heads plus 20% or 50% of the channels), so
   ``+joint=0.2266`` and ``+joint=0.4667`` spend the default's budget;
+* ``+axes=<unit>/<unit>...`` (structured): the units pruned, among ``heads``, ``channels`` and ``layers`` (whole
+  blocks; ``prune_structures``); with ``+joint=<fraction>`` one weight budget is split between them by the
+  importance, whole blocks included (the front: ``benchmarks/front.py``);
 * ``+init=dense``: the pruned adapter starts from the ``dense-lora`` adapter of the same seed (its LoRA factors and
   saved modules) instead of B = 0: pruning continues from the fine-tuned model; its training counts in
   ``total_train_tokens`` as for ``kd=dense``.
@@ -106,7 +112,8 @@ from peft_loraprune.kernels.group_ops import sum_over_groups
 from peft_loraprune.kernels.mask_packing import pack_bits
 from peft_loraprune.pruning.criteria import make_criterion
 
-PEERS = ("llm-pruner", "wanda-sp")  # structured one-shot peers
+PEERS = ("llm-pruner", "wanda-sp")  # structured one-shot peers of heads and channels
+DEPTH_PEERS = ("shortgpt",)  # one-shot peers that delete whole blocks
 UNPRUNED = ("dense-lora", "pretrained")  # references: one row per seed, at sparsity 0
 UNSTRUCTURED_PEERS = ("sparsegpt", "wanda")  # llm-compressor's one-shot pruners
 PEER_LIBRARIES = ("torch-pruning", "llmcompressor", "compressed-tensors", "lm_eval")  # versions in every result file
@@ -360,6 +367,32 @@ def llm_compressor_prune(base, task, method: str, sparsity: float, batches) -> N
     )
 
 
+def block_influence(base, batches) -> torch.Tensor:
+    """ShortGPT's Block Influence of every decoder block: ``1 - mean_tokens cos(h_in, h_out)`` over ``batches``."""
+    blocks = base.model.layers
+    sums = torch.zeros(len(blocks), dtype=torch.float64)
+    counts = torch.zeros(len(blocks), dtype=torch.float64)
+    handles = []
+    for i, block in enumerate(blocks):
+
+        def hook(module, args, kwargs, output, _i=i):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = output[0] if isinstance(output, tuple) else output
+            cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
+            sums[_i] += float(cos.sum())
+            counts[_i] += cos.numel()
+
+        handles.append(block.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                base(input_ids=batch["input_ids"])
+    finally:
+        for h in handles:
+            h.remove()
+    return (1 - sums / counts).float()
+
+
 # ---------------------------------------------------------------------------------------------------- one cell
 def loraprune_method(method: str) -> tuple[str, dict]:
     """``loraprune-<criterion>[-<schedule>]`` -> (criterion, schedule fields of the config).
@@ -394,6 +427,7 @@ MODIFIERS = {
     "bias": lambda v: False,
     "channels": lambda v: _fraction(v),  # defined below
     "joint": lambda v: _fraction(v),
+    "axes": lambda v: all(a in ("heads", "channels", "layers") for a in v.split("/")),
 }
 
 
@@ -422,7 +456,8 @@ def split_modifiers(method: str) -> tuple[str, dict]:
             raise SystemExit(
                 f"method {method!r}: modifier {mod!r} must be kd=<teacher>/<weight>/<T>, r=<rank>, lr=<x>, "
                 "norms, bias, recovery_lr=<factor>, budget=local|global, steps=<optimizer steps>, init=dense, "
-                "channels=<fraction between 0 and 1> or joint=<fraction between 0 and 1>"
+                "channels=<fraction between 0 and 1>, joint=<fraction between 0 and 1> or axes=<unit>/<unit> (heads, "
+                "channels, layers)"
             )
         out[key] = value
     return name, out
@@ -448,6 +483,8 @@ def check_methods(task: str, methods: list[str], granularity: str = "structured"
                 f"method {method!r}: bias adds a bias to the layers whose input columns LoRAPrune's structured "
                 "pruning removes (loraprune-* methods, --granularity structured)"
             )
+        if "axes" in mods and ("channels" in mods or granularity != "structured"):
+            raise SystemExit(f"method {method!r}: axes=<units> sets the structured units pruned (not with channels=)")
         if "joint" in mods and "channels" in mods:
             raise SystemExit(f"method {method!r}: joint=<fraction> and channels=<fraction> both set the units pruned")
         if mods.get("budget") == "global" and TASKS[task].head_grouping == "query_head":
@@ -523,6 +560,8 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
     criterion, schedule = "magnitude", {}  # peers: masks set once; the criterion is never used
     if method.startswith("loraprune-"):
         criterion, schedule = loraprune_method(method)
+    elif method in DEPTH_PEERS:
+        criterion = "activation"  # whole blocks need a block-scoring criterion; masks are set once all the same
     if args.granularity != "structured" and criterion == "activation":
         raise SystemExit("the activation criterion is structured only")
     norms = norm_module_names(base) if "norms" in mods else None  # before PEFT wraps them
@@ -540,6 +579,8 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         pruning_interval=args.pruning_interval,
         budget=mods.get("budget", "local"),
         **({"prune_structures": ["channels"]} if "channels" in mods else {}),
+        **({"prune_structures": ["layers"]} if method in DEPTH_PEERS else {}),
+        **({"prune_structures": mods["axes"].split("/")} if "axes" in mods else {}),
         **({"allocation": "joint"} if "joint" in mods else {}),
         modules_to_save=list(norms) if norms else None,  # a copy: PEFT appends a classification head to it
     )
@@ -552,7 +593,7 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         "calibration_tokens": 0,
         "r": rank,
     }
-    if "channels" in mods:
+    if "channels" in mods or "axes" in mods or method in DEPTH_PEERS:
         row["prune_structures"] = list(config.prune_structures)
     if "joint" in mods:
         row["allocation"] = config.allocation
@@ -577,6 +618,15 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         if config.allocation == "joint":  # the peers' scores are raw already: compared across kinds as they are
             engine.member_scales.update({key: torch.ones(1) for key in scores})
         engine.prune_to(target)
+        row["calibration_seconds"] = time.time() - start
+    elif method in DEPTH_PEERS:
+        batches, row["calibration_tokens"] = task.calibration(args.calibration_batches, seed)
+        influence = block_influence(base, batches)
+        model = get_peft_model(base, config)
+        engine = model.base_model.pruning_engine()
+        engine.depth_averages["average"] = influence
+        engine.prune_to(target)
+        row["block_influence"] = influence.tolist()
         row["calibration_seconds"] = time.time() - start
     elif method in UNSTRUCTURED_PEERS:
         batches, row["calibration_tokens"] = task.calibration(args.calibration_batches, seed)
@@ -664,7 +714,34 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
     if args.zero_shot:
         merged = model.merge_and_unload()
         row.update(task.zero_shot(merged, args.zero_shot_limit))
+    elif args.export_dir and args.granularity == "structured":
+        row["export"] = export_row(model, Path(args.export_dir) / cell_folder(full_method, sparsity, seed), task)
     return row
+
+
+def cell_folder(method: str, sparsity: float, seed: int) -> str:
+    """The folder name of a cell's exported model (method modifiers kept, slashes replaced)."""
+    return f"{method.replace('/', '_')}_{sparsity:g}_{seed}"
+
+
+def export_row(model, folder: Path, task) -> dict:
+    """Export the trained model (consumed) with the package's export, save it with its tokenizer to ``folder``,
+    and return what the row records of it: parameters, file size, config updates, removed units."""
+    from peft_loraprune import export_pruned_model
+
+    report = export_pruned_model(model, measure_latency=False, progressbar=False)
+    report.model.save_pretrained(folder)
+    task.tokenizer.save_pretrained(folder)
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    return {
+        "folder": str(folder),
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "params_fraction_removed": 1 - report.params_after / report.params_before,
+        "file_bytes": size,
+        "removed_per_block": report.removed,
+        "config_updates": {k: v for k, v in report.config_updates.items() if not isinstance(v, list)},
+    }
 
 
 def pretrained_row(task, model, method: str, seed: int, start: float, args) -> dict:
@@ -692,7 +769,7 @@ def table_of(args) -> dict:
         task.metric,
         task.direction,
         default_method=DEFAULT_METHOD[args.granularity],
-        peers=PEERS if args.granularity == "structured" else UNSTRUCTURED_PEERS,
+        peers=PEERS + DEPTH_PEERS if args.granularity == "structured" else UNSTRUCTURED_PEERS,
     )
 
 
@@ -727,6 +804,12 @@ def main():
     parser.add_argument(
         "--tag", default="", help="suffix of the result file, for a table with other settings (e.g. 'full_train')"
     )
+    parser.add_argument(
+        "--export_dir",
+        default=None,
+        help="structured, without --zero_shot: export every trained model (the package's export) into this folder",
+    )
+    parser.add_argument("--name", default=None, help="result file name (default peers_<task>[_<tag>])")
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # method,sparsity,seed: one cell, then exit
     args = parser.parse_args()
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
@@ -739,6 +822,7 @@ def main():
 
     name = f"peers_{args.task}" + ("" if args.granularity == "structured" else f"_{args.granularity}")
     name += f"_{args.tag}" if args.tag else ""
+    name = args.name or name
     path = (Path(args.out) if args.out else RESULTS_DIR) / f"{name}.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     # before any cell runs: a queue of cells must not stop half-way
@@ -768,7 +852,9 @@ def main():
                 print(rows[-1], flush=True)
                 for r in rows:
                     r["variant"] = f"{r['method']} {r['sparsity']:.0%}"
-                settings = {k: v for k, v in vars(args).items() if k not in ("cell", "out", "work_dir", "tag")}
+                settings = {
+                    k: v for k, v in vars(args).items() if k not in ("cell", "out", "work_dir", "tag", "export_dir")
+                }
                 write_result(
                     name,
                     {"settings": settings, "summary": summarise(rows, TASKS[args.task].metric), "rows": rows},

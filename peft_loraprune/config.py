@@ -30,7 +30,7 @@ IMPORTANCE_CRITERIA = ("lora", "grad", "magnitude", "activation", "wanda")
 GROUPWISE_CRITERIA = ("activation",)  # score whole heads and channels: structured granularity only
 BUDGETS = ("local", "global")
 SCHEDULES = ("cubic", "one_shot")
-STRUCTURES = ("heads", "channels")
+STRUCTURES = ("heads", "channels", "layers")
 HEAD_GROUPINGS = ("kv_group", "query_head")
 ALLOCATIONS = ("per_structure", "joint")
 BIAS_OPTIONS = ("none", "all", "lora_only")
@@ -115,7 +115,9 @@ class LoRAPruneConfig(PeftConfig):
             default window was measured against the reference code's (10% to 90%) and one-shot on SmolLM2 and MiniLM
             (``benchmarks/peers.py``; docs/benchmarks.md).
             Pruning late leaves the last units' removal little time to recover.
-        prune_structures: for "structured": which units to prune, "heads" and/or "channels".
+        prune_structures: for "structured": which units to prune: "heads", "channels" and/or "layers" (whole
+            transformer blocks, gated through the modules that write into the residual stream; export deletes them
+            and updates ``num_hidden_layers``; pre-norm families only, scored with ``importance="activation"``).
         head_grouping: with grouped-query attention: "kv_group" removes a KV head with all its query heads;
             "query_head" removes query heads, the same number in every KV group.
         allocation: for "structured" with several ``prune_structures``: how the target is shared between them.
@@ -254,7 +256,10 @@ class LoRAPruneConfig(PeftConfig):
     )
     prune_structures: list[str] = field(
         default_factory=lambda: ["heads", "channels"],
-        metadata={"help": "Structured only: which units are pruned, 'heads' and/or 'channels'"},
+        metadata={
+            "help": "Structured only: which units are pruned: 'heads', 'channels' and/or 'layers' (whole blocks; export "
+            "deletes them)"
+        },
     )
     head_grouping: str = field(
         default="kv_group",
@@ -396,6 +401,11 @@ class LoRAPruneConfig(PeftConfig):
             raise ValueError(f"prune_structures must name at least one of {list(STRUCTURES)}, got [].")
         for s in self.prune_structures:
             check_choice("prune_structures", s, STRUCTURES)
+        if "layers" in self.prune_structures and self.granularity == "structured" and self.importance != "activation":
+            raise ValueError(
+                f"prune_structures with 'layers' scores whole blocks by the Taylor estimate of their residual "
+                f"contributions, which importance='activation' computes; got importance={self.importance!r}."
+            )
         check_choice("head_grouping", self.head_grouping, HEAD_GROUPINGS)
         check_choice("allocation", self.allocation, ALLOCATIONS)
         if self.allocation == "joint" and self.granularity != "structured":

@@ -24,6 +24,7 @@ from .config import LoRAPruneConfig
 from .kernels.quantized import check_supported, keep_standard_layout
 from .layer import Linear, LoRAPruneLayer
 from .pruning.architectures import block_of, get_architecture
+from .pruning.depth import find_block_gates
 from .pruning.engine import PruningEngine
 from .pruning.structure import find_structured_groups, mark_rows_masked_downstream
 from .registration import PREFIX
@@ -51,6 +52,7 @@ class _DerivedState:
     """What the tuner computes from its adapters and keeps: none of it is saved, all of it can be rebuilt."""
 
     structured_groups: dict = field(default_factory=dict)  # (adapter, include_all) -> groups bound to layers
+    block_gates: dict = field(default_factory=dict)  # (adapter, include_all) -> residual writers of each block
     engines: dict = field(default_factory=dict)  # adapter -> PruningEngine
     eval_results: dict = field(default_factory=dict)  # adapter -> lm-eval results for the model card
     loaded_from: dict = field(default_factory=dict)  # adapter -> folder it was loaded from (resume reads it)
@@ -137,8 +139,11 @@ class LoRAPruneModel(BaseTuner):
         # first pruning step hours into a run.
         if not config.is_element_granularity:
             self.derived.structured_groups.clear()  # a new adapter: the layers changed
+            self.derived.block_gates.clear()
             mark_rows_masked_downstream(self.structured_groups(adapter_name, include_all=True), adapter_name)
             self.structured_groups(adapter_name)  # validates the pruned structures
+            if "layers" in config.prune_structures:
+                self.block_gates(adapter_name)  # validates that every block can be gated
         if not config.inference_mode:
             # criteria that observe the backward pass (true gradient, activation Taylor) install their taps when
             # the engine is created: it must exist before the first forward pass of training
@@ -199,6 +204,16 @@ class LoRAPruneModel(BaseTuner):
             cache[key] = find_structured_groups(self, adapter_name, include_all=include_all)
         return cache[key]
 
+    def block_gates(self, adapter_name: Optional[str] = None, include_all: bool = False):
+        """The residual writers of every block of the adapter (:func:`depth.find_block_gates`), through which whole
+        blocks are pruned; computed once per adapter and kept."""
+        adapter_name = self.resolve_adapter(adapter_name)
+        cache = self.derived.block_gates
+        key = (adapter_name, include_all)
+        if key not in cache:
+            cache[key] = find_block_gates(self, adapter_name, include_all=include_all)
+        return cache[key]
+
     @property
     def model_type(self) -> Optional[str]:
         """``config.model_type`` of the wrapped model (read once)."""
@@ -228,6 +243,7 @@ class LoRAPruneModel(BaseTuner):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.derived.structured_groups.clear()
+        self.derived.block_gates.clear()
         engine = self.derived.engines.pop(adapter_name, None)
         if engine is not None:
             engine.close()

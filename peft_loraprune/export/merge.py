@@ -232,6 +232,8 @@ def export_pruned_model(
         setattr(merged.config, key, value)
     for prefix in plan.block_prefixes:
         plan.refresh_block(merged.get_submodule(prefix), merged.config)
+    if plan.refresh_model is not None:
+        plan.refresh_model(merged)
     latency_after = measure_latency_ms(merged, inputs) if measure_latency else None
     if dtype is not None:
         cast_saved_tensors(merged, dtype)

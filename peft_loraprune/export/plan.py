@@ -27,6 +27,7 @@ class ExportPlan:
     per_layer_savings: int = 0  # parameters per-layer widths would save beyond the equalised plan
     block_prefixes: list[str] = field(default_factory=list)  # blocks whose derived attributes need refreshing
     refresh_block: object = None
+    refresh_model: object = None  # called with the model once blocks were deleted and the config updated
     notes: list[str] = field(default_factory=list)
 
 
@@ -64,7 +65,8 @@ def plan_export(tuner, adapter_name: str) -> ExportPlan:
         return plan
     spec = require_architecture(tuner.model_type)
     export = spec.export
-    groups = tuner.structured_groups(adapter_name, include_all=True)
+    closed, container, kept_blocks = _closed_blocks(tuner, adapter_name, spec)
+    groups = [g for g in tuner.structured_groups(adapter_name, include_all=True) if g.block not in closed]
     removable = [g for g in groups if export is not None and g.spec.structure in export.removable]
     masks, widths = _equalised_keep_masks(removable, adapter_name)
     for structure in sorted({g.spec.structure for g in groups}):
@@ -88,11 +90,36 @@ def plan_export(tuner, adapter_name: str) -> ExportPlan:
     if masks:
         plan.config_updates = export.config_updates(tuner.model.config, widths, config.head_grouping)
     if plan.removals and export.refresh_block is not None:
-        plan.block_prefixes = sorted({g.block_prefix for g in removable})
+        renumbered = {old: new for new, old in enumerate(kept_blocks)} if closed else {}
+        plan.block_prefixes = sorted(
+            {f"{container}.{renumbered[g.block]}" if closed else g.block_prefix for g in removable}
+        )
         plan.refresh_block = export.refresh_block
+    if closed:
+        if export is None or export.layer_config_updates is None:
+            plan.kept_zeroed["layers"] = len(closed)
+        else:
+            plan.removed["layers"] = len(closed)
+            plan.removals.append((container, "blocks", torch.tensor(kept_blocks)))
+            plan.config_updates.update(export.layer_config_updates(tuner.model.config, kept_blocks))
+            plan.refresh_model = export.refresh_model
     if plan.kept_zeroed:
         plan.notes.append(
             f"{spec.name}: {', '.join(plan.kept_zeroed)} cannot be removed through the config and stay zeroed; "
             "prune_structures=['channels'] prunes only what export removes"
         )
     return plan
+
+
+def _closed_blocks(tuner, adapter_name, spec) -> tuple[set[int], str, list[int]]:
+    """``(closed block indices, module name of the block list, indices of the blocks that stay)``; nothing closed
+    when the family has no residual writers or the adapter prunes no layers."""
+    if not spec.residual_writers or "layers" not in tuner.peft_config[adapter_name].prune_structures:
+        return set(), "", []
+    gates = tuner.block_gates(adapter_name, include_all=True)
+    closed = {gate.block for gate in gates if not gate.kept(adapter_name)}
+    if not closed:
+        return closed, "", []
+    container = gates[0].prefix.rpartition(".")[0]
+    n_blocks = len(tuner.model.get_submodule(container))
+    return closed, container, [i for i in range(n_blocks) if i not in closed]

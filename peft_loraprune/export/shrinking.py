@@ -30,12 +30,28 @@ def shrunk_module(module: torch.nn.Module, axis: str, index: torch.Tensor) -> to
     return new
 
 
+def kept_blocks(blocks: torch.nn.ModuleList, index: torch.Tensor) -> torch.nn.ModuleList:
+    """A module list of the blocks ``index`` (in order), each renumbered: every submodule's ``layer_idx`` (the
+    key-value cache slot of attention in transformers) becomes the block's new position, as a model built with
+    the smaller ``num_hidden_layers`` numbers them."""
+    kept = torch.nn.ModuleList([blocks[i] for i in index.tolist()])
+    for position, block in enumerate(kept):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = position
+    return kept
+
+
 def remove_pruned(model: torch.nn.Module, removals, progressbar: bool = True) -> None:
-    """Replace every ``(module name, axis, kept index)`` of ``removals`` in ``model`` by its shrunk copy."""
-    for name, axis, index in tqdm(
-        removals, desc="Removing pruned structures", disable=not progressbar or not removals
-    ):
+    """Carry out ``removals`` in ``model``: every ``(module name, axis, kept index)`` with axis "rows" or "cols"
+    replaces a Linear/Conv1D by its shrunk copy; axis "blocks" replaces a module list of blocks by the blocks kept
+    (done last, so that module names of the other removals still hold)."""
+    ordered = sorted(removals, key=lambda removal: removal[1] == "blocks")
+    for name, axis, index in tqdm(ordered, desc="Removing pruned structures", disable=not progressbar or not removals):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         module = getattr(parent, child)
-        setattr(parent, child, shrunk_module(module, axis, index.to(module.weight.device)))
+        if axis == "blocks":
+            setattr(parent, child, kept_blocks(module, index))
+        else:
+            setattr(parent, child, shrunk_module(module, axis, index.to(module.weight.device)))

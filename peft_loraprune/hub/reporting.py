@@ -107,6 +107,17 @@ def build_sparsity_report(tuner, adapter_name: str) -> SparsityReport:
         report.weights_kept += kept
         if config.is_element_granularity:
             report.layers.append(LayerSparsity(name, "weights", total, kept, tuner.block_index(name)))
+    if not config.is_element_granularity and layers and "layers" in config.prune_structures:
+        gates = tuner.block_gates(adapter_name)
+        closed = [gate for gate in gates if not gate.kept(adapter_name)]
+        # a closed block's other modules still hold kept mask entries, but export deletes them with the block
+        closed_blocks = {gate.block for gate in closed}
+        report.weights_kept -= sum(
+            int(layer.lora_mask_rows[adapter_name].sum()) * int(layer.lora_mask_cols[adapter_name].sum())
+            for name, layer in layers
+            if tuner.block_index(name) in closed_blocks
+        )
+        report.layers.append(LayerSparsity("layers", "layers", len(gates), len(gates) - len(closed)))
     if not config.is_element_granularity and layers:
         for groups in tuner.structured_groups(adapter_name):
             kept = int(groups.kept(adapter_name).sum())

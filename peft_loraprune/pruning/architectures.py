@@ -9,6 +9,11 @@ A group axis of a module (rows = output features, columns = input features) of l
 ``(outer, n_groups, inner)``: group ``g`` covers every ``[o, g, i]``. Plain projections have ``outer = 1``;
 GPT-2's fused ``c_attn`` is ``(3, n_heads, head_dim)`` (query, key and value stacked).
 
+Whole blocks (``prune_structures=["layers"]``) are gated through their *residual writers*: the modules whose
+outputs are added to the residual stream (a pre-norm block computes ``h + o_proj(...)`` and ``h + down_proj(...)``).
+Masking every output row of those modules makes the block the identity, exactly as deleting it does; post-norm
+blocks (BERT: ``LayerNorm(h + dense(...))``) have no such gate and cannot lose whole layers.
+
 Adding a family is one ``register_architecture(ArchitectureSpec(...))`` call.
 """
 
@@ -59,11 +64,18 @@ class ExportSpec:
     number of groups each block keeps (per partition for query-head grouping).
     ``refresh_block(block, config)``: optional; updates attributes a block derived from the config at
     construction (e.g. Llama attention's ``num_key_value_groups``) so the in-memory model matches a reload.
+    ``layer_config_updates(config, kept_blocks)``: optional; the config attributes that describe a model keeping only
+    the blocks ``kept_blocks`` (indices in order): ``num_hidden_layers`` and per-layer lists such as
+    ``layer_types``. None: the config cannot express removed blocks.
+    ``refresh_model(model)``: optional; updates attributes the model derived from the per-layer config at
+    construction (e.g. Qwen2's ``has_sliding_layers``) after blocks were removed.
     """
 
     removable: tuple[str, ...]
     config_updates: Callable[[object, dict, str], dict]
     refresh_block: Optional[Callable[[object, object], None]] = None
+    layer_config_updates: Optional[Callable[[object, list[int]], dict]] = None
+    refresh_model: Optional[Callable[[object], None]] = None
     notes: str = ""
 
 
@@ -77,6 +89,9 @@ class ArchitectureSpec:
     groups: Callable[[object, str], list[GroupSpec]]  # (model config, head_grouping) -> groups of one block
     prunable_modules: tuple[str, ...]  # default target modules (block-relative names)
     export: Optional[ExportSpec] = None
+    #: block-relative names of the modules whose outputs are added to the residual stream (pre-norm blocks only;
+    #: empty: whole blocks cannot be gated, see the module docstring)
+    residual_writers: tuple[str, ...] = ()
     notes: str = ""
     _compiled: re.Pattern = field(init=False, repr=False, compare=False)
 
@@ -176,6 +191,22 @@ def multi_head_groups(q: str, k: str, v: str, o: str, mlp_in: str, mlp_out: str)
     return groups
 
 
+#: config attributes holding one entry per block, sliced when blocks are removed
+PER_LAYER_CONFIG_LISTS = ("layer_types",)
+
+
+def kept_layers_config_updates(config, kept_blocks: list[int], count_attribute: str = "num_hidden_layers") -> dict:
+    """``num_hidden_layers`` (or ``count_attribute``) and every per-layer list of the config
+    (:data:`PER_LAYER_CONFIG_LISTS`, e.g. Qwen's ``layer_types`` of sliding and full attention) for a model that
+    keeps only ``kept_blocks`` of its blocks."""
+    updates = {count_attribute: len(kept_blocks)}
+    for name in PER_LAYER_CONFIG_LISTS:
+        values = getattr(config, name, None)
+        if values is not None:
+            updates[name] = [values[i] for i in kept_blocks]
+    return updates
+
+
 # ---------------------------------------------------------------------------------------------------- Llama family
 def _llama_groups(config, head_grouping: str) -> list[GroupSpec]:
     n_heads = config.num_attention_heads
@@ -238,6 +269,13 @@ def _llama_refresh_block(block, config) -> None:
     block.self_attn.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
 
 
+def _llama_refresh_model(model) -> None:
+    """Qwen2/3 read ``has_sliding_layers`` from ``layer_types`` once, at construction."""
+    inner = getattr(model, "model", model)
+    if hasattr(inner, "has_sliding_layers"):
+        inner.has_sliding_layers = "sliding_attention" in (model.config.layer_types or [])
+
+
 register_architecture(
     ArchitectureSpec(
         name="llama",
@@ -245,7 +283,14 @@ register_architecture(
         block_pattern=r"(?:^|\.)layers\.(\d+)\.(.+)$",
         groups=_llama_groups,
         prunable_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-        export=ExportSpec(("heads", "channels"), _llama_config_updates, _llama_refresh_block),
+        export=ExportSpec(
+            ("heads", "channels", "layers"),
+            _llama_config_updates,
+            _llama_refresh_block,
+            layer_config_updates=kept_layers_config_updates,
+            refresh_model=_llama_refresh_model,
+        ),
+        residual_writers=("self_attn.o_proj", "mlp.down_proj"),
         notes="grouped-query attention: whole KV groups ('kv_group') or query heads inside groups ('query_head')",
     )
 )
@@ -302,7 +347,13 @@ register_architecture(
             "attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2"
         ),
         prunable_modules=("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),
-        export=ExportSpec(("heads", "channels"), _vit_config_updates, _vit_refresh_block),
+        export=ExportSpec(
+            ("heads", "channels", "layers"),
+            _vit_config_updates,
+            _vit_refresh_block,
+            layer_config_updates=kept_layers_config_updates,
+        ),
+        residual_writers=("attention.o_proj", "mlp.fc2"),
         notes="module names of transformers 5.x",
     )
 )
@@ -339,10 +390,14 @@ register_architecture(
         groups=_gpt2_groups,
         prunable_modules=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
         export=ExportSpec(
-            ("channels",),
+            ("channels", "layers"),
             lambda config, kept, grouping: {"n_inner": kept["channels"]} if "channels" in kept else {},
+            layer_config_updates=lambda config, kept_blocks: kept_layers_config_updates(
+                config, kept_blocks, "n_layer"
+            ),
             notes="GPT-2 derives the head size from n_embd / n_head: pruned heads stay zeroed",
         ),
+        residual_writers=("attn.c_proj", "mlp.c_proj"),
         notes="fused query/key/value projection c_attn (Conv1D)",
     )
 )

@@ -11,6 +11,9 @@ Each criterion is a small object with one interface (the engine never branches o
   :meth:`Criterion.step_features` and scores any vector by :meth:`Criterion.chunks_for`: the engine then
   averages ``v`` (``d_in`` floats per layer) and scores the current weight only when it rewrites masks;
 * :meth:`Criterion.member_scores` gives one member's raw per-group scores for this step (structured pruning);
+* a criterion that :attr:`~Criterion.scores_writers` also observes the outputs of the modules that write into the
+  residual stream (:meth:`Criterion.attach_writers`) and gives their per-row sums (:meth:`Criterion.writer_sums`):
+  whole blocks are scored from them (:mod:`~peft_loraprune.pruning.depth`);
 * :meth:`Criterion.reset` clears per-step accumulators after the step.
 
 The criteria (``LoRAPruneConfig.importance``):
@@ -82,6 +85,8 @@ class Criterion:
     #: True when a weight's score is ``|W_ij|·v_j`` with one vector ``v`` per layer and step
     #: (:meth:`step_features`, :meth:`chunks_for`)
     separable: bool = False
+    #: True when the criterion can score whole blocks from their residual writers (:meth:`attach_writers`)
+    scores_writers: bool = False
 
     def __init__(self, adapter: str) -> None:
         self.adapter = adapter
@@ -94,8 +99,18 @@ class Criterion:
     def attach(self, layers: list[tuple[str, object]], consumers: list[Consumer]) -> None:
         """Install taps on the scored ``layers`` (``consumers``: those scored on their input columns)."""
 
+    def attach_writers(self, writers: list[tuple[str, object]]) -> None:
+        """Observe the outputs of the residual ``writers`` (``(name, layer)``) for :meth:`writer_sums`."""
+        raise ValueError(f"the {self.name!r} criterion cannot score whole blocks")
+
+    def writer_sums(self, name: str) -> Optional[torch.Tensor]:
+        """Per output row ``r`` of writer ``name``: this step's signed ``Σ_tokens y_r·(∂L/∂y)_r`` (float32), or None
+        when the writer was not used. Summed over rows it is the first-order loss change of removing the writer's
+        whole contribution to the residual stream."""
+        raise ValueError(f"the {self.name!r} criterion cannot score whole blocks")
+
     def detach(self) -> None:
-        """Remove every tap and accumulator installed by :meth:`attach`."""
+        """Remove every tap and accumulator installed by :meth:`attach` and :meth:`attach_writers`."""
 
     def synchronize(self) -> None:
         """Average rank-local accumulators over ranks (a no-op in one process)."""
@@ -199,7 +214,7 @@ class FeatureSums(Criterion):
         all_reduce_mean_(self.sums.values())
 
     def finite_inputs(self, name, layer):
-        extra = [self.sums[name]] if name in self.sums else []
+        extra = [self.sums[key] for key in (name, _writer_key(name)) if key in self.sums]
         return super().finite_inputs(name, layer) + extra
 
     def reset(self):
@@ -387,6 +402,11 @@ def _gradient_tap(buffer: torch.Tensor):
     return tap
 
 
+def _writer_key(name: str) -> str:
+    """Key of a residual writer's per-row sums in :attr:`FeatureSums.sums` (a writer can also be a consumer)."""
+    return name + "#rows"
+
+
 class ActivationTaylor(FeatureSums):
     """``|Σ_{c ∈ group} Σ_tokens x_c·(∂L/∂x)_c|`` at the group's consuming module (structured pruning only).
 
@@ -403,6 +423,7 @@ class ActivationTaylor(FeatureSums):
     name = "activation"
     elementwise = False
     reads_weights = False
+    scores_writers = True
 
     def scores_axis(self, axis):
         return axis == "cols"
@@ -412,9 +433,23 @@ class ActivationTaylor(FeatureSums):
             source = layer if factor is None else factor
             self._add_tap(source, self._tap(name, self._new_sums(name, layer), read_output=factor is not None))
 
-    def _tap(self, name: str, buffer: torch.Tensor, read_output: bool):
+    def attach_writers(self, writers):
+        """Whole blocks: a tap on each residual writer adds ``Σ_tokens y·∂L/∂y`` per output row (``d_out`` float32);
+        a block's gate multiplies exactly these outputs, so their sum over the block's writers is the Taylor
+        estimate of closing it."""
+        for name, layer in writers:
+            key = _writer_key(name)
+            self.sums[key] = torch.zeros(layer.out_features, device=layer.base_weight_2d().device)
+            self._add_tap(layer, self._tap(key, self.sums[key], read_output=True, slot="writer_product"))
+
+    def writer_sums(self, name):
+        key = _writer_key(name)
+        return self.sums[key] if key in self.touched else None
+
+    def _tap(self, name: str, buffer: torch.Tensor, read_output: bool, slot: str = "activation_product"):
         """A tap adding ``Σ_tokens v·∂L/∂v`` to ``buffer`` (``name``'s column sums), ``v`` the tapped layer's
-        input, or its output when ``read_output`` (the consumer's input factor)."""
+        input, or its output when ``read_output`` (the consumer's input factor, or a residual writer). ``slot``:
+        the workspace buffer of the token-wise product."""
         touched = self.touched
 
         def tap(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -427,7 +462,7 @@ class ActivationTaylor(FeatureSums):
                 x2, g2 = saved.reshape(-1, saved.shape[-1]), grad_x.reshape(-1, grad_x.shape[-1])
                 # the token-wise product in a reused buffer: a fresh activation-sized tensor per consumer and
                 # micro-batch would fragment the heap between the activations still waiting for their backward
-                product = WORKSPACE.get("activation_product", tuple(x2.shape), torch.float32, x2.device)
+                product = WORKSPACE.get(slot, tuple(x2.shape), torch.float32, x2.device)
                 if x2.dtype == torch.float32 and g2.dtype == torch.float32:
                     torch.mul(x2, g2, out=product)
                 else:

@@ -1,4 +1,4 @@
-"""Structured pruning: whole heads and channels, scored and removed as groups.
+"""Structured pruning: whole heads, channels and blocks, scored and removed as groups.
 
 A group (a head, a KV group, an MLP channel) spans several modules of a block: rows of its producers, columns of
 its consumer (:mod:`~peft_loraprune.pruning.structure`). The state is, per scored group member (one module's rows
@@ -13,6 +13,11 @@ them, so it also keeps, per member, the moving average of each step's L2 norm (o
 ``average × scale`` is the group's estimate back in the criterion's units (for ``"activation"``, the first-order
 loss change of removing it), and one split of the weight budget between the kinds is chosen for the whole model
 (:func:`~peft_loraprune.pruning.selection.split_weight_budget`).
+
+Whole blocks (``"layers"`` in ``prune_structures``) are gated through their residual writers
+(:mod:`~peft_loraprune.pruning.depth`). Their state is one vector over the gated blocks (``depth.average``): each
+step, a block scores ``|Σ_writers Σ_rows Σ_tokens y·∂L/∂y|`` (the Taylor estimate of closing its gate), the vector
+is normalised like a member's and averaged; ``depth.scale`` keeps its raw norm for the joint allocation.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 
 from ..kernels.importance import moving_average_, normalized
 from .criteria import Consumer
+from .depth import BlockGate
 from .engine import PruningEngine
 from .selection import (
     keep_top,
@@ -31,6 +37,7 @@ from .selection import (
     prune_count,
     removal_loss_curve,
     split_weight_budget,
+    split_with_blocks,
 )
 from .structure import BlockGroups
 
@@ -67,10 +74,42 @@ class GroupPruner(PruningEngine):
         #: allocation="joint" only: per scored member, the moving average of each step's raw L2 norm (1 float)
         self.member_scales: dict[str, torch.Tensor] = {}
         self.joint = self.config.allocation == "joint"
+        self.gates: list[BlockGate] = (
+            tuner.block_gates(adapter_name) if "layers" in self.config.prune_structures else []
+        )
+        #: "average": the moving average of the blocks' per-step scores; "scale" (joint only): of their raw norm
+        self.depth_averages: dict[str, torch.Tensor] = {}
+        if self.gates:
+            self._check_depth_target()
+
+    def _check_depth_target(self) -> None:
+        n = len(self.gates)
+        target = self.config.effective_target_sparsity
+        blocks_alone = not self.joint or not self.groups
+        if blocks_alone and prune_count(n, target, keep_at_least_one=False) >= n:
+            raise ValueError(
+                f"target_sparsity={target!r} with prune_structures containing 'layers' would remove all {n} pruned "
+                f"blocks; the largest target that keeps one is below {(n - 0.5) / n:.4f}."
+            )
 
     @property
     def stores(self):
-        return {"member": self.member_averages, **({"scale": self.member_scales} if self.joint else {})}
+        stores = {"member": self.member_averages, **({"scale": self.member_scales} if self.joint else {})}
+        if self.gates:
+            stores["depth"] = self.depth_averages
+        return stores
+
+    def _check_criterion(self, criterion) -> None:
+        if self.gates and not criterion.scores_writers:
+            raise ValueError(
+                f"prune_structures with 'layers' needs a criterion that scores whole blocks; {criterion.name!r} does "
+                "not (use importance='activation')."
+            )
+
+    def use_criterion(self, criterion) -> None:
+        super().use_criterion(criterion)
+        if self.gates:
+            self.criterion.attach_writers([writer for gate in self.gates for writer in gate.writers])
 
     def _scored_layers(self, criterion):
         self.scored_members = [
@@ -79,7 +118,9 @@ class GroupPruner(PruningEngine):
             for member, name, layer in g.members
             if criterion.scores_axis(member.axis)
         ]
-        return list({name: layer for _, name, layer in self.scored_members}.items())
+        scored = {name: layer for _, name, layer in self.scored_members}
+        scored.update((name, layer) for gate in self.gates for name, layer in gate.writers)
+        return list(scored.items())
 
     def consumers(self) -> list[Consumer]:
         """The scored members read on their input columns, each with its block's registered input factor."""
@@ -111,6 +152,18 @@ class GroupPruner(PruningEngine):
         raw = self._raw_step_scores(criterion or self.criterion)
         return {key: normalized(v) if self.normalize_each_step else v for key, v in raw.items()}
 
+    def step_block_scores(self, criterion=None) -> Optional[torch.Tensor]:
+        """This step's raw score of every gated block (``|Σ_writers Σ_rows Σ_tokens y·∂L/∂y|``), or None when the
+        writers were not used this step."""
+        criterion = criterion or self.criterion
+        scores = []
+        for gate in self.gates:
+            sums = [criterion.writer_sums(name) for name, _ in gate.writers]
+            if any(s is None for s in sums):
+                return None
+            scores.append(sum(s.sum() for s in sums).abs().reshape(1))
+        return torch.cat(scores).float() if scores else None
+
     def _fold(self, beta: float) -> None:
         keep_scales = self.joint and self.normalize_each_step
         for key, raw in self._raw_step_scores(self.criterion).items():
@@ -119,6 +172,33 @@ class GroupPruner(PruningEngine):
             if keep_scales:
                 norm = raw.float().norm().reshape(1)
                 moving_average_(self._average(self.member_scales, key, (1,), norm.device), norm, beta)
+        raw = self.step_block_scores() if self.gates else None
+        if raw is not None:
+            step = normalized(raw) if self.normalize_each_step else raw
+            moving_average_(self._average(self.depth_averages, "average", step.shape, step.device), step, beta)
+            if keep_scales:
+                norm = raw.norm().reshape(1)
+                moving_average_(self._average(self.depth_averages, "scale", (1,), norm.device), norm, beta)
+
+    def blocks_kept(self) -> torch.Tensor:
+        """Per gated block: True while it is kept."""
+        return torch.tensor([gate.kept(self.adapter) for gate in self.gates], dtype=torch.bool)
+
+    def block_scores(self, comparable: bool = False) -> torch.Tensor:
+        """The averaged score of every gated block (zeros before the first update); ``comparable``: in the
+        criterion's units, times the averaged raw norm (as :meth:`comparable_scores` does for groups)."""
+        average = self.depth_averages.get("average")
+        scores = torch.zeros(len(self.gates)) if average is None else average.float().cpu()
+        if comparable and self.normalize_each_step:
+            scale = self.depth_averages.get("scale")
+            scores = scores * (float(scale) if scale is not None else 0.0)
+        return scores
+
+    def close_blocks(self, keep: torch.Tensor) -> None:
+        """Close the gate of every block whose entry of ``keep`` is False (closed blocks stay closed)."""
+        for gate, k in zip(self.gates, keep.tolist()):
+            if not k and gate.kept(self.adapter):
+                gate.close(self.adapter)
 
     # ------------------------------------------------------------------ masks
     def group_scores(self, groups: BlockGroups, member_scores: Optional[dict] = None) -> torch.Tensor:
@@ -156,6 +236,9 @@ class GroupPruner(PruningEngine):
         if self.joint:
             self._select_joint(sparsity)
             return
+        if self.gates:
+            n = len(self.gates)
+            self.close_blocks(keep_top(self.block_scores(), self.blocks_kept(), n - prune_count(n, sparsity)))
         for structure in sorted({g.spec.structure for g in self.groups}):
             groups = [g for g in self.groups if g.spec.structure == structure]
             scores = [self.group_scores(g) for g in groups]
@@ -178,8 +261,53 @@ class GroupPruner(PruningEngine):
 
     def _select_joint(self, sparsity: float) -> None:
         """``allocation="joint"``: remove ``sparsity`` of every pruned block's head and channel weights, the same
-        number of each kind in every block, split between the kinds where the summed estimates cost least."""
-        self.remove_per_block(self.joint_counts(sparsity))
+        number of each kind in every block, split between the kinds where the summed estimates cost least; with
+        ``"layers"``, whole blocks join the split (:meth:`joint_depth_split`)."""
+        if not self.gates:
+            self.remove_per_block(self.joint_counts(sparsity))
+            return
+        closed, counts = self.joint_depth_split(sparsity)
+        keep = torch.ones(len(self.gates), dtype=torch.bool)
+        keep[closed] = False
+        self.close_blocks(keep)
+        self.remove_per_block(counts)
+
+    def joint_depth_split(self, fraction: float) -> tuple[list[int], dict[str, int]]:
+        """Under ``allocation="joint"`` with ``"layers"``: which gated blocks close (positions in :attr:`gates`) and
+        how many units of each other kind every remaining block loses, so that ``fraction`` of the pruned blocks'
+        weights go where the estimates in the criterion's units (:meth:`block_scores`, :meth:`comparable_scores`)
+        cost least (:func:`~peft_loraprune.pruning.selection.split_with_blocks`)."""
+        kept = self.blocks_kept()
+        scores = self.block_scores(comparable=True)
+        order = torch.where(kept, scores, torch.full_like(scores, -1.0)).argsort(stable=True).tolist()
+        block_curve = torch.cat([scores.new_zeros(1), scores[order].masked_fill(~kept[order], 0.0).cumsum(0)[:-1]])
+        kinds = sorted({g.spec.structure for g in self.groups})
+        by_block = {(g.block, g.spec.structure): g for g in self.groups}
+        per_block_curves, per_block_mins, unit_weights = [], [], []
+        for kind in kinds:
+            g = next(g for g in self.groups if g.spec.structure == kind)
+            unit_weights.append(g.spec.partitions * g.weights_per_group())
+        for position in order:
+            curves, mins = [], []
+            for kind in kinds:
+                g = by_block[(self.gates[position].block, kind)]
+                parts = g.spec.partitions
+                k = g.kept(self.adapter).cpu()
+                curves.append(removal_loss_curve(self.comparable_scores(g).cpu(), k, parts))
+                mins.append(g.spec.n_groups // parts - int(k.reshape(parts, -1).sum(dim=1).min()))
+            per_block_curves.append(curves)
+            per_block_mins.append(mins)
+        block_weights = self.gates[0].block_weights
+        n_closed, counts = split_with_blocks(
+            block_curve,
+            block_weights,
+            int((~kept).sum()),
+            per_block_curves,
+            unit_weights,
+            per_block_mins,
+            fraction * block_weights * len(self.gates),
+        )
+        return order[:n_closed], dict(zip(kinds, counts))
 
     def joint_counts(self, fraction: float, costs: Optional[dict[str, RemovalCost]] = None) -> dict[str, int]:
         """How many units of each kind every block loses so that ``fraction`` of its head and channel weights go,
@@ -243,7 +371,13 @@ class GroupPruner(PruningEngine):
         shapes = {f"member.{_member_key(name, m.axis)}": (m.layout[1],) for m, name, _ in self.scored_members}
         if self.joint:
             shapes.update({f"scale.{_member_key(name, m.axis)}": (1,) for m, name, _ in self.scored_members})
+        if self.gates:
+            shapes["depth.average"] = (len(self.gates),)
+            if self.joint:
+                shapes["depth.scale"] = (1,)
         return shapes
 
     def _device_of(self, kind, key):
+        if kind == "depth":
+            return self.gates[0].writers[0][1].get_base_weight().device
         return dict(self.layers)[key.rsplit(".", 1)[0]].get_base_weight().device

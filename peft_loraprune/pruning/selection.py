@@ -221,6 +221,15 @@ def split_weight_budget(
     leaves (halves rounded down), and the cheapest feasible combination wins (ties: the first tried, fewer of the
     coarse units). When no combination fits the bounds, the one nearest the budget wins.
     """
+    return best_weight_split(curves, unit_weights, min_counts, budget)[2]
+
+
+def best_weight_split(
+    curves: list[torch.Tensor], unit_weights: list[int], min_counts: list[int], budget: float
+) -> tuple[float, float, list[int]]:
+    """:func:`split_weight_budget` with how good its answer is: ``(distance, cost, counts)``, where ``distance`` is 0
+    when the finest kind could take the rounding, else how many weights the split misses the budget by, and ``cost``
+    the summed estimate of the removals."""
     if not (len(curves) == len(unit_weights) == len(min_counts)) or not curves:
         raise ValueError("split_weight_budget needs one curve, unit weight and minimum count per kind")
     finest = min(range(len(curves)), key=lambda k: unit_weights[k])
@@ -237,4 +246,46 @@ def split_weight_budget(
         cost = sum(float(curves[k][n]) for k, n in counts.items())
         if best is None or (distance, cost) < best[:2]:
             best = (distance, cost, [counts[k] for k in range(len(curves))])
-    return best[2]
+    return best
+
+
+def split_with_blocks(
+    block_curve: torch.Tensor,
+    block_weights: int,
+    min_blocks: int,
+    per_block_curves: list[list[torch.Tensor]],
+    unit_weights: list[int],
+    per_block_min_counts: list[list[int]],
+    budget: float,
+) -> tuple[int, list[int]]:
+    """How many whole blocks go, and how many units of each kind every remaining block loses, so that about
+    ``budget`` weights go at the least estimated cost.
+
+    Blocks go in a fixed order (closed ones first, then the cheapest), so ``block_curve[k]`` is the summed cost of
+    removing the first ``k`` (:func:`removal_loss_curve` of the block scores, ``n`` entries for ``n`` blocks), and
+    entry ``b`` of ``per_block_curves`` / ``per_block_min_counts`` is the ``b``-th block *in that order*: its own
+    removal curve and minimum count of each kind (empty lists when only blocks are pruned). ``block_weights``: the
+    weights one block holds; ``min_blocks``: blocks already closed. For every number ``k`` of removed blocks (from
+    ``min_blocks`` to all but one) the remaining blocks share what the budget leaves by :func:`best_weight_split`
+    over their summed curves; with blocks alone, ``k`` is the nearest count to the budget (halves rounded down). The
+    cheapest ``k`` that meets the budget within the finest unit's rounding wins, else the nearest. Returns
+    ``(k, counts)``.
+    """
+    n = int(block_curve.numel())
+    kinds = range(len(unit_weights))
+    wanted_blocks = math.ceil(budget / block_weights - 0.5)
+    best = None  # (distance, cost, k, counts)
+    for k in range(min(min_blocks, n - 1), n):
+        left = budget - k * block_weights
+        if kinds:
+            remaining = range(k, n)
+            curves = [sum(per_block_curves[b][kind] for b in remaining) for kind in kinds]
+            mins = [max(per_block_min_counts[b][kind] for b in remaining) for kind in kinds]
+            distance, cost, counts = best_weight_split(curves, unit_weights, mins, left / len(remaining))
+            distance *= len(remaining)
+        else:
+            distance, cost, counts = (0.0 if k == wanted_blocks else abs(left)), 0.0, []
+        candidate = (distance, cost + float(block_curve[k]), k, counts)
+        if best is None or candidate[:2] < best[:2]:
+            best = candidate
+    return best[2], best[3]

@@ -1,0 +1,88 @@
+"""Depth units: whole transformer blocks, gated through the modules that write into the residual stream.
+
+A pre-norm block adds its attention output and its MLP output to the residual stream (``h + o_proj(...)``,
+``h + down_proj(...)``). With every output row of those *residual writers* masked (their ``lora_mask_rows``, bias
+included) the block adds nothing: the masked model computes exactly what the model without that block computes,
+and export deletes it. So a block's gate needs no new tensor: it is stored in masks that are already saved,
+reloaded, broadcast and checkpointed, and a block counts as kept while any writer row is kept.
+
+The family registry names the writers (``ArchitectureSpec.residual_writers``); :func:`find_block_gates` binds them to
+the adapted layers of one adapter, as :func:`~peft_loraprune.pruning.structure.find_structured_groups` binds groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..layer import LoRAPruneLayer
+from .architectures import require_architecture
+from .structure import resolve_dense_layers
+
+
+@dataclass
+class BlockGate:
+    """The residual writers of one transformer block, bound to their layers."""
+
+    block: int
+    writers: list[tuple[str, LoRAPruneLayer]]  # (full module name, layer), in the registry's order
+    relative_name: str  # block-relative name of the first writer, to find the block's own module name
+    block_weights: int  # weights of the block's adapted modules: what removing the block removes, besides norms
+
+    @property
+    def prefix(self) -> str:
+        """Module name of the block (``model.layers.3``)."""
+        return self.writers[0][0][: -len(self.relative_name) - 1]
+
+    def kept(self, adapter_name: str) -> bool:
+        """True while any output row of any writer is kept."""
+        return any(bool(layer.lora_mask_rows[adapter_name].any()) for _, layer in self.writers)
+
+    def close(self, adapter_name: str) -> None:
+        """Mask every output row of every writer: the block adds nothing to the residual stream."""
+        for _, layer in self.writers:
+            layer.set_masks(adapter_name, rows=torch.zeros_like(layer.lora_mask_rows[adapter_name]))
+
+
+def find_block_gates(tuner, adapter_name: str, include_all: bool = False) -> list[BlockGate]:
+    """The gate of every block of ``adapter_name`` in order, skipping ``dense_layers`` unless ``include_all``.
+
+    Raises ``ValueError`` when the family has no residual writers (post-norm blocks, unknown families) or when a
+    writer of some block is not adapted."""
+    spec = require_architecture(tuner.model_type)
+    if not spec.residual_writers:
+        raise ValueError(
+            f"prune_structures with 'layers' removes whole blocks, which the {spec.name} family cannot do exactly: its "
+            "blocks normalise after the residual sum (post-norm), so no module's output can be masked to make a block "
+            "the identity. Families with whole-layer pruning: "
+            f"{sorted(_families_with_layers())}; prune 'heads' and 'channels' here."
+        )
+    config = tuner.peft_config[adapter_name]
+    by_block: dict[int, dict[str, tuple[str, LoRAPruneLayer]]] = {}
+    for name, layer in tuner.prune_layers(adapter_name):
+        located = spec.locate(name)
+        if located is not None:
+            by_block.setdefault(located[0], {})[located[1]] = (name, layer)
+    dense = set() if include_all else resolve_dense_layers(config, sorted(by_block))
+    gates = []
+    for block in sorted(by_block):
+        if block in dense:
+            continue
+        missing = [w for w in spec.residual_writers if w not in by_block[block]]
+        if missing:
+            raise ValueError(
+                f"Pruning whole layers needs the residual writers {list(spec.residual_writers)} of every block "
+                f"adapted, but {missing} of block {block} are not in target_modules. Add them, or drop 'layers' "
+                "from prune_structures."
+            )
+        weights = sum(layer.in_features * layer.out_features for _, layer in by_block[block].values())
+        writers = [by_block[block][w] for w in spec.residual_writers]
+        gates.append(BlockGate(block, writers, spec.residual_writers[0], weights))
+    return gates
+
+
+def _families_with_layers() -> set[str]:
+    from .architectures import _REGISTRY
+
+    return {spec.name for spec in _REGISTRY.values() if spec.residual_writers}
