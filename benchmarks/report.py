@@ -1,11 +1,12 @@
-"""Render benchmarks/RESULTS.md (tables), its plots and the README's generated blocks from the JSON files in
-benchmarks/results/.
+"""Render benchmarks/RESULTS.md (tables), its plots and the generated blocks of README.md (its one results table)
+and docs/benchmarks.md (findings, caveats and the other tables) from the JSON files in benchmarks/results/.
 
     python benchmarks/report.py
 
 Split by job: ``report_peers`` (tables against other pruners, read from each file's ``table`` block),
 ``report_quality`` (criteria, fidelity, accuracy study), ``report_cost`` (step cost, memory, export speed),
-``report_big_models`` (quantized bases, streaming export), ``report_readme`` (the README's blocks); shared helpers
+``report_big_models`` (quantized bases, streaming export), ``report_distill`` (the recovery study),
+``report_readme`` (the blocks of README.md and docs/benchmarks.md); shared helpers
 in ``report_common`` and every statistic in ``stats``.
 """
 

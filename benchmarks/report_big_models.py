@@ -196,7 +196,9 @@ def readme_lines() -> list[str]:
             out.insert(
                 0,
                 f"Measured (`benchmarks/quantized_bases.py`, {_machine(quantized)}, "
-                f"{', '.join(f'{t:,d}' for t in tokens)} training tokens per run; table in RESULTS.md):",
+                f"{', '.join(f'{t:,d}' for t in tokens)} training tokens per run; table in RESULTS.md). Goals: "
+                f"an export within {PERPLEXITY_GOAL - 1:.0%} of the bf16 base's perplexity, a step at most "
+                f"{STEP_GOAL}x and peak memory at most {MEMORY_GOAL}x plain QLoRA's on the same base:",
             )
     importance = _load("quantized_importance_smollm2")
     if importance:

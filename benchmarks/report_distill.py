@@ -506,3 +506,142 @@ def readme_lines() -> list[str]:
             out += [f"- {v}" for v in peer_recovery_lines(task, rows, table, dense.mean)]
     cost = cost_line()
     return out + ([f"- {cost}"] if cost else [])
+
+
+#: the README quickstart's recovery settings (learning rate 1e-3, rank 32 with lora_alpha 64, trained norms) as a
+#: modifier of the study's method names: the README table's ``+ recipe`` rows (tests/test_docs.py checks that the
+#: quickstart says the same)
+RECIPE = "lr=0.001+r=32+norms"
+
+#: what each modifier of a study run changes: the legend under docs/benchmarks.md's recovery tables
+MODIFIER_WORDS = {
+    "lr": "the learning rate",
+    "r": "the LoRA rank (`lora_alpha` twice the rank)",
+    "norms": "the normalisation layers train too (`modules_to_save=norm_module_names(base)`)",
+    "kd": "distillation (teacher/weight/temperature) toward `dense` (a dense LoRA adapter trained first: its tokens "
+    "count), `unmasked` (the adapter, masks off) or `base` (the pretrained model)",
+    "steps": "trained for that many steps; at the default's own count, the default rerun with the study's code, "
+    "which the column *vs the default* compares with where there is one",
+    "channels": "the default's weight budget spent on MLP channels alone (that fraction of them; no head removed)",
+    "joint": '`allocation="joint"` at the default\'s weight budget: the importance splits it between heads and '
+    "channels",
+    "init": "the pruned adapter starts from the dense LoRA adapter's weights (its tokens count)",
+    "recovery_lr": "the learning rate times that factor once the masks are final",
+    "bias": "a probe, not in the package: FLAP's bias compensation for the removed inputs, plus a trained bias",
+    "budget": "`budget` (global: units ranked across blocks)",
+}
+#: schedules of the default, written ``<default>-<schedule>``
+SCHEDULE_WORDS = {"cd10": "pruning from 10% to 90% of the steps (the reference code's window)"}
+
+
+def _changes(method: str, default: str) -> tuple[str, frozenset]:
+    """(family, changes): ``loraprune-activation-cd10+r=32+norms`` -> (the default, {"-cd10", "r=32", "norms"})."""
+    name, _, modifiers = method.partition("+")
+    changes = {m for m in modifiers.split("+") if m}
+    if name.startswith(f"{default}-"):
+        changes.add(name[len(default) :])
+        name = default
+    return name, frozenset(changes)
+
+
+def _extends(method: str, methods, default: str) -> Optional[str]:
+    """The run of the same family whose changes are the most of ``method``'s (a proper subset): what ``method``
+    adds its last change to; None when there is none, or when it is the default itself (a column of its own)."""
+    family, changes = _changes(method, default)
+    best = None
+    for other in sorted(methods):
+        f, c = _changes(other, default)
+        if f == family and c < changes and (best is None or len(c) > len(_changes(best, default)[1])):
+            best = other
+    return None if best == default else best
+
+
+def _relative(task: str, rows, reference, metric: str) -> str:
+    """``rows`` against ``reference`` on the seeds both ran: a perplexity ratio or an accuracy difference in points,
+    with the number of shared seeds; ``-`` when they share none."""
+    seeds = {r["seed"] for r in rows} & {r["seed"] for r in reference or ()}
+    if not seeds:
+        return "-"
+    ours, theirs = (summary(r[metric] for r in group if r["seed"] in seeds).mean for group in (rows, reference))
+    relative = f"{ours / theirs:.3f}x" if task.startswith("smollm2") else f"{100 * (ours - theirs):+.2f} pt"
+    return f"{relative} ({len(seeds)})"
+
+
+def _short(method: str, default: str) -> str:
+    """``+lr=0.001`` for the default given a modifier (``loraprune-activation+lr=0.001``), else the name."""
+    return method[len(default) :] if method.startswith(default) and method != default else method
+
+
+def recovery_lines() -> list[str]:
+    """docs/benchmarks.md's recovery tables: per task and sparsity, every run of the study against dense LoRA, the
+    default (rerun with the study's code where there is such a rerun) on the seeds both ran, and the run it adds its
+    last change to; then the legend of the modifiers that appear."""
+    out, seen = [], set()
+    for task in BASELINES:
+        found = study(task)
+        if found is None:
+            continue
+        rows, table, dense, data = found
+        metric, default = table["metric"], table["default_method"]
+        groups = _rows_by_variant(rows, metric)
+        fmt = "{:.2f}" if table["direction"] == "lower" else "{:.4f}"
+        plain_runs = [r for r in rows if not _changes(r["method"], default)[1] and r.get("learning_rate")]
+        rate = summary(r["learning_rate"] for r in plain_runs)
+        rank = summary(r.get("r") for r in plain_runs)
+        settings = ", ".join(
+            words
+            for value, words in ((rank, "rank {:g}"), (rate, "learning rate {:g}"))
+            if value is not None
+            for words in [words.format(value.mean)]
+        )
+        for sparsity in sorted({s for _, s in groups}, reverse=True):
+            at = {m: g for (m, s), g in groups.items() if s == sparsity and m != "dense-lora"}
+            if not at:
+                continue
+            plain = groups.get((default, sparsity))
+            reference = (_longer(groups, table, sparsity, _total_tokens(plain)) if plain else None) or plain
+            cell = f"{sparsity:.0%} {_granularity(task)}" if sparsity else "no pruning"
+            out += [
+                f"**{TASK_WORDS[task]}, {cell}** (dense LoRA {metric} {dense.mean:.4g}, n={dense.n}"
+                + (f"; without a modifier: {settings}" if settings else "")
+                + f"; peft_loraprune {data['machine'].get('peft_loraprune')}, {data['machine']['date'][:10]}):",
+                "",
+                f"| run | seeds | {metric} | vs dense LoRA | vs the default, same seeds | vs the run it extends, "
+                "same seeds | tokens in all |",
+                "|---|---:|---:|---:|---:|---|---:|",
+            ]
+            order = sorted(at, key=lambda m: (m != default, _changes(m, default)[0] != default, m))
+            for method in order:
+                group = at[method]
+                stat = summary(r[metric] for r in group)
+                family, changes = _changes(method, default)
+                seen |= {c.partition("=")[0] for c in changes}
+                extends = _extends(method, at, default)
+                versus_default = (
+                    _relative(task, group, reference, metric)
+                    if sparsity
+                    and method != default
+                    and family == default
+                    and method not in {r["method"] for r in reference or ()}
+                    else "-"
+                )
+                versus_extended = (
+                    f"{_relative(task, group, at[extends], metric)} against `{_short(extends, default)}`"
+                    if extends
+                    else "-"
+                )
+                name = f"`{_short(method, default)}`" + (" (peers file)" if group[0].get("from_peers_file") else "")
+                out.append(
+                    f"| {name} | {len(group)} | {fmt.format(stat.mean)} | {_gap(task, stat.mean, dense.mean)[0]} | "
+                    f"{versus_default} | {versus_extended} | {_total_tokens(group):,.0f} |"
+                )
+            out.append("")
+    legend = [f"`+{k}`: {MODIFIER_WORDS.get(k, 'see benchmarks/peers.py')}" for k in MODIFIER_WORDS if k in seen]
+    legend += [f"`{k}`: {SCHEDULE_WORDS[k[1:]]}" for k in sorted(seen) if k[1:] in SCHEDULE_WORDS]
+    legend += [
+        f"`+{k}`: see `benchmarks/peers.py`"
+        for k in sorted(seen)
+        if k not in MODIFIER_WORDS and k[1:] not in SCHEDULE_WORDS
+    ]
+    legend.insert(0, "a name starting with `+` or `-`: the default (the first row) with that change")
+    return out + ["Names: " + "; ".join(legend) + "."] if out else out

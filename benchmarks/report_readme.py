@@ -1,6 +1,7 @@
-"""The generated blocks of the README and the docs: the README's results table, the benchmark, distillation and
-big-models lists, the cost tables. Each block sits between two markers; a missing marker raises
-(GENERATED_BLOCKS lists them). Only result files marked current reach these documents."""
+"""The generated blocks of the README and docs/benchmarks.md: the results table (the README's only one), the
+benchmark, recovery-study and big-models lists, the recovery tables, the cost tables. Each block sits between two
+markers; a missing marker raises (GENERATED_BLOCKS lists them). Only result files marked current reach these
+documents."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ from stats import mean_of, summary
 
 
 def readme_summary() -> list[str]:
-    """Bullets for docs/benchmarks.md, computed from the result files like RESULTS.md."""
+    """docs/benchmarks.md's bullets against other pruners, on criteria and on step cost, computed from the result
+    files like RESULTS.md."""
+    return peers_summary() + step_cost_summary()
+
+
+def peers_summary() -> list[str]:
+    """The bullets against other pruners and of the criterion study."""
     out = []
     for file_name, data in load("peers_*.json").items():
         if file_name.endswith("_distill"):
@@ -55,6 +62,12 @@ def readme_summary() -> list[str]:
             f"- **Criterion study** (SmolLM2-135M, {data['settings']['train_tokens']:,d} training tokens, seeds "
             f"{data['settings']['seeds']}; held-out perplexity, lower is better): " + "; ".join(cells) + "."
         )
+    return out
+
+
+def step_cost_summary() -> list[str]:
+    """One bullet per current step-cost file: each configuration's step time and peak memory against plain LoRA."""
+    out = []
     for name, data in load("step_cost_*.json").items():
         if not table_of(data, name)["current"]:
             continue
@@ -108,31 +121,46 @@ def cost_lines() -> list[str]:
 
 def results_table() -> list[str]:
     """The README's one table: SmolLM2 held-out perplexity, the package default against dense LoRA and the peers,
-    structured at 20% and 50% and unstructured at 50% (means over seeds, from the current peers files)."""
+    structured at 20% and 50% and unstructured at 50% (means over seeds, from the current peers files); then the
+    same runs given the quickstart's recipe (``report_distill.RECIPE``), from the recovery study's files."""
     columns = [("peers_smollm2", 0.2, "structured 20%"), ("peers_smollm2", 0.5, "structured 50%")]
     columns += [("peers_smollm2_unstructured", 0.5, "unstructured 50%")]
     files = load("peers_smollm2*.json")
-    methods, cells = [], {}
+    methods, cells, recipe_runs = [], {}, []
     for name, sparsity, label in columns:
         data = files.get(name)
         if data is None or not table_of(data, name)["current"]:
             continue
         table = table_of(data, name)
         rows = data["rows"]
+        study = files.get(f"{name}_distill")
         wanted = ["dense-lora", table["default_method"], *table["peers"]]
-        for m in wanted:
-            at = [r for r in rows if r["method"] == m and r["sparsity"] == (0.0 if m == "dense-lora" else sparsity)]
+        for m, recipe in [(m, False) for m in wanted] + [(m, True) for m in wanted]:
+            runs, study_runs = rows, (study or {"rows": []})["rows"]
+            if m == "dense-lora":  # no pruning: the structured files' runs, in every column
+                runs = files.get("peers_smollm2", data)["rows"]
+                study_runs = files.get("peers_smollm2_distill", {"rows": []})["rows"]
+            source = study_runs if recipe else runs
+            method = f"{m}+{report_distill.RECIPE}" if recipe else m
+            at = [
+                r
+                for r in source
+                if r["method"] == method and r["sparsity"] == (0.0 if m == "dense-lora" else sparsity)
+            ]
             value = summary(r["perplexity"] for r in at)
             if value is None:
                 continue
-            key = "LoRAPrune (default)" if m == table["default_method"] else m
+            recipe_runs += at if recipe else []
+            key = ("LoRAPrune" if m == table["default_method"] else m) + (" + recipe" if recipe else "")
             if key not in methods:
                 methods.append(key)
             cells[key, label] = f"{value.mean:.2f}" + (f" ± {value.std:.2f}" if value.n > 1 else "") + f" ({value.n})"
     labels = [label for _, _, label in columns]
     if not cells:
         return []
+    methods.sort(key=lambda m: m.endswith(" + recipe"))  # the defaults' rows first
     machine_line = next(iter(files.values()))["machine"]
+    settings = files["peers_smollm2"]["settings"] if "peers_smollm2" in files else {}
     out = [
         "| SmolLM2-135M, Wikipedia leads: held-out perplexity (mean ± std, seeds) | " + " | ".join(labels) + " |",
         "|---|" + "---:|" * len(labels),
@@ -140,25 +168,46 @@ def results_table() -> list[str]:
     for m in methods:
         out.append(f"| {m} | " + " | ".join(cells.get((m, label), "-") for label in labels) + " |")
     tokens = next(iter(files.values()))["rows"][0]["train_tokens"]
+    rank = f"LoRA rank {settings['r']}, " if settings.get("r") else ""
+    recipe = ""
+    if recipe_runs:
+        studied = {r["learning_rate"] for r in recipe_runs if "learning_rate" in r}
+        ranks = {r["r"] for r in recipe_runs if "r" in r}
+        recipe = (
+            " *+ recipe*: the quickstart's "
+            + ", ".join(
+                [f"rank {x}" for x in sorted(ranks)]
+                + ["trained norms"]
+                + [f"learning rate {x:g}" for x in sorted(studied)]
+            )
+            + f" (the recovery study, peft_loraprune {_study_version(files)})."
+        )
     out += [
         "",
-        f"{tokens:,d} training tokens per run, LoRA rank 8, bfloat16 autocast, "
+        f"{tokens:,d} training tokens per run, {rank}bfloat16 autocast, "
         f"{machine_line['cpu_count']} CPUs, peft_loraprune {machine_line.get('peft_loraprune')} "
-        f"({machine_line['date'][:10]}); lower is better. Peers prune one-shot, then get the same LoRA training. "
-        "Every other table: [docs/benchmarks.md](docs/benchmarks.md) and `benchmarks/RESULTS.md`.",
+        f"({machine_line['date'][:10]}); lower is better. Peers prune one-shot, then get the same LoRA training."
+        + recipe,
     ]
     return out
 
 
+def _study_version(files) -> str:
+    """The package version of the recovery study's runs (its result file's machine line)."""
+    return next((d["machine"].get("peft_loraprune") for n, d in files.items() if n.endswith("_distill")), "?")
+
+
 # every generated block: (document, marker name, what renders it); both markers must be present
+# (the README keeps one table; every finding, its caveats and the other tables are on docs/benchmarks.md)
 GENERATED_BLOCKS = (
     ("README.md", "results", results_table),
-    ("docs/benchmarks.md", "benchmarks", readme_summary),
-    ("README.md", "distillation", report_distill.readme_lines),
+    ("docs/benchmarks.md", "results", results_table),
+    ("docs/benchmarks.md", "benchmarks", peers_summary),
+    ("docs/benchmarks.md", "step-cost", step_cost_summary),
     ("docs/benchmarks.md", "distillation", report_distill.readme_lines),
+    ("docs/benchmarks.md", "recovery", report_distill.recovery_lines),
     ("docs/benchmarks.md", "big-models", report_big_models.readme_lines),
-    ("docs/how-to/quantized.md", "big-models", report_big_models.readme_lines),
-    ("docs/concepts/cost.md", "cost", cost_lines),
+    ("docs/benchmarks.md", "cost", cost_lines),
 )
 
 
