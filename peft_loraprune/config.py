@@ -30,7 +30,7 @@ IMPORTANCE_CRITERIA = ("lora", "grad", "magnitude", "activation", "wanda")
 GROUPWISE_CRITERIA = ("activation",)  # score whole heads and channels: structured granularity only
 BUDGETS = ("local", "global")
 SCHEDULES = ("cubic", "one_shot")
-STRUCTURES = ("heads", "channels", "layers")
+STRUCTURES = ("heads", "channels", "layers", "hidden")
 HEAD_GROUPINGS = ("kv_group", "query_head")
 ALLOCATIONS = ("per_structure", "joint")
 BIAS_OPTIONS = ("none", "all", "lora_only")
@@ -65,7 +65,9 @@ def parse_n_m(granularity: str) -> tuple[int, int]:
 class LoRAPruneConfig(PeftConfig):
     """Configuration of a LoRAPrune adapter: LoRA fine-tuning that prunes the model it adapts.
 
-    LoRA fields (same meaning as in `peft.LoraConfig`):
+    The LoRA fields come first and mean what they mean in `peft.LoraConfig`; the pruning fields follow.
+
+    Attributes:
         r: rank of the adapter factors (> 0).
         lora_alpha: scaling numerator; the update is scaled by ``lora_alpha / r`` (or ``/ sqrt(r)`` with
             ``use_rslora``).
@@ -73,17 +75,21 @@ class LoRAPruneConfig(PeftConfig):
         target_modules: module names or a regex to adapt. ``None`` picks, for a model family in the
             architecture registry, every attention and MLP linear (structured pruning needs all modules that
             lose a head or channel together), otherwise PEFT's LoRA default for the model type.
-        exclude_modules, layers_to_transform, layers_pattern, fan_in_fan_out, bias, modules_to_save,
-        init_lora_weights (True, False or "gaussian"), use_rslora: as in LoRA.
+        exclude_modules: as in LoRA.
+        layers_to_transform: as in LoRA.
+        layers_pattern: as in LoRA.
+        fan_in_fan_out: as in LoRA.
+        bias: as in LoRA.
+        modules_to_save: as in LoRA; ``norm_module_names(base)`` trains every normalisation layer.
+        init_lora_weights: True, False or "gaussian", as in LoRA.
+        use_rslora: as in LoRA.
         use_dora: accepted only as False (DoRA's magnitude vector would re-scale pruned rows).
-
-    Pruning fields:
         target_sparsity: fraction of prunable units removed by the end of training, in [0, 1). Units are
             weights ("unstructured", "N:M") or heads and channels ("structured").
         granularity: "unstructured", "structured" or an "N:M" pattern such as "2:4" (target_sparsity is then
             ignored: the pattern fixes it at 1 - N/M).
         adaptation: "parallel" (W = W0 + s·B·A, plain LoRA) or "sequential" (W = (I + s·B·A)·W0).
-        importance: how heads, channels or weights are scored (see :mod:`peft_loraprune.pruning.criteria`):
+        importance: how heads, channels or weights are scored (see `peft_loraprune.pruning.criteria`):
             "activation" (structured only; the default there): the first-order Taylor estimate of removing a whole
             head or channel, from its consumer's input activation and that activation's gradient, which the
             backward pass computes anyway (no weight gradient, ``d_in`` floats of state per consumer module);
@@ -106,7 +112,10 @@ class LoRAPruneConfig(PeftConfig):
             the weight at rewrites).
         pruning_interval: optimizer steps between mask rewrites (>= 1).
         budget: "local" (same fraction in every pruned layer) or "global" (ranked across layers).
-        initial_sparsity, pruning_start, pruning_end, schedule: the cubic schedule goes from ``initial_sparsity``
+        initial_sparsity: the sparsity the schedule starts from (see ``schedule``).
+        pruning_start: the fraction of the optimizer steps where pruning starts (see ``schedule``).
+        pruning_end: the fraction of the optimizer steps where the target is reached (see ``schedule``).
+        schedule: "cubic" or "one_shot". The cubic schedule goes from ``initial_sparsity``
             to ``target_sparsity`` between the fractions ``pruning_start`` and ``pruning_end`` of the optimizer
             steps (0.1 and 0.4: pruning from 10% to 40% of training, then 60% at the final structure);
             ``schedule="one_shot"`` prunes everything at ``pruning_start``. (Before 0.5.0 the window was
@@ -117,7 +126,9 @@ class LoRAPruneConfig(PeftConfig):
             Pruning late leaves the last units' removal little time to recover.
         prune_structures: for "structured": which units to prune: "heads", "channels" and/or "layers" (whole
             transformer blocks, gated through the modules that write into the residual stream; export deletes them
-            and updates ``num_hidden_layers``; pre-norm families only, scored with ``importance="activation"``).
+            and updates ``num_hidden_layers``; pre-norm families only, scored with ``importance="activation"``) and/or
+            "hidden" (channels of the residual stream, one mask for every block; export slices the embedding, every
+            projection, the norms and the output layer; RMSNorm families only, ``importance="activation"``).
         head_grouping: with grouped-query attention: "kv_group" removes a KV head with all its query heads;
             "query_head" removes query heads, the same number in every KV group.
         allocation: for "structured" with several ``prune_structures``: how the target is shared between them.
@@ -125,12 +136,12 @@ class LoRAPruneConfig(PeftConfig):
             query heads per KV group, 20% removes 1 of 3). "joint": ``target_sparsity`` is the fraction of the
             pruned blocks' head and channel weights removed, and how many of each kind go is chosen at every
             rewrite by the importance, one split for the whole model so every block keeps the same widths (see
-            :func:`~peft_loraprune.pruning.selection.split_weight_budget`). Needs ``budget="local"``.
+            `peft_loraprune.pruning.selection.split_weight_budget`). Needs ``budget="local"``.
         dense_layers: transformer block indices never pruned (None: none), or "reference" for the reference
             code's choice (the first 10% of blocks and the last one).
         save_digest: written by ``save_pretrained`` (SHA-256 over the ``adapter_model.safetensors`` saved with
             this config and the config's other fields) and checked by ``from_pretrained``; not meant to be set by
-            hand (see :mod:`peft_loraprune.hub.integrity`).
+            hand (see `peft_loraprune.hub.integrity`).
     """
 
     r: int = field(default=8, metadata={"help": "LoRA rank of the adapter factors (> 0)"})
@@ -257,8 +268,8 @@ class LoRAPruneConfig(PeftConfig):
     prune_structures: list[str] = field(
         default_factory=lambda: ["heads", "channels"],
         metadata={
-            "help": "Structured only: which units are pruned: 'heads', 'channels' and/or 'layers' (whole blocks; export "
-            "deletes them)"
+            "help": "Structured only: which units are pruned: 'heads', 'channels', 'layers' (whole blocks; export "
+            "deletes them) and/or 'hidden' (residual-stream channels; export slices the hidden size)"
         },
     )
     head_grouping: str = field(
@@ -401,11 +412,12 @@ class LoRAPruneConfig(PeftConfig):
             raise ValueError(f"prune_structures must name at least one of {list(STRUCTURES)}, got [].")
         for s in self.prune_structures:
             check_choice("prune_structures", s, STRUCTURES)
-        if "layers" in self.prune_structures and self.granularity == "structured" and self.importance != "activation":
-            raise ValueError(
-                f"prune_structures with 'layers' scores whole blocks by the Taylor estimate of their residual "
-                f"contributions, which importance='activation' computes; got importance={self.importance!r}."
-            )
+        for axis in ("layers", "hidden"):
+            if axis in self.prune_structures and self.granularity == "structured" and self.importance != "activation":
+                raise ValueError(
+                    f"prune_structures with {axis!r} scores its units by the Taylor estimate of their residual "
+                    f"contributions, which importance='activation' computes; got importance={self.importance!r}."
+                )
         check_choice("head_grouping", self.head_grouping, HEAD_GROUPINGS)
         check_choice("allocation", self.allocation, ALLOCATIONS)
         if self.allocation == "joint" and self.granularity != "structured":

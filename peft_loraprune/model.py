@@ -26,6 +26,7 @@ from .layer import Linear, LoRAPruneLayer
 from .pruning.architectures import block_of, get_architecture
 from .pruning.depth import find_block_gates
 from .pruning.engine import PruningEngine
+from .pruning.stream import StreamMask, find_residual_stream
 from .pruning.structure import find_structured_groups, mark_rows_masked_downstream
 from .registration import PREFIX
 
@@ -53,6 +54,8 @@ class _DerivedState:
 
     structured_groups: dict = field(default_factory=dict)  # (adapter, include_all) -> groups bound to layers
     block_gates: dict = field(default_factory=dict)  # (adapter, include_all) -> residual writers of each block
+    streams: dict = field(default_factory=dict)  # adapter -> ResidualStream (hidden-size pruning)
+    stream_masks: dict = field(default_factory=dict)  # adapter -> StreamMask hook on the input embedding
     engines: dict = field(default_factory=dict)  # adapter -> PruningEngine
     eval_results: dict = field(default_factory=dict)  # adapter -> lm-eval results for the model card
     loaded_from: dict = field(default_factory=dict)  # adapter -> folder it was loaded from (resume reads it)
@@ -144,6 +147,8 @@ class LoRAPruneModel(BaseTuner):
             self.structured_groups(adapter_name)  # validates the pruned structures
             if "layers" in config.prune_structures:
                 self.block_gates(adapter_name)  # validates that every block can be gated
+            if "hidden" in config.prune_structures:
+                self._install_stream_mask(adapter_name)
         if not config.inference_mode:
             # criteria that observe the backward pass (true gradient, activation Taylor) install their taps when
             # the engine is created: it must exist before the first forward pass of training
@@ -214,6 +219,44 @@ class LoRAPruneModel(BaseTuner):
             cache[key] = find_block_gates(self, adapter_name, include_all=include_all)
         return cache[key]
 
+    def residual_stream(self, adapter_name: Optional[str] = None):
+        """The readers, writers and norms of the residual stream (:func:`stream.find_residual_stream`), for pruning
+        the hidden size; computed once per adapter and kept."""
+        adapter_name = self.resolve_adapter(adapter_name)
+        if adapter_name not in self.derived.streams:
+            self.derived.streams[adapter_name] = find_residual_stream(self, adapter_name)
+        return self.derived.streams[adapter_name]
+
+    def stream_mask(self, adapter_name: Optional[str] = None) -> Optional[StreamMask]:
+        """The hook masking the input embedding's output for a hidden-size adapter, or None."""
+        return self.derived.stream_masks.get(self.resolve_adapter(adapter_name))
+
+    def _install_stream_mask(self, adapter_name: str) -> None:
+        self.derived.streams.pop(adapter_name, None)
+        old = self.derived.stream_masks.pop(adapter_name, None)
+        if old is not None:
+            old.remove()
+        stream = self.residual_stream(adapter_name)
+        embedding = self.model.get_submodule(stream.embedding)
+        self.derived.stream_masks[adapter_name] = StreamMask(embedding, stream, adapter_name)
+
+    def _remove_stream_masks(self, zero_removed_channels: bool) -> None:
+        """Remove the embedding hooks; when merging, first write the active adapter's stream mask into the
+        embedding (its removed columns become exact zeros, as merged writers' rows do)."""
+        for adapter_name, hook in list(self.derived.stream_masks.items()):
+            if zero_removed_channels and adapter_name in self.active_adapters:
+                keep = hook.stream.kept(adapter_name)
+                with torch.no_grad():
+                    hook.embedding.weight.mul_(keep.to(hook.embedding.weight))
+            hook.remove()
+        self.derived.stream_masks.clear()
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        self._remove_stream_masks(zero_removed_channels=merge)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
     @property
     def model_type(self) -> Optional[str]:
         """``config.model_type`` of the wrapped model (read once)."""
@@ -244,6 +287,10 @@ class LoRAPruneModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         self.derived.structured_groups.clear()
         self.derived.block_gates.clear()
+        self.derived.streams.pop(adapter_name, None)
+        hook = self.derived.stream_masks.pop(adapter_name, None)
+        if hook is not None:
+            hook.remove()
         engine = self.derived.engines.pop(adapter_name, None)
         if engine is not None:
             engine.close()

@@ -95,6 +95,24 @@ def plan_export(tuner, adapter_name: str) -> ExportPlan:
             {f"{container}.{renumbered[g.block]}" if closed else g.block_prefix for g in removable}
         )
         plan.refresh_block = export.refresh_block
+    hidden = _removed_stream_channels(tuner, adapter_name, closed)
+    if hidden is not None:
+        stream, index = hidden
+        if export is None or "hidden" not in export.removable:
+            plan.kept_zeroed["hidden"] = stream.size - len(index)
+        else:
+            open_block = _not_in_blocks(tuner, closed)
+            plan.removals += [(name, "rows", index) for name, _ in stream.writers if open_block(name)]
+            plan.removals += [(name, "cols", index) for name, _ in stream.readers if open_block(name)]
+            plan.removals += [(name, "norm", index) for name in stream.norms if open_block(name)]
+            plan.removals.append((stream.embedding, "embedding", index))
+            if stream.output is not None:
+                plan.removals.append((stream.output, "cols", index))
+            plan.removed["hidden"] = stream.size - len(index)
+            plan.refresh_model = export.refresh_model
+            plan.config_updates.update(
+                export.config_updates(tuner.model.config, {**widths, "hidden": len(index)}, config.head_grouping)
+            )
     if closed:
         if export is None or export.layer_config_updates is None:
             plan.kept_zeroed["layers"] = len(closed)
@@ -123,3 +141,19 @@ def _closed_blocks(tuner, adapter_name, spec) -> tuple[set[int], str, list[int]]
     container = gates[0].prefix.rpartition(".")[0]
     n_blocks = len(tuner.model.get_submodule(container))
     return closed, container, [i for i in range(n_blocks) if i not in closed]
+
+
+def _removed_stream_channels(tuner, adapter_name, closed: set[int]):
+    """``(stream, kept channel indices)`` when the adapter removed channels of the residual stream, else None."""
+    if "hidden" not in tuner.peft_config[adapter_name].prune_structures:
+        return None
+    stream = tuner.residual_stream(adapter_name)
+    kept = stream.kept(adapter_name)
+    if bool(kept.all()):
+        return None
+    return stream, kept.nonzero().flatten().cpu()
+
+
+def _not_in_blocks(tuner, blocks: set[int]):
+    """A predicate on module names: True unless the module lies in one of ``blocks`` (deleted ones)."""
+    return lambda name: tuner.block_index(name) not in blocks

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
@@ -42,10 +44,30 @@ def kept_blocks(blocks: torch.nn.ModuleList, index: torch.Tensor) -> torch.nn.Mo
     return kept
 
 
+def norm_weight_kept(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm weight over the stream channels ``index`` only, scaled by ``sqrt(H / H')`` (with the norm's
+    epsilon scaled by ``H / H'`` in the config, the norm of the kept channels then equals the masked norm over all
+    ``H``; see :mod:`~peft_loraprune.pruning.stream`)."""
+    return weight[index] * math.sqrt(weight.numel() / index.numel())
+
+
+def _shrink_embedding(model: torch.nn.Module, module: torch.nn.Module, index: torch.Tensor) -> None:
+    """Keep the embedding columns ``index``; every module sharing its weight (a tied output layer) follows."""
+    old = module.weight
+    new = torch.nn.Parameter(old.data[:, index].contiguous().clone(), requires_grad=old.requires_grad)
+    for other in model.modules():
+        if getattr(other, "weight", None) is old:
+            other.weight = new
+            if isinstance(other, torch.nn.Linear):
+                other.in_features = new.shape[1]
+    module.embedding_dim = new.shape[1]
+
+
 def remove_pruned(model: torch.nn.Module, removals, progressbar: bool = True) -> None:
     """Carry out ``removals`` in ``model``: every ``(module name, axis, kept index)`` with axis "rows" or "cols"
-    replaces a Linear/Conv1D by its shrunk copy; axis "blocks" replaces a module list of blocks by the blocks kept
-    (done last, so that module names of the other removals still hold)."""
+    replaces a Linear/Conv1D by its shrunk copy; "norm" keeps entries of an RMSNorm's weight
+    (:func:`norm_weight_kept`), "embedding" columns of an embedding (a tied output layer follows); "blocks" replaces
+    a module list of blocks by the blocks kept (done last, so that module names of the other removals still hold)."""
     ordered = sorted(removals, key=lambda removal: removal[1] == "blocks")
     for name, axis, index in tqdm(ordered, desc="Removing pruned structures", disable=not progressbar or not removals):
         parent_name, _, child = name.rpartition(".")
@@ -53,5 +75,12 @@ def remove_pruned(model: torch.nn.Module, removals, progressbar: bool = True) ->
         module = getattr(parent, child)
         if axis == "blocks":
             setattr(parent, child, kept_blocks(module, index))
+        elif axis == "norm":
+            weight = module.weight
+            module.weight = torch.nn.Parameter(
+                norm_weight_kept(weight.data, index.to(weight.device)), requires_grad=weight.requires_grad
+            )
+        elif axis == "embedding":
+            _shrink_embedding(model, module, index.to(module.weight.device))
         else:
             setattr(parent, child, shrunk_module(module, axis, index.to(module.weight.device)))

@@ -42,6 +42,7 @@ from ..kernels.quantized import ROUNDING_FORMATS, rounded_as
 from .checkpoint_io import CheckpointReader, StreamingShardWriter, parse_size, planned
 from .merge import ExportReport
 from .plan import plan_export
+from .shrinking import norm_weight_kept
 
 #: files of a model folder copied as they are (tokenizer, generation settings); config.json is rewritten
 _COPIED_FILES = (
@@ -58,24 +59,63 @@ _COPIED_FILES = (
 )
 
 
-def _module_edits(plan, layers: dict) -> dict[str, list[tuple[str, torch.Tensor]]]:
-    edits: dict[str, list[tuple[str, torch.Tensor]]] = {}
+def _module_edits(plan, layers: dict) -> tuple[dict, dict, Optional[tuple[str, list[int]]]]:
+    """The plan's removals by kind: ``(adapted, plain, blocks)``. ``adapted``: module -> ``[(axis, index)]`` for the
+    adapted modules (merged, then sliced); ``plain``: the same for the other tensors the plan edits (a norm's
+    entries, an embedding's or an untied output layer's columns); ``blocks``: ``(block list name, kept block indices)``
+    when blocks are deleted, else None."""
+    adapted: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    plain: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    blocks = None
     for name, axis, index in plan.removals:
-        if name not in layers:
-            raise ValueError(f"the export plan removes from {name!r}, which is not an adapted module")
-        edits.setdefault(name, []).append((axis, index))
-    return edits
+        if axis == "blocks":
+            blocks = (name, index.tolist())
+        elif name in layers:
+            adapted.setdefault(name, []).append((axis, index))
+        elif axis in ("norm", "embedding", "cols"):
+            plain.setdefault(name, []).append((axis, index))
+        else:
+            raise ValueError(f"the export plan removes {axis} from {name!r}, which is not an adapted module")
+    return adapted, plain, blocks
 
 
 def _sliced(t: torch.Tensor, edits, is_bias: bool) -> torch.Tensor:
-    """``t`` (a weight in ``(d_out, d_in)`` form, or a bias) with the removed rows/columns taken out."""
+    """``t`` (a weight in ``(d_out, d_in)`` form, or a bias) with the removed rows/columns taken out; for a tensor
+    the adapter does not adapt, also a norm's kept entries (scaled, :func:`norm_weight_kept`) and an embedding's
+    kept columns."""
     for axis, index in edits:
-        if is_bias:
+        if axis == "norm":
+            t = t if is_bias else norm_weight_kept(t, index)
+        elif axis == "embedding":
+            t = t[:, index]
+        elif is_bias:
             if axis == "rows":
                 t = t[index]
         else:
             t = t[index, :] if axis == "rows" else t[:, index]
     return t
+
+
+def _renamer(blocks: Optional[tuple[str, list[int]]]):
+    """Checkpoint key -> output key when blocks are deleted: None for a tensor of a deleted block, the key with the
+    block's new index for a kept one."""
+    if blocks is None:
+        return lambda key: key
+    container, kept = blocks
+    new_index = {old: new for new, old in enumerate(kept)}
+    prefix = container + "."
+
+    def rename(key: str) -> Optional[str]:
+        if not key.startswith(prefix):
+            return key
+        index, _, rest = key[len(prefix) :].partition(".")
+        if not index.isdigit():
+            return key
+        if int(index) not in new_index:
+            return None
+        return f"{prefix}{new_index[int(index)]}.{rest}"
+
+    return rename
 
 
 def saved_module_tensors(model: torch.nn.Module, adapter: str) -> dict[str, torch.Tensor]:
@@ -145,7 +185,8 @@ def stream_export(
     reader = CheckpointReader(base)
     plan = plan_export(tuner, adapter)
     layers = dict(tuner.prune_layers(adapter))
-    edits = _module_edits(plan, layers)
+    edits, plain_edits, blocks = _module_edits(plan, layers)
+    rename = _renamer(blocks)
     missing = [f"{n}.weight" for n in layers if f"{n}.weight" not in reader]
     if missing:
         raise ValueError(
@@ -158,13 +199,17 @@ def stream_export(
     if why_not:
         raise ValueError(f"{why_not}; use the in-memory export (--in_memory)")
 
-    # 1. the plan of every output tensor
+    # 1. the plan of every output tensor (named as it is written: blocks after deleted ones are renumbered)
     outputs = []
+    source = {}  # output key -> checkpoint key
     params_before = params_after = bytes_before = 0
     for key in reader.keys():
         module, _, leaf = key.rpartition(".")
         src_dtype, shape = reader.dtype(key), reader.shape(key)
         out_dtype = dtype if (dtype is not None and src_dtype.is_floating_point) else src_dtype
+        n_before = int(torch.Size(reader.shape(key)).numel())
+        params_before += n_before
+        bytes_before += n_before * src_dtype.itemsize
         if module in layers and leaf in ("weight", "bias"):
             layer = layers[module]
             shape = (layer.out_features, layer.in_features) if leaf == "weight" else shape
@@ -172,10 +217,13 @@ def stream_export(
             shape = tuple(_sliced(probe, edits.get(module, ()), leaf == "bias").shape)
             if leaf == "weight" and layer.fan_in_fan_out:
                 shape = shape[::-1]
-        outputs.append(planned(key, out_dtype, shape))
-        n_before = int(torch.Size(reader.shape(key)).numel())
-        params_before += n_before
-        bytes_before += n_before * src_dtype.itemsize
+        elif module in plain_edits and leaf in ("weight", "bias"):
+            shape = tuple(_sliced(torch.empty(shape, device="meta"), plain_edits[module], leaf == "bias").shape)
+        out_key = rename(key)
+        if out_key is None:
+            continue
+        source[out_key] = key
+        outputs.append(planned(out_key, out_dtype, shape))
         params_after += int(torch.Size(shape).numel())
 
     # 2. the data, tensor by tensor
@@ -183,7 +231,7 @@ def stream_export(
     writer = StreamingShardWriter(out, outputs, parse_size(max_shard_size))
     try:
         for target in tqdm(outputs, desc="Exporting tensors", disable=not progressbar):
-            key = target.name
+            key = source[target.name]
             module, _, leaf = key.rpartition(".")
             layer = layers.get(module)
             if layer is not None and leaf == "weight":
@@ -194,19 +242,23 @@ def stream_export(
                 merged = layer.masked_merged_weight(adapter, w0_2d).to(w0.dtype)  # rounded as merging into it does
                 merged = _sliced(merged, edits.get(module, ()), False)
                 merged = merged.t() if layer.fan_in_fan_out else merged
-                writer.write(key, merged.to(target.dtype).contiguous())
+                writer.write(target.name, merged.to(target.dtype).contiguous())
             elif layer is not None and leaf == "bias":
                 b0 = reader.get(key)
                 merged = (layer.merged_bias(adapter, b0) * layer.lora_mask_rows[adapter]).to(b0.dtype)
-                writer.write(key, _sliced(merged, edits.get(module, ()), True).to(target.dtype))
+                writer.write(target.name, _sliced(merged, edits.get(module, ()), True).to(target.dtype))
             elif key in replaced:  # a module the adapter saves whole: its trained copy replaces the base's
-                writer.write(key, replaced[key].to(target.dtype))
+                tensor = _sliced(replaced[key], plain_edits.get(module, ()), leaf == "bias")
+                writer.write(target.name, tensor.to(target.dtype).contiguous())
             elif module in rounded and leaf == "weight":  # a quantized Linear the adapter does not adapt
-                w0 = reader.get(key)
-                writer.write(key, rounded_as(w0, quantized_as).to(target.dtype))
+                w0 = _sliced(reader.get(key), plain_edits.get(module, ()), False)
+                writer.write(target.name, rounded_as(w0, quantized_as).to(target.dtype).contiguous())
+            elif module in plain_edits and leaf in ("weight", "bias"):
+                tensor = _sliced(reader.get(key), plain_edits[module], leaf == "bias")
+                writer.write(target.name, tensor.to(target.dtype).contiguous())
             else:
                 for piece in reader.pieces(key):
-                    writer.write(key, piece.to(target.dtype))
+                    writer.write(target.name, piece.to(target.dtype))
         files = writer.close()
     except BaseException:
         writer.abort()

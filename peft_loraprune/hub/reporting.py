@@ -118,6 +118,9 @@ def build_sparsity_report(tuner, adapter_name: str) -> SparsityReport:
             if tuner.block_index(name) in closed_blocks
         )
         report.layers.append(LayerSparsity("layers", "layers", len(gates), len(gates) - len(closed)))
+    if not config.is_element_granularity and layers and "hidden" in config.prune_structures:
+        kept = tuner.residual_stream(adapter_name).kept(adapter_name)
+        report.layers.append(LayerSparsity("hidden", "hidden", kept.numel(), int(kept.sum())))
     if not config.is_element_granularity and layers:
         for groups in tuner.structured_groups(adapter_name):
             kept = int(groups.kept(adapter_name).sum())

@@ -80,6 +80,22 @@ class ExportSpec:
 
 
 @dataclass(frozen=True)
+class StreamSpec:
+    """How a family's blocks read the residual stream, for pruning the hidden size (``prune_structures=["hidden"]``,
+    see :mod:`~peft_loraprune.pruning.stream`). RMSNorm families only.
+
+    ``readers``: block-relative names of the modules reading a norm's output (their input columns are stream
+    channels); ``norms``: the block's RMSNorms over the stream; ``final_norm``: the norm after the last block,
+    named relative to the module holding the block list; ``eps_attribute``: the config attribute of their epsilon.
+    """
+
+    readers: tuple[str, ...]
+    norms: tuple[str, ...]
+    final_norm: str
+    eps_attribute: str = "rms_norm_eps"
+
+
+@dataclass(frozen=True)
 class ArchitectureSpec:
     """Everything LoRAPrune needs to know about one model family."""
 
@@ -92,6 +108,8 @@ class ArchitectureSpec:
     #: block-relative names of the modules whose outputs are added to the residual stream (pre-norm blocks only;
     #: empty: whole blocks cannot be gated, see the module docstring)
     residual_writers: tuple[str, ...] = ()
+    #: how blocks read the residual stream (RMSNorm families), for pruning the hidden size; None: not prunable
+    stream: Optional[StreamSpec] = None
     notes: str = ""
     _compiled: re.Pattern = field(init=False, repr=False, compare=False)
 
@@ -124,6 +142,11 @@ def unregister_architecture(name: str) -> None:
         )
     for t in types:
         del _REGISTRY[t]
+
+
+def registered_specs() -> list[ArchitectureSpec]:
+    """Every registered family once."""
+    return list({id(spec): spec for spec in _REGISTRY.values()}.values())
 
 
 def get_architecture(model_type: Optional[str]) -> Optional[ArchitectureSpec]:
@@ -262,6 +285,10 @@ def _llama_config_updates(config, kept: dict, head_grouping: str) -> dict:
             updates["num_attention_heads"] = kept["heads"] * n_kv
     if "channels" in kept:
         updates["intermediate_size"] = kept["channels"]
+    if "hidden" in kept:  # RMSNorms over fewer channels: eps scaled with them (see stream.py); head_dim explicit
+        updates["head_dim"] = _head_dim(config)
+        updates["rms_norm_eps"] = config.rms_norm_eps * config.hidden_size / kept["hidden"]
+        updates["hidden_size"] = kept["hidden"]
     return updates
 
 
@@ -270,10 +297,14 @@ def _llama_refresh_block(block, config) -> None:
 
 
 def _llama_refresh_model(model) -> None:
-    """Qwen2/3 read ``has_sliding_layers`` from ``layer_types`` once, at construction."""
+    """What modules read from the config at construction: Qwen2/3's ``has_sliding_layers`` (from ``layer_types``),
+    and every RMSNorm's epsilon (``rms_norm_eps``, rescaled when the hidden size is pruned)."""
     inner = getattr(model, "model", model)
     if hasattr(inner, "has_sliding_layers"):
         inner.has_sliding_layers = "sliding_attention" in (model.config.layer_types or [])
+    for module in model.modules():
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = model.config.rms_norm_eps
 
 
 register_architecture(
@@ -284,13 +315,18 @@ register_architecture(
         groups=_llama_groups,
         prunable_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         export=ExportSpec(
-            ("heads", "channels", "layers"),
+            ("heads", "channels", "layers", "hidden"),
             _llama_config_updates,
             _llama_refresh_block,
             layer_config_updates=kept_layers_config_updates,
             refresh_model=_llama_refresh_model,
         ),
         residual_writers=("self_attn.o_proj", "mlp.down_proj"),
+        stream=StreamSpec(
+            readers=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"),
+            norms=("input_layernorm", "post_attention_layernorm"),
+            final_norm="norm",
+        ),
         notes="grouped-query attention: whole KV groups ('kv_group') or query heads inside groups ('query_head')",
     )
 )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layer import LoRAPruneLayer
-from .architectures import require_architecture
+from .architectures import registered_specs, require_architecture
 from .structure import resolve_dense_layers
 
 
@@ -56,7 +56,7 @@ def find_block_gates(tuner, adapter_name: str, include_all: bool = False) -> lis
             f"prune_structures with 'layers' removes whole blocks, which the {spec.name} family cannot do exactly: its "
             "blocks normalise after the residual sum (post-norm), so no module's output can be masked to make a block "
             "the identity. Families with whole-layer pruning: "
-            f"{sorted(_families_with_layers())}; prune 'heads' and 'channels' here."
+            f"{sorted({s.name for s in registered_specs() if s.residual_writers})}; prune 'heads' and 'channels' here."
         )
     config = tuner.peft_config[adapter_name]
     by_block: dict[int, dict[str, tuple[str, LoRAPruneLayer]]] = {}
@@ -80,9 +80,3 @@ def find_block_gates(tuner, adapter_name: str, include_all: bool = False) -> lis
         writers = [by_block[block][w] for w in spec.residual_writers]
         gates.append(BlockGate(block, writers, spec.residual_writers[0], weights))
     return gates
-
-
-def _families_with_layers() -> set[str]:
-    from .architectures import _REGISTRY
-
-    return {spec.name for spec in _REGISTRY.values() if spec.residual_writers}

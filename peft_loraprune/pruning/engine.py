@@ -37,7 +37,7 @@ from .criteria import Consumer, make_criterion
 from .schedule import PruningSchedule
 
 #: Prefixes of the importance tensors of every family (a checkpoint of another family must not fit silently).
-STATE_PREFIXES = ("member.", "scale.", "element.", "feature.", "depth.")
+STATE_PREFIXES = ("member.", "scale.", "element.", "feature.", "depth.", "stream.")
 
 
 class PruningEngine:

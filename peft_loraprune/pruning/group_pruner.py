@@ -18,6 +18,10 @@ Whole blocks (``"layers"`` in ``prune_structures``) are gated through their resi
 (:mod:`~peft_loraprune.pruning.depth`). Their state is one vector over the gated blocks (``depth.average``): each
 step, a block scores ``|Σ_writers Σ_rows Σ_tokens y·∂L/∂y|`` (the Taylor estimate of closing its gate), the vector
 is normalised like a member's and averaged; ``depth.scale`` keeps its raw norm for the joint allocation.
+
+Channels of the residual stream (``"hidden"``, :mod:`~peft_loraprune.pruning.stream`) are scored the same way: the
+mask of channel ``c`` multiplies the embedding's output and every writer's output row ``c``, so its Taylor estimate
+is ``|Σ_tokens (e_c·∂L/∂e_c + Σ_writers y_c·∂L/∂y_c)|``; its state is ``stream.average`` (and ``stream.scale``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from .selection import (
     split_weight_budget,
     split_with_blocks,
 )
+from .stream import round_to_multiple, width_multiple
 from .structure import BlockGroups
 
 
@@ -81,6 +86,15 @@ class GroupPruner(PruningEngine):
         self.depth_averages: dict[str, torch.Tensor] = {}
         if self.gates:
             self._check_depth_target()
+        self.stream = tuner.residual_stream(adapter_name) if "hidden" in self.config.prune_structures else None
+        #: every count of kept stream channels is a multiple of this (the heads kept at the end; see stream.py)
+        self.hidden_multiple = width_multiple(tuner, adapter_name) if self.stream is not None else 1
+        self.stream_averages: dict[str, torch.Tensor] = {}  # the same for the stream's channels
+        if self.stream is not None and self.joint:
+            raise ValueError(
+                "allocation='joint' does not include 'hidden' yet: prune the hidden size with "
+                "allocation='per_structure' (each listed kind loses target_sparsity of its units)."
+            )
 
     def _check_depth_target(self) -> None:
         n = len(self.gates)
@@ -97,19 +111,30 @@ class GroupPruner(PruningEngine):
         stores = {"member": self.member_averages, **({"scale": self.member_scales} if self.joint else {})}
         if self.gates:
             stores["depth"] = self.depth_averages
+        if self.stream is not None:
+            stores["stream"] = self.stream_averages
         return stores
 
     def _check_criterion(self, criterion) -> None:
-        if self.gates and not criterion.scores_writers:
+        if (self.gates or self.stream is not None) and not criterion.scores_writers:
             raise ValueError(
-                f"prune_structures with 'layers' needs a criterion that scores whole blocks; {criterion.name!r} does "
-                "not (use importance='activation')."
+                f"prune_structures with 'layers' or 'hidden' needs a criterion that scores residual contributions; "
+                f"{criterion.name!r} does not (use importance='activation')."
             )
+
+    def _writers(self) -> list[tuple[str, object]]:
+        """Every module whose residual contribution is scored: the gated blocks' writers, the stream's writers and
+        the input embedding's mask hook (each once)."""
+        writers = {name: layer for gate in self.gates for name, layer in gate.writers}
+        if self.stream is not None:
+            writers.update(self.stream.writers)
+            writers[self.stream.embedding] = self.tuner.stream_mask(self.adapter)
+        return list(writers.items())
 
     def use_criterion(self, criterion) -> None:
         super().use_criterion(criterion)
-        if self.gates:
-            self.criterion.attach_writers([writer for gate in self.gates for writer in gate.writers])
+        if self.gates or self.stream is not None:
+            self.criterion.attach_writers(self._writers())
 
     def _scored_layers(self, criterion):
         self.scored_members = [
@@ -120,6 +145,8 @@ class GroupPruner(PruningEngine):
         ]
         scored = {name: layer for _, name, layer in self.scored_members}
         scored.update((name, layer) for gate in self.gates for name, layer in gate.writers)
+        if self.stream is not None:
+            scored.update(self.stream.writers)
         return list(scored.items())
 
     def consumers(self) -> list[Consumer]:
@@ -164,6 +191,21 @@ class GroupPruner(PruningEngine):
             scores.append(sum(s.sum() for s in sums).abs().reshape(1))
         return torch.cat(scores).float() if scores else None
 
+    def step_stream_scores(self, criterion=None) -> Optional[torch.Tensor]:
+        """This step's raw score of every channel of the residual stream (``|Σ_tokens (e_c·∂L/∂e_c + Σ_writers
+        y_c·∂L/∂y_c)|``), or None when the stream's writers were not used this step."""
+        criterion = criterion or self.criterion
+        total = criterion.writer_sums(self.stream.embedding)
+        if total is None:
+            return None
+        total = total.clone()
+        for name, _ in self.stream.writers:
+            sums = criterion.writer_sums(name)
+            if sums is None:
+                return None
+            total += sums.to(total.device)
+        return total.abs()
+
     def _fold(self, beta: float) -> None:
         keep_scales = self.joint and self.normalize_each_step
         for key, raw in self._raw_step_scores(self.criterion).items():
@@ -179,6 +221,10 @@ class GroupPruner(PruningEngine):
             if keep_scales:
                 norm = raw.norm().reshape(1)
                 moving_average_(self._average(self.depth_averages, "scale", (1,), norm.device), norm, beta)
+        raw = self.step_stream_scores() if self.stream is not None else None
+        if raw is not None:
+            step = normalized(raw) if self.normalize_each_step else raw
+            moving_average_(self._average(self.stream_averages, "average", step.shape, step.device), step, beta)
 
     def blocks_kept(self) -> torch.Tensor:
         """Per gated block: True while it is kept."""
@@ -239,6 +285,11 @@ class GroupPruner(PruningEngine):
         if self.gates:
             n = len(self.gates)
             self.close_blocks(keep_top(self.block_scores(), self.blocks_kept(), n - prune_count(n, sparsity)))
+        if self.stream is not None:
+            size = self.stream.size
+            kept = self.stream.kept(self.adapter)
+            n_keep = round_to_multiple(size - prune_count(size, sparsity), self.hidden_multiple)
+            self.stream.apply(self.adapter, keep_top(self.channel_scores().to(kept.device), kept, n_keep))
         for structure in sorted({g.spec.structure for g in self.groups}):
             groups = [g for g in self.groups if g.spec.structure == structure]
             scores = [self.group_scores(g) for g in groups]
@@ -258,6 +309,11 @@ class GroupPruner(PruningEngine):
                 new = keep_top_global(scores, kept, total - prune_count(total, sparsity, keep_at_least_one=False))
             for g, mask in zip(groups, new):
                 g.apply(self.adapter, mask)
+
+    def channel_scores(self) -> torch.Tensor:
+        """The averaged score of every channel of the residual stream (zeros before the first update)."""
+        average = self.stream_averages.get("average")
+        return torch.zeros(self.stream.size) if average is None else average.float()
 
     def _select_joint(self, sparsity: float) -> None:
         """``allocation="joint"``: remove ``sparsity`` of every pruned block's head and channel weights, the same
@@ -375,9 +431,13 @@ class GroupPruner(PruningEngine):
             shapes["depth.average"] = (len(self.gates),)
             if self.joint:
                 shapes["depth.scale"] = (1,)
+        if self.stream is not None:
+            shapes["stream.average"] = (self.stream.size,)
         return shapes
 
     def _device_of(self, kind, key):
         if kind == "depth":
             return self.gates[0].writers[0][1].get_base_weight().device
+        if kind == "stream":
+            return self.stream.writers[0][1].get_base_weight().device
         return dict(self.layers)[key.rsplit(".", 1)[0]].get_base_weight().device
