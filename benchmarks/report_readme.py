@@ -49,7 +49,7 @@ def peers_summary() -> list[str]:
             + (f"; dense LoRA {dense:.4g}" if dense is not None else "")
             + "):"
         )
-        out += [f"  - {v}" for v in peers_verdicts(rows, table, sparsities)]
+        out += [f"    - {v}" for v in peers_verdicts(rows, table, sparsities)]  # nested in Python-Markdown too
     for name, data in load("criteria_*.json").items():
         if not table_of(data, name)["current"]:
             continue
