@@ -238,6 +238,21 @@ def test_split_with_blocks_picks_the_cheapest_mix_by_hand():
     assert split_with_blocks(dear_block, 10, 1, per_block, [1], mins, 10.0)[0] >= 1
 
 
+def test_block_splitter_costs_the_blocks_that_remain():
+    """Closing the first block in order leaves the others' units to pay for the rest: the cost is the closed block's
+    plus the remaining blocks' own curves (not the closed one's)."""
+    from peft_loraprune.pruning.selection import BlockSplitter
+
+    unit_cost = [0.1, 10.0, 10.0]  # block 0's units are cheap, the others' dear
+    per_block = [[torch.arange(10, dtype=torch.float32) * c] for c in unit_cost]
+    splitter = BlockSplitter(torch.tensor([0.0, 0.5, 100.0]), 10, 0, per_block, [1], [[0]] * 3)
+    # 16 weights: k=0 needs 5 units per block (cost 5 * 20.1 = 100.5); k=1 closes block 0 (0.5) and takes 3 units
+    # from each of blocks 1 and 2 (3 * 20): 60.5
+    assert splitter.best(16.0) == (0.0, pytest.approx(60.5), 1, [3])
+    blocks_fixed = BlockSplitter(torch.zeros(3), 10, 0, per_block, [1], [[0]] * 3, max_blocks=0)
+    assert blocks_fixed.best(15.0) == (0.0, pytest.approx(5 * 20.1), 0, [5])
+
+
 def test_depth_state_round_trips_through_a_checkpoint_and_refuses_another_shape():
     model = layered("llama")
     model.train()

@@ -164,6 +164,46 @@ def test_training_removes_exactly_the_target_and_reload_merge_and_disable_agree(
     torch.testing.assert_close(model_output(merged, inputs), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("structures", [("heads", "channels", "hidden"), ("hidden", "layers", "heads", "channels")])
+def test_joint_allocation_over_the_stream_removes_the_budget_exactly(structures):
+    """One budget over the hidden size and the other axes: the weights that stay, counted as the export will
+    (every block weight and the untied embedding and output keep H'/H), are within half an MLP channel per
+    remaining block of what the target leaves, and the stream keeps a multiple of the heads."""
+    model = hidden_model("llama", structures=structures, allocation="joint", seed=2)
+    model.train()
+    engine = model.base_model.pruning_engine()
+    inputs = inputs_of("llama")
+    for _ in range(2):
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        assert engine.update_importance()
+        model.zero_grad()
+    # channels of the stream made cheap, so that the split takes some (and the budget's arithmetic is tested with
+    # H' < H); the first two blocks made free too
+    engine.stream_averages["average"][:16] = 0.0
+    if "layers" in structures:
+        engine.depth_averages["average"][:2] = 0.0
+    stream = model.base_model.residual_stream()
+    block_weights = sum(layer.in_features * layer.out_features for _, layer in model.base_model.prune_layers()) // 5
+    total = 5 * block_weights + stream.stream_only_weights
+    for target in (0.3, 0.5, 0.7):
+        engine.prune_to(target)
+        hidden = int(stream.kept("default").sum())
+        assert hidden % 4 == 0 and hidden < 32
+        open_blocks = [b for b in range(5) if "layers" not in structures or bool(engine.blocks_kept()[b])]
+        stay = stream.stream_only_weights
+        for block in open_blocks:
+            stay += block_weights - sum(
+                (g.spec.n_groups - int(g.kept("default").sum())) * g.weights_per_group()
+                for g in engine.groups
+                if g.block == block
+            )
+        stay = stay * hidden / 32
+        assert abs(stay - (1 - target) * total) <= 3 * 32 / 2 * len(open_blocks) * hidden / 32 + 1e-6
+    report = export_pruned_model(model.eval(), measure_latency=False, progressbar=False)
+    exported_weights = sum(p.numel() for n, p in report.model.named_parameters() if "norm" not in n)
+    assert exported_weights == pytest.approx(stay, abs=1e-6)
+
+
 @pytest.mark.parametrize("structures", [("layers",), ("hidden", "layers", "heads", "channels")])
 def test_streaming_export_writes_exactly_the_in_memory_export_of_layers_and_hidden(structures, tmp_path):
     model = hidden_model("qwen2", structures=structures, norms=True)
@@ -209,11 +249,6 @@ def test_families_and_settings_that_cannot_prune_the_hidden_size_are_refused():
             get_peft_model(make_model(family), LoRAPruneConfig(task_type=task, prune_structures=["hidden"]))
     with pytest.raises(ValueError, match="importance='activation'"):
         LoRAPruneConfig(task_type="CAUSAL_LM", prune_structures=["hidden"], importance="magnitude")
-    with pytest.raises(ValueError, match="joint.*'hidden'"):
-        get_peft_model(
-            deep_model("llama"),
-            LoRAPruneConfig(task_type="CAUSAL_LM", prune_structures=["hidden", "channels"], allocation="joint"),
-        )
     with pytest.raises(ValueError, match="reads or writes the residual stream"):
         get_peft_model(
             deep_model("llama"),

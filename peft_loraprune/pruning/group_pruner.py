@@ -35,13 +35,14 @@ from .criteria import Consumer
 from .depth import BlockGate
 from .engine import PruningEngine
 from .selection import (
+    BlockSplitter,
     keep_top,
     keep_top_global,
     keep_top_per_row,
     prune_count,
     removal_loss_curve,
     split_weight_budget,
-    split_with_blocks,
+    split_with_stream,
 )
 from .stream import round_to_multiple, width_multiple
 from .structure import BlockGroups
@@ -90,11 +91,6 @@ class GroupPruner(PruningEngine):
         #: every count of kept stream channels is a multiple of this (the heads kept at the end; see stream.py)
         self.hidden_multiple = width_multiple(tuner, adapter_name) if self.stream is not None else 1
         self.stream_averages: dict[str, torch.Tensor] = {}  # the same for the stream's channels
-        if self.stream is not None and self.joint:
-            raise ValueError(
-                "allocation='joint' does not include 'hidden' yet: prune the hidden size with "
-                "allocation='per_structure' (each listed kind loses target_sparsity of its units)."
-            )
 
     def _check_depth_target(self) -> None:
         n = len(self.gates)
@@ -225,6 +221,9 @@ class GroupPruner(PruningEngine):
         if raw is not None:
             step = normalized(raw) if self.normalize_each_step else raw
             moving_average_(self._average(self.stream_averages, "average", step.shape, step.device), step, beta)
+            if keep_scales:
+                norm = raw.norm().reshape(1)
+                moving_average_(self._average(self.stream_averages, "scale", (1,), norm.device), norm, beta)
 
     def blocks_kept(self) -> torch.Tensor:
         """Per gated block: True while it is kept."""
@@ -310,60 +309,86 @@ class GroupPruner(PruningEngine):
             for g, mask in zip(groups, new):
                 g.apply(self.adapter, mask)
 
-    def channel_scores(self) -> torch.Tensor:
-        """The averaged score of every channel of the residual stream (zeros before the first update)."""
+    def channel_scores(self, comparable: bool = False) -> torch.Tensor:
+        """The averaged score of every channel of the residual stream (zeros before the first update);
+        ``comparable``: in the criterion's units, times the averaged raw norm (as :meth:`block_scores`)."""
         average = self.stream_averages.get("average")
-        return torch.zeros(self.stream.size) if average is None else average.float()
+        scores = torch.zeros(self.stream.size) if average is None else average.float()
+        if comparable and self.normalize_each_step:
+            scale = self.stream_averages.get("scale")
+            scores = scores * (float(scale) if scale is not None else 0.0)
+        return scores
 
     def _select_joint(self, sparsity: float) -> None:
         """``allocation="joint"``: remove ``sparsity`` of every pruned block's head and channel weights, the same
         number of each kind in every block, split between the kinds where the summed estimates cost least; with
-        ``"layers"``, whole blocks join the split (:meth:`joint_depth_split`)."""
-        if not self.gates:
+        ``"layers"`` or ``"hidden"``, whole blocks and stream channels join the split (:meth:`joint_split`)."""
+        if not self.gates and self.stream is None:
             self.remove_per_block(self.joint_counts(sparsity))
             return
-        closed, counts = self.joint_depth_split(sparsity)
-        keep = torch.ones(len(self.gates), dtype=torch.bool)
-        keep[closed] = False
-        self.close_blocks(keep)
+        closed, counts, hidden_kept = self.joint_split(sparsity)
+        if self.gates:
+            keep = torch.ones(len(self.gates), dtype=torch.bool)
+            keep[closed] = False
+            self.close_blocks(keep)
+        if hidden_kept is not None:
+            kept = self.stream.kept(self.adapter)
+            self.stream.apply(
+                self.adapter, keep_top(self.channel_scores(comparable=True).to(kept.device), kept, hidden_kept)
+            )
         self.remove_per_block(counts)
 
-    def joint_depth_split(self, fraction: float) -> tuple[list[int], dict[str, int]]:
-        """Under ``allocation="joint"`` with ``"layers"``: which gated blocks close (positions in :attr:`gates`) and
-        how many units of each other kind every remaining block loses, so that ``fraction`` of the pruned blocks'
-        weights go where the estimates in the criterion's units (:meth:`block_scores`, :meth:`comparable_scores`)
-        cost least (:func:`~peft_loraprune.pruning.selection.split_with_blocks`)."""
-        kept = self.blocks_kept()
-        scores = self.block_scores(comparable=True)
-        order = torch.where(kept, scores, torch.full_like(scores, -1.0)).argsort(stable=True).tolist()
-        block_curve = torch.cat([scores.new_zeros(1), scores[order].masked_fill(~kept[order], 0.0).cumsum(0)[:-1]])
+    def joint_split(self, fraction: float) -> tuple[list[int], dict[str, int], Optional[int]]:
+        """Under ``allocation="joint"`` with ``"layers"`` and/or ``"hidden"``: which gated blocks close (positions in
+        :attr:`gates`), how many units of each other kind every remaining block loses, and how many channels of
+        the residual stream stay (None without ``"hidden"``), so that ``fraction`` of the weights the listed axes
+        can remove go where the estimates in the criterion's units cost least
+        (:class:`~peft_loraprune.pruning.selection.BlockSplitter`,
+        :func:`~peft_loraprune.pruning.selection.split_with_stream`). Those weights are the pruned blocks' adapted
+        weights, plus the embedding's (and an untied output layer's) with ``"hidden"``."""
         kinds = sorted({g.spec.structure for g in self.groups})
         by_block = {(g.block, g.spec.structure): g for g in self.groups}
-        per_block_curves, per_block_mins, unit_weights = [], [], []
+        if self.gates:
+            kept = self.blocks_kept()
+            scores = self.block_scores(comparable=True)
+            order = torch.where(kept, scores, torch.full_like(scores, -1.0)).argsort(stable=True).tolist()
+            block_curve = torch.cat([scores.new_zeros(1), scores[order].masked_fill(~kept[order], 0.0).cumsum(0)[:-1]])
+            blocks = [self.gates[position].block for position in order]
+            block_weights, min_blocks, max_blocks = self.gates[0].block_weights, int((~kept).sum()), None
+        else:  # blocks are not pruned: the splitter only shares the budget between the other kinds
+            blocks = sorted({g.block for g in self.groups})
+            order, block_curve = list(range(len(blocks))), torch.zeros(len(blocks))
+            first = [by_block[(blocks[0], kind)] for kind in kinds]
+            block_weights, min_blocks, max_blocks = sum(g.spec.n_groups * g.weights_per_group() for g in first), 0, 0
+        unit_weights = []
         for kind in kinds:
-            g = next(g for g in self.groups if g.spec.structure == kind)
+            g = by_block[(blocks[0], kind)]
             unit_weights.append(g.spec.partitions * g.weights_per_group())
-        for position in order:
+        per_block_curves, per_block_mins = [], []
+        for block in blocks:
             curves, mins = [], []
             for kind in kinds:
-                g = by_block[(self.gates[position].block, kind)]
+                g = by_block[(block, kind)]
                 parts = g.spec.partitions
                 k = g.kept(self.adapter).cpu()
                 curves.append(removal_loss_curve(self.comparable_scores(g).cpu(), k, parts))
                 mins.append(g.spec.n_groups // parts - int(k.reshape(parts, -1).sum(dim=1).min()))
             per_block_curves.append(curves)
             per_block_mins.append(mins)
-        block_weights = self.gates[0].block_weights
-        n_closed, counts = split_with_blocks(
-            block_curve,
-            block_weights,
-            int((~kept).sum()),
-            per_block_curves,
-            unit_weights,
-            per_block_mins,
-            fraction * block_weights * len(self.gates),
+        splitter = BlockSplitter(
+            block_curve, block_weights, min_blocks, per_block_curves, unit_weights, per_block_mins, max_blocks
         )
-        return order[:n_closed], dict(zip(kinds, counts))
+        if self.stream is None:
+            _, _, n_closed, counts = splitter.best(fraction * block_weights * len(blocks))
+            return order[:n_closed], dict(zip(kinds, counts)), None
+        size, step = self.stream.size, self.hidden_multiple
+        kept_now = self.stream.kept(self.adapter).cpu()
+        curve = removal_loss_curve(self.channel_scores(comparable=True).cpu(), kept_now)
+        options = list(range(step, int(kept_now.sum()) + 1, step))
+        hidden_kept, n_closed, counts = split_with_stream(
+            curve, options, size, self.stream.stream_only_weights, splitter, fraction
+        )
+        return order[:n_closed], dict(zip(kinds, counts)), hidden_kept
 
     def joint_counts(self, fraction: float, costs: Optional[dict[str, RemovalCost]] = None) -> dict[str, int]:
         """How many units of each kind every block loses so that ``fraction`` of its head and channel weights go,
@@ -433,6 +458,8 @@ class GroupPruner(PruningEngine):
                 shapes["depth.scale"] = (1,)
         if self.stream is not None:
             shapes["stream.average"] = (self.stream.size,)
+            if self.joint:
+                shapes["stream.scale"] = (1,)
         return shapes
 
     def _device_of(self, kind, key):

@@ -271,21 +271,86 @@ def split_with_blocks(
     cheapest ``k`` that meets the budget within the finest unit's rounding wins, else the nearest. Returns
     ``(k, counts)``.
     """
-    n = int(block_curve.numel())
-    kinds = range(len(unit_weights))
-    wanted_blocks = math.ceil(budget / block_weights - 0.5)
-    best = None  # (distance, cost, k, counts)
-    for k in range(min(min_blocks, n - 1), n):
-        left = budget - k * block_weights
-        if kinds:
-            remaining = range(k, n)
-            curves = [sum(per_block_curves[b][kind] for b in remaining) for kind in kinds]
-            mins = [max(per_block_min_counts[b][kind] for b in remaining) for kind in kinds]
-            distance, cost, counts = best_weight_split(curves, unit_weights, mins, left / len(remaining))
-            distance *= len(remaining)
-        else:
-            distance, cost, counts = (0.0 if k == wanted_blocks else abs(left)), 0.0, []
-        candidate = (distance, cost + float(block_curve[k]), k, counts)
+    splitter = BlockSplitter(
+        block_curve, block_weights, min_blocks, per_block_curves, unit_weights, per_block_min_counts
+    )
+    return splitter.best(budget)[2:]
+
+
+class BlockSplitter:
+    """:func:`split_with_blocks` for many budgets over the same curves: the curves summed over the blocks that
+    remain when the first ``k`` go are computed once (suffix sums), so each budget costs one
+    :func:`best_weight_split` per ``k``. ``max_blocks``: the most blocks that may go (0 when whole blocks are not
+    pruned; default all but one)."""
+
+    def __init__(
+        self,
+        block_curve: torch.Tensor,
+        block_weights: int,
+        min_blocks: int,
+        per_block_curves: list[list[torch.Tensor]],
+        unit_weights: list[int],
+        per_block_min_counts: list[list[int]],
+        max_blocks: Optional[int] = None,
+    ) -> None:
+        self.n = int(block_curve.numel())
+        self.block_curve = block_curve
+        self.block_weights = block_weights
+        self.unit_weights = unit_weights
+        self.ks = range(min(min_blocks, self.n - 1), (self.n - 1 if max_blocks is None else max_blocks) + 1)
+        self.suffix_curves, self.suffix_mins = [], []
+        for kind in range(len(unit_weights)):
+            stacked = torch.stack([per_block_curves[b][kind].float() for b in range(self.n)])
+            self.suffix_curves.append(stacked.flip(0).cumsum(0).flip(0))  # row k: summed over blocks k..n-1
+            mins = torch.tensor([per_block_min_counts[b][kind] for b in range(self.n)])
+            self.suffix_mins.append(mins.flip(0).cummax(0).values.flip(0).tolist())
+
+    def best(self, budget: float) -> tuple[float, float, int, list[int]]:
+        """``(distance, cost, k, counts)`` of the best split of ``budget`` (see :func:`split_with_blocks`)."""
+        kinds = range(len(self.unit_weights))
+        wanted_blocks = math.ceil(budget / self.block_weights - 0.5)
+        best = None
+        for k in self.ks:
+            left = budget - k * self.block_weights
+            if kinds:
+                curves = [self.suffix_curves[kind][k] for kind in kinds]
+                mins = [self.suffix_mins[kind][k] for kind in kinds]
+                distance, cost, counts = best_weight_split(curves, self.unit_weights, mins, left / (self.n - k))
+                distance *= self.n - k
+            else:
+                distance, cost, counts = (0.0 if k == wanted_blocks else abs(left)), 0.0, []
+            candidate = (distance, cost + float(self.block_curve[k]), k, counts)
+            if best is None or candidate[:2] < best[:2]:
+                best = candidate
+        return best
+
+
+def split_with_stream(
+    stream_curve: torch.Tensor,
+    kept_options: list[int],
+    stream_size: int,
+    stream_only_weights: int,
+    blocks: BlockSplitter,
+    fraction: float,
+) -> tuple[int, int, list[int]]:
+    """How many channels of the residual stream stay, how many blocks go, and how many units of each kind every
+    remaining block loses, so that about ``fraction`` of the weights go at the least estimated cost.
+
+    Every weight of a block, and every weight of the embedding (and untied output layer: ``stream_only_weights``
+    at the full width), has one stream dimension: keeping ``H'`` of ``stream_size`` channels keeps ``H'/H`` of all
+    of them. So for each candidate ``H'`` of ``kept_options`` (multiples of the heads kept, at most the channels
+    kept now) the weights that may stay fix what the blocks must lose, counted at the full width, and ``blocks``
+    (:class:`BlockSplitter`) splits that; ``stream_curve[m]`` is the summed cost of removing ``m`` channels
+    (:func:`removal_loss_curve`). The cheapest split that meets the budget within the finest unit's rounding wins,
+    else the nearest. Returns ``(H', k, counts)``."""
+    total = blocks.n * blocks.block_weights + stream_only_weights
+    may_stay = (1.0 - fraction) * total
+    best = None
+    for kept in kept_options:
+        scale = kept / stream_size
+        block_budget = blocks.n * blocks.block_weights - (may_stay - stream_only_weights * scale) / scale
+        distance, cost, k, counts = blocks.best(block_budget)
+        candidate = (distance * scale, cost + float(stream_curve[stream_size - kept]), kept, k, counts)
         if best is None or candidate[:2] < best[:2]:
             best = candidate
-    return best[2], best[3]
+    return best[2], best[3], best[4]

@@ -102,6 +102,7 @@ class ResidualStream:
     size: int  # channels of the stream
     weights_per_channel: int  # an embedding (and untied output) column, a row of every writer, a column of every
     # reader, an entry of every norm: what removing one channel removes
+    stream_only_weights: int  # the embedding's weights, and an untied output layer's: outside every block
 
     def kept(self, adapter_name: str) -> torch.Tensor:
         """Per channel: True while any writer keeps its row (the union over blocks)."""
@@ -172,13 +173,16 @@ def find_residual_stream(tuner, adapter_name: str) -> ResidualStream:
         stream.eps_attribute,
         embedding.weight.shape[1],
         per_channel,
+        embedding.weight.numel() * (2 if output_name else 1),
     )
 
 
 def width_multiple(tuner, adapter_name: str) -> int:
-    """The number of attention heads each block keeps at the end of the run (every count of kept channels is a
-    multiple of it): the config's ``num_attention_heads``, less the heads the target removes when heads are pruned
-    (per KV group with ``head_grouping="query_head"``)."""
+    """Every count of kept stream channels is a multiple of this: the number of attention heads each block keeps at
+    the end of the run. That is the config's ``num_attention_heads``, less the heads the target removes when heads
+    are pruned per structure (per KV group with ``head_grouping="query_head"``); under ``allocation="joint"``,
+    where the split decides the heads, the least common multiple of every head count the split can choose
+    (SmolLM2's 9 heads in 3 KV groups: 3, 6 or 9 heads, so multiples of 18)."""
     config = tuner.peft_config[adapter_name]
     n_heads = int(tuner.model.config.num_attention_heads)
     if "heads" not in config.prune_structures:
@@ -188,8 +192,10 @@ def width_multiple(tuner, adapter_name: str) -> int:
     heads = next(g for g in tuner.structured_groups(adapter_name, include_all=True) if g.spec.structure == "heads")
     parts, n_groups = heads.spec.partitions, heads.spec.n_groups
     per = n_groups // parts
-    kept_per = per - prune_count(per, config.effective_target_sparsity)
-    return kept_per * parts * (n_heads // n_groups)
+    per_kept_group = parts * (n_heads // n_groups)  # query heads that one kept group per partition holds
+    if config.allocation == "joint":
+        return math.lcm(*(kept * per_kept_group for kept in range(1, per + 1)))
+    return (per - prune_count(per, config.effective_target_sparsity)) * per_kept_group
 
 
 def round_to_multiple(n: int, multiple: int) -> int:
