@@ -322,6 +322,35 @@ def test_non_finite_gradient_skips_update_once_warned_and_leaves_masks():
     assert model.base_model.sparsity_report().sparsity == pytest.approx(0.5)
 
 
+def test_a_rewrite_waiting_for_a_finite_step_survives_the_engine_state_round_trip():
+    """A rewrite due on a skipped (non-finite) step is pending; a checkpoint taken then must carry it, or the
+    resumed run never applies it (no later step is scheduled) and ends short of the target. The restored engine
+    prunes at its next finite step to what the original engine prunes to."""
+    total = 10  # the default schedule's last rewrite is at step 4 = round((1 - 0.6) * 10)
+    engines = []
+    for _ in range(2):
+        model, engine = one_layer_setup("parallel", "lora", "structured")
+        backward(model)
+        assert engine.update_importance()
+        model.zero_grad()
+        backward(model, seed=3)
+        engine.layers[0][1].lora_B["default"].weight.grad[0, 0] = float("nan")
+        with pytest.warns(UserWarning, match="NaN or infinite"):
+            assert engine.update_importance() is False
+        assert engine.pruning_step(4, total) is None and engine.pending_rewrite
+        engines.append((model, engine))
+    (model, engine), (fresh_model, fresh) = engines
+    state = engine.state_dict()
+    fresh.pending_rewrite, fresh.last_update_ok = False, True  # what a fresh engine holds before the restore
+    fresh.load_state_dict(state)
+    assert fresh.pending_rewrite is True and fresh.last_update_ok is False
+    assert fresh.finish(total) == engine.finish(total) == 0.5  # the waiting rewrite, applied at the end
+    for (_, a), (_, b) in zip(engine.layers, fresh.layers):
+        assert torch.equal(a.lora_mask_rows["default"], b.lora_mask_rows["default"])
+        assert torch.equal(a.lora_mask_cols["default"], b.lora_mask_cols["default"])
+    assert fresh_model.base_model.sparsity_report().sparsity == pytest.approx(0.5)
+
+
 def test_importance_state_round_trips_and_refuses_a_foreign_checkpoint():
     model, engine = one_layer_setup("parallel", "lora", "structured")
     backward(model)

@@ -137,6 +137,55 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7, msg=key)
 
 
+def poison_losses(trainer, steps):
+    """Make the loss NaN at the given optimizer steps (1-based), as a diverging batch would."""
+    compute_loss = trainer.compute_loss
+
+    def poisoned(model, inputs, *args, **kwargs):
+        loss = compute_loss(model, inputs, *args, **kwargs)
+        return loss * float("nan") if trainer.state.global_step + 1 in steps else loss
+
+    trainer.compute_loss = poisoned
+    return trainer
+
+
+def test_resume_right_after_a_non_finite_last_pruning_step_ends_on_the_uninterrupted_masks(tmp_path):
+    """The loss is NaN at the schedule's last rewrite, so that rewrite waits for the next finite step; a checkpoint
+    taken right then must carry the waiting rewrite, or the resumed run (no rewrite scheduled any more) ends short
+    of the target. Resumed, it ends on the uninterrupted run's masks and exactly on the target."""
+    from safetensors.torch import load_file
+
+    from peft_loraprune.pruning.schedule import PruningSchedule
+
+    steps, target = 12, 0.5
+    straight = training_model("llama", target_sparsity=target)
+    schedule = PruningSchedule.from_config(straight.peft_config["default"], steps)
+    last = schedule.end
+    assert schedule.is_pruning_step(last) and 0 < schedule.sparsity_at(last - 1) < target
+    with pytest.warns(UserWarning, match="NaN or infinite"):
+        poison_losses(trainer_for(straight, "llama", tmp_path / "a", steps=steps), {last}).train()
+
+    first = training_model("llama", target_sparsity=target)
+    run = trainer_for(
+        first, "llama", tmp_path / "b", steps=steps, save_strategy="steps", save_steps=last, callbacks=[StopAt(last)]
+    )
+    with pytest.warns(UserWarning, match="NaN or infinite"):
+        poison_losses(run, {last}).train()
+    saved = load_file(tmp_path / "b" / f"checkpoint-{last}" / "loraprune_state.safetensors")
+    assert int(saved["pending_rewrite"]) == 1  # the rewrite still waits in the checkpoint
+    resumed = training_model("llama", target_sparsity=target)
+    poison_losses(trainer_for(resumed, "llama", tmp_path / "b", steps=steps), {last}).train(
+        resume_from_checkpoint=str(tmp_path / "b" / f"checkpoint-{last}")
+    )
+    masks = [{k: v for k, v in m.state_dict().items() if "lora_mask" in k} for m in (straight, resumed)]
+    assert masks[0].keys() == masks[1].keys() and masks[0]
+    for key in masks[0]:
+        assert torch.equal(masks[0][key], masks[1][key]), key
+    for model in (straight, resumed):
+        assert model.base_model.sparsity_report().sparsity == pytest.approx(target)
+        assert not model.base_model.pruning_engine().pending_rewrite
+
+
 def test_resume_from_a_moved_checkpoint_with_another_output_dir_equals_uninterrupted_run(tmp_path):
     """The importance state comes from the checkpoint the Trainer loaded, wherever it is; a state file of another
     run, in the folder the Trainer would once have looked in, is never read."""
