@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What a GPU changes, in one short run (a lent H100/H200, nothing installed but a source checkout):
-#   1. the tests that only run on CUDA (2:4 semi-structured conversion) and the masked-product tests;
+#   1. the tests that only run on CUDA (2:4 semi-structured conversion, the wanda statistics' fused column sum of
+#      squares against a float64 sum) and the masked-product tests;
 #   2. the step-cost benchmark on CUDA (bfloat16 pretrained weights, float32 adapters), llama-0.5b at 1 x 128;
 #   3. exported-model latency on CUDA: dense, 50% structured (removed heads and channels) and 2:4 turned into
 #      PyTorch's semi-structured sparse tensors;
@@ -29,6 +30,7 @@ $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'tra
 
 if [ "${QLORA_ONLY:-0}" != 1 ]; then
 timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_semi_structured.py tests/test_masked_linear.py \
+    "tests/test_importance.py::test_column_square_sums_off_the_cpu_sum_down_the_rows" \
     2>&1 | tee "$RESULTS/gpu_pytest.log" | tail -15
 
 (cd benchmarks && timeout ${STEP_TIMEOUT:-300} $PY step_cost.py --model llama-0.5b --batch 1 --seq 128 --device cuda \

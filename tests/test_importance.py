@@ -457,20 +457,37 @@ def test_wanda_norm_averages_round_trip_through_the_engine_state():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk_elements", [7, 1 << 20])
-def test_column_square_sums_match_a_float64_sum_and_leave_the_input_alone(dtype, chunk_elements):
+@pytest.mark.parametrize("fused", [False, True], ids=["row_blocks", "fused"])
+def test_column_square_sums_match_a_float64_sum_and_leave_the_input_alone(dtype, chunk_elements, fused):
     """The wanda tap's per-feature sum of squares: equal to the float64 sum of the (dtype-rounded) input, whether
-    the rows go in one block or in blocks of a single row, and the input is not squared in place."""
+    the rows go in one block or in blocks of a single row (the CPU path) or in the one fused reduction that every
+    other device takes (forced here on the CPU), and the input is not squared in place."""
     from peft_loraprune.kernels.importance import column_square_sums
 
     x = (torch.randn(13, 5, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
     before = x.clone()
-    got = column_square_sums(x, chunk_elements=chunk_elements)
+    got = column_square_sums(x, chunk_elements=chunk_elements, fused=fused)
     want = (x.double() ** 2).sum(0)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
     assert torch.equal(x, before)
     with pytest.raises(ValueError, match="2-D"):
-        column_square_sums(x[0])
+        column_square_sums(x[0], fused=fused)
+
+
+@pytest.mark.parametrize("device", ["meta", "cuda"])
+def test_column_square_sums_off_the_cpu_sum_down_the_rows(device):
+    """Off the CPU the fused reduction is chosen by device: one float32 value per column (the meta device checks
+    shape and dtype without a GPU); on CUDA (benchmarks/gpu.sh runs it) the values equal a float64 sum on the CPU."""
+    from peft_loraprune.kernels.importance import column_square_sums
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    x = (torch.randn(13, 5, generator=torch.Generator().manual_seed(0)) * 3).to(torch.bfloat16)
+    got = column_square_sums(x.to(device))
+    assert got.device.type == device and got.shape == (5,) and got.dtype == torch.float32
+    if device != "meta":
+        torch.testing.assert_close(got.cpu().double(), (x.double() ** 2).sum(0), rtol=1e-6, atol=1e-6)
 
 
 def test_element_scores_written_into_a_tensor_chunk_by_chunk_match_the_hand_formula():
