@@ -28,6 +28,12 @@ same fraction in every block, all trained with the same LoRA (rank, alpha, dropo
 * ``shortgpt``: ShortGPT's layer removal (Men et al., 2024): every block scores its Block Influence, ``1 -`` the
   mean cosine similarity between its input and output hidden states over calibration batches; the blocks with the
   lowest influence are deleted one-shot (as many as ``layers`` at the cell's fraction removes), then LoRA recovery.
+* ``minitron``: Minitron's one-shot activation-based importance (Muralidharan et al., "Compact Language Models via
+  Pruning and Knowledge Distillation", 2024) over the units the row prunes (``+axes=``, heads and channels by
+  default): a head scores the mean over calibration tokens of the L2 norm of its output (its columns of o_proj's
+  input), an MLP channel the mean magnitude of its activation (down_proj's input), a channel of the hidden size the
+  mean magnitude of every RMSNorm's output at it, a layer its Block Influence (as ShortGPT; Minitron ranks depth by
+  perplexity or Block Influence). Each axis loses the cell's fraction (per structure), then LoRA recovery.
 * ``dense-lora``: LoRA without pruning (the ceiling). Its adapter is saved in ``<work_dir>/dense-lora/`` for
   the ``kd=dense`` teacher below.
 * ``pretrained`` (SmolLM2): the pretrained model itself, evaluated without training (no adapter): what the
@@ -113,7 +119,7 @@ from peft_loraprune.kernels.mask_packing import pack_bits
 from peft_loraprune.pruning.criteria import make_criterion
 
 PEERS = ("llm-pruner", "wanda-sp")  # structured one-shot peers of heads and channels
-DEPTH_PEERS = ("shortgpt",)  # one-shot peers that delete whole blocks
+DEPTH_PEERS = ("shortgpt", "minitron")  # one-shot peers whose units can include whole blocks and the hidden size
 UNPRUNED = ("dense-lora", "pretrained")  # references: one row per seed, at sparsity 0
 UNSTRUCTURED_PEERS = ("sparsegpt", "wanda")  # llm-compressor's one-shot pruners
 PEER_LIBRARIES = ("torch-pruning", "llmcompressor", "compressed-tensors", "lm_eval")  # versions in every result file
@@ -367,6 +373,46 @@ def llm_compressor_prune(base, task, method: str, sparsity: float, batches) -> N
     )
 
 
+def minitron_scores(base, groups, batches) -> tuple[dict, torch.Tensor]:
+    """Minitron's activation importance on calibration batches: per consumer member (o_proj / down_proj input
+    columns, keyed like the engine's member averages) the mean over tokens of each head's output L2 norm or each
+    channel's activation magnitude; and per channel of the hidden size, the mean magnitude of every RMSNorm's
+    output at it, summed over the norms."""
+    modules = dict(base.named_modules())
+    consumers = [(g, m, name) for g, members in groups for m, name in members if m.axis == "cols"]
+    sums, hooks, tokens = {}, [], [0]
+    for g, member, name in consumers:
+
+        def hook(module, args, _name=name, _member=member, _heads=g.structure == "heads"):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            if _heads:  # per token, the L2 norm of each head's slice
+                outer, n, inner = _member.layout
+                value = x.reshape(-1, outer, n, inner).pow(2).sum(dim=(1, 3)).sqrt().sum(0)
+            else:
+                value = sum_over_groups(x.abs().sum(0), _member.layout)
+            sums[_name] = sums.get(_name, 0) + value
+
+        hooks.append(modules[name].register_forward_pre_hook(hook))
+    hidden = torch.zeros(base.config.hidden_size)
+    for module in modules.values():
+        if type(module).__name__.endswith("RMSNorm") and getattr(module, "weight", None) is not None:
+            if module.weight.numel() == base.config.hidden_size:
+
+                def norm_hook(module, args, output):
+                    hidden.add_(output.detach().float().reshape(-1, output.shape[-1]).abs().sum(0))
+
+                hooks.append(module.register_forward_hook(norm_hook))
+    base.eval()
+    with torch.no_grad():
+        for batch in batches:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            tokens[0] += int(inputs["input_ids"].numel())
+            base(**inputs)
+    for h in hooks:
+        h.remove()
+    return {f"{name}.cols": v / tokens[0] for name, v in sums.items()}, hidden / tokens[0]
+
+
 def block_influence(base, batches) -> torch.Tensor:
     """ShortGPT's Block Influence of every decoder block: ``1 - mean_tokens cos(h_in, h_out)`` over ``batches``."""
     blocks = base.model.layers
@@ -427,7 +473,7 @@ MODIFIERS = {
     "bias": lambda v: False,
     "channels": lambda v: _fraction(v),  # defined below
     "joint": lambda v: _fraction(v),
-    "axes": lambda v: all(a in ("heads", "channels", "layers") for a in v.split("/")),
+    "axes": lambda v: all(a in ("heads", "channels", "layers", "hidden") for a in v.split("/")),
 }
 
 
@@ -456,7 +502,7 @@ def split_modifiers(method: str) -> tuple[str, dict]:
             raise SystemExit(
                 f"method {method!r}: modifier {mod!r} must be kd=<teacher>/<weight>/<T>, r=<rank>, lr=<x>, "
                 "norms, bias, recovery_lr=<factor>, budget=local|global, steps=<optimizer steps>, init=dense, "
-                "channels=<fraction between 0 and 1>, joint=<fraction between 0 and 1> or axes=<unit>/<unit> (heads, "
+                "channels=<fraction between 0 and 1>, joint=<fraction between 0 and 1> or axes=<unit>/<unit> (heads, hidden, "
                 "channels, layers)"
             )
         out[key] = value
@@ -579,7 +625,7 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         pruning_interval=args.pruning_interval,
         budget=mods.get("budget", "local"),
         **({"prune_structures": ["channels"]} if "channels" in mods else {}),
-        **({"prune_structures": ["layers"]} if method in DEPTH_PEERS else {}),
+        **({"prune_structures": ["layers"]} if method == "shortgpt" else {}),
         **({"prune_structures": mods["axes"].split("/")} if "axes" in mods else {}),
         **({"allocation": "joint"} if "joint" in mods else {}),
         modules_to_save=list(norms) if norms else None,  # a copy: PEFT appends a classification head to it
@@ -621,12 +667,20 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         row["calibration_seconds"] = time.time() - start
     elif method in DEPTH_PEERS:
         batches, row["calibration_tokens"] = task.calibration(args.calibration_batches, seed)
-        influence = block_influence(base, batches)
+        structures = config.prune_structures
+        member_scores = {}
+        if method == "minitron" and ({"heads", "channels", "hidden"} & set(structures)):
+            member_scores, hidden_scores = minitron_scores(base, plain_groups(base, task.head_grouping), batches)
+        influence = block_influence(base, batches) if "layers" in structures else None
         model = get_peft_model(base, config)
         engine = model.base_model.pruning_engine()
-        engine.depth_averages["average"] = influence
+        engine.member_averages.update(member_scores)
+        if influence is not None:
+            engine.depth_averages["average"] = influence
+            row["block_influence"] = influence.tolist()
+        if "hidden" in structures:
+            engine.stream_averages["average"] = hidden_scores
         engine.prune_to(target)
-        row["block_influence"] = influence.tolist()
         row["calibration_seconds"] = time.time() - start
     elif method in UNSTRUCTURED_PEERS:
         batches, row["calibration_tokens"] = task.calibration(args.calibration_batches, seed)

@@ -1,0 +1,194 @@
+"""The fastest model for its quality: held-out perplexity against CPU latency of the exported SmolLM2-135M.
+
+Rows are trained by ``benchmarks/peers.py`` into ``benchmarks/results/front_smollm2.json`` (256,000 tokens, the
+recipe: rank 32, trained norms, learning rate 1e-3, bfloat16 autocast), each exported with the package's export
+(``--export_dir``): LoRAPrune over heads and channels, whole layers (``+axes=layers``), the hidden size
+(``+axes=hidden``) and one joint budget over several axes (``+axes=...+joint=<fraction>``), and the peers given the
+same LoRA recovery (Wanda-sp, LLM-Pruner, ShortGPT)::
+
+    R=+lr=0.001+r=32+norms
+    python benchmarks/peers.py --task smollm2 --steps 1000 --bf16 --name front_smollm2 \\
+        --export_dir /tmp/front_exports --sparsities 0.5 --seeds 0 \\
+        --methods "loraprune-activation$R+axes=layers,shortgpt$R,wanda-sp$R"
+
+This script then times every exported model against the dense model, in one process, in interleaved rounds (the
+dense model and every row once per round; a row's ratio is its median over rounds of the per-round ratio), and
+writes into each row:
+
+* ``decode_latency_vs_dense``: batch-1 greedy decoding of ``--new_tokens`` (128) tokens after a 16-token prompt,
+  with the key-value cache, time per generated token against the dense model's;
+* ``prefill_latency_vs_dense``: one forward pass over ``--prefill`` (512) tokens at batch 1;
+* ``latency``: the milliseconds, the per-round ratios, the threads and the load average while timing.
+
+    python benchmarks/front.py latency
+
+Rows whose export folder is gone are timed on a *shape twin* when their shapes follow from their settings alone
+(heads and channels pruned per structure, as ``benchmarks/export_speed.py`` does: CPU latency depends on the
+shapes, not on the values), marked ``"timed_on": "shape twin"``; other rows keep no latency. The dense row is the
+pretrained model (dense LoRA merges into the same shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from common import RESULTS_DIR, write_result
+from peers import split_modifiers
+
+import peft_loraprune  # noqa: F401
+
+RESULT = "front_smollm2"
+
+
+def decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Wall time per generated token of greedy decoding with the cache (the prompt's prefill included)."""
+    start = time.perf_counter()
+    model.generate(
+        prompt,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=0,
+        attention_mask=torch.ones_like(prompt),
+    )
+    return (time.perf_counter() - start) * 1000 / new_tokens
+
+
+def prefill_ms(model, ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    return (time.perf_counter() - start) * 1000
+
+
+@torch.no_grad()
+def time_model(model, args, g: torch.Generator) -> dict:
+    """Median decode ms per token and prefill ms of one model (after one warm-up of each)."""
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, 16), generator=g)
+    ids = torch.randint(0, vocab, (1, args.prefill), generator=g)
+    decode_ms_per_token(model, prompt, 8)
+    prefill_ms(model, ids)
+    return {
+        "decode_ms_per_token": statistics.median(
+            decode_ms_per_token(model, prompt, args.new_tokens) for _ in range(args.repeats)
+        ),
+        "prefill_ms": statistics.median(prefill_ms(model, ids) for _ in range(args.repeats)),
+    }
+
+
+def shape_twin(row: dict, dense_path: str):
+    """A model with the shapes a per-structure heads/channels row exports to (one-shot magnitude masks), or None
+    when the row's shapes depend on its importance (joint allocation, whole layers, the hidden size)."""
+    from peft import get_peft_model
+
+    from peft_loraprune import LoRAPruneConfig, export_pruned_model
+
+    structures = row.get("prune_structures", ["heads", "channels"])
+    if row.get("allocation") == "joint" or not set(structures) <= {"heads", "channels"}:
+        return None
+    model = transformers.AutoModelForCausalLM.from_pretrained(dense_path)
+    config = LoRAPruneConfig(
+        task_type="CAUSAL_LM",
+        importance="magnitude",
+        target_sparsity=float(split_modifiers(row["method"])[1].get("channels", row["sparsity"])),
+        head_grouping="query_head",
+        prune_structures=list(structures),
+    )
+    peft_model = get_peft_model(model, config)
+    engine = peft_model.base_model.pruning_engine()
+    engine.update_importance()
+    engine.prune_to(config.target_sparsity)
+    return export_pruned_model(peft_model, measure_latency=False, progressbar=False).model
+
+
+def latency(args) -> None:
+    import local_assets
+
+    torch.set_num_threads(args.threads)
+    path = Path(args.out or RESULTS_DIR) / f"{RESULT}.json"
+    data = json.loads(path.read_text())
+    dense_path = str(local_assets.smollm2_fp32_dir())
+    models = {"dense": transformers.AutoModelForCausalLM.from_pretrained(dense_path).eval()}
+    timed_on = {}
+    for i, row in enumerate(data["rows"]):
+        if row["method"].startswith("dense"):
+            continue
+        folder = row.get("export", {}).get("folder")
+        if folder and Path(folder).is_dir():
+            models[i] = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+            timed_on[i] = "export"
+        else:
+            twin = shape_twin(row, dense_path)
+            if twin is not None:
+                models[i] = twin.eval()
+                timed_on[i] = "shape twin"
+    rounds: dict = {key: [] for key in models}
+    load = []
+    for r in range(args.rounds):
+        g = torch.Generator().manual_seed(r)
+        for key, model in models.items():
+            rounds[key].append(time_model(model, args, torch.Generator().manual_seed(g.initial_seed())))
+            load.append(os.getloadavg()[0])
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    for key, measured in rounds.items():
+        ratios = {
+            metric: [m[metric] / d[metric] for m, d in zip(measured, rounds["dense"])]
+            for metric in ("decode_ms_per_token", "prefill_ms")
+        }
+        entry = {
+            "decode_ms_per_token": statistics.median(m["decode_ms_per_token"] for m in measured),
+            "prefill_ms": statistics.median(m["prefill_ms"] for m in measured),
+            "decode_ratio_per_round": ratios["decode_ms_per_token"],
+            "prefill_ratio_per_round": ratios["prefill_ms"],
+            "new_tokens": args.new_tokens,
+            "prefill_tokens": args.prefill,
+            "rounds": args.rounds,
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "max_load_average_1min": max(load),
+            "params": sum(p.numel() for p in models[key].parameters()),
+            "timed_on": "pretrained model" if key == "dense" else timed_on[key],
+        }
+        if key == "dense":
+            for row in data["rows"]:
+                if row["method"].startswith("dense"):
+                    row.update(latency=entry, decode_latency_vs_dense=1.0, prefill_latency_vs_dense=1.0)
+            data["dense_latency"] = entry
+            continue
+        row = data["rows"][key]
+        row["latency"] = entry
+        row["decode_latency_vs_dense"] = statistics.median(ratios["decode_ms_per_token"])
+        row["prefill_latency_vs_dense"] = statistics.median(ratios["prefill_ms"])
+        print(f"{row['method']} {row['sparsity']}: decode {row['decode_latency_vs_dense']:.3f}x, prefill "
+              f"{row['prefill_latency_vs_dense']:.3f}x, perplexity {row['perplexity']:.2f}", flush=True)  # fmt: skip
+    table = data.pop("table")
+    data.pop("machine", None)
+    data["latency_settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "command")}
+    write_result(RESULT, data, args.out, table=table)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    lat = sub.add_parser("latency", help="time every exported row against the dense model")
+    lat.add_argument("--new_tokens", type=int, default=128)
+    lat.add_argument("--prefill", type=int, default=512)
+    lat.add_argument("--rounds", type=int, default=3)
+    lat.add_argument("--repeats", type=int, default=3)
+    lat.add_argument("--threads", type=int, default=2)
+    lat.add_argument("--out", default=None, help="folder of front_smollm2.json (default benchmarks/results)")
+    args = parser.parse_args()
+    if args.command == "latency":
+        latency(args)
+
+
+if __name__ == "__main__":
+    main()
