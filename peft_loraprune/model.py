@@ -59,6 +59,7 @@ class _DerivedState:
     engines: dict = field(default_factory=dict)  # adapter -> PruningEngine
     eval_results: dict = field(default_factory=dict)  # adapter -> lm-eval results for the model card
     loaded_from: dict = field(default_factory=dict)  # adapter -> folder it was loaded from (resume reads it)
+    consumed_by: Optional[str] = None  # the export that merged the adapters into the model it returned
     model_type: object = _UNSET  # config.model_type of the wrapped model, read once
 
 
@@ -314,8 +315,22 @@ class LoRAPruneModel(BaseTuner):
         logger.info("%s", report)
         return report.model
 
+    def check_not_consumed(self, action: str) -> None:
+        """Raise a ``RuntimeError`` if an export consumed this model: its adapter layers were merged into the
+        exported model, so ``action`` (a save, a report, another export) would find no adapter tensors."""
+        if self.derived.consumed_by is None:
+            return
+        raise RuntimeError(
+            f"This LoRAPrune model was consumed by {self.derived.consumed_by}: its adapter was merged into the "
+            f"exported model and its LoRAPrune layers are gone, so {action} would find no adapter tensors (a save "
+            "would write an empty adapter that does not reload). Save the adapter before exporting: "
+            "model.save_pretrained(path), then export_pruned_model(model); an adapter saved earlier reloads with "
+            "PeftModel.from_pretrained(base_model, path) after `import peft_loraprune`."
+        )
+
     def sparsity_report(self, adapter_name: Optional[str] = None):
         """Sparsity overall and per layer (see :mod:`peft_loraprune.hub.reporting`)."""
+        self.check_not_consumed("a sparsity report")
         adapter_name = self.resolve_adapter(adapter_name)
         from .hub.reporting import build_sparsity_report  # reports belong to the hub layer, above the tuner
 

@@ -151,3 +151,28 @@ def test_default_latency_inputs_follow_the_models_device_and_dtype():
     ids = default_example_inputs(llama, seq_len=1000)["input_ids"]
     assert ids.dtype == torch.long and ids.shape == (1, 64)  # capped at max_position_embeddings
     assert ids.device == next(llama.parameters()).device
+
+
+def test_an_exported_peft_model_refuses_to_save_report_or_export_again(tmp_path):
+    """The export merges the adapter away (as merge_and_unload does): a save afterwards used to write an adapter
+    with no tensors, silently, that failed to reload. Now every use that needs the adapter says what happened and
+    what to do, and writes nothing; the adapter saved before the export reloads."""
+    from peft import PeftModel
+
+    model = pruned_model("llama")
+    expected = model_output(model, make_inputs("llama"))
+    model.save_pretrained(tmp_path / "before")  # the documented order
+    export_pruned_model(model, progressbar=False)
+    attempts = {
+        "save_pretrained": lambda: model.save_pretrained(tmp_path / "after"),
+        "a sparsity report": model.sparsity_report,
+        "print_sparsity": model.print_sparsity,
+        "another export": lambda: export_pruned_model(model, progressbar=False),
+        "merge_and_prune": lambda: model.merge_and_prune(progressbar=False),
+    }
+    for attempt in attempts.values():
+        with pytest.raises(RuntimeError, match=r"consumed by export_pruned_model.*Save the adapter before exporting"):
+            attempt()
+    assert not (tmp_path / "after").exists()  # refused before anything was written
+    reloaded = PeftModel.from_pretrained(make_model("llama"), tmp_path / "before").eval()
+    torch.testing.assert_close(model_output(reloaded, make_inputs("llama")), expected, rtol=1e-5, atol=1e-6)

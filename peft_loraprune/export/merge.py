@@ -216,6 +216,7 @@ def export_pruned_model(
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}.")
     tuner = find_tuner(peft_model, "export")
+    tuner.check_not_consumed("another export")
     adapter_name = tuner.resolve_adapter(adapter_name)
     config = tuner.peft_config[adapter_name]
     if tuner.active_adapters != [adapter_name]:
@@ -224,6 +225,7 @@ def export_pruned_model(
 
     merged_into = dense_base(tuner, base_weights, dtype)  # (counted after: a packed 4-bit weight counts half)
     params_before, bytes_before = _parameter_count_and_bytes(tuner.model)
+    tuner.derived.consumed_by = "export_pruned_model"  # saves, reports and exports of it now refuse
     merged = tuner.merge_and_unload(progressbar=progressbar)
     inputs = example_inputs if example_inputs is not None else default_example_inputs(merged)
     latency_before = measure_latency_ms(merged, inputs) if measure_latency else None

@@ -69,6 +69,8 @@ def _wrap(save_pretrained):
         bound.apply_defaults()
         options = bound.arguments
         ours = _loraprune_adapters(self, options.get("selected_adapters"))
+        if ours:
+            self.base_model.check_not_consumed("save_pretrained")  # before anything is written
         if ours and not options.get("safe_serialization", True):
             raise ValueError(
                 f"LoRAPrune adapters {ours} are saved as safetensors only (pickle files can run code when loaded); "
