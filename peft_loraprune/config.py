@@ -137,6 +137,9 @@ class LoRAPruneConfig(PeftConfig):
             pruned blocks' head and channel weights removed, and how many of each kind go is chosen at every
             rewrite by the importance, one split for the whole model so every block keeps the same widths (see
             `peft_loraprune.pruning.selection.split_weight_budget`). Needs ``budget="local"``.
+        structure_sparsity: with ``allocation="per_structure"``, a fixed split: the fraction of each named kind's
+            units removed by the end (``{"layers": 0.25, "hidden": 0.25}``); the schedule ramps every kind along with
+            ``target_sparsity``; kinds not named lose ``target_sparsity``.
         dense_layers: transformer block indices never pruned (None: none), or "reference" for the reference
             code's choice (the first 10% of blocks and the last one).
         save_digest: written by ``save_pretrained`` (SHA-256 over the ``adapter_model.safetensors`` saved with
@@ -286,6 +289,13 @@ class LoRAPruneConfig(PeftConfig):
             "'joint' removes target_sparsity of the head and channel weights, split between the kinds by importance"
         },
     )
+    structure_sparsity: Optional[dict[str, float]] = field(
+        default=None,
+        metadata={
+            "help": "Structured, allocation='per_structure': a fixed split, the fraction of each named kind's units "
+            "removed by the end (e.g. {'layers': 0.25, 'hidden': 0.25}); kinds not named lose target_sparsity"
+        },
+    )
     dense_layers: Optional[Union[list[int], str]] = field(
         default=None,
         metadata={
@@ -431,6 +441,7 @@ class LoRAPruneConfig(PeftConfig):
                 "allocation='joint' chooses one split of the weights between heads and channels for every block; "
                 f"it needs budget='local', got budget={self.budget!r}."
             )
+        self._validate_structure_sparsity()
         if self.dense_layers is not None and self.dense_layers != "reference":
             if isinstance(self.dense_layers, int) and not isinstance(self.dense_layers, bool):
                 self.dense_layers = [self.dense_layers]
@@ -449,6 +460,29 @@ class LoRAPruneConfig(PeftConfig):
                 f"save_digest must be None or a SHA-256 hex digest (64 lowercase hex digits), got "
                 f"{self.save_digest!r}; it is written by save_pretrained, not set by hand."
             )
+
+    def _validate_structure_sparsity(self) -> None:
+        split = self.structure_sparsity
+        if split is None:
+            return
+        if not isinstance(split, dict) or not split:
+            raise ValueError(
+                f"structure_sparsity must be a dict of kind -> fraction such as {{'layers': 0.25}}, got {split!r}."
+            )
+        for kind, fraction in split.items():
+            if kind not in self.prune_structures:
+                raise ValueError(
+                    f"structure_sparsity names {kind!r}, which prune_structures={self.prune_structures} does not "
+                    "prune; name only kinds listed there."
+                )
+            check_fraction(f"structure_sparsity[{kind!r}]", fraction)
+        if self.allocation != "per_structure":
+            raise ValueError(
+                "structure_sparsity fixes each kind's share, allocation='joint' lets the importance choose it: use "
+                "one or the other (allocation='per_structure' with structure_sparsity)."
+            )
+        if self.effective_target_sparsity <= 0:
+            raise ValueError("structure_sparsity needs target_sparsity > 0: the schedule ramps every kind with it.")
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """Save ``adapter_config.json`` atomically (a temporary file, then a rename), so a killed save never leaves

@@ -328,3 +328,31 @@ def test_bad_input_is_refused_with_one_clear_error():
             deep_model("llama"),
             LoRAPruneConfig(task_type="CAUSAL_LM", prune_structures=["layers"], target_modules=["q_proj", "o_proj"]),
         )
+
+
+def test_a_fixed_split_gives_each_kind_its_own_target(tmp_path):
+    """``structure_sparsity``: each named kind ends at its own fraction, the others at target_sparsity."""
+    model = get_peft_model(
+        deep_model("llama"),
+        LoRAPruneConfig(
+            task_type="CAUSAL_LM",
+            prune_structures=["channels", "layers"],
+            target_sparsity=0.25,
+            structure_sparsity={"layers": 0.4},
+            pruning_interval=2,
+            lora_dropout=0.0,
+        ),
+    )
+    trainer_for(model, "llama", tmp_path / "run", steps=12).train()
+    assert model.base_model.sparsity_report().sparsity_by_unit() == {
+        "channels": pytest.approx(0.25),
+        "layers": pytest.approx(0.4),
+    }
+    with pytest.raises(ValueError, match="structure_sparsity names 'hidden'"):
+        LoRAPruneConfig(task_type="CAUSAL_LM", prune_structures=["layers"], structure_sparsity={"hidden": 0.5})
+    with pytest.raises(ValueError, match="allocation='joint'"):
+        LoRAPruneConfig(
+            task_type="CAUSAL_LM", prune_structures=["layers"], structure_sparsity={"layers": 0.5}, allocation="joint"
+        )
+    with pytest.raises(ValueError, match=r"structure_sparsity\['layers'\]"):
+        LoRAPruneConfig(task_type="CAUSAL_LM", prune_structures=["layers"], structure_sparsity={"layers": 1.5})

@@ -96,6 +96,7 @@ class GroupPruner(PruningEngine):
         n = len(self.gates)
         target = self.config.effective_target_sparsity
         blocks_alone = not self.joint or not self.groups
+        target = (self.config.structure_sparsity or {}).get("layers", target)
         if blocks_alone and prune_count(n, target, keep_at_least_one=False) >= n:
             raise ValueError(
                 f"target_sparsity={target!r} with prune_structures containing 'layers' would remove all {n} pruned "
@@ -283,13 +284,17 @@ class GroupPruner(PruningEngine):
             return
         if self.gates:
             n = len(self.gates)
-            self.close_blocks(keep_top(self.block_scores(), self.blocks_kept(), n - prune_count(n, sparsity)))
+            n_keep = n - prune_count(n, self.kind_sparsity("layers", sparsity))
+            self.close_blocks(keep_top(self.block_scores(), self.blocks_kept(), n_keep))
         if self.stream is not None:
             size = self.stream.size
             kept = self.stream.kept(self.adapter)
-            n_keep = round_to_multiple(size - prune_count(size, sparsity), self.hidden_multiple)
+            n_keep = size - prune_count(size, self.kind_sparsity("hidden", sparsity))
+            n_keep = round_to_multiple(n_keep, self.hidden_multiple)
             self.stream.apply(self.adapter, keep_top(self.channel_scores().to(kept.device), kept, n_keep))
+        overall = sparsity
         for structure in sorted({g.spec.structure for g in self.groups}):
+            sparsity = self.kind_sparsity(structure, overall)
             groups = [g for g in self.groups if g.spec.structure == structure]
             scores = [self.group_scores(g) for g in groups]
             kept = [g.kept(self.adapter) for g in groups]
@@ -318,6 +323,15 @@ class GroupPruner(PruningEngine):
             scale = self.stream_averages.get("scale")
             scores = scores * (float(scale) if scale is not None else 0.0)
         return scores
+
+    def kind_sparsity(self, kind: str, sparsity: float) -> float:
+        """The fraction of ``kind``'s units removed when the schedule is at ``sparsity``: ``sparsity`` itself, or
+        with ``structure_sparsity`` naming the kind, its own target scaled along the same schedule."""
+        own = (self.config.structure_sparsity or {}).get(kind)
+        target = self.config.effective_target_sparsity
+        if own is None:
+            return sparsity
+        return own * sparsity / target if target > 0 else 0.0
 
     def _select_joint(self, sparsity: float) -> None:
         """``allocation="joint"``: remove ``sparsity`` of every pruned block's head and channel weights, the same
