@@ -320,6 +320,7 @@ def main():
         export = export_pruned_model(
             model,
             example_inputs={"input_ids": ids},
+            measure_latency=True,
             base_weights=model_path if quantized and os.path.isdir(model_path) else None,
         )
         print(export)

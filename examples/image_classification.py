@@ -189,7 +189,7 @@ def main():
     batch = {
         "pixel_values": torch.stack([test[i]["pixel_values"] for i in range(min(32, len(test)))]).to(model_device)
     }
-    export = export_pruned_model(model, example_inputs=batch)
+    export = export_pruned_model(model, example_inputs=batch, measure_latency=True)
     print(export)
     export_dir = os.path.join(training_args.output_dir, "pruned_model")
     export.model.save_pretrained(export_dir)

@@ -233,7 +233,7 @@ def main():
     model.eval()
     with torch.no_grad():
         masked_logits = model(**inputs).logits
-    export = export_pruned_model(model, example_inputs=inputs)
+    export = export_pruned_model(model, example_inputs=inputs, measure_latency=True)
     print(export)
     export_dir = os.path.join(training_args.output_dir, "pruned_model")
     export.model.save_pretrained(export_dir)

@@ -301,12 +301,13 @@ class LoRAPruneModel(BaseTuner):
         self,
         adapter_name: Optional[str] = None,
         example_inputs: Optional[dict] = None,
-        measure_latency: bool = True,
+        measure_latency: bool = False,
         progressbar: bool = True,
     ):
         """Merge the adapter and physically remove the pruned heads and channels; returns a plain transformers
         model that ``from_pretrained`` reloads. The export report goes to this module's logger (INFO);
-        ``peft_loraprune.export_pruned_model`` returns it. Consumes the model, like ``merge_and_unload``."""
+        ``peft_loraprune.export_pruned_model`` returns it (arguments as there; latency only with
+        ``measure_latency=True``). Consumes the model, like ``merge_and_unload``."""
         from .export.merge import export_pruned_model  # export is the layer above the tuner
 
         report = export_pruned_model(

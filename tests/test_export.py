@@ -103,10 +103,10 @@ def test_element_export_reloads_with_plain_from_pretrained_in_the_dtype_asked_fo
     torch.testing.assert_close(model_output(reloaded, inputs), model_output(exported, inputs), rtol=0, atol=0)
 
 
-def test_export_report_measures_latency_and_is_logged_not_printed(capsys, caplog):
+def test_export_report_measures_latency_when_asked_and_is_logged_not_printed(capsys, caplog):
     model = pruned_model("llama")
     with caplog.at_level(logging.INFO, logger="peft_loraprune"):
-        exported = model.merge_and_prune(progressbar=False)
+        exported = model.merge_and_prune(progressbar=False, measure_latency=True)
     assert capsys.readouterr().out == ""  # library code does not print
     assert "parameters:" in caplog.text and "CPU latency" in caplog.text and "removed per block" in caplog.text
     assert isinstance(exported, transformers.LlamaForCausalLM)
@@ -176,3 +176,53 @@ def test_an_exported_peft_model_refuses_to_save_report_or_export_again(tmp_path)
     assert not (tmp_path / "after").exists()  # refused before anything was written
     reloaded = PeftModel.from_pretrained(make_model("llama"), tmp_path / "before").eval()
     torch.testing.assert_close(model_output(reloaded, make_inputs("llama")), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_latency_is_measured_only_when_asked(monkeypatch):
+    """Timing forward passes took longer than the export itself on SmolLM2: off by default, in the function and
+    in merge_and_prune; example_inputs without measure_latency=True would be ignored, so they are refused."""
+    import peft_loraprune.export.merge as merge
+
+    timed = []
+    monkeypatch.setattr(merge, "measure_latency_ms", lambda model, inputs: timed.append(inputs) or 1.0)
+    report = export_pruned_model(pruned_model("llama"), progressbar=False)
+    assert timed == [] and report.latency_before_ms is None and report.speedup is None
+    assert "latency" not in str(report)
+    pruned_model("llama").merge_and_prune(progressbar=False)
+    assert timed == []
+    inputs = make_inputs("llama")
+    model = pruned_model("llama")
+    with pytest.raises(ValueError, match="measure_latency=True"):
+        export_pruned_model(model, example_inputs=inputs, progressbar=False)
+    report = export_pruned_model(model, example_inputs=inputs, measure_latency=True, progressbar=False)
+    assert len(timed) == 2 and all(t is inputs for t in timed) and report.speedup == 1.0
+
+
+def _word_tokenizer(n_words: int = 62):
+    """A word-level tokenizer of the tiny Llama's vocabulary (64 ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "[EOS]", *(f"w{i}" for i in range(n_words))])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+
+
+def test_export_saves_the_tokenizer_so_the_folder_is_complete(tmp_path):
+    """With tokenizer=, save_directory holds what pipeline(model=folder) needs: the model and its tokenizer, both
+    loaded with the Auto classes; the pipeline's greedy continuation is the exported model's own."""
+    tokenizer = _word_tokenizer()
+    with pytest.raises(ValueError, match="pass save_directory"):
+        export_pruned_model(pruned_model("llama"), tokenizer=tokenizer, progressbar=False)
+    model = pruned_model("llama")
+    folder = tmp_path / "pruned"
+    report = export_pruned_model(model, save_directory=str(folder), tokenizer=tokenizer, progressbar=False)
+    assert transformers.AutoTokenizer.from_pretrained(folder).get_vocab() == tokenizer.get_vocab()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert reloaded.config.intermediate_size == report.model.config.intermediate_size < 48
+    generate = transformers.pipeline("text-generation", model=str(folder))
+    prompt = "w1 w2 w3"
+    text = generate(prompt, max_new_tokens=3, do_sample=False, return_full_text=False)[0]["generated_text"]
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    expected = report.model.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1] :]
+    assert text.split() == tokenizer.decode(expected, skip_special_tokens=True).split()

@@ -2,7 +2,7 @@
 
 ``peft_model.merge_and_prune()`` (or :func:`export_pruned_model`) merges the adapter (pruned weights become exact
 zeros), then physically removes the pruned heads and channels that the family's config can express, updates the
-config, and reports parameters, size and latency (on the model's device) before and after.
+config, and reports parameters and size before and after (latency on the model's device, when asked).
 
 What can be removed is planned by :mod:`~peft_loraprune.export.plan` (configs hold one width per model, so uneven
 blocks are widened to the widest; structures a config cannot express, such as BERT's and GPT-2's heads, stay
@@ -197,24 +197,50 @@ def export_pruned_model(
     peft_model,
     adapter_name: Optional[str] = None,
     example_inputs: Optional[dict] = None,
-    measure_latency: bool = True,
+    measure_latency: bool = False,
     save_directory: Optional[str] = None,
     progressbar: bool = True,
     dtype: Optional[torch.dtype] = None,
     base_weights: Optional[str] = None,
+    tokenizer=None,
 ) -> ExportReport:
     """Merge the adapter and physically remove what the config can express; see the module docstring.
 
-    ``peft_model`` is a LoRAPrune ``PeftModel`` (or its ``LoRAPruneModel``). Like ``merge_and_unload``, this
-    consumes it: its base model becomes the exported model. ``dtype`` casts the exported model (e.g.
-    ``torch.bfloat16`` halves a float32 file; pruned weights stay exact zeros); latency is measured before the cast.
+    Like ``merge_and_unload``, this consumes ``peft_model``: its base model becomes the exported model, and saving
+    it, reporting its sparsity or exporting it again raise afterwards. Save the adapter first.
 
-    An adapter trained on a quantized (bitsandbytes) base is merged into dense weights: the original-precision ones
-    read from ``base_weights`` (a local checkpoint folder) when given, else the dequantized ones (see
-    :func:`dense_base`); ``report.merged_into`` says which.
+    Args:
+        peft_model: a LoRAPrune ``PeftModel`` (or its ``LoRAPruneModel``).
+        adapter_name: the adapter to export (default: the active one).
+        example_inputs: the inputs latency is measured on (with ``measure_latency=True``; default: one random
+            sequence of 128 tokens, or one image, on the model's device).
+        measure_latency: time forward passes before and after removing the pruned units (``report.speedup``).
+            Off by default: on a real model it takes longer than the export itself.
+        save_directory: also save the exported model there (``report.bytes_after`` is then the files' size).
+        progressbar: show PEFT's merge progress bar.
+        dtype: cast the exported model (e.g. ``torch.bfloat16`` halves a float32 file; pruned weights stay exact
+            zeros); latency is measured before the cast.
+        base_weights: for an adapter trained on a quantized (bitsandbytes) base: a local folder of the
+            original-precision checkpoint to merge into; without it the adapter is merged into the dequantized
+            weights (see :func:`dense_base`; ``report.merged_into`` says which).
+        tokenizer: a tokenizer (or processor: anything with ``save_pretrained``) saved into ``save_directory``
+            beside the model, so the folder is complete: ``pipeline(model=save_directory)`` and
+            ``AutoTokenizer.from_pretrained(save_directory)`` load it.
+
+    Returns:
+        An :class:`ExportReport`; ``report.model`` is the exported ``transformers`` model.
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}.")
+    if example_inputs is not None and not measure_latency:
+        raise ValueError("example_inputs are what latency is measured on: pass measure_latency=True with them.")
+    if tokenizer is not None:
+        if save_directory is None:
+            raise ValueError(
+                "tokenizer is saved into save_directory beside the exported model: pass save_directory too."
+            )
+        if not callable(getattr(tokenizer, "save_pretrained", None)):
+            raise TypeError(f"tokenizer must have a save_pretrained method, got {type(tokenizer).__name__}.")
     tuner = find_tuner(peft_model, "export")
     tuner.check_not_consumed("another export")
     adapter_name = tuner.resolve_adapter(adapter_name)
@@ -227,8 +253,10 @@ def export_pruned_model(
     params_before, bytes_before = _parameter_count_and_bytes(tuner.model)
     tuner.derived.consumed_by = "export_pruned_model"  # saves, reports and exports of it now refuse
     merged = tuner.merge_and_unload(progressbar=progressbar)
-    inputs = example_inputs if example_inputs is not None else default_example_inputs(merged)
-    latency_before = measure_latency_ms(merged, inputs) if measure_latency else None
+    inputs = None
+    if measure_latency:
+        inputs = example_inputs if example_inputs is not None else default_example_inputs(merged)
+    latency_before = measure_latency_ms(merged, inputs) if inputs is not None else None
     remove_pruned(merged, plan.removals, progressbar)
     for key, value in plan.config_updates.items():
         setattr(merged.config, key, value)
@@ -236,7 +264,7 @@ def export_pruned_model(
         plan.refresh_block(merged.get_submodule(prefix), merged.config)
     if plan.refresh_model is not None:
         plan.refresh_model(merged)
-    latency_after = measure_latency_ms(merged, inputs) if measure_latency else None
+    latency_after = measure_latency_ms(merged, inputs) if inputs is not None else None
     if dtype is not None:
         cast_saved_tensors(merged, dtype)
         merged.config.dtype = str(dtype).removeprefix("torch.")
@@ -250,11 +278,13 @@ def export_pruned_model(
         (bytes_before, bytes_after),
         latency_before_ms=latency_before,
         latency_after_ms=latency_after,
-        latency_device=next((v.device.type for v in inputs.values() if isinstance(v, torch.Tensor)), "cpu"),
+        latency_device=next((v.device.type for v in (inputs or {}).values() if isinstance(v, torch.Tensor)), "cpu"),
         merged_into=merged_into,
     )
     if save_directory is not None:
         merged.save_pretrained(save_directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(save_directory)
         report.bytes_after = sum(
             os.path.getsize(os.path.join(save_directory, f))
             for f in os.listdir(save_directory)
