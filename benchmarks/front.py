@@ -22,6 +22,12 @@ writes into each row:
 
     python benchmarks/front.py latency
 
+Rows of the recovery study with the same recipe and settings (``peers_smollm2_distill.json``: dense LoRA, LoRAPrune
+over heads and channels, Wanda-sp, LLM-Pruner) are copied in with ``"copied_from"`` (their zero-shot scores
+aside, the settings are the same)::
+
+    python benchmarks/front.py import-rows
+
 Rows whose export folder is gone are timed on a *shape twin* when their shapes follow from their settings alone
 (heads and channels pruned per structure, as ``benchmarks/export_speed.py`` does: CPU latency depends on the
 shapes, not on the values), marked ``"timed_on": "shape twin"``; other rows keep no latency. The dense row is the
@@ -175,6 +181,45 @@ def latency(args) -> None:
     write_result(RESULT, data, args.out, table=table)
 
 
+#: the recovery study's rows with the front's recipe (rank 32, trained norms, learning rate 1e-3)
+RECIPE = "+lr=0.001+r=32+norms"
+IMPORTED = ("dense-lora", "loraprune-activation", "wanda-sp", "llm-pruner")
+SAME_SETTINGS = ("steps", "batch", "block_size", "max_eval_blocks", "pruning_interval", "calibration_batches", "bf16")
+
+
+def import_rows(args) -> None:
+    """Copy the recovery study's recipe rows (heads and channels) into the front's file, once each."""
+    source_name = "peers_smollm2_distill"
+    source = json.loads((RESULTS_DIR / f"{source_name}.json").read_text())
+    path = Path(args.out or RESULTS_DIR) / f"{RESULT}.json"
+    data = json.loads(path.read_text())
+    different = {k: (source["settings"][k], data["settings"][k]) for k in SAME_SETTINGS
+                 if source["settings"][k] != data["settings"][k]}  # fmt: skip
+    if different:
+        raise SystemExit(f"{source_name} was run with other settings than the front: {different}")
+    have = {(r["method"], r["sparsity"], r["seed"]) for r in data["rows"]}
+    added = 0
+    for row in source["rows"]:
+        name, mods = split_modifiers(row["method"])
+        if (
+            name not in IMPORTED
+            or not row["method"].startswith(name + RECIPE)
+            or set(mods) - {"lr", "r", "norms", "channels"}
+        ):
+            continue
+        if (row["method"], row["sparsity"], row["seed"]) in have:
+            continue
+        copied = {k: v for k, v in row.items() if not k.endswith("_acc") and not k.endswith("_acc_norm")}
+        copied["copied_from"] = f"{source_name}.json"
+        copied["variant"] = f"{row['method']} {row['sparsity']:.0%}"
+        data["rows"].append(copied)
+        added += 1
+    table = data.pop("table")
+    data.pop("machine", None)
+    write_result(RESULT, data, args.out, table=table)
+    print(f"{added} rows copied from {source_name}.json")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,9 +230,13 @@ def main():
     lat.add_argument("--repeats", type=int, default=3)
     lat.add_argument("--threads", type=int, default=2)
     lat.add_argument("--out", default=None, help="folder of front_smollm2.json (default benchmarks/results)")
+    imp = sub.add_parser("import-rows", help="copy the recovery study's recipe rows into the front's file")
+    imp.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.command == "latency":
         latency(args)
+    else:
+        import_rows(args)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ and docs/benchmarks.md (findings, caveats and the other tables) from the JSON fi
 Split by job: ``report_peers`` (tables against other pruners, read from each file's ``table`` block),
 ``report_quality`` (criteria, fidelity, accuracy study), ``report_cost`` (step cost, memory, export speed),
 ``report_big_models`` (quantized bases, streaming export), ``report_distill`` (the recovery study),
+``report_front`` (perplexity against latency of the exported models),
 ``report_readme`` (the blocks of README.md and docs/benchmarks.md); shared helpers
 in ``report_common`` and every statistic in ``stats``.
 """
@@ -23,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import report_big_models  # noqa: E402
 import report_distill  # noqa: E402
+import report_front  # noqa: E402
 from report_cost import (  # noqa: E402
     element_breakdown_section,
     export_plot,
@@ -63,6 +65,7 @@ def main():
         report_big_models.section,
         report_distill.section,
         report_distill.split_cost_section,
+        report_front.section,
     ):
         section(lines)
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")

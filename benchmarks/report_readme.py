@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import report_big_models
 import report_distill
+import report_front
 from report_common import HERE, load, memory_keys, on_gpu, replace_block, with_rewrites_words
 from report_cost import element_breakdown_rows, masked_blocks_rows, memory_profile_rows
 from report_peers import granularity_of, peers_verdicts, table_of, tag_words
@@ -208,6 +209,8 @@ GENERATED_BLOCKS = (
     ("docs/benchmarks.md", "recovery", report_distill.recovery_lines),
     ("docs/benchmarks.md", "big-models", report_big_models.readme_lines),
     ("docs/benchmarks.md", "cost", cost_lines),
+    ("docs/benchmarks.md", "front", report_front.benchmark_lines),
+    ("docs/how-to/speed.md", "front", report_front.page_lines),
 )
 
 

@@ -1,0 +1,214 @@
+"""The quality/speed front (``benchmarks/front.py``): held-out perplexity against the exported model's CPU latency.
+
+Renders, from ``results/front_smollm2.json``: the table (one line per method and fraction, seeds averaged), the
+verdict lines against the issue's goals (the best perplexity at 0.55x the dense decode latency or less against
+2.5x dense LoRA's; whether every peer point is beaten on both axes by some LoRAPrune point), and the plot
+``docs/images/front_smollm2.png`` (perplexity against decode and prefill latency, every point labelled).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import matplotlib.pyplot as plt
+from report_common import HERE, load, machine
+
+#: the goal of the front's issue: at this decode latency (vs dense) or less ...
+LATENCY_GOAL = 0.55
+#: ... held-out perplexity at most this many times dense LoRA's
+PERPLEXITY_GOAL = 2.5
+PLOT = HERE.parent / "docs" / "images" / "front_smollm2.png"
+
+_NAMES = {
+    "loraprune-activation": "LoRAPrune",
+    "dense-lora": "dense LoRA",
+    "shortgpt": "ShortGPT",
+    "minitron": "Minitron",
+    "wanda-sp": "Wanda-sp",
+    "llm-pruner": "LLM-Pruner",
+}
+
+
+def _modifiers(method: str) -> tuple[str, dict]:
+    name, *mods = method.split("+")
+    return name, dict(m.partition("=")[::2] for m in mods)
+
+
+def label(row: dict) -> str:
+    """A reader's name for a row: method, the units it prunes, the fraction."""
+    name, mods = _modifiers(row["method"])
+    out = _NAMES.get(name, name)
+    if name == "dense-lora":
+        return out
+    axes = mods.get("axes")
+    if axes is None:
+        axes = "channels" if "channels" in mods else ("layers" if name == "shortgpt" else "heads/channels")
+    out += f" {axes.replace('/', '+')}"
+    if "joint" in mods:
+        out += " (joint)"
+    return f"{out} {row['sparsity']:.0%}"
+
+
+def is_loraprune(row: dict) -> bool:
+    return row["method"].startswith("loraprune")
+
+
+def points() -> tuple[dict | None, list[dict]]:
+    """``(data, points)``: one point per method and fraction with its mean perplexity over seeds and the latency
+    ratios (rows without latency are left out)."""
+    data = load("front_smollm2.json").get("front_smollm2")
+    if data is None:
+        return None, []
+    groups: dict = {}
+    for row in data["rows"]:
+        groups.setdefault((row["method"], row["sparsity"]), []).append(row)
+    out = []
+    for rows in groups.values():
+        timed = [r for r in rows if r.get("decode_latency_vs_dense") is not None]
+        if not timed:
+            continue
+        first = timed[0]
+        out.append(
+            {
+                "label": label(first),
+                "loraprune": is_loraprune(first),
+                "dense": first["method"].startswith("dense"),
+                "perplexity": statistics.mean(r["perplexity"] for r in rows),
+                "seeds": sorted(r["seed"] for r in rows),
+                "decode": first["decode_latency_vs_dense"],
+                "prefill": first["prefill_latency_vs_dense"],
+                "params_removed": first.get("export", {}).get("params_fraction_removed"),
+                "seconds": max(r["seconds"] for r in rows),
+                "copied": any("copied_from" in r for r in rows),
+                "timed_on": first["latency"]["timed_on"],
+            }
+        )
+    return data, sorted(out, key=lambda p: p["decode"], reverse=True)
+
+
+def _dense_perplexity(pts) -> float | None:
+    dense = [p["perplexity"] for p in pts if p["dense"]]
+    return dense[0] if dense else None
+
+
+def table_lines() -> list[str]:
+    """The front as a table, slowest first."""
+    data, pts = points()
+    if not pts:
+        return ["No timed rows yet: run `benchmarks/front.py latency` after the training rows."]
+    dense = _dense_perplexity(pts)
+    lines = [
+        "| model | held-out perplexity | vs dense LoRA | decode latency | prefill latency | parameters removed | seeds |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in pts:
+        vs = f"{p['perplexity'] / dense:.2f}x" if dense else "-"
+        removed = "-" if p["params_removed"] is None else f"{p['params_removed']:.0%}"
+        star = " *" if p["timed_on"] == "shape twin" else ""
+        lines.append(
+            f"| {p['label']} | {p['perplexity']:.2f} | {vs} | {p['decode']:.2f}x{star} | {p['prefill']:.2f}x{star} | "
+            f"{removed} | {len(p['seeds'])} |"
+        )
+    s = data["settings"]
+    lat = data.get("latency_settings", {})
+    tokens = s["steps"] * s["batch"] * s["block_size"]
+    lines += [
+        "",
+        f"SmolLM2-135M on Wikipedia leads, {tokens:,d} training tokens per run, LoRA rank 32 with trained norms at "
+        f"learning rate 1e-3, bfloat16 autocast; latency of the exported float32 model against the dense one, "
+        f"batch 1, {lat.get('new_tokens', 128)} decoded tokens with the cache and a {lat.get('prefill', 512)}-token "
+        f"prefill, {lat.get('threads', 2)} threads, median of {lat.get('rounds', 3)} interleaved rounds. "
+        "(*) timed on a model of the same shapes (the run kept no export). Machine: " + machine(data) + ".",
+    ]
+    return lines
+
+
+def dominates(a: dict, b: dict) -> bool:
+    """``a`` is both faster (decode) and better (perplexity) than ``b``, or equal on one and better on the other."""
+    return (
+        a["decode"] <= b["decode"]
+        and a["perplexity"] <= b["perplexity"]
+        and (a["decode"] < b["decode"] or a["perplexity"] < b["perplexity"])
+    )
+
+
+def verdict_lines() -> list[str]:
+    """The goals, checked on the points."""
+    _, pts = points()
+    dense = _dense_perplexity(pts)
+    if not pts or dense is None:
+        return ["The front has no timed dense row yet."]
+    lines = []
+    fast = [p for p in pts if p["loraprune"] and p["decode"] <= LATENCY_GOAL]
+    if fast:
+        best = min(fast, key=lambda p: p["perplexity"])
+        met = "met" if best["perplexity"] <= PERPLEXITY_GOAL * dense else "not met"
+        lines.append(
+            f"- At {LATENCY_GOAL}x the dense decode latency or less, the best LoRAPrune point is {best['label']}: "
+            f"{best['perplexity'] / dense:.2f}x dense LoRA's perplexity at {best['decode']:.2f}x latency "
+            f"(goal at most {PERPLEXITY_GOAL}x: {met})."
+        )
+    else:
+        lines.append(f"- No LoRAPrune point decodes at {LATENCY_GOAL}x the dense latency or less yet (goal not met).")
+    ours = [p for p in pts if p["loraprune"]]
+    for peer in (p for p in pts if not p["loraprune"] and not p["dense"]):
+        winners = [p for p in ours if dominates(p, peer)]
+        if winners:
+            best = min(winners, key=lambda p: p["perplexity"])
+            lines.append(
+                f"- {peer['label']} ({peer['perplexity']:.2f} at {peer['decode']:.2f}x): beaten on both by "
+                f"{best['label']} ({best['perplexity']:.2f} at {best['decode']:.2f}x)."
+            )
+        else:
+            lines.append(
+                f"- {peer['label']} ({peer['perplexity']:.2f} at {peer['decode']:.2f}x): no LoRAPrune point is both "
+                "faster and better (LoRAPrune loses here)."
+            )
+    return lines
+
+
+def plot() -> None:
+    """Perplexity against decode and prefill latency (both vs dense), every point labelled."""
+    _, pts = points()
+    if not pts:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    for ax, key, title in zip(axes, ("decode", "prefill"), ("batch-1 decoding, 128 tokens", "512-token prefill")):
+        for p in pts:
+            color = "black" if p["dense"] else ("tab:blue" if p["loraprune"] else "tab:orange")
+            marker = "*" if p["dense"] else ("o" if p["loraprune"] else "s")
+            ax.scatter(p[key], p["perplexity"], color=color, marker=marker, s=60 if p["dense"] else 30, zorder=3)
+            ax.annotate(p["label"], (p[key], p["perplexity"]), fontsize=6.5, xytext=(4, 3), textcoords="offset points")
+        ax.axvline(LATENCY_GOAL, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel(f"latency vs the dense model ({title}, CPU)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out perplexity (lower is better)")
+    axes[0].scatter([], [], color="tab:blue", marker="o", label="LoRAPrune")
+    axes[0].scatter([], [], color="tab:orange", marker="s", label="peers, same LoRA recovery")
+    axes[0].legend(fontsize=7, loc="upper right")
+    fig.suptitle("SmolLM2-135M: quality against speed of the exported models", fontsize=9)
+    fig.tight_layout()
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PLOT, dpi=110)
+    plt.close(fig)
+
+
+def page_lines(image: str = "../images/front_smollm2.png") -> list[str]:
+    """The generated block of docs/how-to/speed.md (and docs/benchmarks.md with ``image`` relative to it): the
+    plot, the table and the verdicts."""
+    plot()
+    picture = [f"![quality against speed]({image})", ""] if PLOT.exists() else []
+    return [*picture, *table_lines(), "", *verdict_lines()]
+
+
+def benchmark_lines() -> list[str]:
+    return page_lines("images/front_smollm2.png")
+
+
+def section(lines: list[str]) -> None:
+    """RESULTS.md's section (the plot is written beside the docs)."""
+    plot()
+    lines += ["## Quality against speed (SmolLM2-135M, CPU)", "", *table_lines(), "", *verdict_lines(), ""]
+    if PLOT.exists():
+        lines += ["![front](../docs/images/front_smollm2.png)", ""]
