@@ -22,6 +22,13 @@ writes into each row:
 
     python benchmarks/front.py latency
 
+On a GPU (``benchmarks/gpu.sh``, part 6) the same rows are timed from their recorded configs (random weights of the
+exported shapes: the export folders stay on the machine that trained them), in eager mode and compiled
+(``torch.compile`` with ``mode="reduce-overhead"``, CUDA graphs, and a static key-value cache for decoding); the
+result goes to ``front_smollm2_<device>_<dtype>.json``::
+
+    python benchmarks/front.py latency --device cuda --dtype bfloat16 --from_configs --compile
+
 Rows of the recovery study with the same recipe and settings (``peers_smollm2_distill.json``: dense LoRA, LoRAPrune
 over heads and channels, Wanda-sp, LLM-Pruner) are copied in with ``"copied_from"`` (their zero-shot scores
 aside, the settings are the same)::
@@ -53,8 +60,16 @@ import peft_loraprune  # noqa: F401
 RESULT = "front_smollm2"
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    """Wall time per generated token of greedy decoding with the cache (the prompt's prefill included)."""
+    """Wall time per generated token of greedy decoding with the cache (the prompt's prefill included); a compiled
+    model decodes with a static cache, as transformers' compiled generation does."""
+    compiled = getattr(model, "_front_compiled", False)
+    _sync(prompt.device)
     start = time.perf_counter()
     model.generate(
         prompt,
@@ -64,13 +79,17 @@ def decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int) -> float:
         use_cache=True,
         pad_token_id=0,
         attention_mask=torch.ones_like(prompt),
+        **({"cache_implementation": "static"} if compiled else {}),
     )
+    _sync(prompt.device)
     return (time.perf_counter() - start) * 1000 / new_tokens
 
 
 def prefill_ms(model, ids: torch.Tensor) -> float:
+    _sync(ids.device)
     start = time.perf_counter()
     model(input_ids=ids, use_cache=False)
+    _sync(ids.device)
     return (time.perf_counter() - start) * 1000
 
 
@@ -78,8 +97,9 @@ def prefill_ms(model, ids: torch.Tensor) -> float:
 def time_model(model, args, g: torch.Generator) -> dict:
     """Median decode ms per token and prefill ms of one model (after one warm-up of each)."""
     vocab = model.config.vocab_size
-    prompt = torch.randint(0, vocab, (1, 16), generator=g)
-    ids = torch.randint(0, vocab, (1, args.prefill), generator=g)
+    device = next(model.parameters()).device
+    prompt = torch.randint(0, vocab, (1, 16), generator=g).to(device)
+    ids = torch.randint(0, vocab, (1, args.prefill), generator=g).to(device)
     decode_ms_per_token(model, prompt, 8)
     prefill_ms(model, ids)
     return {
@@ -115,27 +135,70 @@ def shape_twin(row: dict, dense_path: str):
     return export_pruned_model(peft_model, measure_latency=False, progressbar=False).model
 
 
-def latency(args) -> None:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def from_config(config: dict):
+    """Random weights in the shapes of a recorded config (a row's exported model, or the dense one)."""
+    config = transformers.AutoConfig.for_model(**config)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def prepared(model, args):
+    """The model on the timing device and dtype, in eval mode; compiled (CUDA graphs on a GPU) with ``--compile``."""
+    model = model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
+    if args.compile:
+        mode = "reduce-overhead" if args.device.startswith("cuda") else "default"
+        model.forward = torch.compile(model.forward, mode=mode)
+        model._front_compiled = True
+    return model
+
+
+def models_to_time(data: dict, args) -> tuple[dict, dict]:
+    """``({"dense" or row index: model}, {row index: what it is timed on})``."""
+    timed_on = {}
+    if args.from_configs:
+        dense_config = data.get("dense_config")
+        if dense_config is None:
+            raise SystemExit("the result file records no dense config yet: run the CPU latency once first")
+        models = {"dense": prepared(from_config(dense_config), args)}
+        for i, row in enumerate(data["rows"]):
+            config = row.get("export", {}).get("config")
+            if config is not None and not row["method"].startswith("dense"):
+                models[i], timed_on[i] = prepared(from_config(config), args), "recorded config"
+        return models, timed_on
     import local_assets
 
-    torch.set_num_threads(args.threads)
-    path = Path(args.out or RESULTS_DIR) / f"{RESULT}.json"
-    data = json.loads(path.read_text())
     dense_path = str(local_assets.smollm2_fp32_dir())
-    models = {"dense": transformers.AutoModelForCausalLM.from_pretrained(dense_path).eval()}
-    timed_on = {}
+    dense = transformers.AutoModelForCausalLM.from_pretrained(dense_path)
+    data["dense_config"] = dense.config.to_diff_dict()
+    models = {"dense": prepared(dense, args)}
     for i, row in enumerate(data["rows"]):
         if row["method"].startswith("dense"):
             continue
         folder = row.get("export", {}).get("folder")
         if folder and Path(folder).is_dir():
-            models[i] = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-            timed_on[i] = "export"
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+            row["export"]["config"] = model.config.to_diff_dict()
+            models[i], timed_on[i] = prepared(model, args), "export"
         else:
             twin = shape_twin(row, dense_path)
             if twin is not None:
-                models[i] = twin.eval()
-                timed_on[i] = "shape twin"
+                export = row.setdefault("export", {})
+                export["config"] = twin.config.to_diff_dict()
+                export["params_fraction_removed"] = 1 - sum(p.numel() for p in twin.parameters()) / sum(
+                    p.numel() for p in dense.parameters()
+                )
+                models[i], timed_on[i] = prepared(twin, args), "shape twin"
+    return models, timed_on
+
+
+def latency(args) -> None:
+    torch.set_num_threads(args.threads)
+    path = Path(args.out or RESULTS_DIR) / f"{RESULT}.json"
+    data = json.loads(path.read_text())
+    models, timed_on = models_to_time(data, args)
     rounds: dict = {key: [] for key in models}
     load = []
     for r in range(args.rounds):
@@ -159,9 +222,14 @@ def latency(args) -> None:
             "rounds": args.rounds,
             "repeats": args.repeats,
             "threads": args.threads,
+            "device": args.device,
+            "dtype": args.dtype,
+            "compiled": args.compile,
             "max_load_average_1min": max(load),
             "params": sum(p.numel() for p in models[key].parameters()),
-            "timed_on": "pretrained model" if key == "dense" else timed_on[key],
+            "timed_on": ("recorded config" if args.from_configs else "pretrained model")
+            if key == "dense"
+            else timed_on[key],
         }
         if key == "dense":
             for row in data["rows"]:
@@ -178,7 +246,11 @@ def latency(args) -> None:
     table = data.pop("table")
     data.pop("machine", None)
     data["latency_settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "command")}
-    write_result(RESULT, data, args.out, table=table)
+    if args.device == "cpu" and not args.compile:
+        write_result(RESULT, data, args.out, table=table)
+    else:  # another device or mode: a file of its own, the CPU front stays as measured
+        name = f"{RESULT}_{args.device.split(':')[0]}_{args.dtype}" + ("_compiled" if args.compile else "")
+        write_result(name, data, args.out, table=table)
 
 
 #: the recovery study's rows with the front's recipe (rank 32, trained norms, learning rate 1e-3)
@@ -229,6 +301,10 @@ def main():
     lat.add_argument("--rounds", type=int, default=3)
     lat.add_argument("--repeats", type=int, default=3)
     lat.add_argument("--threads", type=int, default=2)
+    lat.add_argument("--device", default="cpu")
+    lat.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    lat.add_argument("--compile", action="store_true", help="torch.compile (CUDA graphs on a GPU), static cache")
+    lat.add_argument("--from_configs", action="store_true", help="random weights in each row's recorded shapes")
     lat.add_argument("--out", default=None, help="folder of front_smollm2.json (default benchmarks/results)")
     imp = sub.add_parser("import-rows", help="copy the recovery study's recipe rows into the front's file")
     imp.add_argument("--out", default=None)

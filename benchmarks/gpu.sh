@@ -7,7 +7,11 @@
 #      PyTorch's semi-structured sparse tensors;
 #   4. the user-facing paths (Trainer, distillation, export, command line) on CUDA;
 #   5. QLoRA on a 1B model (opt-in, QLORA=1: it needs minutes the other parts use): LoRAPrune's step time and peak
-#      GPU memory against PEFT's plain LoRA on the same NF4 base (bitsandbytes), llama-1b at 1 x 512.
+#      GPU memory against PEFT's plain LoRA on the same NF4 base (bitsandbytes), llama-1b at 1 x 512;
+#   6. the quality/speed front's latency table on CUDA (benchmarks/front.py): every row of front_smollm2.json
+#      rebuilt from its recorded config (random weights of the exported shapes), batch-1 decoding of 128 tokens and
+#      a 512-token prefill against the dense model, bfloat16, eager and compiled (torch.compile, CUDA graphs,
+#      static cache); FRONT=0 skips it.
 # Results go to $RESULTS (default benchmarks/results); logs beside them. Each part has its own time limit so that
 # what finished comes back even if a later part runs long.
 #
@@ -45,6 +49,16 @@ timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_semi_structured.py t
 #    inputs on the model's device, the saved adapter through the command line (report, export), the reload
 (cd benchmarks && timeout 200 $PY device_walkthrough.py --device cuda --dtype bfloat16 --out "$RESULTS") \
     2>&1 | tee "$RESULTS/gpu_walkthrough.log" | grep -v Warning | tail -12
+fi
+
+# 6. the front on CUDA, eager then compiled (each writes front_smollm2_cuda_bfloat16[_compiled].json)
+if [ "${QLORA_ONLY:-0}" != 1 ] && [ "${FRONT:-1}" = 1 ] && [ -f benchmarks/results/front_smollm2.json ]; then
+    cp -n benchmarks/results/front_smollm2.json "$RESULTS/" 2>/dev/null
+    for compiled in "" "--compile"; do
+        (cd benchmarks && timeout ${FRONT_TIMEOUT:-240} $PY front.py latency --device cuda --dtype bfloat16 \
+            --from_configs $compiled --rounds 3 --repeats 3 --out "$RESULTS") \
+            2>&1 | tee -a "$RESULTS/gpu_front.log" | grep -E "decode|Error" | tail -14
+    done
 fi
 
 # 5. QLoRA on a >= 1B model (QLORA=1; QLORA_ONLY=1 skips parts 1-4): the NF4 base is loaded from a checkpoint of the

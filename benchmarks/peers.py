@@ -795,6 +795,7 @@ def export_row(model, folder: Path, task) -> dict:
         "file_bytes": size,
         "removed_per_block": report.removed,
         "config_updates": {k: v for k, v in report.config_updates.items() if not isinstance(v, list)},
+        "config": report.model.config.to_diff_dict(),  # the shapes, to rebuild the model where the files are not
     }
 
 
