@@ -35,8 +35,9 @@ from .hub.evaluation import (
     save_results_json,
 )
 from .hub.model_card import write_eval_results, write_export_card
-from .hub.skeleton import load_adapter_skeleton
+from .hub.skeleton import check_loraprune_adapter, load_adapter_skeleton
 from .kernels.quantized import ROUNDING_FORMATS
+from .registration import MethodNotRegisteredError, explain_unregistered_method
 
 
 class UsageError(Exception):
@@ -100,6 +101,10 @@ def cmd_export(args) -> None:
         raise UsageError(f"{args.adapter} does not exist")
     if not is_adapter_folder(args.adapter):
         raise UsageError(f"{args.adapter} is not a saved adapter (no adapter_config.json there)")
+    try:
+        check_loraprune_adapter(args.adapter)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     try:
         parse_size(args.max_shard_size)
     except ValueError as err:
@@ -302,8 +307,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
-    except UsageError as err:
+        with explain_unregistered_method():
+            args.run(args)
+    except (UsageError, MethodNotRegisteredError) as err:
         print(f"peft-loraprune {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -12,6 +12,9 @@ registration).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from aenum import extend_enum
 from peft.utils.peft_types import PeftType
 
@@ -47,3 +50,27 @@ def register(config_cls, model_cls) -> None:
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[LORAPRUNE_PEFT_TYPE] = config_cls
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[LORAPRUNE_PEFT_TYPE] = model_cls
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[LORAPRUNE_PEFT_TYPE] = PREFIX
+
+
+class MethodNotRegisteredError(RuntimeError):
+    """PEFT met a LoRAPrune adapter without the method registered (its own error is a bare ``KeyError``)."""
+
+
+NOT_REGISTERED = (
+    "PEFT does not know the LoRAPrune method in this process (KeyError: 'LORAPRUNE' from PEFT): `import "
+    "peft_loraprune` registers it and must come before loading a LoRAPrune adapter (PeftModel.from_pretrained, "
+    "AutoPeftModel*, PeftConfig.from_pretrained, transformers' load_adapter), in every process that loads one: "
+    "torchrun workers too; for lm-eval run `peft-loraprune lm-eval ...` instead of `lm_eval ...`"
+)
+
+
+@contextmanager
+def explain_unregistered_method() -> Iterator[None]:
+    """Turn PEFT's bare ``KeyError: 'LORAPRUNE'`` inside the block into a :class:`MethodNotRegisteredError` that
+    says what to do; any other ``KeyError`` passes unchanged."""
+    try:
+        yield
+    except KeyError as err:
+        if err.args and err.args[0] == LORAPRUNE_PEFT_TYPE.value:
+            raise MethodNotRegisteredError(NOT_REGISTERED) from err
+        raise

@@ -268,3 +268,54 @@ def test_version_and_plain_text_help_with_every_option_explained(capsys):
             continue
         undocumented = [a.dest for a in sub._actions if not a.help and a.dest != "help"]
         assert not undocumented, f"{name}: options without help: {undocumented}"
+
+
+def test_report_and_export_name_the_method_of_an_adapter_that_is_not_loraprune(saved, capsys, tmp_path):
+    """A plain LoRA adapter has no masks: the commands say which method it is, not that it "does not fit the
+    base" (what reading it as LoRAPrune ended in), and write nothing."""
+    from peft import LoraConfig
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(saved["base"])
+    lora = tmp_path / "lora"
+    get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"])).save_pretrained(lora)
+    assert json.loads((lora / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    out = str(tmp_path / "out")
+    capsys.readouterr()
+    for argv in (
+        ["report", str(lora)],
+        ["export", str(lora), "--out", out],
+        ["export", str(lora), "--out", out, "--in_memory"],
+    ):
+        assert main(argv) == 2, argv
+        err = error_lines(capsys.readouterr().err)
+        assert len(err) == 1 and "is a LORA adapter" in err[0] and "not a LoRAPrune one" in err[0], err
+        assert "does not fit" not in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_loading_without_the_method_registered_says_to_import_the_package(saved, capsys, monkeypatch):
+    """PEFT's own error for a LoRAPrune adapter in a process that never imported peft_loraprune is a bare
+    KeyError: 'LORAPRUNE'. Simulated here by taking the method out of PEFT's mappings: the package's loaders and
+    every command that loads an adapter say what to do instead."""
+    from peft import PeftModel, mapping
+    from peft.utils.peft_types import PeftType
+
+    from peft_loraprune.hub.evaluation import load_adapter_model
+    from peft_loraprune.registration import MethodNotRegisteredError
+
+    for table in (mapping.PEFT_TYPE_TO_CONFIG_MAPPING, mapping.PEFT_TYPE_TO_TUNER_MAPPING):
+        monkeypatch.delitem(table, PeftType.LORAPRUNE)
+    base = transformers.AutoModelForCausalLM.from_pretrained(saved["base"])
+    with pytest.raises(KeyError, match="LORAPRUNE"):  # what PEFT says
+        PeftModel.from_pretrained(base, saved["adapter"])
+    with pytest.raises(MethodNotRegisteredError, match="`import peft_loraprune` registers it"):
+        load_adapter_model(saved["adapter"])
+    capsys.readouterr()
+    for argv in (
+        ["report", saved["adapter"]],
+        ["export", saved["adapter"], "--out", "/nonexistent/never_written", "--in_memory"],
+        ["eval", saved["adapter"], "--tasks", "tiny_sentiment", "--include_path", saved["tasks"]],
+    ):
+        assert main(argv) == 2, argv
+        err = error_lines(capsys.readouterr().err)
+        assert len(err) == 1 and "import peft_loraprune" in err[0] and "KeyError: 'LORAPRUNE'" in err[0], err

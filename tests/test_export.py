@@ -226,3 +226,52 @@ def test_export_saves_the_tokenizer_so_the_folder_is_complete(tmp_path):
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     expected = report.model.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1] :]
     assert text.split() == tokenizer.decode(expected, skip_special_tokens=True).split()
+
+
+@pytest.mark.parametrize(
+    "kv_heads, grouping, keep, queries_removed, kv_removed, words",
+    [
+        (2, "kv_group", [True, False], 3, 1, "1 KV group (3 query heads)"),
+        (2, "query_head", [True, False, True, True, True, False], 2, 0, "2 query heads (1 in each of the 2 KV groups"),
+        (6, "kv_group", [True, False, True, True, False, True], 2, 2, "2 attention heads"),
+    ],
+    ids=["kv_groups", "query_heads", "multi_head"],
+)
+def test_export_report_words_removed_heads_as_the_config_counts_them(
+    kv_heads, grouping, keep, queries_removed, kv_removed, words, tmp_path
+):
+    """6 query heads sharing 2 KV heads (or 6 of each): removing one KV group removes 3 query heads, which the
+    report, the streaming export's report and the exported model's card say (not "1 heads"), in agreement with
+    the exported config."""
+    from peft_loraprune.export.streaming import stream_export
+    from peft_loraprune.hub.model_card import write_export_card
+    from peft_loraprune.pruning.structure import find_structured_groups
+
+    config = transformers.LlamaConfig(
+        hidden_size=48,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=kv_heads,
+        head_dim=8,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model = get_peft_model(base, LoRAPruneConfig(task_type="CAUSAL_LM", head_grouping=grouping))
+    for g in find_structured_groups(model.base_model, "default"):
+        if g.spec.structure == "heads":
+            g.apply("default", torch.tensor(keep))
+    model.save_pretrained(tmp_path / "adapter")
+    sparsity = model.sparsity_report()
+    streamed = stream_export(str(tmp_path / "adapter"), str(tmp_path / "stream"), progressbar=False)
+    report = export_pruned_model(model, progressbar=False)
+    after = report.model.config
+    assert (6 - after.num_attention_heads, kv_heads - after.num_key_value_heads) == (queries_removed, kv_removed)
+    for r in (report, streamed):
+        assert r.removed_per_block()["heads"].startswith(words)
+        assert f"removed per block: {words}" in str(r)
+    card = write_export_card(str(tmp_path / "stream"), model.peft_config["default"], sparsity, streamed)
+    assert f"Removed per block: {words}" in open(card).read()

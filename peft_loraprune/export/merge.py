@@ -47,6 +47,7 @@ class ExportReport:
     latency_after_ms: Optional[float] = None
     latency_device: str = "cpu"  # where the latency was measured (the example inputs' device type)
     merged_into: str = "the base model's weights"  # what the adapter was merged into (see dense_base)
+    heads_before: Optional[tuple[int, int]] = None  # (query heads, KV heads) per block before export (head_counts)
     notes: list[str] = field(default_factory=list)
 
     @classmethod
@@ -76,6 +77,25 @@ class ExportReport:
             return self.latency_before_ms / self.latency_after_ms
         return None
 
+    def removed_per_block(self) -> dict[str, str]:
+        """What export removed from each block, in words, by structure: heads are counted as the config counts
+        them, e.g. ``"1 KV group (3 query heads)"`` when a grouped-query model lost one key/value head with the
+        three query heads sharing it."""
+        return {s: self._heads_removed(n) if s == "heads" else f"{n} {s}" for s, n in self.removed.items()}
+
+    def _heads_removed(self, groups: int) -> str:
+        q_after = self.config_updates.get("num_attention_heads")
+        if self.heads_before is None or q_after is None:
+            return f"{groups} heads"
+        q_before, kv_before = self.heads_before
+        kv_after = self.config_updates.get("num_key_value_heads", kv_before)
+        queries = _count(q_before - q_after, "query head")
+        if q_before == kv_before:  # every head has its own key and value
+            return _count(q_before - q_after, "attention head")
+        if kv_after != kv_before:  # whole groups: a key/value head and the query heads that share it
+            return f"{_count(kv_before - kv_after, 'KV group')} ({queries})"
+        return f"{queries} ({groups} in each of the {kv_before} KV groups; key and value heads kept)"
+
     def to_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k != "model"}
         out["speedup"] = self.speedup
@@ -95,8 +115,8 @@ class ExportReport:
                 f"  {self.latency_device.upper()} latency: {self.latency_before_ms:.2f} ms -> {self.latency_after_ms:.2f} ms "
                 f"(x{self.speedup:.2f})"
             )
-        for structure, n in self.removed.items():
-            lines.append(f"  removed per block: {n} {structure}")
+        for removed in self.removed_per_block().values():
+            lines.append(f"  removed per block: {removed}")
         for structure, n in self.kept_zeroed.items():
             lines.append(f"  kept in place as zeros: {n} pruned {structure} (the config cannot express removing them)")
         if self.params_per_layer_widths and self.params_per_layer_widths < self.params_after:
@@ -106,6 +126,19 @@ class ExportReport:
             )
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def head_counts(config) -> Optional[tuple[int, int]]:
+    """``(query heads, key/value heads)`` of one block as a transformers config states them (None without heads);
+    the export report words removed heads with them."""
+    n_heads = getattr(config, "num_attention_heads", None)
+    if not isinstance(n_heads, int):
+        return None
+    return n_heads, getattr(config, "num_key_value_heads", None) or n_heads
 
 
 def _parameter_count_and_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -248,6 +281,7 @@ def export_pruned_model(
     if tuner.active_adapters != [adapter_name]:
         tuner.set_adapter(adapter_name)
     plan = plan_export(tuner, adapter_name)
+    heads_before = head_counts(tuner.model.config)
 
     merged_into = dense_base(tuner, base_weights, dtype)  # (counted after: a packed 4-bit weight counts half)
     params_before, bytes_before = _parameter_count_and_bytes(tuner.model)
@@ -280,6 +314,7 @@ def export_pruned_model(
         latency_after_ms=latency_after,
         latency_device=next((v.device.type for v in (inputs or {}).values() if isinstance(v, torch.Tensor)), "cpu"),
         merged_into=merged_into,
+        heads_before=heads_before,
     )
     if save_directory is not None:
         merged.save_pretrained(save_directory)

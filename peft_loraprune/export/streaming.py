@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from ..hub.skeleton import load_adapter_skeleton, saved_module_wrappers
 from ..kernels.quantized import ROUNDING_FORMATS, rounded_as
 from .checkpoint_io import CheckpointReader, StreamingShardWriter, parse_size, planned
-from .merge import ExportReport
+from .merge import ExportReport, head_counts
 from .plan import plan_export
 from .shrinking import norm_weight_kept
 
@@ -288,4 +288,5 @@ def stream_export(
         merged_into=f"the weights read tensor by tensor from {base}"
         + (f", rounded as bitsandbytes {quantized_as} stores them" if quantized_as else "")
         + " (streaming export)",
+        heads_before=head_counts(tuner.model.config),
     )

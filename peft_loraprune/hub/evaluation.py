@@ -25,6 +25,7 @@ import transformers
 from huggingface_hub import EvalResult
 
 from ..config import LoRAPruneConfig
+from ..registration import MethodNotRegisteredError, explain_unregistered_method
 from .integrity import WEIGHTS_NAME
 from .skeleton import auto_class
 
@@ -59,7 +60,8 @@ def load_adapter_model(path: str, base: Optional[str] = None, dtype: Optional[st
 
     if not is_adapter_folder(path):
         raise FileNotFoundError(f"{path} is not a saved adapter (no adapter_config.json there)")
-    config = LoRAPruneConfig.from_pretrained(path)
+    with explain_unregistered_method():
+        config = LoRAPruneConfig.from_pretrained(path)
     base = base or config.base_model_name_or_path
     if not base:
         raise ValueError(f"the adapter in {path} does not name its base model; pass --base")
@@ -74,7 +76,10 @@ def load_adapter_model(path: str, base: Optional[str] = None, dtype: Optional[st
     except OSError as err:
         raise FileNotFoundError(f"cannot load the base model {base!r}: {str(err).splitlines()[0]}") from err
     try:
-        return PeftModel.from_pretrained(base_model, path)
+        with explain_unregistered_method():
+            return PeftModel.from_pretrained(base_model, path)
+    except MethodNotRegisteredError:
+        raise
     except (ValueError, RuntimeError) as err:
         raise ValueError(
             f"the adapter in {path} does not fit the base model {base!r}: {str(err).splitlines()[0]}"

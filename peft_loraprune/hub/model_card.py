@@ -131,7 +131,7 @@ def write_export_card(
         + (", ".join(f"{u}: {s:.2%}" for u, s in sparsity_report.sparsity_by_unit().items()) or "n/a")
         + ")",
         f"- Parameters: {export_report.params_before:,d} before, {export_report.params_after:,d} after",
-        *[f"- Removed per block: {n} {s}" for s, n in export_report.removed.items()],
+        *[f"- Removed per block: {removed}" for removed in export_report.removed_per_block().values()],
         *[
             f"- Kept in place as zeros: {n} pruned {s} (the config cannot express removing them)"
             for s, n in export_report.kept_zeroed.items()

@@ -13,6 +13,7 @@ put in place the same way, as real CPU tensors; the originals they replace stay 
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 
 from ..config import LoRAPruneConfig
 from ..layer import LoRAPruneLayer
+from ..registration import LORAPRUNE_PEFT_TYPE, explain_unregistered_method
 from .integrity import WEIGHTS_NAME
 
 # task_type of an adapter -> the transformers class that builds its base model
@@ -40,6 +42,24 @@ def auto_class(task_type: Optional[str]):
     return getattr(transformers, AUTO_CLASSES.get(task_type or "", "AutoModel"))
 
 
+def check_loraprune_adapter(path: str) -> None:
+    """Raise a one-line ``ValueError`` unless ``path/adapter_config.json`` says ``"peft_type": "LORAPRUNE"``: an
+    adapter of another PEFT method (plain LoRA) has no pruning masks, and read as LoRAPrune it would seem not to
+    fit its base model."""
+    config_path = os.path.join(path, "adapter_config.json")
+    try:
+        with open(config_path) as f:
+            peft_type = json.load(f).get("peft_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{config_path} cannot be read as an adapter config: {err}") from err
+    if peft_type != LORAPRUNE_PEFT_TYPE.value:
+        raise ValueError(
+            f"the adapter in {path} is a {peft_type or 'untyped'} adapter (peft_type {peft_type!r} in its "
+            f"adapter_config.json), not a LoRAPrune one ({LORAPRUNE_PEFT_TYPE.value!r}): it holds no pruning masks "
+            "to report or export; merge it with PEFT instead (PeftModel.from_pretrained(base, path).merge_and_unload())"
+        )
+
+
 def load_adapter_skeleton(path: str, base: Optional[str] = None):
     """The adapter saved in ``path`` on a weightless (meta-device) copy of its base model: a ``PeftModel`` whose
     LoRAPrune factors and masks are real CPU tensors and whose pretrained weights are absent.
@@ -51,7 +71,9 @@ def load_adapter_skeleton(path: str, base: Optional[str] = None):
     weights = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(os.path.join(path, "adapter_config.json")) or not os.path.isfile(weights):
         raise FileNotFoundError(f"{path} is not a saved adapter (adapter_config.json and {WEIGHTS_NAME} expected)")
-    config = LoRAPruneConfig.from_pretrained(path)
+    check_loraprune_adapter(path)
+    with explain_unregistered_method():
+        config = LoRAPruneConfig.from_pretrained(path)
     base = base or config.base_model_name_or_path
     if not base:
         raise ValueError(f"the adapter in {path} does not name its base model; pass --base")
@@ -64,7 +86,8 @@ def load_adapter_skeleton(path: str, base: Optional[str] = None):
     with torch.device("meta"):
         skeleton = auto_class(config.task_type).from_config(base_config)
     config.inference_mode = True
-    peft_model = get_peft_model(skeleton, config)
+    with explain_unregistered_method():
+        peft_model = get_peft_model(skeleton, config)
     adapter = peft_model.active_adapter
     used = set()
     for name, layer in peft_model.named_modules():
