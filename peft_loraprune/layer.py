@@ -407,9 +407,10 @@ class Linear(nn.Module, LoRAPruneLayer):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Write the masked merged weight into the base layer; pruned weights become exactly zero.
 
-        What merging overwrites is stashed so that ``unmerge`` restores the base weights exactly: the pruned
-        entries for parallel adaptation (the kept ones are restored by subtracting ``s·B·A``), the whole
-        weight for sequential adaptation (whose masked product cannot be inverted).
+        What merging overwrites and cannot be recomputed is stashed for ``unmerge``: for parallel adaptation the
+        pruned entries, restored bit for bit (the kept ones are recovered by subtracting ``s·B·A``, within
+        floating-point rounding; a bit-exact stash would copy every weight); for sequential adaptation (whose
+        masked product cannot be inverted) and quantized bases, the whole weight, restored bit for bit.
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:

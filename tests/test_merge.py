@@ -70,3 +70,28 @@ def test_several_adapters_add_set_delete():
     assert not any("second" in k for k in model.state_dict())
     with pytest.raises(ValueError, match="not found"):
         model.set_adapter("second")
+
+
+@pytest.mark.parametrize("adaptation", ["parallel", "sequential"])
+def test_unmerge_restores_pruned_weights_bit_for_bit_and_kept_ones_within_rounding(adaptation):
+    """As docs/concepts/masks.md says: merging stashes what the masked product overwrites and cannot be recomputed.
+    Parallel adaptation: the pruned entries (stashed) come back bit for bit, the kept ones by subtracting s·B·A
+    again, within float32 rounding (a bit-exact restore would stash every weight: a second copy of the model).
+    Sequential adaptation stashes the whole weight: all of it comes back bit for bit; biases always do."""
+    model = pruned_model("llama", "unstructured", adaptation)
+    layers = dict(model.base_model.prune_layers())
+    before = {n: (layer.base_weight_2d().clone(), layer.full_mask("default").clone()) for n, layer in layers.items()}
+    biases = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer.bias" in n}
+    model.merge_adapter()
+    assert all(not torch.equal(layer.base_weight_2d(), before[n][0]) for n, layer in layers.items())
+    model.unmerge_adapter()
+    for name, layer in layers.items():
+        w0, kept = before[name]
+        restored = layer.base_weight_2d()
+        assert torch.equal(restored[~kept], w0[~kept]), name
+        if adaptation == "sequential":
+            assert torch.equal(restored, w0), name
+        else:
+            torch.testing.assert_close(restored, w0, rtol=0, atol=1e-6, msg=name)
+    for name, bias in biases.items():
+        assert torch.equal(dict(model.named_parameters())[name], bias), name
