@@ -2,8 +2,9 @@
 
 The snippets name a Hub model (``HuggingFaceTB/SmolLM2-135M``) and train for hundreds of steps, as a user would.
 Here the Hub name resolves to a tiny random Llama saved locally with SmolLM2's real tokenizer (from the offline
-asset), ``TrainingArguments`` caps the steps at 4, and Hub uploads are recorded instead of sent. Nothing else is
-changed: each snippet is executed as written, in a fresh namespace and an empty working directory.
+asset), ``TrainingArguments`` (and TRL's ``SFTConfig``) caps the steps at 4, and Hub uploads are recorded instead of
+sent. Nothing else is changed: each snippet is executed as written, in a fresh namespace and an empty working
+directory.
 """
 
 from __future__ import annotations
@@ -69,17 +70,21 @@ def tiny_hub_model(tmp_path_factory):
     return str(folder)
 
 
-@dataclass
-class FourSteps(transformers.TrainingArguments):
-    """The snippets' TrainingArguments, capped: at most 4 optimizer steps, no reporting, no checkpoints."""
+def four_steps(arguments_class):
+    """The snippets' TrainingArguments (or a subclass such as TRL's ``SFTConfig``), capped: at most 4 optimizer steps,
+    no reporting, no checkpoints."""
 
-    def __post_init__(self):
-        self.max_steps = 4
-        self.report_to = []
-        self.save_strategy = "no"
-        self.disable_tqdm = True
-        self.use_cpu = True
-        super().__post_init__()
+    @dataclass
+    class FourSteps(arguments_class):
+        def __post_init__(self):
+            self.max_steps = 4
+            self.report_to = []
+            self.save_strategy = "no"
+            self.disable_tqdm = True
+            self.use_cpu = True
+            super().__post_init__()
+
+    return FourSteps
 
 
 @pytest.mark.parametrize("code", SNIPPETS)
@@ -92,7 +97,10 @@ def test_snippet_runs(code, tiny_hub_model, tmp_path, monkeypatch):
             return _original(tiny_hub_model if name == HUB_NAME else name, *args, **kwargs)
 
         monkeypatch.setattr(auto, "from_pretrained", redirected)
-    monkeypatch.setattr(transformers, "TrainingArguments", FourSteps)
+    monkeypatch.setattr(transformers, "TrainingArguments", four_steps(transformers.TrainingArguments))
+    if "from trl import" in code:
+        trl = pytest.importorskip("trl")
+        monkeypatch.setattr(trl, "SFTConfig", four_steps(trl.SFTConfig))
     uploads = []
     import huggingface_hub
 

@@ -7,6 +7,17 @@ Use it in place of ``Trainer`` with the usual :class:`~peft_loraprune.LoRAPruneC
         distillation=DistillationConfig(teacher="unmasked", weight=0.5, temperature=2.0),
     )
 
+With TRL, put it first in a two-line subclass; the rest of the other trainer (dataset preparation, packing,
+completion-only labels, collator, gradient-checkpointing set-up, logs) is unchanged::
+
+    class DistillationSFTTrainer(DistillationTrainer, trl.SFTTrainer):
+        pass
+
+The task loss is always ``transformers.Trainer.compute_loss``, the model's own loss from its full logits (the KL
+needs those logits, with their gradient): a ``compute_loss`` of the other class is not called. For
+``SFTTrainer`` that is its fused LM head (it keeps no logits) and the entropy and token-accuracy metrics it logs;
+the loss is the same mean over the counted tokens.
+
 The KL is normalised like the task loss: a per-batch mean when the Trainer averages per batch, a sum over
 the accumulated batch's counted positions divided by ``num_items_in_batch`` when the model takes loss kwargs (the
 Trainer's gradient-accumulation normalisation), scaled across devices as the Trainer scales the task loss. The
@@ -39,8 +50,9 @@ class DistillationTrainer(Trainer):
         self._distill_count = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        task_loss, outputs = super().compute_loss(
-            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        # the model's own loss and logits, whatever other trainer class follows this one (see the module docstring)
+        task_loss, outputs = Trainer.compute_loss(
+            self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
         if not model.training:  # evaluation reports the task loss
             return (task_loss, outputs) if return_outputs else task_loss
