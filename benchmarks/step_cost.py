@@ -75,7 +75,19 @@ CONFIGS = {
     # dense adapter on the same base (the kd=dense teacher of benchmarks/peers.py); ratios also against the default
     "loraprune_structured_kd": dict(granularity="structured", importance="activation"),
     "loraprune_structured_kd_adapter": dict(granularity="structured", importance="activation"),
+    # the axes beyond heads and channels (benchmarks/front.py): whole layers, the hidden size, and one joint budget
+    # over all four; each against the structured default in the same round
+    "loraprune_layers": dict(granularity="structured", importance="activation", prune_structures=["layers"]),
+    "loraprune_hidden": dict(granularity="structured", importance="activation", prune_structures=["hidden"]),
+    "loraprune_all_joint": dict(
+        granularity="structured",
+        importance="activation",
+        prune_structures=["heads", "channels", "layers", "hidden"],
+        allocation="joint",
+    ),
 }
+#: configurations measured against the structured default (besides plain LoRA)
+AGAINST_DEFAULT = ("loraprune_layers", "loraprune_hidden", "loraprune_all_joint")
 #: configuration -> its distillation teacher
 DISTILLED = {"loraprune_structured_kd": "unmasked", "loraprune_structured_kd_adapter": "teacher"}
 #: the recovery recipe of the quickstart (rank 32, alpha 64, the normalisation layers trained through
@@ -342,7 +354,7 @@ def compare(r: dict, rows: dict) -> None:
         r["training_rss_mib"] = r["peak_rss_mib"] - r["rss_after_loading_mib"]
     # what distillation adds to the default; what the recipe adds to the configuration it changes
     default = rows.get(RECIPE[r["config"]] if r["config"] in RECIPE else "loraprune_structured")
-    if (r["config"] in DISTILLED or r["config"] in RECIPE) and default:
+    if (r["config"] in DISTILLED or r["config"] in RECIPE or r["config"] in AGAINST_DEFAULT) and default:
         r["time_vs_default"] = r["median_step_s"] / default["median_step_s"]
         r["rss_vs_default"] = r["peak_rss_mib"] / default["peak_rss_mib"]
     if grad:

