@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -227,7 +227,7 @@ def dense_base(tuner, base_weights: Optional[str] = None, dtype: Optional[torch.
 
 
 def export_pruned_model(
-    peft_model,
+    peft_model: torch.nn.Module,
     adapter_name: Optional[str] = None,
     example_inputs: Optional[dict] = None,
     measure_latency: bool = False,
@@ -235,7 +235,7 @@ def export_pruned_model(
     progressbar: bool = True,
     dtype: Optional[torch.dtype] = None,
     base_weights: Optional[str] = None,
-    tokenizer=None,
+    tokenizer: Optional[Any] = None,
 ) -> ExportReport:
     """Merge the adapter and physically remove what the config can express; see the module docstring.
 
