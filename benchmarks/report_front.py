@@ -202,6 +202,14 @@ def page_lines(image: str = "../images/front_smollm2.png") -> list[str]:
     return [*picture, *table_lines(), "", *verdict_lines()]
 
 
+def readme_lines() -> list[str]:
+    """The README's picture of the front (nothing until the plot exists)."""
+    plot()
+    if not PLOT.exists():
+        return []
+    return ["![quality against speed](docs/images/front_smollm2.png)", "", *verdict_lines()[:1]]
+
+
 def benchmark_lines() -> list[str]:
     return page_lines("images/front_smollm2.png")
 

@@ -210,6 +210,7 @@ GENERATED_BLOCKS = (
     ("docs/benchmarks.md", "big-models", report_big_models.readme_lines),
     ("docs/benchmarks.md", "cost", cost_lines),
     ("docs/benchmarks.md", "front", report_front.benchmark_lines),
+    ("README.md", "front-plot", report_front.readme_lines),
     ("docs/how-to/speed.md", "front", report_front.page_lines),
 )
 
