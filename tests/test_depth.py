@@ -356,3 +356,23 @@ def test_a_fixed_split_gives_each_kind_its_own_target(tmp_path):
         )
     with pytest.raises(ValueError, match=r"structure_sparsity\['layers'\]"):
         LoRAPruneConfig(task_type="CAUSAL_LM", prune_structures=["layers"], structure_sparsity={"layers": 1.5})
+
+
+def test_a_family_whose_config_cannot_express_removed_blocks_is_refused():
+    """A registered family with residual writers but no way to write fewer blocks into its config."""
+    import dataclasses
+
+    from peft_loraprune.pruning.architectures import get_architecture, register_architecture
+
+    llama = get_architecture("llama")
+    no_layers = dataclasses.replace(llama, export=dataclasses.replace(llama.export, layer_config_updates=None))
+    no_hidden = dataclasses.replace(llama, export=dataclasses.replace(llama.export, removable=("heads", "channels")))
+    try:
+        register_architecture(no_layers)
+        with pytest.raises(ValueError, match="cannot express removed blocks"):
+            get_peft_model(deep_model("llama"), LoRAPruneConfig(task_type="CAUSAL_LM", prune_structures=["layers"]))
+        register_architecture(no_hidden)
+        with pytest.raises(ValueError, match="cannot express a narrower stream"):
+            get_peft_model(deep_model("llama"), LoRAPruneConfig(task_type="CAUSAL_LM", prune_structures=["hidden"]))
+    finally:
+        register_architecture(llama)

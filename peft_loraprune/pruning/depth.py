@@ -58,6 +58,12 @@ def find_block_gates(tuner, adapter_name: str, include_all: bool = False) -> lis
             "the identity. Families with whole-layer pruning: "
             f"{sorted({s.name for s in registered_specs() if s.residual_writers})}; prune 'heads' and 'channels' here."
         )
+    if spec.export is None or spec.export.layer_config_updates is None:
+        raise ValueError(
+            f"prune_structures with 'layers': the {spec.name} family's registry entry cannot express removed blocks in "
+            "its config (ExportSpec.layer_config_updates is not set), so the export could not delete them; set it "
+            "in the family's ArchitectureSpec, or drop 'layers'."
+        )
     config = tuner.peft_config[adapter_name]
     by_block: dict[int, dict[str, tuple[str, LoRAPruneLayer]]] = {}
     for name, layer in tuner.prune_layers(adapter_name):

@@ -130,6 +130,12 @@ def find_residual_stream(tuner, adapter_name: str) -> ResidualStream:
             "cannot export exactly (its blocks normalise the stream with LayerNorm, whose mean over all channels a "
             f"smaller model cannot reproduce). Families with hidden-size pruning: {allowed}."
         )
+    if spec.export is None or "hidden" not in spec.export.removable:
+        raise ValueError(
+            f"prune_structures with 'hidden': the {spec.name} family's registry entry cannot express a narrower stream "
+            "in its config (ExportSpec.removable lacks 'hidden'), so the export could not slice it; add it there "
+            "with the config updates, or drop 'hidden'."
+        )
     model = tuner.model
     by_block: dict[int, dict[str, tuple[str, LoRAPruneLayer]]] = {}
     for name, layer in tuner.prune_layers(adapter_name):
