@@ -256,3 +256,21 @@ def test_families_and_settings_that_cannot_prune_the_hidden_size_are_refused():
                 task_type="CAUSAL_LM", prune_structures=["hidden"], target_modules=["o_proj", "down_proj"]
             ),
         )
+
+
+def test_the_sparsity_report_counts_the_weights_the_export_removes():
+    """Weights kept in the adapted modules, as the report counts them, equal the exported model's adapted weights."""
+    model = hidden_model("llama", structures=("heads", "channels", "hidden", "layers"))
+    engine = model.base_model.pruning_engine()
+    for gate in model.base_model.block_gates()[:2]:
+        gate.close("default")
+    remove_channels(model, [1, 2, 3, 9])
+    engine.remove_per_block({"channels": 12, "heads": 1})
+    kept = model.base_model.sparsity_report().weights_kept
+    exported = export_pruned_model(model, progressbar=False).model
+    linear = sum(
+        m.weight.numel()
+        for n, m in exported.named_modules()
+        if n.startswith("model.layers") and hasattr(m, "weight") and m.weight.dim() == 2
+    )
+    assert kept == linear

@@ -94,12 +94,30 @@ def build_sparsity_report(tuner, adapter_name: str) -> SparsityReport:
     config = tuner.peft_config[adapter_name]
     report = SparsityReport(adapter_name, config.granularity, config.effective_target_sparsity)
     layers = list(tuner.prune_layers(adapter_name))
+    structured = not config.is_element_granularity and bool(layers)
+    # what export removes besides the masks' own rows and columns: closed blocks whole, and removed stream
+    # channels from the columns of every module reading the stream
+    closed_blocks: set = set()
+    stream_kept, readers = None, set()
+    if structured and "layers" in config.prune_structures:
+        gates = tuner.block_gates(adapter_name)
+        closed_blocks = {gate.block for gate in gates if not gate.kept(adapter_name)}
+        report.layers.append(LayerSparsity("layers", "layers", len(gates), len(gates) - len(closed_blocks)))
+    if structured and "hidden" in config.prune_structures:
+        stream = tuner.residual_stream(adapter_name)
+        stream_kept = stream.kept(adapter_name)
+        readers = {name for name, _ in stream.readers}
+        report.layers.append(LayerSparsity("hidden", "hidden", stream_kept.numel(), int(stream_kept.sum())))
     for name, layer in layers:
         rows = layer.lora_mask_rows[adapter_name]
         cols = layer.lora_mask_cols[adapter_name]
+        if name in readers:
+            cols = cols & stream_kept.to(cols.device)
         total = layer.out_features * layer.in_features
         elements = layer.element_mask(adapter_name)
-        if elements is None:
+        if closed_blocks and tuner.block_index(name) in closed_blocks:
+            kept = 0
+        elif elements is None:
             kept = int(rows.sum()) * int(cols.sum())
         else:
             kept = int((elements & rows[:, None] & cols[None, :]).sum())
@@ -107,20 +125,6 @@ def build_sparsity_report(tuner, adapter_name: str) -> SparsityReport:
         report.weights_kept += kept
         if config.is_element_granularity:
             report.layers.append(LayerSparsity(name, "weights", total, kept, tuner.block_index(name)))
-    if not config.is_element_granularity and layers and "layers" in config.prune_structures:
-        gates = tuner.block_gates(adapter_name)
-        closed = [gate for gate in gates if not gate.kept(adapter_name)]
-        # a closed block's other modules still hold kept mask entries, but export deletes them with the block
-        closed_blocks = {gate.block for gate in closed}
-        report.weights_kept -= sum(
-            int(layer.lora_mask_rows[adapter_name].sum()) * int(layer.lora_mask_cols[adapter_name].sum())
-            for name, layer in layers
-            if tuner.block_index(name) in closed_blocks
-        )
-        report.layers.append(LayerSparsity("layers", "layers", len(gates), len(gates) - len(closed)))
-    if not config.is_element_granularity and layers and "hidden" in config.prune_structures:
-        kept = tuner.residual_stream(adapter_name).kept(adapter_name)
-        report.layers.append(LayerSparsity("hidden", "hidden", kept.numel(), int(kept.sum())))
     if not config.is_element_granularity and layers:
         for groups in tuner.structured_groups(adapter_name):
             kept = int(groups.kept(adapter_name).sum())
