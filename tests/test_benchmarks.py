@@ -420,10 +420,14 @@ def test_quantized_bases_smoke(tmp_path):
     # the command line's --quantized_as export is the model on its NF4 base, up to the bf16 rounding of the export
     # (after 4 steps the perplexity is in the thousands, where that rounding alone moves the bf16 run by a few %),
     # and far nearer to it than the merge into the original-precision weights
+    # The rounding's own size is measured in the same run, on the bf16 base (its export against its adapter): a
+    # fixed 0.05 held on one data draw and failed on another (0.067 on the NF4 run, 0.041 on the bf16 one).
     assert "export_as_trained_error" not in nf4 and "--quantized_as nf4-dq" in nf4["export_as_trained"]
     as_trained = abs(math.log(nf4["perplexity_export_as_trained"] / nf4["perplexity_adapter"]))
-    assert as_trained < 0.05
-    assert as_trained < abs(math.log(nf4["perplexity"] / nf4["perplexity_adapter"]))
+    bf16 = rows[0]
+    rounding = abs(math.log(bf16["perplexity"] / bf16["perplexity_adapter"]))
+    assert as_trained < max(0.05, 3 * rounding)
+    assert as_trained < abs(math.log(nf4["perplexity"] / nf4["perplexity_adapter"])) / 2
 
 
 @pytest.mark.examples
