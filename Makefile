@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # extra requirements pinned into the environment (the version matrix below sets them)
 PINS ?=
 # the lowest versions setup.cfg declares; `make test-lowest` tests them, `make test-latest` the newest allowed
-LOWEST_PINS ?= peft==0.21.0 transformers==5.9.0
+LOWEST_PINS ?= peft==0.21.0 transformers==5.9.0 trl==0.23.1
 OUT ?= outputs
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
