@@ -211,34 +211,39 @@ class GroupPruner(PruningEngine):
             if keep_scales:
                 norm = raw.float().norm().reshape(1)
                 moving_average_(self._average(self.member_scales, key, (1,), norm.device), norm, beta)
-        raw = self.step_block_scores() if self.gates else None
-        if raw is not None:
-            step = normalized(raw) if self.normalize_each_step else raw
-            moving_average_(self._average(self.depth_averages, "average", step.shape, step.device), step, beta)
-            if keep_scales:
-                norm = raw.norm().reshape(1)
-                moving_average_(self._average(self.depth_averages, "scale", (1,), norm.device), norm, beta)
-        raw = self.step_stream_scores() if self.stream is not None else None
-        if raw is not None:
-            step = normalized(raw) if self.normalize_each_step else raw
-            moving_average_(self._average(self.stream_averages, "average", step.shape, step.device), step, beta)
-            if keep_scales:
-                norm = raw.norm().reshape(1)
-                moving_average_(self._average(self.stream_averages, "scale", (1,), norm.device), norm, beta)
+        if self.gates:
+            self._fold_vector(self.depth_averages, self.step_block_scores(), beta, keep_scales)
+        if self.stream is not None:
+            self._fold_vector(self.stream_averages, self.step_stream_scores(), beta, keep_scales)
+
+    def _fold_vector(self, store: dict, raw: Optional[torch.Tensor], beta: float, keep_scale: bool) -> None:
+        """One step's scores of a whole-model vector (blocks, stream channels) into ``store["average"]``, normalised
+        like a member's, and its raw norm into ``store["scale"]`` when kept; nothing when the step has none."""
+        if raw is None:
+            return
+        step = normalized(raw) if self.normalize_each_step else raw
+        moving_average_(self._average(store, "average", step.shape, step.device), step, beta)
+        if keep_scale:
+            norm = raw.norm().reshape(1)
+            moving_average_(self._average(store, "scale", (1,), norm.device), norm, beta)
+
+    def _averaged(self, store: dict, size: int, comparable: bool) -> torch.Tensor:
+        """``store``'s averaged scores (zeros before the first update); ``comparable``: in the criterion's units,
+        times the averaged raw norm (as :meth:`comparable_scores` does for groups)."""
+        average = store.get("average")
+        scores = torch.zeros(size) if average is None else average.float()
+        if comparable and self.normalize_each_step:
+            scale = store.get("scale")
+            scores = scores * (float(scale) if scale is not None else 0.0)
+        return scores
 
     def blocks_kept(self) -> torch.Tensor:
         """Per gated block: True while it is kept."""
         return torch.tensor([gate.kept(self.adapter) for gate in self.gates], dtype=torch.bool)
 
     def block_scores(self, comparable: bool = False) -> torch.Tensor:
-        """The averaged score of every gated block (zeros before the first update); ``comparable``: in the
-        criterion's units, times the averaged raw norm (as :meth:`comparable_scores` does for groups)."""
-        average = self.depth_averages.get("average")
-        scores = torch.zeros(len(self.gates)) if average is None else average.float().cpu()
-        if comparable and self.normalize_each_step:
-            scale = self.depth_averages.get("scale")
-            scores = scores * (float(scale) if scale is not None else 0.0)
-        return scores
+        """The averaged score of every gated block, on the CPU (see :meth:`_averaged`)."""
+        return self._averaged(self.depth_averages, len(self.gates), comparable).cpu()
 
     def close_blocks(self, keep: torch.Tensor) -> None:
         """Close the gate of every block whose entry of ``keep`` is False (closed blocks stay closed)."""
@@ -315,14 +320,8 @@ class GroupPruner(PruningEngine):
                 g.apply(self.adapter, mask)
 
     def channel_scores(self, comparable: bool = False) -> torch.Tensor:
-        """The averaged score of every channel of the residual stream (zeros before the first update);
-        ``comparable``: in the criterion's units, times the averaged raw norm (as :meth:`block_scores`)."""
-        average = self.stream_averages.get("average")
-        scores = torch.zeros(self.stream.size) if average is None else average.float()
-        if comparable and self.normalize_each_step:
-            scale = self.stream_averages.get("scale")
-            scores = scores * (float(scale) if scale is not None else 0.0)
-        return scores
+        """The averaged score of every channel of the residual stream (see :meth:`_averaged`)."""
+        return self._averaged(self.stream_averages, self.stream.size, comparable)
 
     def kind_sparsity(self, kind: str, sparsity: float) -> float:
         """The fraction of ``kind``'s units removed when the schedule is at ``sparsity``: ``sparsity`` itself, or
