@@ -70,6 +70,8 @@ Modifiers, appended to any method with ``+`` (the study of recovery, rendered by
 * ``+axes=<unit>/<unit>...`` (structured): the units pruned, among ``heads``, ``channels`` and ``layers`` (whole
   blocks; ``prune_structures``); with ``+joint=<fraction>`` one weight budget is split between them by the
   importance, whole blocks included (the front: ``benchmarks/front.py``);
+* ``+blocks=taylor|influence`` (with ``layers`` in ``+axes``): ``layer_importance``, how LoRAPrune scores whole
+  blocks while training: the gate's Taylor estimate (default) or Block Influence measured on the adapted model;
 * ``+init=dense``: the pruned adapter starts from the ``dense-lora`` adapter of the same seed (its LoRA factors and
   saved modules) instead of B = 0: pruning continues from the fine-tuned model; its training counts in
   ``total_train_tokens`` as for ``kd=dense``.
@@ -474,6 +476,7 @@ MODIFIERS = {
     "channels": lambda v: _fraction(v),  # defined below
     "joint": lambda v: _fraction(v),
     "axes": lambda v: all(a in ("heads", "channels", "layers", "hidden") for a in v.split("/")),
+    "blocks": lambda v: v in ("taylor", "influence"),
 }
 
 
@@ -502,8 +505,8 @@ def split_modifiers(method: str) -> tuple[str, dict]:
             raise SystemExit(
                 f"method {method!r}: modifier {mod!r} must be kd=<teacher>/<weight>/<T>, r=<rank>, lr=<x>, "
                 "norms, bias, recovery_lr=<factor>, budget=local|global, steps=<optimizer steps>, init=dense, "
-                "channels=<fraction between 0 and 1>, joint=<fraction between 0 and 1> or axes=<unit>/<unit> (heads, hidden, "
-                "channels, layers)"
+                "channels=<fraction between 0 and 1>, joint=<fraction between 0 and 1>, axes=<unit>/<unit> (heads, hidden, "
+                "channels, layers) or blocks=taylor|influence"
             )
         out[key] = value
     return name, out
@@ -628,6 +631,7 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         **({"prune_structures": ["layers"]} if method == "shortgpt" else {}),
         **({"prune_structures": mods["axes"].split("/")} if "axes" in mods else {}),
         **({"allocation": "joint"} if "joint" in mods else {}),
+        **({"layer_importance": mods["blocks"]} if "blocks" in mods else {}),
         modules_to_save=list(norms) if norms else None,  # a copy: PEFT appends a classification head to it
     )
     row = {
@@ -643,6 +647,8 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         row["prune_structures"] = list(config.prune_structures)
     if "joint" in mods:
         row["allocation"] = config.allocation
+    if "blocks" in mods:
+        row["layer_importance"] = config.layer_importance
     if method.startswith("loraprune-"):
         row["schedule"] = {k: getattr(config, k) for k in ("schedule", "pruning_start", "pruning_end")}
         if config.is_element_granularity:  # separable: per-feature averages, the weight scored at rewrites only

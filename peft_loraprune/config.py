@@ -33,6 +33,7 @@ SCHEDULES = ("cubic", "one_shot")
 STRUCTURES = ("heads", "channels", "layers", "hidden")
 HEAD_GROUPINGS = ("kv_group", "query_head")
 ALLOCATIONS = ("per_structure", "joint")
+LAYER_IMPORTANCES = ("taylor", "influence")
 BIAS_OPTIONS = ("none", "all", "lora_only")
 IMPORTANCE_DTYPES = ("bfloat16", "float16", "float32")
 ELEMENT_MASK_GRADIENTS = ("exact", "straight_through")
@@ -140,6 +141,12 @@ class LoRAPruneConfig(PeftConfig):
         structure_sparsity: with ``allocation="per_structure"``, a fixed split: the fraction of each named kind's
             units removed by the end (``{"layers": 0.25, "hidden": 0.25}``); the schedule ramps every kind along with
             ``target_sparsity``; kinds not named lose ``target_sparsity``.
+        layer_importance: with "layers" in ``prune_structures``, how whole blocks are scored. "taylor" (default):
+            the Taylor estimate of closing the block's gate, ``|Σ y·∂L/∂y|`` over its residual writers' outputs, in
+            the same units as heads and channels (``allocation="joint"`` compares them). "influence": ShortGPT's
+            Block Influence, ``1 - cos(h_in, h_out)`` averaged over the training tokens, measured on the adapted,
+            masked model as it trains (no gradient); not comparable with the other kinds, so not with
+            ``allocation="joint"`` (use ``structure_sparsity`` for a fixed split).
         dense_layers: transformer block indices never pruned (None: none), or "reference" for the reference
             code's choice (the first 10% of blocks and the last one).
         save_digest: written by ``save_pretrained`` (SHA-256 over the ``adapter_model.safetensors`` saved with
@@ -296,6 +303,14 @@ class LoRAPruneConfig(PeftConfig):
             "removed by the end (e.g. {'layers': 0.25, 'hidden': 0.25}); kinds not named lose target_sparsity"
         },
     )
+    layer_importance: str = field(
+        default="taylor",
+        metadata={
+            "help": "With 'layers' in prune_structures, the block score: 'taylor' (the gate's Taylor estimate, "
+            "comparable with heads and channels) or 'influence' (Block Influence 1 - cos(h_in, h_out) measured while "
+            "training; not with allocation='joint')"
+        },
+    )
     dense_layers: Optional[Union[list[int], str]] = field(
         default=None,
         metadata={
@@ -430,6 +445,14 @@ class LoRAPruneConfig(PeftConfig):
                 )
         check_choice("head_grouping", self.head_grouping, HEAD_GROUPINGS)
         check_choice("allocation", self.allocation, ALLOCATIONS)
+        check_choice("layer_importance", self.layer_importance, LAYER_IMPORTANCES)
+        if self.layer_importance == "influence" and self.allocation == "joint" and "layers" in self.prune_structures:
+            raise ValueError(
+                "layer_importance='influence' scores blocks by Block Influence, which is not in the loss units that "
+                "allocation='joint' compares across heads, channels, layers and hidden channels; use "
+                "layer_importance='taylor' with allocation='joint', or allocation='per_structure' (optionally with "
+                "structure_sparsity) with 'influence'."
+            )
         if self.allocation == "joint" and self.granularity != "structured":
             raise ValueError(
                 f"allocation='joint' shares the target between heads and channels, which granularity="

@@ -254,6 +254,9 @@ class LoRAPruneModel(BaseTuner):
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         self._remove_stream_masks(zero_removed_channels=merge)
+        for engine in self.derived.engines.values():  # their hooks on whole blocks would outlive the adapter
+            engine.close()
+        self.derived.engines.clear()
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )

@@ -376,3 +376,88 @@ def test_a_family_whose_config_cannot_express_removed_blocks_is_refused():
             get_peft_model(deep_model("llama"), LoRAPruneConfig(task_type="CAUSAL_LM", prune_structures=["hidden"]))
     finally:
         register_architecture(llama)
+
+
+def test_block_influence_is_one_minus_the_mean_cosine_between_block_input_and_output():
+    """``layer_importance="influence"``: a block's step score is ShortGPT's Block Influence of the adapted, masked
+    model, checked against the hidden states transformers returns (``output_hidden_states``: block i reads entry i
+    and writes entry i + 1; the last entry is after the final norm, so the last block is checked by a closed gate).
+    Passes without a backward are not counted; micro-batches average over all their tokens."""
+    model = layered("llama", layer_importance="influence", importance_beta=0.0)
+    model.train()
+    engine = model.base_model.pruning_engine()
+    inputs = inputs_of("llama")
+    with torch.no_grad():
+        model(**inputs)  # evaluation-like pass: not counted
+    assert engine.step_block_scores() is None
+
+    def influence_by_hand(batch):
+        with torch.no_grad():
+            hidden = model(**batch, output_hidden_states=True).hidden_states
+        cos = [torch.nn.functional.cosine_similarity(hidden[i], hidden[i + 1], dim=-1) for i in range(N_LAYERS - 1)]
+        return torch.stack([c.sum() for c in cos]), cos[0].numel()
+
+    halves = [{k: v[:1] for k, v in inputs.items()}, {k: v[1:, :4] for k, v in inputs.items()}]
+    sums, tokens = torch.zeros(N_LAYERS - 1), 0
+    for batch in halves:  # two micro-batches of different lengths: one mean over all their tokens
+        s, n = influence_by_hand(batch)
+        sums, tokens = sums + s, tokens + n
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+    got = engine.step_block_scores()
+    torch.testing.assert_close(got[:-1], 1 - sums / tokens, rtol=1e-5, atol=1e-6)
+    assert engine.update_importance()
+    torch.testing.assert_close(engine.block_scores(), got / got.norm())
+    assert engine.step_block_scores() is None  # the update started the next step
+
+    model.base_model.block_gates()[-1].close("default")  # a closed block adds nothing: cos = 1, influence 0
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert float(engine.step_block_scores()[-1]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_influence_training_closes_the_least_influential_blocks_and_leaves_no_hook(tmp_path):
+    model = get_peft_model(
+        deep_model("llama"),
+        LoRAPruneConfig(
+            task_type="CAUSAL_LM",
+            prune_structures=["layers"],
+            layer_importance="influence",
+            target_sparsity=0.4,
+            schedule="one_shot",
+            pruning_start=0.5,
+            pruning_end=0.9,
+            pruning_interval=1,
+            lora_dropout=0.0,
+        ),
+    )
+    engine = model.base_model.pruning_engine()
+    seen = []
+    fold = engine._fold
+
+    def recording_fold(beta):  # the averages the one-shot rewrite ranks by
+        fold(beta)
+        seen.append(engine.block_scores().clone())
+
+    engine._fold = recording_fold
+    trainer_for(model, "llama", tmp_path / "run", steps=6).train()
+    kept = engine.blocks_kept()
+    assert int((~kept).sum()) == 2
+    at_rewrite = seen[2]  # 3 updates folded before the rewrite at step 3 of 6
+    assert set(torch.argsort(at_rewrite)[:2].tolist()) == set((~kept).nonzero().flatten().tolist())
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(deep_model("llama"), tmp_path / "adapter")
+    assert reloaded.peft_config["default"].layer_importance == "influence"
+    assert torch.equal(reloaded.base_model.pruning_engine().blocks_kept(), kept)
+    merged = model.merge_and_unload()
+    assert all(not b._forward_hooks for b in merged.model.layers)
+
+
+def test_influence_refuses_the_joint_allocation_and_unknown_values():
+    with pytest.raises(ValueError, match="layer_importance='influence'.*allocation='joint'"):
+        LoRAPruneConfig(
+            task_type="CAUSAL_LM",
+            prune_structures=["heads", "layers"],
+            allocation="joint",
+            layer_importance="influence",
+        )
+    with pytest.raises(ValueError, match="layer_importance"):
+        LoRAPruneConfig(task_type="CAUSAL_LM", prune_structures=["layers"], layer_importance="bi")

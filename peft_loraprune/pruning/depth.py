@@ -8,14 +8,21 @@ reloaded, broadcast and checkpointed, and a block counts as kept while any write
 
 The family registry names the writers (``ArchitectureSpec.residual_writers``); :func:`find_block_gates` binds them to
 the adapted layers of one adapter, as :func:`~peft_loraprune.pruning.structure.find_structured_groups` binds groups.
+
+Two block scores (``LoRAPruneConfig.layer_importance``): ``"taylor"`` is the criterion's Taylor estimate of closing
+the gate (read by the group pruner from the writers' taps); ``"influence"`` is ShortGPT's Block Influence,
+``1 - cos(h_in, h_out)`` averaged over the training tokens, measured by :class:`BlockInfluence` on the adapted,
+masked model as it trains: no gradient of any weight, and it follows the blocks already closed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from ..kernels.distributed import all_reduce_mean_
 from ..layer import LoRAPruneLayer
 from .architectures import registered_specs, require_architecture
 from .structure import resolve_dense_layers
@@ -86,3 +93,62 @@ def find_block_gates(tuner, adapter_name: str, include_all: bool = False) -> lis
         writers = [by_block[block][w] for w in spec.residual_writers]
         gates.append(BlockGate(block, writers, spec.residual_writers[0], weights))
     return gates
+
+
+class BlockInfluence:
+    """Block Influence of every gated block, ``1 - mean_tokens cos(h_in, h_out)``, accumulated over training passes.
+
+    A forward hook on each block's module (``BlockGate.prefix``) computes the summed cosine between the hidden
+    states entering and leaving the block, detached, and adds it with its token count when that pass's backward
+    reaches the block's output: evaluation passes, passes under ``no_grad`` (a distillation teacher) and the forward
+    of non-reentrant gradient checkpointing, whose recomputed output gets no gradient, are not counted. Micro-batches
+    of one step add up; :meth:`step_scores` reads the step and :meth:`reset` starts the next. One float pair per
+    block: nothing of this is saved (the averages it feeds are).
+    """
+
+    def __init__(self, model: torch.nn.Module, gates: list[BlockGate]) -> None:
+        device = gates[0].writers[0][1].base_weight_2d().device if gates else None
+        # on the blocks' device: no host sync per forward, and NCCL reduces device tensors
+        self.sums = torch.zeros(len(gates), dtype=torch.float64, device=device)
+        self.counts = torch.zeros(len(gates), dtype=torch.float64, device=device)
+        self._handles = [
+            model.get_submodule(gate.prefix).register_forward_hook(self._hook(i), with_kwargs=True)
+            for i, gate in enumerate(gates)
+        ]
+
+    def _hook(self, index: int):
+        def hook(module, args, kwargs, output) -> None:
+            h_out = output[0] if isinstance(output, tuple) else output
+            if not (torch.is_grad_enabled() and h_out.requires_grad):
+                return
+            h_in = args[0] if args else kwargs["hidden_states"]
+            with torch.no_grad():
+                cos = torch.nn.functional.cosine_similarity(h_in.detach().float(), h_out.detach().float(), dim=-1)
+                pending, tokens = cos.sum().to(self.sums.device, torch.float64), cos.numel()
+
+            def count(grad: torch.Tensor) -> None:
+                self.sums[index] += pending
+                self.counts[index] += tokens
+
+            h_out.register_hook(count)
+
+        return hook
+
+    def step_scores(self) -> Optional[torch.Tensor]:
+        """This step's influence of every gated block (float32), averaged over ranks; None when no block was
+        backpropagated since the last :meth:`reset`."""
+        totals = torch.stack([self.sums, self.counts])
+        all_reduce_mean_([totals])
+        if bool((totals[1] == 0).any()):
+            return None
+        return (1 - totals[0] / totals[1]).float()
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.counts.zero_()
+
+    def remove(self) -> None:
+        """Remove the hooks (the adapter is being deleted or unloaded)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

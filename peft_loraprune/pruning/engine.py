@@ -144,17 +144,21 @@ class PruningEngine:
                     stacklevel=2,
                 )
                 self._warned_nonfinite = True
-            self.criterion.reset()
+            self._reset_step()
             self.last_update_ok = False
             return False
         self._fold(self.config.importance_beta)
-        self.criterion.reset()
+        self._reset_step()
         self.n_updates += 1
         self.last_update_ok = True
         return True
 
     def _fold(self, beta: float) -> None:
         raise NotImplementedError
+
+    def _reset_step(self) -> None:
+        """Start the next step's accumulation (the criterion's sums; subclasses add their own)."""
+        self.criterion.reset()
 
     @staticmethod
     def _average(store, key, shape, device, dtype=torch.float32) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 
 from ..kernels.importance import moving_average_, normalized
 from .criteria import Consumer
-from .depth import BlockGate
+from .depth import BlockGate, BlockInfluence
 from .engine import PruningEngine
 from .selection import (
     BlockSplitter,
@@ -85,6 +85,10 @@ class GroupPruner(PruningEngine):
         )
         #: "average": the moving average of the blocks' per-step scores; "scale" (joint only): of their raw norm
         self.depth_averages: dict[str, torch.Tensor] = {}
+        #: layer_importance="influence": the Block Influence hooks on the gated blocks (else None)
+        self.influence: Optional[BlockInfluence] = None
+        if self.gates and self.config.layer_importance == "influence":
+            self.influence = BlockInfluence(tuner.model, self.gates)
         if self.gates:
             self._check_depth_target()
         self.stream = tuner.residual_stream(adapter_name) if "hidden" in self.config.prune_structures else None
@@ -122,7 +126,9 @@ class GroupPruner(PruningEngine):
     def _writers(self) -> list[tuple[str, object]]:
         """Every module whose residual contribution is scored: the gated blocks' writers, the stream's writers and
         the input embedding's mask hook (each once)."""
-        writers = {name: layer for gate in self.gates for name, layer in gate.writers}
+        writers = {}
+        if self.influence is None:  # the Taylor estimate of the blocks' gates reads their writers
+            writers.update((name, layer) for gate in self.gates for name, layer in gate.writers)
         if self.stream is not None:
             writers.update(self.stream.writers)
             writers[self.stream.embedding] = self.tuner.stream_mask(self.adapter)
@@ -130,8 +136,19 @@ class GroupPruner(PruningEngine):
 
     def use_criterion(self, criterion) -> None:
         super().use_criterion(criterion)
-        if self.gates or self.stream is not None:
-            self.criterion.attach_writers(self._writers())
+        writers = self._writers()
+        if writers:
+            self.criterion.attach_writers(writers)
+
+    def _reset_step(self) -> None:
+        super()._reset_step()
+        if self.influence is not None:
+            self.influence.reset()
+
+    def close(self) -> None:
+        super().close()
+        if self.influence is not None:
+            self.influence.remove()
 
     def _scored_layers(self, criterion):
         self.scored_members = [
@@ -177,8 +194,11 @@ class GroupPruner(PruningEngine):
         return {key: normalized(v) if self.normalize_each_step else v for key, v in raw.items()}
 
     def step_block_scores(self, criterion=None) -> Optional[torch.Tensor]:
-        """This step's raw score of every gated block (``|Σ_writers Σ_rows Σ_tokens y·∂L/∂y|``), or None when the
-        writers were not used this step."""
+        """This step's raw score of every gated block, or None when the blocks were not used this step: the Taylor
+        estimate ``|Σ_writers Σ_rows Σ_tokens y·∂L/∂y|``, or with ``layer_importance="influence"`` the Block
+        Influence measured since the last update."""
+        if self.influence is not None:
+            return self.influence.step_scores()
         criterion = criterion or self.criterion
         scores = []
         for gate in self.gates:
