@@ -72,6 +72,8 @@ Modifiers, appended to any method with ``+`` (the study of recovery, rendered by
   importance, whole blocks included (the front: ``benchmarks/front.py``);
 * ``+blocks=taylor|influence`` (with ``layers`` in ``+axes``): ``layer_importance``, how LoRAPrune scores whole
   blocks while training: the gate's Taylor estimate (default) or Block Influence measured on the adapted model;
+* ``+split=<unit>:<fraction>/...`` (with ``+axes``): ``structure_sparsity``, a fixed fraction removed per named kind
+  (``+axes=layers/hidden+split=layers:0.4/hidden:0.2``); kinds not named lose the cell's sparsity;
 * ``+init=dense``: the pruned adapter starts from the ``dense-lora`` adapter of the same seed (its LoRA factors and
   saved modules) instead of B = 0: pruning continues from the fine-tuned model; its training counts in
   ``total_train_tokens`` as for ``kd=dense``.
@@ -477,11 +479,23 @@ MODIFIERS = {
     "joint": lambda v: _fraction(v),
     "axes": lambda v: all(a in ("heads", "channels", "layers", "hidden") for a in v.split("/")),
     "blocks": lambda v: v in ("taylor", "influence"),
+    "split": lambda v: _split(v) is not None,
 }
 
 
 #: modifiers without a value
 FLAGS = ("norms", "bias")
+
+
+def _split(value: str):
+    """``layers:0.4/hidden:0.2`` -> {"layers": 0.4, "hidden": 0.2}, or None when malformed."""
+    out = {}
+    for part in value.split("/"):
+        kind, _, fraction = part.partition(":")
+        if kind not in ("heads", "channels", "layers", "hidden") or not _fraction(fraction):
+            return None
+        out[kind] = float(fraction)
+    return out
 
 
 def _fraction(value: str) -> bool:
@@ -506,7 +520,7 @@ def split_modifiers(method: str) -> tuple[str, dict]:
                 f"method {method!r}: modifier {mod!r} must be kd=<teacher>/<weight>/<T>, r=<rank>, lr=<x>, "
                 "norms, bias, recovery_lr=<factor>, budget=local|global, steps=<optimizer steps>, init=dense, "
                 "channels=<fraction between 0 and 1>, joint=<fraction between 0 and 1>, axes=<unit>/<unit> (heads, hidden, "
-                "channels, layers) or blocks=taylor|influence"
+                "channels, layers), blocks=taylor|influence or split=<unit>:<fraction>/..."
             )
         out[key] = value
     return name, out
@@ -632,6 +646,7 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         **({"prune_structures": mods["axes"].split("/")} if "axes" in mods else {}),
         **({"allocation": "joint"} if "joint" in mods else {}),
         **({"layer_importance": mods["blocks"]} if "blocks" in mods else {}),
+        **({"structure_sparsity": _split(mods["split"])} if "split" in mods else {}),
         modules_to_save=list(norms) if norms else None,  # a copy: PEFT appends a classification head to it
     )
     row = {
@@ -649,6 +664,8 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         row["allocation"] = config.allocation
     if "blocks" in mods:
         row["layer_importance"] = config.layer_importance
+    if "split" in mods:
+        row["structure_sparsity"] = dict(config.structure_sparsity)
     if method.startswith("loraprune-"):
         row["schedule"] = {k: getattr(config, k) for k in ("schedule", "pruning_start", "pruning_end")}
         if config.is_element_granularity:  # separable: per-feature averages, the weight scored at rewrites only

@@ -9,9 +9,11 @@ verdict lines against the issue's goals (the best perplexity at 0.55x the dense 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 from report_common import HERE, load, machine
 
 #: the goal of the front's issue: at this decode latency (vs dense) or less ...
@@ -44,10 +46,16 @@ def label(row: dict) -> str:
     axes = mods.get("axes")
     if axes is None:
         axes = "channels" if "channels" in mods else ("layers" if name == "shortgpt" else "heads/channels")
-    out += f" {axes.replace('/', '+')}"
+    if "split" in mods:  # a fixed fraction per kind; kinds not named lose the row's sparsity
+        split = dict(part.split(":") for part in mods["split"].split("/"))
+        out += " " + " + ".join(f"{a} {float(split.get(a, row['sparsity'])):.0%}" for a in axes.split("/"))
+    else:
+        out += f" {axes.replace('/', '+')} {row['sparsity']:.0%}"
     if "joint" in mods:
         out += " (joint)"
-    return f"{out} {row['sparsity']:.0%}"
+    if mods.get("blocks") == "influence":
+        out += " (influence)"
+    return out
 
 
 def is_loraprune(row: dict) -> bool:
@@ -182,6 +190,50 @@ def verdict_lines() -> list[str]:
     return lines
 
 
+def _clusters(pts: list[dict], key: str) -> list[list[dict]]:
+    """The points grouped where their markers overlap: latency within 0.015 and perplexity within 3%."""
+    clusters: list[list[dict]] = []
+    for p in sorted(pts, key=lambda p: (p[key], p["perplexity"])):
+        for cluster in clusters:
+            q = cluster[0]
+            if abs(q[key] - p[key]) <= 0.015 and abs(math.log(q["perplexity"] / p["perplexity"])) <= 0.03:
+                cluster.append(p)
+                break
+        else:
+            clusters.append([p])
+    return clusters
+
+
+def _annotate(ax, fig, clusters: list[list[dict]], key: str, size: float = 6.5) -> None:
+    """One stacked label per cluster, right of its point (left of the dense star), moved down where it would
+    overlap a label placed before it, with a thin line back to its point when moved."""
+    to_points = 72 / fig.dpi  # display pixels -> typographic points
+    placed: list[tuple[float, float, float, float]] = []  # x0, x1, top, bottom in points
+    anchors = [(ax.transData.transform((c[0][key], c[0]["perplexity"])) * to_points, c) for c in clusters]
+    for (x, y), cluster in sorted(anchors, key=lambda a: -a[0][1]):
+        lines = [p["label"] for p in cluster]
+        right = not any(p["dense"] for p in cluster)
+        width = max(len(line) for line in lines) * size * 0.5
+        height = len(lines) * size * 1.25
+        x0, x1 = (x + 5, x + 5 + width) if right else (x - 5 - width, x - 5)
+        top = y + height / 2
+        for px0, px1, ptop, pbottom in sorted(placed, key=lambda b: -b[3]):
+            if px0 < x1 and x0 < px1 and pbottom < top and top - height < ptop:
+                top = pbottom - 1  # below the label it would cover
+        placed.append((x0, x1, top, top - height))
+        dy = top - height / 2 - y
+        ax.annotate(
+            "\n".join(lines),
+            (cluster[0][key], cluster[0]["perplexity"]),
+            fontsize=size,
+            xytext=(5 if right else -5, dy),
+            textcoords="offset points",
+            ha="left" if right else "right",
+            va="center",
+            arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"} if abs(dy) > size else None,
+        )
+
+
 def plot() -> None:
     """Perplexity against decode and prefill latency (both vs dense), every point labelled."""
     _, pts = points()
@@ -193,10 +245,13 @@ def plot() -> None:
             color = "black" if p["dense"] else ("tab:blue" if p["loraprune"] else "tab:orange")
             marker = "*" if p["dense"] else ("o" if p["loraprune"] else "s")
             ax.scatter(p[key], p["perplexity"], color=color, marker=marker, s=60 if p["dense"] else 30, zorder=3)
-            ax.annotate(p["label"], (p[key], p["perplexity"]), fontsize=6.5, xytext=(4, 3), textcoords="offset points")
+        ax.set_yscale("log")
+        ax.set_xlim(min(p[key] for p in pts) - 0.03, 1.2)  # room for the labels right of the points
         ax.axvline(LATENCY_GOAL, color="grey", lw=0.8, ls="--")
         ax.set_xlabel(f"latency vs the dense model ({title}, CPU)")
-        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out perplexity (lower is better)")
     axes[0].scatter([], [], color="tab:blue", marker="o", label="LoRAPrune")
@@ -204,6 +259,9 @@ def plot() -> None:
     axes[0].legend(fontsize=7, loc="upper right")
     fig.suptitle("SmolLM2-135M: quality against speed of the exported models", fontsize=9)
     fig.tight_layout()
+    for ax, key in zip(axes, ("decode", "prefill")):  # once the layout fixed where the points are drawn
+        ax.get_ylim()  # settles the autoscaled limits the transform reads
+        _annotate(ax, fig, _clusters(pts, key), key)
     PLOT.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(PLOT, dpi=110)
     plt.close(fig)
