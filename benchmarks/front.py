@@ -35,7 +35,8 @@ aside, the settings are the same)::
 
     python benchmarks/front.py import-rows
 
-Rows whose export folder is gone are timed on a *shape twin* when their shapes follow from their settings alone
+Rows whose export folder is gone are timed on random weights in their recorded exported config when one was recorded
+(``"timed_on": "recorded config"``), else on a *shape twin* when their shapes follow from their settings alone
 (heads and channels pruned per structure, as ``benchmarks/export_speed.py`` does: CPU latency depends on the
 shapes, not on the values), marked ``"timed_on": "shape twin"``; other rows keep no latency. The dense row is the
 pretrained model (dense LoRA merges into the same shapes).
@@ -182,6 +183,8 @@ def models_to_time(data: dict, args) -> tuple[dict, dict]:
             model = transformers.AutoModelForCausalLM.from_pretrained(folder)
             row["export"]["config"] = model.config.to_diff_dict()
             models[i], timed_on[i] = prepared(model, args), "export"
+        elif row.get("export", {}).get("config") is not None:  # folder gone, shapes recorded: time those shapes
+            models[i], timed_on[i] = prepared(from_config(row["export"]["config"]), args), "recorded config"
         else:
             twin = shape_twin(row, dense_path)
             if twin is not None:

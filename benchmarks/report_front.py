@@ -126,7 +126,7 @@ def table_lines() -> list[str]:
     for p in pts:
         vs = f"{p['perplexity'] / dense:.2f}x" if dense else "-"
         removed = "-" if p["params_removed"] is None else f"{p['params_removed']:.0%}"
-        star = " *" if p["timed_on"] == "shape twin" else ""
+        star = " *" if p["timed_on"] in ("shape twin", "recorded config") else ""
         lines.append(
             f"| {p['label']} | {p['perplexity']:.2f} | {vs} | {p['decode']:.2f}x{star} | {p['prefill']:.2f}x{star} | "
             f"{removed} | {len(p['seeds'])} |"
@@ -140,7 +140,7 @@ def table_lines() -> list[str]:
         f"learning rate 1e-3, bfloat16 autocast; latency of the exported float32 model against the dense one, "
         f"batch 1, {lat.get('new_tokens', 128)} decoded tokens with the cache and a {lat.get('prefill', 512)}-token "
         f"prefill, {lat.get('threads', 2)} threads, median of {lat.get('rounds', 3)} interleaved rounds. "
-        "(*) timed on a model of the same shapes (the run kept no export). Rows with the same exported shapes share "
+        "(*) timed on random weights of the exported shapes (the export folder was not kept). Rows with the same exported shapes share "
         "one latency, the median of their timings. Machine: " + machine(data) + ".",
     ]
     return lines
