@@ -42,18 +42,20 @@ def launch(out: Path, *args: str, processes: int = 1, worker: Path = WORKER) -> 
 
 
 @pytest.mark.parametrize(
-    "granularity, importance, accum",
+    "granularity, importance, accum, extra",
     [
-        ("structured", "lora", 1),
-        ("unstructured", "grad", 2),
-        ("structured", "activation", 2),
-        ("2:4", "wanda", 2),  # wanda and the element-masked product (unstructured shares both)
+        ("structured", "lora", 1, []),
+        ("unstructured", "grad", 2, []),
+        ("structured", "activation", 2, []),
+        ("2:4", "wanda", 2, []),  # wanda and the element-masked product (unstructured shares both)
+        # whole blocks by Block Influence (hooks on the blocks, reduced over ranks) and the residual stream's channels
+        ("structured", "activation", 2, ["--structures", "channels,layers,hidden", "--layer_importance", "influence"]),
     ],
 )
-def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path, granularity, importance, accum):
+def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path, granularity, importance, accum, extra):
     """Masks are recorded at the end of each step, before DDP's next forward broadcasts rank 0's buffers (which
     would hide a difference). The "grad" case runs with gradient accumulation (2 micro-batches per rank)."""
-    common = ["--granularity", granularity, "--importance", importance]
+    common = ["--granularity", granularity, "--importance", importance, *extra]
     launch(tmp_path / "one", "--batch", "8", *common)
     launch(tmp_path / "ddp", "--batch", str(4 // accum), "--accum", str(accum), *common, processes=2)
 
@@ -67,6 +69,11 @@ def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path, granul
         assert s0["masks"] == s2["masks"], f"ranks disagree after step {s0['step']}"
         assert s0["masks"] == s1["masks"], f"DDP and one process disagree after step {s0['step']}"
         assert s0["loss"] == pytest.approx(s1["loss"], rel=1e-5)
+        for name in ("depth_averages", "stream_averages"):  # each rank's scores are those of the global batch
+            assert (name in s0) == (name in s1) == ("--structures" in common)
+            if name in s1:
+                assert s0[name] == pytest.approx(s1[name], rel=1e-4, abs=1e-6), (name, s0["step"])
+                assert s2[name] == pytest.approx(s1[name], rel=1e-4, abs=1e-6), (name, s0["step"])
 
     single = load_file(tmp_path / "one" / "rank0.safetensors")
     for r in (0, 1):

@@ -50,7 +50,14 @@ class Recorder(transformers.TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         sharded = any(type(p).__name__ == "DTensor" or "Flat" in type(p).__name__ for p in model.parameters())
-        self.steps.append({"step": state.global_step, "masks": mask_digest(model), "sharded": sharded})
+        record = {"step": state.global_step, "masks": mask_digest(model), "sharded": sharded}
+        tuner = getattr(model, "module", model).base_model
+        engine = tuner.derived.engines.get("default")
+        for name in ("depth_averages", "stream_averages"):  # the whole-model averages, to compare across ranks
+            average = getattr(engine, name, {}).get("average")
+            if average is not None:
+                record[name] = average.tolist()
+        self.steps.append(record)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs and self.steps:
@@ -80,6 +87,8 @@ def main():
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--granularity", default="structured")
     parser.add_argument("--importance", default="lora")
+    parser.add_argument("--structures", default="heads,channels", help="prune_structures, comma-separated")
+    parser.add_argument("--layer_importance", default="taylor")
     parser.add_argument("--fsdp", type=int, default=0, help="FSDP version (1 or 2) through the Trainer; 0: none")
     args = parser.parse_args()
     out = Path(args.out)
@@ -93,6 +102,8 @@ def main():
             target_sparsity=0.5,
             granularity=args.granularity,
             importance=args.importance,
+            prune_structures=args.structures.split(","),
+            layer_importance=args.layer_importance,
             pruning_interval=2,
             lora_dropout=0.0,
             pruning_end=0.9,  # the reference window: masks change through most of the short run
