@@ -800,18 +800,22 @@ def test_front_smoke(tmp_path):
         pytest.skip("the SmolLM2 weights are installed with the benchmark extra")
     run(
         "peers.py", tmp_path, "--task", "smollm2", "--name", "front_smollm2", "--export_dir", str(tmp_path / "exports"),
-        "--methods", "loraprune-activation+axes=layers/hidden/channels+joint=0.5,shortgpt,minitron+axes=hidden",
+        "--methods", "loraprune-activation+axes=layers/hidden/channels+joint=0.5,shortgpt,minitron+axes=hidden,"
+        "loraprune-activation+axes=layers/hidden+split=layers:0.2+blocks=influence",
         "--sparsities", "0.5", "--steps", "2", "--batch", "2", "--block_size", "16", "--max_train_blocks", "8",
         "--max_eval_blocks", "2", "--pruning_interval", "1", "--calibration_batches", "1",
         "--work_dir", str(tmp_path / "work"),
     )  # fmt: skip
     rows = load(tmp_path, "front_smollm2")["rows"]
-    joint, shortgpt, minitron = rows
+    joint, shortgpt, minitron, split = rows
     assert joint["prune_structures"] == ["layers", "hidden", "channels"] and joint["allocation"] == "joint"
     assert joint["export"]["params_fraction_removed"] == pytest.approx(0.5, abs=0.02)  # the budget, all weights
     assert shortgpt["sparsity_by_unit"] == {"layers": 0.5} and len(shortgpt["block_influence"]) == 30
     assert shortgpt["export"]["config"]["num_hidden_layers"] == 15
     assert minitron["sparsity_by_unit"] == {"hidden": 0.5} and minitron["export"]["config"]["hidden_size"] == 288
+    assert split["layer_importance"] == "influence" and split["structure_sparsity"] == {"layers": 0.2}
+    assert split["sparsity_by_unit"] == pytest.approx({"layers": 0.2, "hidden": 0.5})  # the named kind its own
+    assert split["export"]["config"]["num_hidden_layers"] == 24 and split["export"]["config"]["hidden_size"] == 288
     for row in rows:
         reloaded = transformers.AutoConfig.from_pretrained(row["export"]["folder"])
         assert reloaded.to_diff_dict()["num_hidden_layers"] == row["export"]["config"]["num_hidden_layers"]
@@ -845,5 +849,6 @@ def test_front_smoke(tmp_path):
         report_front.plot()
     finally:
         report_front.load.__globals__["RESULTS"] = ROOT / "benchmarks" / "results"
-    assert sum(line.startswith("| ") for line in table) == 1 + 4  # header and four points
+    assert sum(line.startswith("| ") for line in table) == 1 + 5  # header and five points
+    assert any(line.startswith("| LoRAPrune layers 20% + hidden 50% (influence) |") for line in table)
     assert any("ShortGPT" in v for v in verdicts) and (tmp_path / "front.png").stat().st_size > 1000
