@@ -852,3 +852,30 @@ def test_front_smoke(tmp_path):
     assert sum(line.startswith("| ") for line in table) == 1 + 5  # header and five points
     assert any(line.startswith("| LoRAPrune layers 20% + hidden 50% (influence) |") for line in table)
     assert any("ShortGPT" in v for v in verdicts) and (tmp_path / "front.png").stat().st_size > 1000
+
+
+def test_front_compiled_latency_path_runs_on_cpu():
+    """gpu.sh's compiled timing (``front.py latency --compile``) at toy size on the CPU: torch.compile of the
+    forward, static-cache decoding; the compiled model decodes the same greedy tokens as the eager one."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import front
+
+    config = dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
+    )  # fmt: skip
+    args = argparse.Namespace(device="cpu", dtype="float32", compile=False, prefill=32, new_tokens=8, repeats=1)
+    eager = front.prepared(front.from_config(config), args)
+    args.compile = True
+    compiled = front.prepared(front.from_config(config), args)
+    assert compiled._front_compiled
+    timing = front.time_model(compiled, args, torch.Generator().manual_seed(0))
+    assert timing["decode_ms_per_token"] > 0 and timing["prefill_ms"] > 0
+    prompt = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(1))
+    greedy = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = eager.generate(prompt, **greedy)
+        got = compiled.generate(prompt, cache_implementation="static", **greedy)
+    assert torch.equal(got, expected)
