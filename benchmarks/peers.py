@@ -71,7 +71,8 @@ Modifiers, appended to any method with ``+`` (the study of recovery, rendered by
   blocks; ``prune_structures``); with ``+joint=<fraction>`` one weight budget is split between them by the
   importance, whole blocks included (the front: ``benchmarks/front.py``);
 * ``+blocks=taylor|influence`` (with ``layers`` in ``+axes``): ``layer_importance``, how LoRAPrune scores whole
-  blocks while training: the gate's Taylor estimate (default) or Block Influence measured on the adapted model;
+  blocks while training: the gate's Taylor estimate or Block Influence measured on the adapted model (the
+  package's default, except with ``+joint``; rows before 2026-12-08 without ``+blocks`` were scored by Taylor);
 * ``+split=<unit>:<fraction>/...`` (with ``+axes``): ``structure_sparsity``, a fixed fraction removed per named kind
   (``+axes=layers/hidden+split=layers:0.4/hidden:0.2``); kinds not named lose the cell's sparsity;
 * ``+init=dense``: the pruned adapter starts from the ``dense-lora`` adapter of the same seed (its LoRA factors and
@@ -662,7 +663,7 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
         row["prune_structures"] = list(config.prune_structures)
     if "joint" in mods:
         row["allocation"] = config.allocation
-    if "blocks" in mods:
+    if "layers" in config.prune_structures:
         row["layer_importance"] = config.layer_importance
     if "split" in mods:
         row["structure_sparsity"] = dict(config.structure_sparsity)
@@ -785,6 +786,9 @@ def run_cell(task, method: str, sparsity: float, seed: int, args) -> dict:
     report = model.base_model.sparsity_report()
     row["sparsity_by_unit"] = report.sparsity_by_unit()
     row["weights_kept_in_adapted_modules"] = report.weights_kept
+    if "layers" in config.prune_structures:  # which blocks went (LoRAPrune's choice against ShortGPT's)
+        engine = model.base_model.pruning_engine()
+        row["blocks_removed"] = [g.block for g, kept in zip(engine.gates, engine.blocks_kept().tolist()) if not kept]
     if "budget" in mods:  # where a global ranking put the pruning: kept/total per block and unit
         row["kept_by_block"] = [[layer.block, layer.unit, layer.kept, layer.total] for layer in report.layers]
     row.update(task.evaluate(model, trainer))

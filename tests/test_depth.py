@@ -146,7 +146,7 @@ def test_generation_with_cache_after_deleting_blocks(family, tmp_path):
 def test_block_scores_are_the_taylor_estimate_of_closing_each_gate():
     """A block's step score is |d loss / d gate| at gate = 1, with the gate scaling both residual contributions:
     checked against autograd on explicit gates (hooks multiplying the writers' outputs by a leaf tensor)."""
-    model = layered("llama", importance_beta=0.0)
+    model = layered("llama", layer_importance="taylor", importance_beta=0.0)
     model.train()
     engine = model.base_model.pruning_engine()
     inputs = inputs_of("llama")
@@ -452,6 +452,9 @@ def test_influence_training_closes_the_least_influential_blocks_and_leaves_no_ho
 
 
 def test_influence_refuses_the_joint_allocation_and_unknown_values():
+    per_structure = LoRAPruneConfig(task_type="CAUSAL_LM", prune_structures=["layers"])
+    joint = LoRAPruneConfig(task_type="CAUSAL_LM", prune_structures=["heads", "layers"], allocation="joint")
+    assert (per_structure.layer_importance, joint.layer_importance) == ("influence", "taylor")  # the defaults
     with pytest.raises(ValueError, match="layer_importance='influence'.*allocation='joint'"):
         LoRAPruneConfig(
             task_type="CAUSAL_LM",

@@ -16,7 +16,8 @@ loss change of removing it), and one split of the weight budget between the kind
 
 Whole blocks (``"layers"`` in ``prune_structures``) are gated through their residual writers
 (:mod:`~peft_loraprune.pruning.depth`). Their state is one vector over the gated blocks (``depth.average``): each
-step, a block scores ``|Σ_writers Σ_rows Σ_tokens y·∂L/∂y|`` (the Taylor estimate of closing its gate), the vector
+step, a block scores its Block Influence (``layer_importance="influence"``, :class:`~peft_loraprune.pruning.depth.BlockInfluence`) or
+``|Σ_writers Σ_rows Σ_tokens y·∂L/∂y|`` (``"taylor"``, the Taylor estimate of closing its gate), the vector
 is normalised like a member's and averaged; ``depth.scale`` keeps its raw norm for the joint allocation.
 
 Channels of the residual stream (``"hidden"``, :mod:`~peft_loraprune.pruning.stream`) are scored the same way: the
