@@ -38,8 +38,17 @@ def _modifiers(method: str) -> tuple[str, dict]:
 
 
 def label(row: dict) -> str:
-    """A reader's name for a row: method, the units it prunes, the fraction."""
+    """A reader's name for a row: method, the units it prunes, the fraction; in brackets how the split was chosen,
+    how blocks were scored and when pruning ended where those differ from the plain run."""
     name, mods = _modifiers(row["method"])
+    notes = []
+    if "joint" in mods:
+        notes.append("joint")
+    if name.startswith("loraprune-activation-cd"):  # the cubic window ending earlier: more steps to recover
+        ending = 100 - int(name.rpartition("cd")[2])
+        name = "loraprune-activation"
+    else:
+        ending = None
     out = _NAMES.get(name, name)
     if name == "dense-lora":
         return out
@@ -51,11 +60,12 @@ def label(row: dict) -> str:
         out += " " + " + ".join(f"{a} {float(split.get(a, row['sparsity'])):.0%}" for a in axes.split("/"))
     else:
         out += f" {axes.replace('/', '+')} {row['sparsity']:.0%}"
-    if "joint" in mods:
-        out += " (joint)"
-    if mods.get("blocks") == "influence":
-        out += " (influence)"
-    return out
+    if name.startswith("loraprune") and "layers" in axes.split("/") and "joint" not in mods:
+        # how blocks were scored (rows without the field predate Block Influence: the Taylor gate)
+        notes.append(row.get("layer_importance", mods.get("blocks", "taylor")))
+    if ending is not None:
+        notes.append(f"pruned by {ending}% of the steps")
+    return out + (f" ({', '.join(notes)})" if notes else "")
 
 
 def is_loraprune(row: dict) -> bool:
