@@ -78,6 +78,9 @@ CONFIGS = {
     # the axes beyond heads and channels (benchmarks/front.py): whole layers, the hidden size, and one joint budget
     # over all four; each against the structured default in the same round
     "loraprune_layers": dict(granularity="structured", importance="activation", prune_structures=["layers"]),
+    "loraprune_layers_taylor": dict(
+        granularity="structured", importance="activation", prune_structures=["layers"], layer_importance="taylor"
+    ),
     "loraprune_hidden": dict(granularity="structured", importance="activation", prune_structures=["hidden"]),
     "loraprune_all_joint": dict(
         granularity="structured",
@@ -87,7 +90,7 @@ CONFIGS = {
     ),
 }
 #: configurations measured against the structured default (besides plain LoRA)
-AGAINST_DEFAULT = ("loraprune_layers", "loraprune_hidden", "loraprune_all_joint")
+AGAINST_DEFAULT = ("loraprune_layers", "loraprune_layers_taylor", "loraprune_hidden", "loraprune_all_joint")
 #: configuration -> its distillation teacher
 DISTILLED = {"loraprune_structured_kd": "unmasked", "loraprune_structured_kd_adapter": "teacher"}
 #: the recovery recipe of the quickstart (rank 32, alpha 64, the normalisation layers trained through
