@@ -147,8 +147,7 @@ class LoRAPruneConfig(PeftConfig):
             ``allocation="joint"`` (use ``structure_sparsity`` for a fixed split). "taylor": the Taylor estimate of
             closing the block's gate, ``|Σ y·∂L/∂y|`` over its residual writers' outputs, in the same units as heads
             and channels (``allocation="joint"`` compares them). None (default): "taylor" with
-            ``allocation="joint"``, else "influence" (on SmolLM2 at 50% of the blocks: perplexity 42.50 against 50.10
-            with "taylor"; docs/benchmarks.md).
+            ``allocation="joint"``, else "influence" (the better of the two on SmolLM2: docs/benchmarks.md, "front").
         dense_layers: transformer block indices never pruned (None: none), or "reference" for the reference
             code's choice (the first 10% of blocks and the last one).
         save_digest: written by ``save_pretrained`` (SHA-256 over the ``adapter_model.safetensors`` saved with
